@@ -1,0 +1,3 @@
+from vlmtools.cli.app import main
+
+main()

@@ -1,0 +1,50 @@
+"""Shared CLI plumbing: error mapping, common options."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, Optional
+
+import typer
+
+from vlmtools.errors import VlmError
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Turn library errors into a one-line message on stderr and an exit code (2 for bad input)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except VlmError as exc:
+            from vlmtools.console import error
+
+            error(str(exc))
+            raise typer.Exit(exc.exit_code)
+        except BrokenPipeError:
+            # `vlmtools search ... | head`: the reader went away; that is not an error.
+            sys.stderr.close()
+            raise typer.Exit(0)
+        except KeyboardInterrupt:
+            from vlmtools.console import error
+
+            error("interrupted")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+ModelOpt = typer.Option(None, "--model", "-m", help="open_clip model: ViT-B-32, hf-hub:org/repo, "
+                        "local-dir:/path, vlmtools-micro, ... [default: ViT-B-32, or the store's model]")
+PretrainedOpt = typer.Option(None, "--pretrained", "-p", help="pretrained tag (openai, laion2b_s34b_b79k, ...), "
+                             "a checkpoint path, or 'none' for random weights [default: openai; 'vlmtools' "
+                             "for packaged models]")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N")
+
+
+def model_spec(model: Optional[str], pretrained: Optional[str]):
+    from vlmtools.models import ModelSpec
+
+    return ModelSpec.parse(model, pretrained)

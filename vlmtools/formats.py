@@ -1,0 +1,293 @@
+"""Every file contract of vlmtools, in one place. All readers and writers go through this module.
+
+Documented for users in man/vlmtools-formats.5; keep the two in step.
+
+- manifest      JSONL, one image per line: {"id", "path", "label"?, "split"?, "mask"?, "domain"?, ...}
+                Bare image paths (one per line) are accepted wherever a manifest is read.
+- descriptors   JSONL, one class per line: {"class", "descriptors": [str], "kinds"?: [str], ...}
+                "kinds" (parallel to "descriptors") marks each one "object" or "background".
+- store         directory of emb-*.npy + meta-*.jsonl shards, info.json ("format": STORE_FORMAT)
+- index         index.faiss + index.json ("format": INDEX_FORMAT) inside a store
+- predictions   JSONL, one image per line (see PREDICTION_KEYS)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+from vlmtools.errors import BadInput
+
+STORE_FORMAT = "vlmtools.store/1"
+INDEX_FORMAT = "vlmtools.index/1"
+PREDICTIONS_FORMAT = "vlmtools.predictions/1"
+DESCRIPTORS_FORMAT = "vlmtools.descriptors/1"
+MANIFEST_FORMAT = "vlmtools.manifest/1"
+
+MANIFEST_KEYS = ("id", "path", "label", "split", "mask", "domain")
+DESCRIPTOR_KINDS = ("object", "background")
+PREDICTION_KEYS = ("id", "path", "label", "pred", "topk", "explanation", "explanation_true")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+# Store shard names: emb-{shard:05d}.npy for a single writer, emb-r{rank:03d}-{shard:05d}.npy when several
+# workers write one store. Lexicographic order of names is row order (as autofaiss assumes).
+EMB_PATTERN = "emb-*.npy"
+
+
+def shard_stem(shard: int, rank: int | None = None) -> str:
+    return f"{shard:05d}" if rank is None else f"r{rank:03d}-{shard:05d}"
+
+
+def emb_name(stem: str) -> str:
+    return f"emb-{stem}.npy"
+
+
+def meta_name(stem: str) -> str:
+    return f"meta-{stem}.jsonl"
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def open_output(path: str | os.PathLike | None, mode: str = "w") -> Iterator[IO]:
+    """Open an output for text writing: ``-``/None is stdout; a file is written atomically."""
+    if path is None or str(path) == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding="utf-8") as fh:
+            yield fh
+
+
+@contextlib.contextmanager
+def open_input(path: str | os.PathLike) -> Iterator[IO]:
+    """Open a text input; ``-`` is stdin. A missing file is BadInput (exit 2)."""
+    if str(path) == "-":
+        yield sys.stdin
+        return
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"{p}: no such file")
+    if p.is_dir():
+        raise BadInput(f"{p}: is a directory, expected a file")
+    with open(p, encoding="utf-8") as fh:
+        yield fh
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"{p}: no such file")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{p}: not valid JSON ({exc})") from None
+
+
+def dumps_line(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def write_jsonl(path: str | os.PathLike | None, records: Iterable[dict]) -> int:
+    """Write records as JSONL (atomically for files, ``-`` for stdout); returns the count."""
+    n = 0
+    with open_output(path) as fh:
+        for record in records:
+            fh.write(dumps_line(record))
+            n += 1
+    return n
+
+
+def iter_jsonl(path: str | os.PathLike, *, allow_plain: bool = False) -> Iterator[tuple[int, Any]]:
+    """Yield (line_number, record) from a JSONL file or ``-``; blank lines are skipped.
+
+    With ``allow_plain``, a line that does not start with ``{`` is yielded as a plain string.
+    """
+    name = "<stdin>" if str(path) == "-" else str(path)
+    with open_input(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if allow_plain and not line.startswith("{"):
+                yield lineno, line
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadInput(f"{name}:{lineno}: not valid JSON ({exc.msg})") from None
+
+
+# ----------------------------------------------------------------------------- manifests
+
+def manifest_record(id: str, path: str, label: str | None = None, split: str | None = None,
+                    **extra: Any) -> dict:
+    """Build a manifest record with keys in canonical order, dropping None values."""
+    record = {"id": id, "path": path, "label": label, "split": split, **extra}
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict]:
+    """Read a manifest (JSONL) or bare image paths, one per line. Relative paths in a manifest file
+    are resolved against the manifest's directory."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    base = None if str(path) == "-" else Path(path).resolve().parent
+    records = []
+    seen: set[str] = set()
+    for lineno, rec in iter_jsonl(path, allow_plain=True):
+        if isinstance(rec, str):
+            rec = {"id": rec, "path": rec}
+        if not isinstance(rec, dict) or "path" not in rec:
+            raise BadInput(f"{name}:{lineno}: a manifest line needs a \"path\" key")
+        rec = dict(rec)
+        rec.setdefault("id", rec["path"])
+        rec["id"] = str(rec["id"])
+        if base is not None and not os.path.isabs(rec["path"]):
+            rec["path"] = str(base / rec["path"])
+            if rec.get("mask") and not os.path.isabs(rec["mask"]):
+                rec["mask"] = str(base / rec["mask"])
+        if rec["id"] in seen:
+            raise BadInput(f"{name}:{lineno}: duplicate id {rec['id']!r}")
+        seen.add(rec["id"])
+        records.append(rec)
+    return records
+
+
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    """Class names from a plain list (one per line), a manifest (distinct labels, first-seen order),
+    or a descriptor JSONL (its classes, in order). Duplicates in a plain list are an error."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    classes: list[str] = []
+    seen: set[str] = set()
+    for lineno, rec in iter_jsonl(path, allow_plain=True):
+        if isinstance(rec, str):
+            if rec in seen:
+                raise BadInput(f"{name}:{lineno}: duplicate class {rec!r}")
+            cls = rec
+        elif isinstance(rec, dict) and "class" in rec:
+            cls = str(rec["class"])
+            if cls in seen:
+                raise BadInput(f"{name}:{lineno}: duplicate class {cls!r}")
+        elif isinstance(rec, dict) and "label" in rec:
+            cls = str(rec["label"])
+            if cls in seen:
+                continue
+        else:
+            raise BadInput(f"{name}:{lineno}: expected a class name, a manifest line with \"label\" "
+                           f"or a descriptor line with \"class\"")
+        seen.add(cls)
+        classes.append(cls)
+    if not classes:
+        raise BadInput(f"{name}: no classes found")
+    return classes
+
+
+# ----------------------------------------------------------------------------- descriptors
+
+def descriptor_record(cls: str, descriptors: list[str], kinds: list[str] | None = None,
+                      **extra: Any) -> dict:
+    record: dict[str, Any] = {"class": cls, "descriptors": list(descriptors)}
+    if kinds is not None:
+        record["kinds"] = list(kinds)
+    record.update({k: v for k, v in extra.items() if v is not None})
+    return record
+
+
+def validate_descriptor_record(rec: Any, where: str) -> dict:
+    if not isinstance(rec, dict) or "class" not in rec or "descriptors" not in rec:
+        raise BadInput(f"{where}: a descriptor line needs \"class\" and \"descriptors\"")
+    descs = rec["descriptors"]
+    if not isinstance(descs, list) or not all(isinstance(d, str) for d in descs):
+        raise BadInput(f"{where}: \"descriptors\" must be a list of strings")
+    kinds = rec.get("kinds")
+    if kinds is not None:
+        if not isinstance(kinds, list) or len(kinds) != len(descs):
+            raise BadInput(f"{where}: \"kinds\" must be a list as long as \"descriptors\"")
+        bad = [k for k in kinds if k not in DESCRIPTOR_KINDS]
+        if bad:
+            raise BadInput(f"{where}: unknown descriptor kind {bad[0]!r} (expected one of {DESCRIPTOR_KINDS})")
+    return rec
+
+
+def read_descriptors(path: str | os.PathLike, *, allow_empty: bool = False) -> dict[str, dict]:
+    """Read descriptor JSONL into {class: record}, keeping file order. Duplicate classes and (unless
+    ``allow_empty``) empty descriptor lists are BadInput naming the line."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    out: dict[str, dict] = {}
+    for lineno, rec in iter_jsonl(path):
+        where = f"{name}:{lineno}"
+        rec = validate_descriptor_record(rec, where)
+        cls = str(rec["class"])
+        if cls in out:
+            raise BadInput(f"{where}: duplicate class {cls!r}")
+        if not rec["descriptors"] and not allow_empty:
+            raise BadInput(f"{where}: class {cls!r} has an empty descriptor list")
+        out[cls] = rec
+    if not out:
+        raise BadInput(f"{name}: no descriptor lines found")
+    return out
+
+
+def descriptor_kinds(rec: dict) -> list[str]:
+    return list(rec.get("kinds") or ["object"] * len(rec["descriptors"]))
+
+
+# ----------------------------------------------------------------------------- store info
+
+def store_info(*, kind: str, model: dict, dim: int, dtype: str, shard_size: int, count: int,
+               preprocess: str | None = None, extra: dict | None = None) -> dict:
+    import vlmtools
+
+    info = {
+        "format": STORE_FORMAT,
+        "kind": kind,
+        "model": model,
+        "dim": dim,
+        "dtype": dtype,
+        "normalized": True,
+        "count": count,
+        "shard_size": shard_size,
+        "preprocess": preprocess,
+        "vlmtools_version": vlmtools.__version__,
+    }
+    if extra:
+        info.update(extra)
+    return info
+
+
+def check_format(info: dict, expected: str, where: str) -> None:
+    fmt = info.get("format")
+    if fmt != expected:
+        major = str(fmt).rsplit("/", 1)[0] if fmt else None
+        if major == expected.rsplit("/", 1)[0]:
+            raise BadInput(f"{where}: format {fmt} is newer than this vlmtools reads ({expected}); upgrade vlmtools")
+        raise BadInput(f"{where}: not a {expected.split('/')[0]} file (format={fmt!r})")

@@ -1,0 +1,291 @@
+"""Model specs -> open_clip models, tokenizers and transforms. The one factory every command uses.
+
+A spec is ``--model NAME --pretrained TAG|PATH``:
+  - ``ViT-B-32 --pretrained openai``        an open_clip architecture and a pretrained tag
+  - ``ViT-B-32 --pretrained /path/w.safetensors``  a local checkpoint
+  - ``hf-hub:org/repo`` / ``local-dir:/path``      open_clip's own schemas (pretrained ignored)
+  - ``vlmtools-tiny --pretrained none``      packaged test architectures, random weights (seed 0)
+  - ``vlmtools-micro``                       the micro CLIP of the offline world, weights shipped in
+                                             the package (``--pretrained vlmtools``, the default for it)
+torch and open_clip are imported inside functions so that ``vlmtools --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmtools.errors import BadInput, ModelUnavailable, StoreMismatch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+PACKAGED_TAG = "vlmtools"  # pretrained tag meaning "weights shipped in vlmtools/weights/"
+RANDOM_TAGS = ("none", "random", "")
+
+
+def packaged_configs() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
+
+
+def packaged_weights(name: str) -> Path | None:
+    path = WEIGHTS_DIR / f"{name}.safetensors"
+    return path if path.exists() else None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+
+    @classmethod
+    def parse(cls, name: str | None, pretrained: str | None = None) -> "ModelSpec":
+        """Resolve CLI arguments; ``pretrained=None`` means the default for that model."""
+        name = name or DEFAULT_MODEL
+        if name.startswith(("hf-hub:", "local-dir:")):
+            return cls(name, None)
+        if pretrained is None:
+            if name in packaged_configs():
+                pretrained = PACKAGED_TAG if packaged_weights(name) else "none"
+            else:
+                pretrained = DEFAULT_PRETRAINED
+        if pretrained.lower() in RANDOM_TAGS:
+            pretrained = "none"
+        elif os.path.sep in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            pretrained = str(Path(pretrained).expanduser().resolve())
+        return cls(name, pretrained)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "pretrained": self.pretrained}
+
+    def __str__(self) -> str:
+        return self.name if self.pretrained is None else f"{self.name} (pretrained={self.pretrained})"
+
+    def check_matches(self, recorded: dict, where: str) -> None:
+        """Refuse to mix embedding spaces: ``recorded`` is a store's info["model"]."""
+        if recorded.get("name") != self.name or recorded.get("pretrained") != self.pretrained:
+            other = ModelSpec(recorded.get("name", "?"), recorded.get("pretrained"))
+            raise StoreMismatch(
+                f"{where} was embedded with {other}, not {self}. Embeddings of different models live in "
+                f"different spaces; pass --model {other.name}"
+                + (f" --pretrained {other.pretrained}" if other.pretrained else "")
+                + " or re-embed with this model.")
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BadInput(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
+        if ":" in device and int(device.split(":", 1)[1]) >= torch.cuda.device_count():
+            raise BadInput(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return device
+    if device != "cpu":
+        raise BadInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _register_packaged_configs() -> None:
+    import open_clip
+
+    if "vlmtools-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def _hf_cache_dir() -> str:
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+
+
+def _offline_help(spec: ModelSpec, cause: BaseException) -> str:
+    return (
+        f"cannot load weights for {spec}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
+        f"  looked in the Hugging Face cache {_hf_cache_dir()} (and open_clip's download locations); "
+        f"the network could not supply them.\n"
+        f"  fix: download once on a machine with network access and copy the cache here "
+        f"(set HF_HUB_CACHE or HF_HOME to it, and HF_HUB_OFFLINE=1 to skip network checks), or pass a local "
+        f"checkpoint with --pretrained /path/to/weights.safetensors, or --model local-dir:/path/to/model_dir.\n"
+        f"  offline tests and demos can use --model vlmtools-micro (shipped weights) or "
+        f"--model vlmtools-tiny --pretrained none (random weights).")
+
+
+class Encoder:
+    """An open_clip model ready to encode: preprocess transform, tokenizer, device and AMP policy."""
+
+    def __init__(self, spec: ModelSpec, model, preprocess, tokenizer, device: str):
+        self.spec = spec
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+
+    @property
+    def embed_dim(self) -> int:
+        import torch
+
+        with torch.no_grad():
+            return int(self.encode_texts(["a"]).shape[1])
+
+    @property
+    def image_size(self) -> int:
+        size = getattr(self.model.visual, "image_size", 224)
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.device.startswith("cuda"):
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def encode_image_tensor(self, images):
+        """images: a preprocessed float tensor batch -> L2-normalized float32 torch tensor on CPU."""
+        import torch
+
+        with torch.inference_mode(), self.autocast():
+            feats = self.model.encode_image(images.to(self.device, non_blocking=True))
+        feats = feats.float()
+        return torch.nn.functional.normalize(feats, dim=-1).cpu()
+
+    def encode_texts(self, texts: list[str], batch_size: int = 256):
+        """Texts -> L2-normalized float32 numpy array (N, dim)."""
+        import numpy as np
+        import torch
+
+        out = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start:start + batch_size])).to(self.device)
+            with torch.inference_mode(), self.autocast():
+                feats = self.model.encode_text(tokens)
+            out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy())
+        if not out:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32)
+
+    def preprocess_description(self) -> str:
+        return repr(self.preprocess).replace("\n", " ")
+
+
+def load_model(spec: ModelSpec, device: str = "auto") -> Encoder:
+    """Build the model for ``spec``; raise ModelUnavailable with an actionable message on failure."""
+    import torch
+
+    import logging
+
+    _register_packaged_configs()
+    import open_clip
+
+    # open_clip and huggingface_hub log through the root logger; our console reports instead.
+    for name in (None, "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    device = resolve_device(device)
+    schema = spec.name.split(":", 1)[0] + ":" if spec.name.startswith(("hf-hub:", "local-dir:")) else None
+    if schema is None and spec.name not in open_clip.list_models():
+        raise BadInput(f"unknown model {spec.name!r}; `vlmtools models` lists the available ones")
+    if schema == "local-dir:" and not Path(spec.name[len("local-dir:"):]).is_dir():
+        raise ModelUnavailable(f"--model {spec.name}: no such directory")
+
+    pretrained = spec.pretrained
+    weights_file = None
+    if pretrained == PACKAGED_TAG:
+        weights_file = packaged_weights(spec.name)
+        if weights_file is None:
+            raise ModelUnavailable(f"{spec.name} has no weights shipped with vlmtools; use --pretrained none")
+        pretrained = None
+    elif pretrained == "none":
+        pretrained = None
+    elif pretrained is not None and os.path.sep in pretrained and not Path(pretrained).exists():
+        raise ModelUnavailable(f"--pretrained {pretrained}: no such file")
+    elif (schema is None and pretrained is not None and os.path.sep not in pretrained
+          and not open_clip.pretrained.is_pretrained_cfg(spec.name, pretrained)):
+        tags = open_clip.list_pretrained_tags_by_model(spec.name)
+        raise BadInput(f"{spec.name} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'}")
+
+    if pretrained is None:
+        torch.manual_seed(0)  # random weights are reproducible
+    elif schema != "local-dir:" and os.path.sep not in pretrained:
+        _fail_fast_if_offline(spec)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.name, pretrained=pretrained, device="cpu")
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise ModelUnavailable(_offline_help(spec, exc)) from None
+    except Exception as exc:  # huggingface_hub / requests errors when offline
+        if type(exc).__module__.startswith(("huggingface_hub", "requests", "urllib3", "httpx")):
+            raise ModelUnavailable(_offline_help(spec, exc)) from None
+        raise
+    if weights_file is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights_file))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ModelUnavailable(f"shipped weights {weights_file} do not match the {spec.name} config "
+                                   f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
+    model = model.to(device).eval()
+    tokenizer = open_clip.get_tokenizer(spec.name)
+    return Encoder(spec, model, preprocess, tokenizer, device)
+
+
+def _fail_fast_if_offline(spec: ModelSpec) -> None:
+    """Without network and cache, huggingface_hub retries for ~45 s; tell the user at once instead."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return  # huggingface_hub will look in the cache only, and fail fast itself
+    if spec.pretrained and _is_cached(spec.name, spec.pretrained):
+        return
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError as exc:
+        raise ModelUnavailable(_offline_help(spec, exc)) from None
+
+
+def available_models() -> list[dict[str, Any]]:
+    """Model specs known to this install: packaged ones first, then open_clip's pretrained tags,
+    with whether their weights are cached locally."""
+    _register_packaged_configs()
+    import open_clip
+
+    rows = []
+    for name in packaged_configs():
+        w = packaged_weights(name)
+        rows.append({"model": name, "pretrained": PACKAGED_TAG if w else "none", "cached": True,
+                     "source": "vlmtools"})
+    for name, tag in open_clip.list_pretrained():
+        rows.append({"model": name, "pretrained": tag, "cached": _is_cached(name, tag), "source": "open_clip"})
+    return rows
+
+
+def _is_cached(name: str, tag: str) -> bool:
+    import open_clip
+
+    if spec_is_schema(name):
+        return False
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    hub_id = cfg.get("hf_hub", "").rstrip("/")
+    if not hub_id:
+        return False
+    repo_dir = Path(_hf_cache_dir()) / ("models--" + hub_id.split("/")[0] + "--" + hub_id.split("/")[1])
+    return repo_dir.is_dir() and any(repo_dir.glob("snapshots/*/*"))
+
+
+def spec_is_schema(name: str) -> bool:
+    return name.startswith(("hf-hub:", "local-dir:"))
+
+
+def config_of(name: str) -> dict:
+    path = packaged_configs().get(name)
+    if path is None:
+        raise BadInput(f"no packaged config {name!r}")
+    return json.loads(path.read_text())
