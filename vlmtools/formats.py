@@ -36,13 +36,14 @@ PREDICTION_KEYS = ("id", "path", "label", "pred", "topk", "explanation", "explan
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
-# Store shard names: emb-{shard:05d}.npy for a single writer, emb-r{rank:03d}-{shard:05d}.npy when several
-# workers write one store. Lexicographic order of names is row order (as autofaiss assumes).
+# Store shard names: emb-{shard:05d}.npy. Shard k always holds input rows [k*shard_size, (k+1)*shard_size)
+# (less those that failed), whichever worker wrote it, so several workers (RANK/WORLD_SIZE) can fill one
+# store without coordination, and lexicographic order of names is row order (as autofaiss assumes).
 EMB_PATTERN = "emb-*.npy"
 
 
-def shard_stem(shard: int, rank: int | None = None) -> str:
-    return f"{shard:05d}" if rank is None else f"r{rank:03d}-{shard:05d}"
+def shard_stem(shard: int) -> str:
+    return f"{shard:05d}"
 
 
 def emb_name(stem: str) -> str:
@@ -265,8 +266,14 @@ def descriptor_kinds(rec: dict) -> list[str]:
 
 def store_info(*, kind: str, model: dict, dim: int, dtype: str, shard_size: int, count: int,
                preprocess: str | None = None, extra: dict | None = None) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     import vlmtools
 
+    try:
+        open_clip_version = version("open_clip_torch")
+    except PackageNotFoundError:
+        open_clip_version = None
     info = {
         "format": STORE_FORMAT,
         "kind": kind,
@@ -276,7 +283,8 @@ def store_info(*, kind: str, model: dict, dim: int, dtype: str, shard_size: int,
         "normalized": True,
         "count": count,
         "shard_size": shard_size,
-        "preprocess": preprocess,
+        "preprocess": " ".join(preprocess.split()) if preprocess else None,
+        "open_clip_version": open_clip_version,
         "vlmtools_version": vlmtools.__version__,
     }
     if extra:
@@ -291,3 +299,84 @@ def check_format(info: dict, expected: str, where: str) -> None:
         if major == expected.rsplit("/", 1)[0]:
             raise BadInput(f"{where}: format {fmt} is newer than this vlmtools reads ({expected}); upgrade vlmtools")
         raise BadInput(f"{where}: not a {expected.split('/')[0]} file (format={fmt!r})")
+
+
+# ----------------------------------------------------------------------------- predictions
+# One JSON object per image, written by `classify`, read by `eval` and `explain`:
+#   every key of the image's manifest row (id, path, label?, split?, domain?, mask?, ...), then
+#   "pred": the top-1 class,
+#   "topk": [{"class", "score"}, ...] best first (topk[0].class == pred; fewer than k when there are
+#           fewer classes),
+#   "explanation": [{"descriptor", "kind", "score"}, ...] the predicted class's descriptors, best first
+#           (method cbd only; kind "object" | "background" | "name" for a class scored by its name),
+#   "explanation_true": the same for the true class (with --explain-true, when the label is a class).
+# Scores are cosine similarities (class scores: their mean, max or sum over descriptors).
+
+EXPLANATION_KINDS = DESCRIPTOR_KINDS + ("name",)
+
+
+def prediction_record(meta: dict, pred: str, topk: list[tuple[str, float]],
+                      explanation: list[dict] | None = None,
+                      explanation_true: list[dict] | None = None) -> dict:
+    """A predictions line: the manifest row's keys, then the prediction keys (which win on a clash)."""
+    record = {k: v for k, v in meta.items() if k not in PREDICTION_KEYS or k in ("id", "path", "label")}
+    record["pred"] = pred
+    record["topk"] = [{"class": c, "score": s} for c, s in topk]
+    if explanation is not None:
+        record["explanation"] = explanation
+    if explanation_true is not None:
+        record["explanation_true"] = explanation_true
+    return record
+
+
+def _check_scored_list(value: Any, key: str, name_key: str, where: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise BadInput(f"{where}: \"{key}\" must be a non-empty list")
+    for item in value:
+        if (not isinstance(item, dict) or not isinstance(item.get(name_key), str)
+                or not isinstance(item.get("score"), (int, float)) or isinstance(item.get("score"), bool)):
+            raise BadInput(f"{where}: each \"{key}\" entry needs a string \"{name_key}\" and a numeric \"score\"")
+
+
+def validate_prediction(rec: Any, where: str, *, require_label: bool = False) -> dict:
+    """Check one predictions line; BadInput naming ``where`` (file:line) otherwise."""
+    if not isinstance(rec, dict):
+        raise BadInput(f"{where}: a predictions line must be a JSON object")
+    for key in ("id", "pred", "topk"):
+        if key not in rec:
+            raise BadInput(f"{where}: a predictions line needs \"{key}\" (is this a `vlmtools classify` output?)")
+    if not isinstance(rec["pred"], str):
+        raise BadInput(f"{where}: \"pred\" must be a class name")
+    _check_scored_list(rec["topk"], "topk", "class", where)
+    if rec["topk"][0]["class"] != rec["pred"]:
+        raise BadInput(f"{where}: \"pred\" is {rec['pred']!r} but topk starts with {rec['topk'][0]['class']!r}")
+    for key in ("explanation", "explanation_true"):
+        if key in rec:
+            _check_scored_list(rec[key], key, "descriptor", where)
+    if require_label and rec.get("label") is None:
+        raise BadInput(f"{where}: image {rec['id']!r} has no \"label\"; evaluation needs the true class "
+                       f"of every image (classify a store whose manifest has labels)")
+    return rec
+
+
+def read_predictions(path: str | os.PathLike, *, require_label: bool = False) -> list[dict]:
+    """Read and validate a predictions file (or ``-``); duplicate ids are BadInput naming the line."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    records: list[dict] = []
+    seen: set[str] = set()
+    for lineno, rec in iter_jsonl(path):
+        where = f"{name}:{lineno}"
+        rec = validate_prediction(rec, where, require_label=require_label)
+        rec["id"] = str(rec["id"])
+        if rec["id"] in seen:
+            raise BadInput(f"{where}: duplicate id {rec['id']!r}")
+        seen.add(rec["id"])
+        records.append(rec)
+    if not records:
+        raise BadInput(f"{name}: no predictions found")
+    return records
+
+
+def write_predictions(path: str | os.PathLike | None, records: Iterable[dict]) -> int:
+    """Write predictions JSONL (atomically to a file, or ``-`` for stdout); returns the count."""
+    return write_jsonl(path, records)

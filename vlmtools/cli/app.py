@@ -32,16 +32,20 @@ def _register_all() -> None:
         module.register(app)
 
 
-@app.callback()
-def _root(
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries on stderr."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         import vlmtools
 
         typer.echo(vlmtools.__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries on stderr."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                 callback=_print_version, is_eager=True),
+) -> None:
     if quiet:
         from vlmtools.console import set_quiet
 

@@ -1,0 +1,72 @@
+import time
+
+import numpy as np
+import pytest
+
+from vlmtools.errors import BadInput, ModelUnavailable, StoreMismatch
+from vlmtools.models import ModelSpec, load_model
+from tests.conftest import run_cli
+
+
+def test_spec_defaults():
+    assert ModelSpec.parse(None) == ModelSpec("ViT-B-32", "openai")
+    assert ModelSpec.parse("vlmtools-tiny").pretrained == "none"
+    assert ModelSpec.parse("vlmtools-tiny", "random").pretrained == "none"
+    assert ModelSpec.parse("hf-hub:org/repo", "openai") == ModelSpec("hf-hub:org/repo", None)
+    assert ModelSpec.parse("ViT-B-32", "./w.safetensors").pretrained.endswith("/w.safetensors")
+
+
+def test_spec_mismatch_is_refused():
+    spec = ModelSpec("ViT-B-32", "openai")
+    spec.check_matches({"name": "ViT-B-32", "pretrained": "openai"}, "store")
+    with pytest.raises(StoreMismatch, match="ViT-L-14"):
+        spec.check_matches({"name": "ViT-L-14", "pretrained": "openai"}, "store")
+
+
+def test_tiny_model_encodes_normalized(tiny_encoder):
+    texts = tiny_encoder.encode_texts(["a red bird", "a blue car", "x"])
+    assert texts.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, rtol=1e-5)
+    again = load_model(ModelSpec.parse("vlmtools-tiny"), "cpu").encode_texts(["a red bird"])
+    np.testing.assert_allclose(texts[0], again[0], rtol=1e-5)  # random weights are seeded
+
+
+def test_coca_architecture_loads_and_encodes():
+    enc = load_model(ModelSpec.parse("vlmtools-tiny-coca"), "cpu")
+    from PIL import Image
+
+    img = enc.preprocess(Image.new("RGB", (40, 40), (200, 10, 10))).unsqueeze(0)
+    feats = enc.encode_image_tensor(img)
+    assert feats.shape == (1, enc.embed_dim)
+
+
+def test_unknown_model_and_tag():
+    with pytest.raises(BadInput, match="unknown model"):
+        load_model(ModelSpec.parse("no-such-model", "openai"), "cpu")
+    with pytest.raises(BadInput, match="no pretrained tag"):
+        load_model(ModelSpec.parse("ViT-B-32", "no-such-tag"), "cpu")
+    with pytest.raises(ModelUnavailable, match="no such file"):
+        load_model(ModelSpec.parse("ViT-B-32", "/nonexistent/w.safetensors"), "cpu")
+
+
+def test_bad_device():
+    with pytest.raises(BadInput, match="--device"):
+        load_model(ModelSpec.parse("vlmtools-tiny"), "tpu")
+
+
+@pytest.mark.parametrize("offline_env", [{}, {"HF_HUB_OFFLINE": "1"}])
+def test_offline_real_weights_fail_fast_and_clearly(tmp_path, image_dir, offline_env):
+    """No network, no cache: exit 2, the message names the model, where it looked and how to fix it."""
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(str(next(image_dir.glob("*.png"))) + "\n")
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), **offline_env}
+    start = time.perf_counter()
+    proc = run_cli("embed", "images", manifest, "-o", tmp_path / "store", "--model", "ViT-B-32",
+                   "--pretrained", "openai", env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "ViT-B-32" in proc.stderr and "openai" in proc.stderr
+    assert str(tmp_path / "hf" / "hub") in proc.stderr
+    assert "--pretrained /path/to" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "store").exists()

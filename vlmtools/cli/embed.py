@@ -1,0 +1,89 @@
+"""`vlmtools embed images|text`: inputs -> open_clip embeddings in a sharded store."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, model_spec
+
+embed_app = typer.Typer(help="Embed images or texts into a store (sharded NPY + JSONL meta + info.json).",
+                        no_args_is_help=True)
+
+OutOpt = typer.Option(..., "--output", "-o", help="Store directory to write (resumed if it exists).")
+ShardOpt = typer.Option(10000, "--shard-size", help="Rows per shard (the unit of resume).")
+DtypeOpt = typer.Option("float16", "--dtype", help="float16 or float32.")
+RankOpt = typer.Option(None, "--rank", help="This worker's rank [default: $RANK or $SLURM_PROCID or 0].")
+WorldOpt = typer.Option(None, "--world-size", help="Number of workers [default: $WORLD_SIZE or $SLURM_NTASKS or 1].")
+JsonOpt = typer.Option(False, "--json", help="Also print the run summary as one JSON line on stdout.")
+
+
+def _emit(summary, as_json: bool) -> None:
+    if as_json:
+        from vlmtools.formats import dumps_line
+
+        typer.echo(dumps_line(summary.as_dict()), nl=False)
+
+
+@embed_app.command("images")
+@handle_errors
+def images_cmd(
+    manifest: str = typer.Argument(..., help="Manifest JSONL, or bare image paths one per line; '-' for stdin."),
+    output: str = OutOpt,
+    model: Optional[str] = ModelOpt,
+    pretrained: Optional[str] = PretrainedOpt,
+    device: str = DeviceOpt,
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", "-j", min=0,
+                                help="DataLoader worker processes that decode images."),
+    shard_size: int = ShardOpt,
+    dtype: str = DtypeOpt,
+    rank: Optional[int] = RankOpt,
+    world_size: Optional[int] = WorldOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Embed the images of a manifest. Unreadable images go to STORE/errors.jsonl; the run goes on."""
+    from vlmtools.embed import embed_images
+    from vlmtools.formats import read_manifest
+    from vlmtools.models import load_model
+
+    records = read_manifest(manifest)
+    encoder = load_model(model_spec(model, pretrained), device)
+    summary = embed_images(records, output, encoder, batch_size=batch_size, workers=workers,
+                           shard_size=shard_size, dtype=dtype, rank=rank, world_size=world_size)
+    _emit(summary, json_)
+
+
+@embed_app.command("text")
+@handle_errors
+def text_cmd(
+    source: str = typer.Argument(..., help="Text lines, {\"text\"} JSONL, or descriptor JSONL "
+                                 "({\"class\", \"descriptors\"}: one row per descriptor); '-' for stdin."),
+    output: str = OutOpt,
+    model: Optional[str] = ModelOpt,
+    pretrained: Optional[str] = PretrainedOpt,
+    device: str = DeviceOpt,
+    wrap: str = typer.Option("cbd", "--wrap", help="For descriptors: 'cbd' embeds \"{class}, which has "
+                             "{descriptor}\" (the CBD paper's rule); 'none' embeds the descriptor as written."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
+    shard_size: int = ShardOpt,
+    dtype: str = DtypeOpt,
+    rank: Optional[int] = RankOpt,
+    world_size: Optional[int] = WorldOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Embed texts. Descriptor JSONL keeps class, descriptor and kind in each row's meta."""
+    from vlmtools.embed import embed_texts, text_records
+    from vlmtools.models import load_model
+
+    rows, extras = text_records(source, wrap)
+    encoder = load_model(model_spec(model, pretrained), device)
+    summary = embed_texts(rows, output, encoder, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
+                          extra_info=extras, rank=rank, world_size=world_size)
+    _emit(summary, json_)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(embed_app, name="embed")

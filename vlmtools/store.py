@@ -1,0 +1,217 @@
+"""Embedding stores: sharded NPY + row-aligned JSONL metadata + info.json (see formats.py, man 5).
+
+Writer: shards are written atomically (temp + rename, meta before emb, so an emb file's presence means
+its shard is complete); a rerun keeps finished shards and redoes the rest. Several workers may fill one
+store (each writes the shards it owns); whoever finds every expected shard on disk writes the final count.
+Reader: memory-maps shards in lexicographic (= row) order and presents one matrix + metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from vlmtools import formats
+from vlmtools.errors import BadInput, StoreMismatch
+
+INFO = "info.json"
+ERRORS = "errors.jsonl"
+_SHARD_RE = re.compile(r"^emb-(.+)\.npy$")
+DTYPES = ("float16", "float32")
+
+
+class StoreWriter:
+    """Writes one worker's shards into a store directory, and info.json (count null until complete)."""
+
+    def __init__(self, path: str | Path, *, kind: str, model: dict, dim: int, dtype: str = "float16",
+                 shard_size: int = 10000, preprocess: str | None = None, extra_info: dict | None = None):
+        if dtype not in DTYPES:
+            raise BadInput(f"--dtype {dtype!r}: expected one of {DTYPES}")
+        if shard_size < 1:
+            raise BadInput("--shard-size must be at least 1")
+        self.path = Path(path)
+        self.kind, self.model, self.dim, self.dtype = kind, model, dim, dtype
+        self.shard_size, self.preprocess = shard_size, preprocess
+        self.extra_info = extra_info or {}
+        self.path.mkdir(parents=True, exist_ok=True)
+        existing = self._check_existing_info()
+        if existing is None:
+            self._write_info(count=None)  # marks the store as in progress (count null) until finalize
+
+    def _check_existing_info(self) -> None:
+        info_path = self.path / INFO
+        if not info_path.exists():
+            if any(self.path.glob(formats.EMB_PATTERN)):
+                raise BadInput(f"{self.path}: has shards but no {INFO}; not a vlmtools store")
+            if any(self.path.iterdir()):
+                raise BadInput(f"{self.path}: exists and is not an empty directory or a vlmtools store")
+            return None
+        info = formats.read_json(info_path)
+        formats.check_format(info, formats.STORE_FORMAT, str(info_path))
+        checks = [("kind", self.kind), ("model", self.model), ("dim", self.dim), ("dtype", self.dtype),
+                  ("shard_size", self.shard_size)] + list(self.extra_info.items())
+        for key, mine in checks:
+            if info.get(key) != mine:
+                raise StoreMismatch(f"{self.path} already holds a store with {key}={info.get(key)!r}, "
+                                    f"not {mine!r}; use another output directory or delete it")
+        return info
+
+    def _write_info(self, count: int | None) -> None:
+        info = formats.store_info(kind=self.kind, model=self.model, dim=self.dim, dtype=self.dtype,
+                                  shard_size=self.shard_size, count=count, preprocess=self.preprocess,
+                                  extra=self.extra_info)
+        formats.write_json(self.path / INFO, info)
+
+    def stem(self, shard: int) -> str:
+        return formats.shard_stem(shard)
+
+    def shard_done(self, shard: int) -> bool:
+        return (self.path / formats.emb_name(self.stem(shard))).exists()
+
+    def write_shard(self, shard: int, embeddings, meta: Sequence[dict]) -> None:
+        import numpy as np
+
+        emb = np.asarray(embeddings, dtype=self.dtype)
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise ValueError(f"shard {shard}: expected (n, {self.dim}) embeddings, got {emb.shape}")
+        if len(meta) != emb.shape[0]:
+            raise ValueError(f"shard {shard}: {emb.shape[0]} embeddings but {len(meta)} meta rows")
+        stem = self.stem(shard)
+        formats.write_jsonl(self.path / formats.meta_name(stem), meta)
+        with formats.atomic_path(self.path / formats.emb_name(stem)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, emb)
+
+    def append_errors(self, errors: Iterable[dict]) -> None:
+        """Record failed inputs; rewritten atomically with earlier ones (deduplicated by id)."""
+        errors = list(errors)
+        if not errors:
+            return
+        path = self.path / ERRORS
+        old = [rec for _, rec in formats.iter_jsonl(path)] if path.exists() else []
+        seen = {e.get("id") for e in errors}
+        formats.write_jsonl(path, [e for e in old if e.get("id") not in seen] + errors)
+
+    def finalize(self, expected_shards: int | None = None) -> dict | None:
+        """Once all ``expected_shards`` are on disk, count their rows and write the final info.json.
+        Returns the info, or None while other workers' shards are still missing."""
+        if expected_shards is not None and not all(self.shard_done(k) for k in range(expected_shards)):
+            return None
+        count = sum(n for _, n in _shard_rows(self.path))
+        self._write_info(count=count)
+        return formats.read_json(self.path / INFO)
+
+
+def _shard_files(path: Path) -> list[tuple[str, Path]]:
+    out = []
+    for f in sorted(path.glob(formats.EMB_PATTERN)):
+        m = _SHARD_RE.match(f.name)
+        if m:
+            out.append((m.group(1), f))
+    return out
+
+
+def _shard_rows(path: Path) -> list[tuple[str, int]]:
+    import numpy as np
+
+    return [(stem, int(np.load(f, mmap_mode="r").shape[0])) for stem, f in _shard_files(path)]
+
+
+class StoreReader:
+    """A store on disk as one (N, dim) matrix and N metadata rows."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise BadInput(f"{self.path}: no such store directory")
+        info_path = self.path / INFO
+        if not info_path.exists():
+            raise BadInput(f"{self.path}: not a vlmtools store (no {INFO})")
+        self.info = formats.read_json(info_path)
+        formats.check_format(self.info, formats.STORE_FORMAT, str(info_path))
+        if self.info.get("count") is None:
+            raise BadInput(f"{self.path}: the store is incomplete (an embed run did not finish); rerun it to resume")
+        self._emb = None
+        self._meta = None
+
+    @property
+    def kind(self) -> str:
+        return self.info["kind"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["dim"])
+
+    @property
+    def spec(self):
+        from vlmtools.models import ModelSpec
+
+        m = self.info["model"]
+        return ModelSpec(m["name"], m.get("pretrained"))
+
+    def check_model(self, spec) -> None:
+        if spec is not None:
+            spec.check_matches(self.info["model"], f"store {self.path}")
+
+    def shards(self):
+        """(embeddings memmap, meta rows) per shard, in row order."""
+        import numpy as np
+
+        for stem, f in _shard_files(self.path):
+            emb = np.load(f, mmap_mode="r")
+            meta = [rec for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem))]
+            if len(meta) != emb.shape[0]:
+                raise BadInput(f"{f}: {emb.shape[0]} rows but {len(meta)} meta rows; the store is damaged")
+            yield emb, meta
+
+    @property
+    def embeddings(self):
+        """All rows as one float32 matrix (shards memory-mapped, then concatenated once)."""
+        import numpy as np
+
+        if self._emb is None:
+            parts = [np.load(f, mmap_mode="r") for _, f in _shard_files(self.path)]
+            self._emb = (np.concatenate(parts).astype(np.float32, copy=False) if parts
+                         else np.zeros((0, self.dim), dtype=np.float32))
+        return self._emb
+
+    @property
+    def meta(self) -> list[dict]:
+        if self._meta is None:
+            self._meta = [rec for _, f in _shard_files(self.path)
+                          for _, rec in formats.iter_jsonl(self.path / formats.meta_name(_SHARD_RE.match(f.name).group(1)))]
+        return self._meta
+
+    def __len__(self) -> int:
+        return int(self.info["count"])
+
+    def errors(self) -> list[dict]:
+        path = self.path / ERRORS
+        return [rec for _, rec in formats.iter_jsonl(path)] if path.exists() else []
+
+
+def open_store(path: str | Path, spec=None, kind: str | None = None) -> StoreReader:
+    """Open a finished store; refuse it if ``spec`` (a ModelSpec) differs from the one that wrote it,
+    or if ``kind`` ("image"/"text") differs."""
+    reader = StoreReader(path)
+    if kind is not None and reader.kind != kind:
+        raise BadInput(f"{path}: is a {reader.kind} store, expected a {kind} store")
+    reader.check_model(spec)
+    return reader
+
+
+def write_arrays(path: str | Path, embeddings, meta: Sequence[dict], *, kind: str, model: dict,
+                 dtype: str = "float32", shard_size: int = 10000, extra_info: dict | None = None) -> StoreReader:
+    """Write a whole store from arrays in one go (tests, small derived stores). Rows are L2-normalized."""
+    import numpy as np
+
+    emb = np.asarray(embeddings, dtype=np.float32)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    writer = StoreWriter(path, kind=kind, model=model, dim=emb.shape[1], dtype=dtype, shard_size=shard_size,
+                         extra_info=extra_info)
+    for shard, start in enumerate(range(0, len(emb), shard_size)):
+        writer.write_shard(shard, emb[start:start + shard_size], meta[start:start + shard_size])
+    writer.finalize()
+    return open_store(path)
