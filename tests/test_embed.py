@@ -11,7 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vlmtools.cli.app import app
-from vlmtools.embed import embed_images, load_rgb, text_records
+from vlmtools.embed import embed_images, text_records
+from vlmtools.images import load_rgb
 from vlmtools.store import open_store
 from tests.conftest import run_cli
 

@@ -22,11 +22,11 @@ def set_quiet(value: bool) -> None:
 
 def info(message: str) -> None:
     if not _quiet:
-        console.print(message)
+        console.print(message, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}")
+    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
 
 def error(message: str) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from vlmtools import console, formats
+from vlmtools.images import load_rgb
 from vlmtools.errors import BadInput
 from vlmtools.store import StoreWriter
 
@@ -57,31 +58,6 @@ def worker_slot(rank: int | None = None, world_size: int | None = None) -> tuple
 
 
 # ----------------------------------------------------------------------------- images
-
-def load_rgb(path: str):
-    """Open an image as RGB. CMYK, palette, grayscale, 16-bit and alpha images are converted (alpha is
-    composited on white, 16-bit is scaled down rather than clipped). Raises on unreadable files."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
-        elif img.mode == "F":
-            arr = np.asarray(img, dtype=np.float64)
-            lo, hi = float(arr.min()), float(arr.max())
-            img = Image.fromarray(((arr - lo) / ((hi - lo) or 1.0) * 255).astype(np.uint8), "L")
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA", "PA"):
-            rgba = img.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, rgba)
-        return img.convert("RGB")
-
 
 class _ImageDataset:
     """Map-style dataset: index -> (index, tensor or None, error reason)."""

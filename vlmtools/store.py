@@ -166,6 +166,14 @@ class StoreReader:
                 raise BadInput(f"{f}: {emb.shape[0]} rows but {len(meta)} meta rows; the store is damaged")
             yield emb, meta
 
+    def emb_shards(self):
+        """Embedding shards only (memory-mapped), in row order: for index building and exact search
+        over stores too large to parse every meta row."""
+        import numpy as np
+
+        for _, f in _shard_files(self.path):
+            yield np.load(f, mmap_mode="r")
+
     @property
     def embeddings(self):
         """All rows as one float32 matrix (shards memory-mapped, then concatenated once)."""

@@ -37,10 +37,10 @@ def handle_errors(func: Callable) -> Callable:
 
 
 ModelOpt = typer.Option(None, "--model", "-m", help="open_clip model: ViT-B-32, hf-hub:org/repo, "
-                        "local-dir:/path, vlmtools-micro, ... [default: ViT-B-32, or the store's model]")
+                        "local-dir:/path, vlmtools-micro, ... (default: ViT-B-32, or the store's model)")
 PretrainedOpt = typer.Option(None, "--pretrained", "-p", help="pretrained tag (openai, laion2b_s34b_b79k, ...), "
-                             "a checkpoint path, or 'none' for random weights [default: openai; 'vlmtools' "
-                             "for packaged models]")
+                             "a checkpoint path, or 'none' for random weights (default: openai; 'vlmtools' "
+                             "for packaged models)")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N")
 
 
@@ -48,3 +48,35 @@ def model_spec(model: Optional[str], pretrained: Optional[str]):
     from vlmtools.models import ModelSpec
 
     return ModelSpec.parse(model, pretrained)
+
+
+# ----------------------------------------------------------------------------- command groups
+# Several CLI modules may add commands to one group (e.g. `explain text` here, `explain visual` later):
+# `subgroup` returns the group registered under that name, creating it the first time.
+
+from typer.core import TyperGroup  # noqa: E402  (typer only: keeps `--help` light)
+
+
+class DefaultCommandGroup(TyperGroup):
+    """A group whose first argument, when it is no subcommand name, goes to ``default_command``:
+    `vlmtools eval PRED.jsonl` runs `vlmtools eval predictions PRED.jsonl`."""
+
+    default_command = ""
+
+    def parse_args(self, ctx, args):
+        if args and self.default_command and args[0] not in self.commands \
+                and args[0] not in ctx.help_option_names:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+def subgroup(app: typer.Typer, name: str, help: str, default_command: str | None = None) -> typer.Typer:
+    for info in app.registered_groups:
+        if info.name == name:
+            return info.typer_instance
+    cls = None
+    if default_command:
+        cls = type(f"{name.title()}Group", (DefaultCommandGroup,), {"default_command": default_command})
+    group = typer.Typer(help=help, no_args_is_help=True, cls=cls)
+    app.add_typer(group, name=name)
+    return group

@@ -15,8 +15,8 @@ embed_app = typer.Typer(help="Embed images or texts into a store (sharded NPY + 
 OutOpt = typer.Option(..., "--output", "-o", help="Store directory to write (resumed if it exists).")
 ShardOpt = typer.Option(10000, "--shard-size", help="Rows per shard (the unit of resume).")
 DtypeOpt = typer.Option("float16", "--dtype", help="float16 or float32.")
-RankOpt = typer.Option(None, "--rank", help="This worker's rank [default: $RANK or $SLURM_PROCID or 0].")
-WorldOpt = typer.Option(None, "--world-size", help="Number of workers [default: $WORLD_SIZE or $SLURM_NTASKS or 1].")
+RankOpt = typer.Option(None, "--rank", help="This worker's rank (default: $RANK or $SLURM_PROCID or 0).")
+WorldOpt = typer.Option(None, "--world-size", help="Number of workers (default: $WORLD_SIZE or $SLURM_NTASKS or 1).")
 JsonOpt = typer.Option(False, "--json", help="Also print the run summary as one JSON line on stdout.")
 
 

@@ -1,0 +1,203 @@
+"""`vlmtools index` and vlmtools.index: key choice, build, staleness, exactness and recall."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from vlmtools import formats
+from vlmtools.cli.app import app
+from vlmtools.errors import BadInput
+from vlmtools.index import (build_index, choose_index_key, estimate_bytes, load_index, nlist_for, parse_memory,
+                            read_index_info)
+from vlmtools.search import exact_search, search_vectors
+from vlmtools.store import open_store, write_arrays
+
+runner = CliRunner()
+MODEL = {"name": "vlmtools-tiny", "pretrained": "none"}
+
+
+def unit_rows(n: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_store(path, n: int, dim: int = 16, seed: int = 0, shard_size: int = 700):
+    meta = [{"id": f"r{i}", "path": f"/data/{i}.png", "label": f"c{i % 5}"} for i in range(n)]
+    return write_arrays(path, unit_rows(n, dim, seed), meta, kind="image", model=MODEL, shard_size=shard_size)
+
+
+def brute_force(reader, queries, k):
+    scores = queries @ reader.embeddings.T
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, rows, 1), rows
+
+
+# ----------------------------------------------------------------------------- choosing a key
+
+def test_parse_memory():
+    assert parse_memory("4G") == 4 * 2**30
+    assert parse_memory("512M") == parse_memory("0.5G") == 512 * 2**20
+    assert parse_memory("800kb") == 800 * 1024 and parse_memory(1234) == 1234
+    for bad in ("lots", "4Q", "0"):
+        with pytest.raises(BadInput, match="--max-memory"):
+            parse_memory(bad)
+
+
+def test_nlist_is_a_power_of_two_near_4_sqrt_n():
+    for n in (2_000, 50_000, 900_000):
+        nlist = nlist_for(n)
+        assert nlist & (nlist - 1) == 0
+        assert 4 * np.sqrt(n) / 2 <= nlist <= 4 * np.sqrt(n) * 2
+    assert nlist_for(5_000_000) >= nlist_for(900_000)
+
+
+def test_auto_key_by_size_and_budget():
+    dim = 512
+    assert choose_index_key(500, dim, "4G") == "Flat"  # small: exact is fastest
+    assert choose_index_key(50_000, dim, "4G") == "HNSW32"  # mid-size, the graph fits
+    # a budget just above the vectors leaves room for a thinner graph only
+    thin = choose_index_key(50_000, dim, 4 * 50_000 * (dim + 2 * 10))
+    assert thin.startswith("HNSW") and 8 <= int(thin[4:]) < 32
+    # too few rows to train quantizers and no room for a graph: Flat
+    assert choose_index_key(5_000, dim, 4 * 5_000 * dim) == "Flat"
+    # no graph, but the uncompressed IVF lists fit
+    budget = 4 * 200_000 * (dim + 12)  # below an HNSW8 graph (dim + 16), above the IVF lists
+    key = choose_index_key(200_000, dim, budget)
+    assert key == f"IVF{nlist_for(200_000)},Flat" and estimate_bytes(key, 200_000, dim) <= budget
+    # large: IVF with an HNSW coarse quantizer and the largest PQ code that fits
+    n = 20_000_000
+    key = choose_index_key(n, dim, "4G")
+    assert key.startswith(f"IVF{nlist_for(n)}_HNSW32,PQ")
+    code = int(key.rsplit("PQ", 1)[1])
+    assert estimate_bytes(key, n, dim) <= parse_memory("4G") < estimate_bytes(key.replace(f"PQ{code}", f"PQ{2 * code}"), n, dim)
+    assert choose_index_key(n, dim, "64G").startswith("HNSW")  # more memory buys a graph
+    with pytest.raises(BadInput, match="raise --max-memory"):
+        choose_index_key(n, dim, "100M")
+
+
+# ----------------------------------------------------------------------------- build and search
+
+def test_flat_index_equals_brute_force(tmp_path):
+    reader = make_store(tmp_path / "s", 2000, shard_size=700)
+    record = build_index(tmp_path / "s", index_key="Flat")
+    assert record["index_key"] == "Flat" and record["count"] == record["store_count"] == 2000
+    queries = unit_rows(25, 16, seed=9)
+    scores, rows, method = search_vectors(reader, queries, k=10)
+    assert method == "Flat"
+    bf_scores, bf_rows = brute_force(reader, queries, 10)
+    np.testing.assert_array_equal(rows, bf_rows)
+    np.testing.assert_allclose(scores, bf_scores, atol=1e-5)
+
+
+def test_exact_search_across_shards_and_chunks(tmp_path, monkeypatch):
+    import vlmtools.search as search_mod
+
+    monkeypatch.setattr(search_mod, "EXACT_CHUNK", 64)  # several chunks per shard
+    reader = make_store(tmp_path / "s", 1000, shard_size=300)
+    queries = unit_rows(7, 16, seed=3)
+    scores, rows = exact_search(reader, queries, 15)
+    bf_scores, bf_rows = brute_force(reader, queries, 15)
+    np.testing.assert_array_equal(rows, bf_rows)
+    np.testing.assert_allclose(scores, bf_scores, atol=1e-5)
+    assert exact_search(reader, queries, 5000)[1].shape == (7, 1000)  # k beyond N: every row, ranked
+
+
+def test_auto_hnsw_recall_at_10(tmp_path):
+    reader = make_store(tmp_path / "s", 5000, dim=32, shard_size=2000)
+    record = build_index(tmp_path / "s")  # auto
+    assert record["index_key"].startswith("HNSW") and record["params"]["efSearch"] >= 16
+    queries = unit_rows(200, 32, seed=7)
+    _, rows, method = search_vectors(reader, queries, k=10)
+    assert method == record["index_key"]
+    _, truth = brute_force(reader, queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)])
+    assert recall >= 0.9, recall
+
+
+def test_ivf_pq_trains_on_a_seeded_sample(tmp_path):
+    reader = make_store(tmp_path / "s", 1500, dim=16)
+    record = build_index(tmp_path / "s", index_key="IVF16,PQ4x4", nprobe=4, seed=3)
+    assert record["params"] == {"nprobe": 4} and 0 < record["train_size"] <= 1500 and record["seed"] == 3
+    queries = reader.embeddings[:20]
+    scores, rows, _ = search_vectors(reader, queries, k=5)
+    assert rows.shape == (20, 5) and (rows < 1500).all()
+    assert np.mean(rows[:, 0] == np.arange(20)) >= 0.5  # a row usually finds itself first even when quantized
+
+
+def test_index_files_contract(tmp_path):
+    make_store(tmp_path / "s", 300)
+    build_index(tmp_path / "s")
+    info = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert info["format"] == formats.INDEX_FORMAT and info["metric"] == "ip"
+    assert info["count"] == info["store_count"] == 300 and info["dim"] == 16 and info["model"] == MODEL
+    assert not [p.name for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]
+    import faiss
+
+    assert faiss.read_index(str(tmp_path / "s" / "index.faiss")).ntotal == 300
+    # an index.faiss without its index.json (an interrupted build) is not an index
+    (tmp_path / "s" / "index.json").unlink()
+    assert read_index_info(tmp_path / "s") is None
+
+
+def test_stale_index_falls_back_to_exact_then_rebuilds(tmp_path):
+    make_store(tmp_path / "s", 500)
+    build_index(tmp_path / "s", index_key="Flat")
+    reader = make_store(tmp_path / "s", 800, seed=1)  # the store grows after indexing
+    assert load_index(reader) is None
+    queries = unit_rows(4, 16, seed=5)
+    scores, rows, method = search_vectors(reader, queries, k=3)
+    assert method == "exact"
+    np.testing.assert_array_equal(rows, brute_force(reader, queries, 3)[1])
+    result = runner.invoke(app, ["index", str(tmp_path / "s"), "--index-key", "Flat"])  # stale: no --force needed
+    assert result.exit_code == 0, result.output
+    assert read_index_info(tmp_path / "s")["store_count"] == 800
+    assert search_vectors(open_store(tmp_path / "s"), queries, k=3)[2] == "Flat"
+
+
+def test_cli_keeps_up_to_date_index_and_updates_params(tmp_path):
+    make_store(tmp_path / "s", 1200)
+    store = str(tmp_path / "s")
+    assert runner.invoke(app, ["index", store, "--index-key", "IVF8,Flat"]).exit_code == 0
+    before = (tmp_path / "s" / "index.faiss").stat().st_mtime_ns
+    result = runner.invoke(app, ["index", store])
+    assert result.exit_code == 0 and "nothing to do" in " ".join(result.output.split())
+    result = runner.invoke(app, ["index", store, "--index-key", "IVF8,Flat", "--nprobe", "3"])
+    assert result.exit_code == 0 and read_index_info(store)["params"]["nprobe"] == 3
+    assert (tmp_path / "s" / "index.faiss").stat().st_mtime_ns == before  # no rebuild for a search parameter
+    result = runner.invoke(app, ["index", store, "--index-key", "Flat"])
+    assert result.exit_code == 2 and "--force" in result.output
+    assert runner.invoke(app, ["index", store, "--index-key", "Flat", "--force"]).exit_code == 0
+    assert read_index_info(store)["index_key"] == "Flat"
+
+
+def test_cli_bad_inputs(tmp_path):
+    result = runner.invoke(app, ["index", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "no such store" in result.output
+    (tmp_path / "plain").mkdir()
+    result = runner.invoke(app, ["index", str(tmp_path / "plain")])
+    assert result.exit_code == 2 and "not a vlmtools store" in result.output
+
+    make_store(tmp_path / "s", 200)
+    store = str(tmp_path / "s")
+    for args, message in ((["--index-key", "Bogus42"], "faiss cannot build it"),
+                          (["--index-key", "IVF4096,Flat"], "need at least that many rows"),
+                          (["--index-key", "PQ5"], "faiss cannot build it"),
+                          (["--max-memory", "lots"], "--max-memory"),
+                          (["--nprobe", "0"], "--nprobe must be at least 1")):
+        result = runner.invoke(app, ["index", store, *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in " ".join(result.output.split()), (args, result.output)
+    assert not (tmp_path / "s" / "index.faiss").exists() and not (tmp_path / "s" / "index.json").exists()
+
+
+def test_cli_gpu_flag_without_gpu(tmp_path):
+    import faiss
+
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("this faiss has a GPU")
+    make_store(tmp_path / "s", 100)
+    result = runner.invoke(app, ["index", str(tmp_path / "s"), "--gpu"])
+    assert result.exit_code == 2 and "--gpu" in result.output
+    assert runner.invoke(app, ["index", str(tmp_path / "s"), "--no-gpu"]).exit_code == 0

@@ -1,0 +1,132 @@
+"""`vlmtools search` and vlmtools.search: text, image and stored queries, with and without an index."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vlmtools.cli.app import app
+from vlmtools.errors import BadInput, StoreMismatch
+from vlmtools.index import build_index
+from vlmtools.search import search
+from vlmtools.store import write_arrays
+
+runner = CliRunner()
+TEXTS = ["a small red bird", "a large grey seabird", "a yellow songbird with black wings", "a brown owl at night",
+         "a green parrot", "a white swan on a lake"]
+
+
+def lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())  # rich may wrap long stderr lines
+
+
+@pytest.fixture(scope="module")
+def text_store(tmp_path_factory, tiny_encoder):
+    path = tmp_path_factory.mktemp("search") / "texts"
+    meta = [{"id": f"t{i}", "text": t, "label": f"class{i % 3}"} for i, t in enumerate(TEXTS)]
+    write_arrays(path, tiny_encoder.encode_texts(TEXTS), meta, kind="text", model=tiny_encoder.spec.as_dict())
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_store(tmp_path_factory, tiny_encoder, image_dir):
+    import torch
+
+    path = tmp_path_factory.mktemp("search") / "images"
+    files = sorted(image_dir.glob("img*.png"))
+    batch = torch.stack([tiny_encoder.preprocess(Image.open(f).convert("RGB")) for f in files])
+    meta = [{"id": f.stem, "path": str(f), "label": "even" if i % 2 == 0 else "odd"} for i, f in enumerate(files)]
+    write_arrays(path, tiny_encoder.encode_image_tensor(batch).numpy(), meta, kind="image",
+                 model=tiny_encoder.spec.as_dict(), shard_size=7)
+    return path
+
+
+def test_text_query_finds_its_own_sentence(text_store):
+    result = runner.invoke(app, ["search", str(text_store), "--text", TEXTS[2], "-k", "3"])
+    assert result.exit_code == 0, result.output
+    hits = lines(result.stdout)
+    assert [h["rank"] for h in hits] == [1, 2, 3] and "query" not in hits[0]
+    assert hits[0]["id"] == "t2" and hits[0]["text"] == TEXTS[2] and hits[0]["label"] == "class2"
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
+
+
+def test_several_text_queries_carry_the_query(text_store):
+    result = runner.invoke(app, ["search", str(text_store), "-t", TEXTS[0], "-t", TEXTS[4], "-k", "2"])
+    assert result.exit_code == 0, result.output
+    hits = lines(result.stdout)
+    assert [(h["query"], h["rank"]) for h in hits] == [(TEXTS[0], 1), (TEXTS[0], 2), (TEXTS[4], 1), (TEXTS[4], 2)]
+    assert [h["id"] for h in hits if h["rank"] == 1] == ["t0", "t4"]
+
+
+def test_image_query_with_and_without_index(image_store, image_dir):
+    query = image_dir / "img03.png"
+    exact = search(image_store, images=[str(query)], k=5, exact=True)
+    assert exact[0]["path"] == str(query) and exact[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    build_index(image_store, index_key="Flat", force=True)
+    indexed = search(image_store, images=[str(query)], k=5)
+    assert [h["id"] for h in indexed] == [h["id"] for h in exact]
+    result = runner.invoke(app, ["search", str(image_store), "--image", str(query), "-k", "4", "-f"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [h["path"] for h in exact[:4]]
+
+
+def test_store_queries_equal_brute_force(image_store, tmp_path, tiny_encoder):
+    rng = np.random.default_rng(4)
+    queries = rng.standard_normal((3, 32)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    write_arrays(tmp_path / "q", queries, [{"id": f"q{i}"} for i in range(3)], kind="image",
+                 model=tiny_encoder.spec.as_dict())
+    result = runner.invoke(app, ["search", str(image_store), "--store", str(tmp_path / "q"), "-k", "4", "--exact"])
+    assert result.exit_code == 0, result.output
+    hits = lines(result.stdout)
+    from vlmtools.store import open_store
+
+    target = open_store(image_store)
+    truth = np.argsort(-(queries @ target.embeddings.T), axis=1)[:, :4]
+    for qi in range(3):
+        got = [h["id"] for h in hits if h["query"] == f"q{qi}"]
+        assert got == [target.meta[r]["id"] for r in truth[qi]]
+
+
+def test_k_larger_than_the_store(text_store):
+    hits = search(text_store, texts=["a bird"], k=50)
+    assert len(hits) == len(TEXTS) and sorted(h["id"] for h in hits) == sorted(f"t{i}" for i in range(len(TEXTS)))
+
+
+def test_bad_inputs_exit_2(text_store, image_store, tmp_path, image_dir):
+    cases = [
+        (["search", str(tmp_path / "missing"), "--text", "x"], "no such store"),
+        (["search", str(tmp_path), "--text", "x"], "not a vlmtools store"),
+        (["search", str(text_store), "--text", "x", "-k", "0"], "-k must be at least 1"),
+        (["search", str(text_store)], "no query"),
+        (["search", str(text_store), "--text", "  "], "empty query"),
+        (["search", str(text_store), "--text", "x", "--model", "ViT-B-32"], "was embedded with vlmtools-tiny"),
+        (["search", str(text_store), "--text", "x", "--pretrained", "openai"], "was embedded with vlmtools-tiny"),
+        (["search", str(image_store), "--image", str(tmp_path / "nope.png")], "no such file"),
+        (["search", str(text_store), "--text", TEXTS[0], "-f"], "no paths"),
+    ]
+    (tmp_path / "fake.png").write_bytes(b"not a png at all")
+    cases.append((["search", str(image_store), "--image", str(tmp_path / "fake.png")], "cannot read it as an image"))
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in flat(result.output), (args, result.output)
+        assert result.stdout == "", args
+
+
+def test_query_store_of_another_model_is_refused(text_store, tmp_path):
+    write_arrays(tmp_path / "other", np.eye(32)[:2], [{"id": "a"}, {"id": "b"}], kind="text",
+                 model={"name": "ViT-B-32", "pretrained": "openai"})
+    with pytest.raises(StoreMismatch, match="ViT-B-32"):
+        search(text_store, query_store=str(tmp_path / "other"))
+    result = runner.invoke(app, ["search", str(text_store), "--store", str(tmp_path / "other")])
+    assert result.exit_code == 2 and "different spaces" in flat(result.output)
+    with pytest.raises(BadInput, match="-k"):
+        search(text_store, texts=["x"], k=-1)

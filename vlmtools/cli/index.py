@@ -1,0 +1,34 @@
+"""`vlmtools index STORE`: build the store's FAISS inner-product index (index.faiss + index.json)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from vlmtools.cli.common import handle_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("index")
+    @handle_errors
+    def index_cmd(
+        store: str = typer.Argument(..., help="Store directory (from `vlmtools embed`)."),
+        index_key: str = typer.Option("auto", "--index-key", help="faiss factory key (Flat, HNSW32, "
+                                      "IVF4096,PQ64, IVF16384_HNSW32,PQ64, ...) or auto: chosen by row count "
+                                      "and --max-memory."),
+        max_memory: str = typer.Option("4G", "--max-memory", help="Memory budget for the index (auto)."),
+        nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists searched per query "
+                                             "(default: max(16, nlist/16))."),
+        ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search depth (default: 64; "
+                                                "at least 2k at search time)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the training sample (IVF/PQ)."),
+        gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when "
+                                           "faiss has GPU support and sees a CUDA device)."),
+        force: bool = typer.Option(False, "--force", help="Rebuild even if an up-to-date index exists."),
+    ) -> None:
+        """Index a store for fast `vlmtools search` (an up-to-date index is kept; a stale one is rebuilt)."""
+        from vlmtools.index import build_index
+
+        build_index(store, index_key=index_key, max_memory=max_memory, nprobe=nprobe, ef_search=ef_search,
+                    force=force, seed=seed, gpu=gpu)

@@ -1,0 +1,28 @@
+"""Reading images the same way everywhere (embed, search, explain)."""
+
+from __future__ import annotations
+
+
+def load_rgb(path: str):
+    """Open an image as RGB. CMYK, palette, grayscale, 16-bit and alpha images are converted (alpha is
+    composited on white, 16-bit is scaled down rather than clipped). Raises on unreadable files."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+        elif img.mode == "F":
+            arr = np.asarray(img, dtype=np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            img = Image.fromarray(((arr - lo) / ((hi - lo) or 1.0) * 255).astype(np.uint8), "L")
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "PA"):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, rgba)
+        return img.convert("RGB")

@@ -1,0 +1,174 @@
+"""Nearest neighbours in a store for text, image or stored queries: through the store's FAISS index when
+it has a usable one, else exactly (a matrix product over the shards). Used by `vlmtools search`.
+
+Scores are inner products of L2-normalized vectors (cosine similarity); hits are ranked best first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from vlmtools.errors import BadInput
+
+EXACT_CHUNK = 65_536  # store rows scored at a time in exact search
+
+
+# ----------------------------------------------------------------------------- vector search
+
+def _merge_topk(scores, rows, k: int):
+    """Keep the k best columns per query row, sorted by score (then row, so ties are deterministic)."""
+    import numpy as np
+
+    if scores.shape[1] > k:
+        keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        scores, rows = np.take_along_axis(scores, keep, 1), np.take_along_axis(rows, keep, 1)
+    order = np.lexsort((rows, -scores), axis=1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+
+def exact_search(reader, queries, k: int):
+    """Brute-force top-k by inner product over every store row: (scores, rows), each (Q, min(k, N))."""
+    import numpy as np
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.zeros((len(queries), 0), dtype=np.float32)
+    best_r = np.zeros((len(queries), 0), dtype=np.int64)
+    offset = 0
+    for emb in reader.emb_shards():
+        for start in range(0, emb.shape[0], EXACT_CHUNK):
+            chunk = np.asarray(emb[start:start + EXACT_CHUNK], dtype=np.float32)
+            scores = queries @ chunk.T
+            rows = np.broadcast_to(np.arange(offset + start, offset + start + chunk.shape[0]), scores.shape)
+            best_s, best_r = _merge_topk(np.concatenate([best_s, scores], 1),
+                                         np.concatenate([best_r, rows], 1), k)
+        offset += emb.shape[0]
+    return best_s, best_r
+
+
+def search_vectors(reader, queries, k: int, exact: bool = False):
+    """Top-k store rows for each query vector: (scores, rows, method), method "exact" or the index key.
+    Rows missing from an approximate result (faiss pads with -1) are dropped by the caller."""
+    import numpy as np
+
+    from vlmtools.index import apply_params, load_index
+
+    if k < 1:
+        raise BadInput(f"-k must be at least 1 (got {k})")
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != reader.dim:
+        raise BadInput(f"query vectors have dim {queries.shape[-1]}, the store {reader.path} has {reader.dim}")
+    k = min(k, len(reader))
+    if k == 0:
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), "exact"
+    loaded = None if exact else load_index(reader)
+    if loaded is None:
+        return (*exact_search(reader, queries, k), "exact")
+    index, record = loaded
+    apply_params(index, record.get("params", {}), k)
+    scores, rows = index.search(queries, k)
+    return scores, rows.astype(np.int64), record["index_key"]
+
+
+# ----------------------------------------------------------------------------- queries
+
+def query_spec(reader, model: str | None = None, pretrained: str | None = None):
+    """The model that encodes queries: the store's own unless the user names one, which must match it."""
+    from vlmtools.models import ModelSpec
+
+    store_spec = reader.spec
+    if model is None and pretrained is None:
+        return store_spec
+    if pretrained is None and (model is None or model == store_spec.name):
+        pretrained = store_spec.pretrained  # --model NAME alone means "the store's weights of NAME"
+    spec = ModelSpec.parse(model or store_spec.name, pretrained)
+    reader.check_model(spec)
+    return spec
+
+
+def _load_images(paths: Sequence[str]):
+    from vlmtools.images import load_rgb
+
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise BadInput(f"--image {path}: no such file")
+        try:
+            images.append(load_rgb(path))
+        except Exception as exc:  # PIL raises many types for truncated/unknown files
+            raise BadInput(f"--image {path}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
+    return images
+
+
+def encode_queries(reader, texts: Sequence[str] = (), images: Sequence[str] = (), query_store: str | None = None,
+                   model: str | None = None, pretrained: str | None = None, device: str = "auto"):
+    """Query vectors (Q, dim) and a name for each (the text, the image path, or the query store row's id).
+    The model is loaded only for text and image queries; a query store must share the store's model."""
+    import numpy as np
+
+    from vlmtools.store import open_store
+
+    if not (texts or images or query_store):
+        raise BadInput("no query: give --text TEXT, --image PATH or --store QUERY_STORE")
+    if any(not t.strip() for t in texts):
+        raise BadInput("--text: empty query text")
+    spec = query_spec(reader, model, pretrained)
+    pil_images = _load_images(images)  # check the files before loading a model
+    vectors, names = [], []
+    if texts or images:
+        from vlmtools.models import load_model
+
+        enc = load_model(spec, device)
+        if texts:
+            vectors.append(enc.encode_texts(list(texts)))
+            names += list(texts)
+        if images:
+            import torch
+
+            batch = torch.stack([enc.preprocess(img) for img in pil_images])
+            vectors.append(enc.encode_image_tensor(batch).numpy().astype(np.float32))
+            names += [str(p) for p in images]
+    if query_store:
+        queries = open_store(query_store, spec=spec)
+        if len(queries) == 0:
+            raise BadInput(f"--store {query_store}: the query store is empty")
+        vectors.append(queries.embeddings)
+        names += [str(m.get("id", i)) for i, m in enumerate(queries.meta)]
+    return np.concatenate(vectors).astype(np.float32), names
+
+
+# ----------------------------------------------------------------------------- results
+
+def hit_records(reader, scores, rows, names: Sequence[str]) -> list[dict]:
+    """One record per (query, hit): {"query"? , "rank", "score", **the hit row's metadata}. The query
+    field is present only when there are several queries."""
+    meta = reader.meta
+    several = len(names) > 1
+    out = []
+    for qi, name in enumerate(names):
+        rank = 0
+        for score, row in zip(scores[qi], rows[qi]):
+            if row < 0:  # faiss pads short result lists with -1
+                continue
+            rank += 1
+            head = {"query": name} if several else {}
+            head.update(rank=rank, score=round(float(score), 6))
+            out.append({**head, **{k: v for k, v in meta[row].items() if k not in head}})
+    return out
+
+
+def search(store: str | Path, texts: Sequence[str] = (), images: Sequence[str] = (),
+           query_store: str | None = None, k: int = 10, model: str | None = None, pretrained: str | None = None,
+           device: str = "auto", exact: bool = False) -> list[dict]:
+    """Search a store: encode the queries with its model, find the k nearest rows for each, return hits."""
+    from vlmtools.console import info
+    from vlmtools.store import open_store
+
+    if k < 1:
+        raise BadInput(f"-k must be at least 1 (got {k})")
+    reader = open_store(store)
+    vectors, names = encode_queries(reader, texts, images, query_store, model, pretrained, device)
+    scores, rows, method = search_vectors(reader, vectors, k, exact=exact)
+    info(f"{len(names)} quer{'y' if len(names) == 1 else 'ies'}, top {min(k, len(reader))} of {len(reader)} rows "
+         f"({method})")
+    return hit_records(reader, scores, rows, names)
