@@ -1,0 +1,162 @@
+"""`vlmtools classify`, `vlmtools eval [compare]`, `vlmtools explain text`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, subgroup
+
+
+def _spec_or_none(model: Optional[str], pretrained: Optional[str]):
+    """The user's model spec, or None to take the one the image store records."""
+    if model is None and pretrained is None:
+        return None
+    from vlmtools.cli.common import model_spec
+
+    return model_spec(model, pretrained)
+
+
+def _check_choice(value: Optional[str], choices, option: str) -> None:
+    if value is not None and value not in choices:
+        from vlmtools.errors import BadInput
+
+        raise BadInput(f"{option} {value!r}: expected one of {', '.join(choices)}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("classify")
+    @handle_errors
+    def classify_cmd(
+        image_store: Path = typer.Argument(..., help="Image store written by `vlmtools embed images`."),
+        method: Optional[str] = typer.Option(None, "--method", help="clip (class names in templates) or cbd "
+                                             "(descriptors) [default: cbd with --descriptors, else clip]"),
+        classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Class list: one per line, a manifest "
+                                              "(its labels) or descriptor JSONL [clip default: the store's "
+                                              "labels; cbd default: the descriptors' classes]"),
+        templates: Optional[str] = typer.Option(None, "--templates", "-t", help="clip: bare | photo | openai80 | "
+                                                "FILE (one template per line, {} = class) [default: photo]"),
+        descriptors: Optional[str] = typer.Option(None, "--descriptors", "-d", help="cbd: descriptor JSONL "
+                                                  "(from `vlmtools describe`), or - for stdin"),
+        wrap: Optional[str] = typer.Option(None, "--wrap", help="cbd: 'cbd' embeds \"{class}, which is/has "
+                                           "{descriptor}\", 'none' the descriptor as written [default: cbd]"),
+        aggregate: str = typer.Option("mean", "--aggregate", help="cbd: class score over its descriptors: "
+                                      "mean | max | sum"),
+        background: str = typer.Option("include", "--background", help="cbd: descriptors of kind background: "
+                                       "include | exclude | only"),
+        allow_empty: bool = typer.Option(False, "--allow-empty", help="cbd: score classes with no descriptors "
+                                         "by their name instead of refusing them"),
+        text_store: Optional[Path] = typer.Option(None, "--text-store", help="Text store from `vlmtools embed "
+                                                  "text` to take text embeddings from (others are encoded)"),
+        k: int = typer.Option(5, "-k", "--top-k", help="Classes listed per image in \"topk\"."),
+        explain: bool = typer.Option(True, "--explain/--no-explain", help="cbd: write the predicted class's "
+                                     "descriptor scores"),
+        explain_true: bool = typer.Option(False, "--explain-true", help="cbd: also the true class's"),
+        where: List[str] = typer.Option([], "--where", help="Only images whose manifest KEY=VALUE "
+                                        "(repeatable, e.g. --where split=test)"),
+        output: str = typer.Option("-", "--output", "-o", help="Predictions JSONL (default stdout)."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the text embedding "
+                                      "cache ($VLMTOOLS_CACHE_DIR/text, default ~/.cache/vlmtools/text)."),
+        model: Optional[str] = ModelOpt,
+        pretrained: Optional[str] = PretrainedOpt,
+        device: str = DeviceOpt,
+    ) -> None:
+        """Classify stored image embeddings zero-shot: CLIP prompts or descriptors (CBD); NDJSON per image.
+
+        --method clip scores each image against class-name prompts (templates averaged as open_clip
+        does); --method cbd against "{class}, which has {descriptor}" sentences, the class score being
+        the mean over its descriptors, whose similarities are written as the explanation."""
+        from vlmtools.classify import AGGREGATES, BACKGROUND, METHODS, classify_store
+
+        _check_choice(method, METHODS, "--method")
+        _check_choice(wrap, ("cbd", "none"), "--wrap")
+        _check_choice(aggregate, AGGREGATES, "--aggregate")
+        _check_choice(background, BACKGROUND, "--background")
+        classify_store(image_store, output, spec=_spec_or_none(model, pretrained), method=method, classes=classes,
+                       templates=templates, descriptors=descriptors, wrap=wrap, aggregate=aggregate,
+                       background=background, allow_empty=allow_empty, text_store=text_store, k=k,
+                       explain=explain, explain_true=explain_true, where=where, device=device,
+                       use_cache=not no_cache)
+
+    eval_app = subgroup(app, "eval", "Evaluate predictions: `vlmtools eval PRED.jsonl` (accuracy tables), "
+                        "`vlmtools eval compare A.jsonl B.jsonl` (paired, with McNemar's test).",
+                        default_command="predictions")
+
+    @eval_app.command("predictions")
+    @handle_errors
+    def eval_cmd(
+        predictions: str = typer.Argument(..., help="Predictions JSONL from `vlmtools classify` (or -)."),
+        by: List[str] = typer.Option([], "--by", help="Also tabulate by this manifest key (domain, split, "
+                                     "...); repeatable."),
+        json_out: str = typer.Option("-", "--json", help="Write the JSON result here (default stdout)."),
+        csv_out: Optional[str] = typer.Option(None, "--csv", help="Write per-class accuracy as CSV."),
+        plot: Optional[Path] = typer.Option(None, "--plot", help="Write confusion.png and per_class.png here."),
+    ) -> None:
+        """Top-1, top-5, mean per-class recall and per-class accuracy (the default eval command)."""
+        from vlmtools.evaluate import evaluate_file
+
+        evaluate_file(predictions, by=by, json_out=json_out, csv_out=csv_out, plot_dir=plot)
+
+    @eval_app.command("compare")
+    @handle_errors
+    def compare_cmd(
+        a: str = typer.Argument(..., help="Predictions A (e.g. clip)."),
+        b: str = typer.Argument(..., help="Predictions B (e.g. cbd)."),
+        json_out: str = typer.Option("-", "--json", help="Write the JSON summary here (default stdout)."),
+        diff_out: Optional[str] = typer.Option(None, "--diff", help="Write the images where the predictions "
+                                               "differ as JSONL."),
+        show: int = typer.Option(10, "--show", help="Disagreements listed on stderr."),
+        names: Optional[str] = typer.Option(None, "--names", help="Display names 'A,B' [default: file names]"),
+    ) -> None:
+        """Side-by-side top-1 of two predictions files on the same images, with McNemar's test."""
+        from vlmtools.errors import BadInput
+        from vlmtools.evaluate import compare_files
+
+        pair = None
+        if names is not None:
+            parts = [p.strip() for p in names.split(",")]
+            if len(parts) != 2 or not all(parts):
+                raise BadInput(f"--names {names!r}: expected two names, 'A,B'")
+            pair = (parts[0], parts[1])
+        compare_files(a, b, json_out=json_out, diff_out=diff_out, show=show, names=pair)
+
+    explain_app = subgroup(app, "explain", "Explain predictions.")
+
+    @explain_app.command("text")
+    @handle_errors
+    def explain_text_cmd(
+        predictions: str = typer.Argument(..., help="Predictions JSONL from `vlmtools classify --method cbd`."),
+        ids: List[str] = typer.Option([], "--id", help="Image id to explain (repeatable)."),
+        wrong: bool = typer.Option(False, "--wrong", help="Only misclassified images."),
+        limit: int = typer.Option(10, "--limit", "-n", help="At most this many images (0: all)."),
+        top: Optional[int] = typer.Option(None, "--top", help="At most this many descriptors per class."),
+        png: Optional[Path] = typer.Option(None, "--png", help="Also write one PNG per image here: the image "
+                                           "beside bars of descriptor scores."),
+        width: int = typer.Option(30, "--width", help="Bar width in characters."),
+    ) -> None:
+        """Per-descriptor scores of the predicted (and, with classify --explain-true, the true) class."""
+        from rich.console import Console
+
+        from vlmtools import formats
+        from vlmtools.console import info
+        from vlmtools.errors import BadInput
+        from vlmtools.explain.textual import save_figures, select, terminal_view
+
+        if limit < 0 or (top is not None and top < 1) or width < 1:
+            raise BadInput("--limit must be >= 0, --top and --width >= 1")
+        records = formats.read_predictions(predictions)
+        source = "<stdin>" if predictions == "-" else predictions
+        chosen = select(records, ids=ids, wrong=wrong, limit=limit or None, source=source)
+        if not chosen:
+            info("no image to explain")
+            return
+        # the view is this command's output, so it goes to stdout (pipe to `less -R` for colour)
+        out = Console(highlight=False)
+        for rec in chosen:
+            out.print(terminal_view(rec, width=width, max_descriptors=top, total_width=out.width))
+            out.print()
+        if png is not None:
+            paths = save_figures(chosen, png, max_descriptors=top)
+            info(f"wrote {len(paths)} figure(s) to {png}")

@@ -1,0 +1,290 @@
+"""Scores of a predictions file: top-1/top-5, mean per-class recall, per-class accuracy, grouped tables;
+paired comparison of two files with McNemar's test; confusion-matrix and per-class plots.
+
+Accuracies are fractions (0..1) in JSON and percentages in the tables on stderr.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Sequence
+
+from vlmtools import formats
+from vlmtools.console import info
+from vlmtools.errors import BadInput
+
+MISSING = "-"  # group value of a record that lacks the --by key
+
+
+def hit_at(rec: dict, k: int) -> bool:
+    return any(t["class"] == rec["label"] for t in rec["topk"][:k])
+
+
+def summarize(records: Sequence[dict], *, per_class: bool = True) -> dict:
+    """Counts and accuracies of labelled predictions. top5 is None when some prediction lists fewer
+    than 5 classes (fewer than 5 classes, or classify -k below 5)."""
+    n = len(records)
+    correct = sum(r["pred"] == r["label"] for r in records)
+    has_top5 = all(len(r["topk"]) >= 5 for r in records)
+    top5 = sum(hit_at(r, 5) for r in records) / n if has_top5 and n else None
+    by_class: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # n, top-1 correct, top-5 correct
+    for r in records:
+        row = by_class[r["label"]]
+        row[0] += 1
+        row[1] += r["pred"] == r["label"]
+        row[2] += has_top5 and hit_at(r, 5)
+    recalls = [c / m for m, c, _ in by_class.values()]
+    out = {
+        "n": n,
+        "correct": correct,
+        "classes": len(by_class),
+        "top1": correct / n if n else None,
+        "top5": top5,
+        "mean_per_class_recall": sum(recalls) / len(recalls) if recalls else None,
+    }
+    if per_class:
+        out["per_class"] = [
+            {"class": cls, "n": m, "correct": c, "accuracy": c / m, "top5_accuracy": c5 / m if has_top5 else None}
+            for cls, (m, c, c5) in sorted(by_class.items())]
+    return out
+
+
+def evaluate(records: Sequence[dict], by: Sequence[str] = ()) -> dict:
+    """The summary of all records, plus one (per-class-free) summary per value of each ``by`` key."""
+    result = summarize(records)
+    if result["top5"] is None:
+        result["top5_note"] = "omitted: some predictions list fewer than 5 classes"
+    groups: dict[str, dict] = {}
+    for key in by:
+        if not any(key in r for r in records):
+            keys = sorted({k for r in records for k in r} - set(formats.PREDICTION_KEYS))
+            raise BadInput(f"--by {key}: no prediction has this key (keys available: {', '.join(keys) or 'none'})")
+        split: dict[str, list[dict]] = defaultdict(list)
+        for r in records:
+            split[str(r.get(key, MISSING))].append(r)
+        groups[key] = {value: summarize(rs, per_class=False) for value, rs in sorted(split.items())}
+    if groups:
+        result["groups"] = groups
+    return result
+
+
+def confusion_matrix(records: Sequence[dict]):
+    """(class names, (C, C) int matrix of counts: row = true class, column = predicted class).
+    Classes: the labels, sorted, then predicted classes that are no label."""
+    import numpy as np
+
+    labels = sorted({r["label"] for r in records})
+    classes = labels + sorted({r["pred"] for r in records} - set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(matrix, ([index[r["label"]] for r in records], [index[r["pred"]] for r in records]), 1)
+    return classes, matrix
+
+
+# ----------------------------------------------------------------------------- paired comparison
+
+def mcnemar(only_a: int, only_b: int) -> dict:
+    """McNemar's test on the discordant pairs: exact two-sided binomial p (valid for any count) and the
+    continuity-corrected chi-square (the usual large-sample form)."""
+    n = only_a + only_b
+    if n == 0:
+        return {"discordant": 0, "p_exact": 1.0, "chi2": 0.0, "p_chi2": 1.0}
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
+    p_exact = min(1.0, 2 * tail / (1 << n))  # int / int is correctly rounded even for huge n
+    chi2 = (abs(only_a - only_b) - 1) ** 2 / n if abs(only_a - only_b) > 1 else 0.0
+    return {"discordant": n, "p_exact": p_exact, "chi2": chi2, "p_chi2": math.erfc(math.sqrt(chi2 / 2))}
+
+
+def compare(a: Sequence[dict], b: Sequence[dict], names: tuple[str, str] = ("A", "B")) -> tuple[dict, list[dict]]:
+    """Pair two labelled predictions files by image id -> (summary, rows where the predictions differ)."""
+    from vlmtools.console import warn
+
+    b_by_id = {r["id"]: r for r in b}
+    pairs = [(r, b_by_id[r["id"]]) for r in a if r["id"] in b_by_id]
+    if not pairs:
+        raise BadInput(f"{names[0]} and {names[1]} share no image id; they are predictions for different images")
+    if len(pairs) < max(len(a), len(b)):
+        warn(f"comparing the {len(pairs)} images present in both ({names[0]}: {len(a)}, {names[1]}: {len(b)})")
+    counts = Counter()
+    diff = []
+    for ra, rb in pairs:
+        if ra["label"] != rb["label"]:
+            raise BadInput(f"image {ra['id']!r}: label {ra['label']!r} in {names[0]} but {rb['label']!r} in {names[1]}")
+        ca, cb = ra["pred"] == ra["label"], rb["pred"] == rb["label"]
+        counts[(ca, cb)] += 1
+        if ra["pred"] != rb["pred"]:
+            row = {"id": ra["id"], "path": ra.get("path"), "label": ra["label"],
+                   "pred_a": ra["pred"], "pred_b": rb["pred"], "correct_a": ca, "correct_b": cb}
+            diff.append({k: v for k, v in row.items() if v is not None})
+    n = len(pairs)
+    only_a, only_b = counts[(True, False)], counts[(False, True)]
+    top1_a = (counts[(True, True)] + only_a) / n
+    top1_b = (counts[(True, True)] + only_b) / n
+    summary = {
+        "n": n, "a": {"name": names[0], "top1": top1_a}, "b": {"name": names[1], "top1": top1_b},
+        "difference": top1_b - top1_a,
+        "both_correct": counts[(True, True)], "only_a_correct": only_a, "only_b_correct": only_b,
+        "both_wrong": counts[(False, False)], "predictions_differ": len(diff),
+        "mcnemar": mcnemar(only_a, only_b),
+    }
+    return summary, diff
+
+
+# ----------------------------------------------------------------------------- reports
+
+def write_result(path, obj: dict) -> None:
+    """One JSON document, indented (stdout by default; a file is written atomically)."""
+    import json
+
+    with formats.open_output(path) as fh:
+        fh.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def report(result: dict, title: str = "") -> None:
+    """The summary (and grouped) tables on stderr."""
+    from rich.table import Table
+
+    table = Table(title=title or None, title_justify="left")
+    for col in ("images", "classes", "top-1 %", "top-5 %", "mean per-class recall %"):
+        table.add_column(col, justify="right")
+    table.add_row(str(result["n"]), str(result["classes"]), _pct(result["top1"]), _pct(result["top5"]),
+                  _pct(result["mean_per_class_recall"]))
+    info(table)
+    for key, groups in result.get("groups", {}).items():
+        gt = Table(title=f"by {key}", title_justify="left")
+        for col in (key, "images", "classes", "top-1 %", "top-5 %", "mean per-class recall %"):
+            gt.add_column(col, justify="left" if col == key else "right")
+        for value, g in groups.items():
+            gt.add_row(value, str(g["n"]), str(g["classes"]), _pct(g["top1"]), _pct(g["top5"]),
+                       _pct(g["mean_per_class_recall"]))
+        info(gt)
+
+
+def report_compare(summary: dict, diff: Sequence[dict], show: int = 10) -> None:
+    from rich.table import Table
+
+    a, b = summary["a"]["name"], summary["b"]["name"]
+    t = Table(title=f"{a} vs {b} on {summary['n']} images", title_justify="left")
+    for col in (f"{a} top-1 %", f"{b} top-1 %", f"{b} - {a}", f"only {a} right", f"only {b} right",
+                "McNemar p (exact)"):
+        t.add_column(col, justify="right")
+    m = summary["mcnemar"]
+    t.add_row(_pct(summary["a"]["top1"]), _pct(summary["b"]["top1"]), f"{100 * summary['difference']:+.2f}",
+              str(summary["only_a_correct"]), str(summary["only_b_correct"]), f"{m['p_exact']:.3g}")
+    info(t)
+    verdict = "unlikely to be chance (p < 0.05)" if m["p_exact"] < 0.05 else "could well be chance (p >= 0.05)"
+    info(f"the difference {verdict}; {summary['predictions_differ']} images get different predictions")
+    if diff and show > 0:
+        d = Table(title=f"first {min(show, len(diff))} disagreements", title_justify="left")
+        for col in ("id", "label", a, b):
+            d.add_column(col)
+        for row in diff[:show]:
+            d.add_row(row["id"], row["label"], ("[green]" if row["correct_a"] else "") + row["pred_a"],
+                      ("[green]" if row["correct_b"] else "") + row["pred_b"])
+        info(d)
+
+
+def write_per_class_csv(path, result: dict) -> None:
+    with formats.open_output(path) as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["class", "n", "correct", "accuracy", "top5_accuracy"])
+        for row in result["per_class"]:
+            top5 = row["top5_accuracy"]
+            writer.writerow([row["class"], row["n"], row["correct"], f"{row['accuracy']:.6f}",
+                             "" if top5 is None else f"{top5:.6f}"])
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _save(fig, path: Path) -> None:
+    with formats.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=fig.dpi, bbox_inches="tight")
+
+
+def plot_confusion(path, classes: Sequence[str], matrix) -> None:
+    """Row-normalized confusion matrix (each row: where the images of one true class went)."""
+    import numpy as np
+    from matplotlib.figure import Figure  # Figure alone renders with Agg: no pyplot, no display needed
+
+    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    n = len(classes)
+    side = min(max(4.0, 0.22 * n + 2), 24.0)
+    fig = Figure(figsize=(side + 1, side), dpi=100)
+    ax = fig.subplots()
+    im = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if n <= 60:  # beyond that the names are unreadable; the CSV has them
+        ax.set_xticks(range(n), labels=classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), labels=classes, fontsize=7)
+    ax.set_title("confusion matrix (rows normalized)")
+    _save(fig, Path(path))
+
+
+def plot_per_class(path, per_class: Sequence[dict]) -> None:
+    """Horizontal bars of per-class top-1 accuracy, best at the top."""
+    from matplotlib.figure import Figure
+
+    rows = sorted(per_class, key=lambda r: (r["accuracy"], r["class"]))
+    n = len(rows)
+    fig = Figure(figsize=(7, min(max(2.5, 0.18 * n + 1), 40)), dpi=100)
+    ax = fig.subplots()
+    ax.barh(range(n), [100 * r["accuracy"] for r in rows], color="#4c72b0")
+    ax.set_yticks(range(n), labels=[f"{r['class']} ({r['n']})" for r in rows], fontsize=6 if n > 40 else 8)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("top-1 accuracy %")
+    ax.set_ylim(-0.5, n - 0.5)
+    ax.set_title("per-class accuracy (images per class in brackets)")
+    _save(fig, Path(path))
+
+
+def write_plots(out_dir, records: Sequence[dict], result: dict) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes, matrix = confusion_matrix(records)
+    paths = [out_dir / "confusion.png", out_dir / "per_class.png"]
+    plot_confusion(paths[0], classes, matrix)
+    plot_per_class(paths[1], result["per_class"])
+    return paths
+
+
+# ----------------------------------------------------------------------------- the commands
+
+def evaluate_file(path, *, by: Sequence[str] = (), json_out="-", csv_out=None, plot_dir=None) -> dict:
+    """`vlmtools eval`: read, evaluate, report on stderr, write JSON (stdout by default), CSV and plots."""
+    records = formats.read_predictions(path, require_label=True)
+    result = evaluate(records, by)
+    report(result, title=f"{'<stdin>' if str(path) == '-' else path}")
+    if csv_out is not None:
+        write_per_class_csv(csv_out, result)
+    if plot_dir is not None:
+        for p in write_plots(plot_dir, records, result):
+            info(f"wrote {p}")
+    write_result(json_out, result)
+    return result
+
+
+def compare_files(path_a, path_b, *, json_out="-", diff_out=None, show: int = 10,
+                  names: tuple[str, str] | None = None) -> dict:
+    """`vlmtools eval compare A B`."""
+    if str(path_a) == "-" and str(path_b) == "-":
+        raise BadInput("only one of the two predictions files can be stdin")
+    a = formats.read_predictions(path_a, require_label=True)
+    b = formats.read_predictions(path_b, require_label=True)
+    names = names or (Path(str(path_a)).stem, Path(str(path_b)).stem)
+    if names[0] == names[1]:
+        names = (f"A:{names[0]}", f"B:{names[1]}")
+    summary, diff = compare(a, b, names)
+    report_compare(summary, diff, show)
+    if diff_out is not None:
+        formats.write_jsonl(diff_out, diff)
+    write_result(json_out, summary)
+    return summary
