@@ -1,0 +1,167 @@
+"""`vlmtools describe` (LLM-written class descriptors) and `vlmtools descriptors import|export|stats`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from vlmtools.cli.common import handle_errors
+
+STYLE_HELP = ("cbd (Menon & Vondrick's exact prompt), domain (worked examples from the target domain), "
+              "background (also surroundings/habitat, marked in \"kinds\"), structured (named fields), "
+              "sentences (caption-like sentences), waffle (random words/characters, no LLM)")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("describe")
+    @handle_errors
+    def describe_cmd(
+        classes: str = typer.Argument(..., help="Class list (one per line), a manifest (its labels) or '-'."),
+        output: str = typer.Option("-", "--output", "-o", help="Descriptor JSONL; appended to and resumed. "
+                                   "'-' is stdout."),
+        style: str = typer.Option("cbd", "--style", "-s", help=STYLE_HELP),
+        model: str = typer.Option("gpt-4o-mini", "--model", "-m", envvar="VLMTOOLS_LLM_MODEL",
+                                  help="Chat model name on the server."),
+        base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL",
+                                               help="OpenAI-compatible server (vLLM, Ollama, llama.cpp), "
+                                                    "e.g. http://localhost:8000/v1 [default: OpenAI]"),
+        temperature: Optional[float] = typer.Option(None, "--temperature", "-t",
+                                                    help="[default: 0 (cbd, as the paper); 0.7 for sentences]"),
+        max_tokens: Optional[int] = typer.Option(None, "--max-tokens",
+                                                 help="[default: 100 for cbd (the paper), more for others]"),
+        n: int = typer.Option(1, "--n", "-n", help="Samples per class, merged and de-duplicated."),
+        concurrency: int = typer.Option(4, "--concurrency", "-j", help="Requests in flight."),
+        timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request attempt."),
+        max_retries: int = typer.Option(4, "--max-retries", help="Retries on 429/5xx/timeouts, with backoff."),
+        exemplars: Optional[str] = typer.Option(None, "--exemplars", help="Worked examples (domain/background): "
+                                                "text blocks 'name' + '- ' lines, or a descriptor JSON/JSONL."),
+        domain: Optional[str] = typer.Option(None, "--domain", help="Ask the LLM once for a worked example "
+                                             "from this domain, e.g. 'bird species'."),
+        fields: Optional[str] = typer.Option(None, "--fields", help="structured: comma-separated fields "
+                                             "[default: size, shape, coloration, pattern, head, beak or mouth, "
+                                             "eyes, wings or limbs, legs and feet, tail]"),
+        count: Optional[int] = typer.Option(None, "--count", help="sentences: sentences per request [default: 10]"),
+        prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="Own template with {class} "
+                                                  "(also {exemplars}, {domain}, {fields}, {count})."),
+        keep_raw: bool = typer.Option(False, "--keep-raw", help="Also store the raw answers (\"raw\": [...])."),
+        resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip classes already in the output; "
+                                    "--no-resume starts the output over."),
+        errors: Optional[str] = typer.Option(None, "--errors", help="Failed classes with reasons "
+                                             "[default: OUTPUT.errors.jsonl; none for stdout]"),
+        cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Answer cache "
+                                                "[default: $VLMTOOLS_CACHE_DIR/llm or ~/.cache/vlmtools/llm]"),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the answer cache."),
+        print_prompts: bool = typer.Option(False, "--print-prompts", help="Print {\"class\", \"prompt\"} lines "
+                                           "and exit without asking for descriptors."),
+        waffle_count: int = typer.Option(15, "--waffle-count", help="waffle: random descriptor pairs per class."),
+        seed: int = typer.Option(0, "--seed", help="waffle: random seed."),
+        waffle_words: Optional[str] = typer.Option(None, "--waffle-words", help="waffle: word list file."),
+    ) -> None:
+        """Ask an LLM which visual features identify each class; write one JSONL line per class."""
+        from vlmtools.describe.styles import STYLES
+        from vlmtools.errors import BadInput, VlmError
+        from vlmtools.formats import dumps_line, read_class_list
+
+        if style not in STYLES:
+            raise BadInput(f"--style {style!r}: expected one of {', '.join(STYLES)}")
+        names = read_class_list(classes)
+        if style == "waffle":
+            from vlmtools.describe.run import run_waffle
+
+            run_waffle(names, output=output, count=waffle_count, seed=seed, words=waffle_words)
+            return
+
+        from vlmtools.describe.cache import ResponseCache, default_cache_dir
+        from vlmtools.describe.llm import LLMClient
+        from vlmtools.describe.run import make_plan, run_describe
+
+        if temperature is not None and not 0 <= temperature <= 2:
+            raise BadInput(f"--temperature {temperature}: expected 0 to 2")
+        if max_tokens is not None and max_tokens < 1:
+            raise BadInput(f"--max-tokens {max_tokens}: must be at least 1")
+        field_list = [f.strip() for f in fields.split(",") if f.strip()] if fields is not None else None
+        if fields is not None and not field_list:
+            raise BadInput("--fields: give at least one field name")
+        cache = None if no_cache else ResponseCache(cache_dir or default_cache_dir())
+        client = LLMClient(model, base_url, timeout=timeout, max_retries=max_retries, cache=cache)
+        plan = make_plan(style, client, prompt_file=prompt_file, exemplars=exemplars, domain=domain,
+                         fields=field_list, count=count, temperature=temperature, max_tokens=max_tokens)
+        if print_prompts:
+            for name in names:
+                typer.echo(dumps_line({"class": name, "prompt": plan.prompt(name)}), nl=False)
+            return
+        report = run_describe(names, plan, client, output=output, errors=errors, resume=resume,
+                              concurrency=concurrency, n=n, keep_raw=keep_raw)
+        if report.failed:
+            raise VlmError(f"{len(report.failed)} of {len(names) - report.skipped} classes failed")
+
+    group = typer.Typer(help="Convert and inspect descriptor files (CBD/WaffleCLIP/CuPL JSON dicts).",
+                        no_args_is_help=True)
+
+    @group.command("import")
+    @handle_errors
+    def import_cmd(
+        file: str = typer.Argument(..., help="JSON object {class: [descriptors]} (CBD, WaffleCLIP, CuPL), or '-'."),
+        output: str = typer.Option("-", "--output", "-o", help="Descriptor JSONL ('-' is stdout)."),
+        fmt: str = typer.Option("cbd", "--format", "-f", help="cbd (descriptors) or cupl (full sentences); "
+                                "stored as \"style\"."),
+    ) -> None:
+        """Convert a {class: [descriptors]} JSON dict to descriptor JSONL, keeping the class order."""
+        from vlmtools.console import info
+        from vlmtools.describe.interchange import import_descriptors
+        from vlmtools.formats import write_jsonl
+
+        records = import_descriptors(file, fmt)
+        n = write_jsonl(output, records)
+        info(f"imported {n} classes, {sum(len(r['descriptors']) for r in records)} descriptors")
+
+    @group.command("export")
+    @handle_errors
+    def export_cmd(
+        file: str = typer.Argument(..., help="Descriptor JSONL (or a JSON dict)."),
+        output: str = typer.Option("-", "--output", "-o", help="JSON file ('-' is stdout)."),
+        fmt: str = typer.Option("cbd", "--format", "-f", help="cbd: {class: [descriptors]}, as CBD, "
+                                "WaffleCLIP and CuPL read it."),
+        kind: str = typer.Option("all", "--kind", help="all, object (drop background descriptors) or background."),
+    ) -> None:
+        """Write descriptor JSONL as the CBD JSON dict, in file order."""
+        import json
+
+        from vlmtools.describe.interchange import EXPORT_FORMATS, export_dict, read_any_descriptors
+        from vlmtools.errors import BadInput
+        from vlmtools.formats import open_output
+
+        if fmt not in EXPORT_FORMATS:
+            raise BadInput(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+        obj = export_dict(read_any_descriptors(file), kind)
+        with open_output(output) as fh:
+            fh.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+    @group.command("stats")
+    @handle_errors
+    def stats_cmd(
+        file: str = typer.Argument(..., help="Descriptor JSONL (or a JSON dict)."),
+        json_: bool = typer.Option(False, "--json", help="NDJSON: one line per class, then {\"total\": {...}}."),
+    ) -> None:
+        """Descriptors per class, duplicates, background share, lengths, descriptors shared across classes."""
+        from vlmtools.describe.interchange import descriptor_stats, read_any_descriptors
+        from vlmtools.formats import dumps_line
+
+        rows, total = descriptor_stats(read_any_descriptors(file))
+        if json_:
+            for row in rows:
+                typer.echo(dumps_line(row), nl=False)
+            typer.echo(dumps_line({"total": total}), nl=False)
+            return
+        typer.echo("class\tdescriptors\tduplicates\tbackground\tmean_chars\tmean_words")
+        for r in rows:
+            typer.echo(f"{r['class']}\t{r['descriptors']}\t{r['duplicates']}\t{r['background']}\t"
+                       f"{r['mean_chars']}\t{r['mean_words']}")
+        typer.echo(f"(all {total['classes']} classes)\t{total['descriptors']}\t{total['duplicates']}\t"
+                   f"{total['background']}\t{total['mean_chars']}\t{total['mean_words']}")
+        typer.echo(f"# per class: min {total['min_per_class']}, mean {total['mean_per_class']}, "
+                   f"max {total['max_per_class']}; empty classes: {total['empty_classes']}; "
+                   f"descriptors shared by several classes: {total['shared_across_classes']}")
+
+    app.add_typer(group, name="descriptors")

@@ -1,0 +1,160 @@
+"""A thin wrapper over the openai client: one chat request in, one answer (text) out.
+
+Retries with backoff on 408/409/429/5xx, connection errors and timeouts are the openai client's own
+(`max_retries`, `timeout`; it honours the server's retry-after / retry-after-ms headers). A request that
+still fails raises LLMError with a one-line reason. The API key comes only from OPENAI_API_KEY and is
+scrubbed from every message this module produces.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from vlmtools.describe.cache import ResponseCache
+from vlmtools.errors import BadInput, ModelUnavailable, VlmError
+
+DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_MAX_RETRIES = 4
+# Local servers (llama.cpp, vLLM, Ollama) usually ignore the key, but the openai client insists on one.
+LOCAL_PLACEHOLDER_KEY = "sk-local-no-key"
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class LLMError(VlmError):
+    """One request failed for good (after the client's retries); the run goes on with other classes."""
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str | None
+    cached: bool
+
+
+def is_local(base_url: str | None) -> bool:
+    host = urlparse(base_url or "").hostname or ""
+    return host in LOCAL_HOSTS or host.startswith("127.") or host.endswith(".localhost")
+
+
+def resolve_api_key(base_url: str | None) -> str:
+    """OPENAI_API_KEY; when unset and the server is on this machine, a placeholder; otherwise BadInput."""
+    key = os.environ.get("OPENAI_API_KEY", "").strip()
+    if key:
+        return key
+    if is_local(base_url):
+        return LOCAL_PLACEHOLDER_KEY
+    where = base_url or "the OpenAI API"
+    raise BadInput(f"OPENAI_API_KEY is not set; it is needed for {where} "
+                   "(a server on localhost/127.0.0.1 via --base-url works without one)")
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Replace the secret wherever it appears (short secrets are left alone: too likely to be words)."""
+    if secret and len(secret) >= 8:
+        return text.replace(secret, "[redacted]")
+    return text
+
+
+class LLMClient:
+    def __init__(self, model: str = DEFAULT_MODEL, base_url: str | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES,
+                 cache: ResponseCache | None = None):
+        if timeout <= 0:
+            raise BadInput(f"--timeout {timeout}: must be positive")
+        if max_retries < 0:
+            raise BadInput(f"--max-retries {max_retries}: must be 0 or more")
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        self._given_url = base_url
+        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._key = os.environ.get("OPENAI_API_KEY", "").strip() or None
+        self._client = None  # built on first use: printing prompts needs no key
+        self._lock = threading.Lock()
+        self.model = model
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.cache = cache
+
+    def check_key(self) -> None:
+        """BadInput now, before anything is written, if no key can be used for this server."""
+        self._openai()
+
+    def _openai(self):
+        with self._lock:
+            if self._client is None:
+                from openai import OpenAI
+
+                self._key = resolve_api_key(self._given_url)
+                self._client = OpenAI(api_key=self._key, base_url=self.base_url, timeout=self.timeout,
+                                      max_retries=self.max_retries)
+            return self._client
+
+    def redact(self, text: str) -> str:
+        return redact(text, self._key)
+
+    def request(self, prompt: str, *, temperature: float, max_tokens: int, sample: int = 0) -> dict:
+        """The request's identity: what the cache is keyed on (no key, no timeouts)."""
+        return {"base_url": self.base_url, "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "temperature": temperature, "max_tokens": max_tokens, "sample": sample}
+
+    def complete(self, prompt: str, *, temperature: float, max_tokens: int, sample: int = 0) -> Answer:
+        """Ask once (the client retries); ``sample`` tells repeated samples apart in the cache."""
+        request = self.request(prompt, temperature=temperature, max_tokens=max_tokens, sample=sample)
+        if self.cache is not None:
+            hit = self.cache.get(request)
+            if hit is not None:
+                return Answer(hit["text"], hit.get("finish_reason"), cached=True)
+        text, finish_reason = self._ask(request)
+        if self.cache is not None and text.strip():
+            self.cache.put(request, text, finish_reason)
+        return Answer(text, finish_reason, cached=False)
+
+    def _ask(self, request: dict) -> tuple[str, str | None]:
+        import openai
+
+        tries = f"after {self.max_retries} retries" if self.max_retries else "(no retries)"
+        try:
+            response = self._openai().chat.completions.create(
+                model=request["model"], messages=request["messages"],
+                temperature=request["temperature"], max_tokens=request["max_tokens"])
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            # Every other class would fail the same way: stop the run (exit 2).
+            raise BadInput(self.redact(f"{self.base_url} refused the API key (HTTP {exc.status_code}): "
+                                       f"{_message(exc)}")) from None
+        except openai.NotFoundError as exc:
+            raise ModelUnavailable(self.redact(f"model {self.model!r} or endpoint not found at {self.base_url} "
+                                               f"(HTTP 404): {_message(exc)}")) from None
+        except openai.APITimeoutError:
+            raise LLMError(f"timed out after {self.timeout:g}s {tries}") from None
+        except openai.APIConnectionError as exc:
+            raise LLMError(self.redact(f"cannot reach {self.base_url} {tries}: {_message(exc)}")) from None
+        except openai.RateLimitError as exc:
+            raise LLMError(self.redact(f"rate limited (HTTP 429) {tries}: {_message(exc)}")) from None
+        except openai.APIStatusError as exc:
+            raise LLMError(self.redact(f"HTTP {exc.status_code} {tries}: {_message(exc)}")) from None
+        except (ValueError, openai.APIResponseValidationError) as exc:
+            # JSONDecodeError is a ValueError: the server did not answer with JSON.
+            raise LLMError(self.redact(f"malformed response from {self.base_url} "
+                                       f"(not chat-completions JSON: {type(exc).__name__})")) from None
+        choices = getattr(response, "choices", None)
+        if not isinstance(choices, list) or not choices:
+            raise LLMError(f"malformed response from {self.base_url} (no choices)")
+        message = getattr(choices[0], "message", None)
+        text = getattr(message, "content", None)
+        if not isinstance(text, str):
+            raise LLMError(f"malformed response from {self.base_url} (no message content)")
+        return text, getattr(choices[0], "finish_reason", None)
+
+
+def _message(exc: Exception) -> str:
+    """The server's error message, one line, bounded."""
+    msg = getattr(exc, "message", None) or str(exc)
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        msg = body["message"]
+    return " ".join(str(msg).split())[:300]

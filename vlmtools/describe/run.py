@@ -1,0 +1,337 @@
+"""`vlmtools describe`: ask an LLM about every class, a thread pool of requests, one JSONL line per class.
+
+The output file is appended to, a whole line at a time (flushed and fsynced), so a killed run loses at
+most the classes in flight; a rerun skips the classes already there and drops a torn last line. At the end
+of a run the file is rewritten (atomically) in class-list order. Classes that fail
+after the client's retries go to an errors file with the reason; the others are still written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmtools.console import info, progress, warn
+from vlmtools.describe.llm import LLMClient, LLMError
+from vlmtools.describe.styles import (Plan, build_plan, builtin_template, domain_exemplar_prompt,
+                                      exemplar_from_answer, read_exemplars, read_template, template_fields)
+from vlmtools.errors import BadInput, VlmError
+from vlmtools.formats import (atomic_path, descriptor_record, dumps_line, validate_descriptor_record,
+                              write_jsonl)
+
+DOMAIN_EXEMPLAR_MAX_TOKENS = 400
+
+
+class NoDescriptors(LLMError):
+    """The answer came back but held nothing usable."""
+
+    def __init__(self, reason: str, raw: list[str]):
+        super().__init__(reason)
+        self.raw = raw
+
+
+@dataclass
+class Report:
+    written: int = 0
+    cached: int = 0          # classes answered entirely from the cache
+    skipped: int = 0         # already in the output
+    truncated: int = 0       # answers cut off at max_tokens
+    loose: int = 0           # cbd/domain answers without "- " lines, parsed by the loose parser
+    failed: list[dict] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- plan
+
+def make_plan(style: str, client: LLMClient, *, prompt_file: str | None = None, exemplars: str | None = None,
+              domain: str | None = None, fields: list[str] | None = None, count: int | None = None,
+              temperature: float | None = None, max_tokens: int | None = None) -> Plan:
+    """Everything a run sends except the class name. With --domain (and no --exemplars) this asks the LLM
+    once for a worked example from that domain; the answer is cached like any other."""
+    template = read_template(prompt_file) if prompt_file else builtin_template(style)
+    used = template_fields(template)
+    for given, slot, flag in ((exemplars or domain, "exemplars", "--exemplars/--domain"),
+                              (fields, "fields", "--fields"), (count, "count", "--count")):
+        if given and slot not in used and not (slot == "exemplars" and "domain" in used):
+            raise BadInput(f"{flag} has no effect: the {style} prompt has no {{{slot}}} slot"
+                           + (" (did you mean --style domain?)" if slot == "exemplars" else ""))
+    examples = read_exemplars(exemplars) if exemplars else None
+    if examples is None and domain and "exemplars" in used:
+        prompt = domain_exemplar_prompt(domain, background=(style == "background"))
+        try:
+            answer = client.complete(prompt, temperature=0.0, max_tokens=DOMAIN_EXEMPLAR_MAX_TOKENS)
+        except LLMError as exc:
+            raise VlmError(f"--domain {domain!r}: could not get a worked example: {exc}") from None
+        example = exemplar_from_answer(answer.text, domain)
+        info(f"worked example for {domain!r}: {example.name} ({len(example.descriptors)} descriptors"
+             f"{', cached' if answer.cached else ''})")
+        examples = [example]
+    return build_plan(style, template, exemplars=examples, domain=domain, fields=fields,
+                      count=10 if count is None else count, temperature=temperature, max_tokens=max_tokens)
+
+
+# ----------------------------------------------------------------------------- one class
+
+def describe_class(cls: str, plan: Plan, client: LLMClient, n: int = 1,
+                   keep_raw: bool = False) -> tuple[dict, Report]:
+    """Ask ``n`` samples for one class and merge them: the first sample's list as parsed, then the
+    descriptors of later samples not seen yet. Returns the record and this class's counts."""
+    counts = Report()
+    prompt = plan.prompt(cls)
+    raws, descs, kinds, all_cached = [], [], [], True
+    for sample in range(n):
+        answer = client.complete(prompt, temperature=plan.temperature, max_tokens=plan.max_tokens, sample=sample)
+        raws.append(answer.text)
+        all_cached &= answer.cached
+        counts.truncated += answer.finish_reason == "length"
+        got, got_kinds, loose = plan.parse(answer.text)
+        counts.loose += loose
+        got_kinds = got_kinds or ["object"] * len(got)
+        if sample == 0:
+            descs, kinds = list(got), list(got_kinds)
+            continue
+        seen = set(descs)
+        for d, k in zip(got, got_kinds):
+            if d not in seen:
+                seen.add(d)
+                descs.append(d)
+                kinds.append(k)
+    if not descs:
+        reason = "empty answer" if not any(r.strip() for r in raws) else "no descriptors found in the answer"
+        raise NoDescriptors(reason, raws)
+    counts.cached = int(all_cached)
+    record = descriptor_record(cls, descs, kinds if plan.style == "background" else None, style=plan.style,
+                               model=client.model, prompt_sha=plan.prompt_sha, raw=raws if keep_raw else None)
+    return record, counts
+
+
+# ----------------------------------------------------------------------------- output file
+
+def existing_records(path: Path, resume: bool) -> dict[str, dict]:
+    """Records already in ``path`` (resume), after dropping a torn last line; removes it when not resuming."""
+    if not path.exists():
+        return {}
+    if path.is_dir():
+        raise BadInput(f"{path}: is a directory, expected a file")
+    if not resume:
+        path.unlink()
+        return {}
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    out: dict[str, dict] = {}
+    # Check every whole line before touching the file: -o pointed at someone else's file is bad input.
+    for lineno, line in enumerate(data[:cut].decode("utf-8", errors="replace").split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = validate_descriptor_record(json.loads(line), where)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"{where}: not valid JSON ({exc.msg}); fix it or use --no-resume") from None
+        cls = str(rec["class"])
+        if cls in out:
+            raise BadInput(f"{where}: duplicate class {cls!r}")
+        rec["_line"] = lineno
+        out[cls] = rec
+    tail = data[cut:]
+    if tail.strip():
+        if not tail.lstrip().startswith(b"{"):
+            raise BadInput(f"{path}: the last line is not a descriptor line; fix it or use --no-resume")
+        with open(path, "r+b") as fh:
+            fh.truncate(cut)
+        warn(f"{path}: dropped an incomplete last line left by an interrupted run")
+    return out
+
+
+def check_compatible(existing: dict[str, dict], path: Path, expect: dict) -> None:
+    """Refuse to mix runs of another style, model or prompt into one file."""
+    for cls, rec in existing.items():
+        for key, value in expect.items():
+            if key in rec and rec[key] != value:
+                raise BadInput(f"{path}:{rec['_line']}: class {cls!r} was written with {key} {rec[key]!r}, "
+                               f"this run uses {value!r}; write to another file or pass --no-resume")
+
+
+class LineWriter:
+    """Appends whole JSON lines, flushed and fsynced one by one. Opens the file on the first line, so a run
+    where every class fails leaves no output file. For stdout, lines are held back until every earlier
+    class is done, so stdout keeps the class-list order."""
+
+    def __init__(self, path: Path | None, order: list[str]):
+        self.path = path
+        self._fh = None
+        self._order = order
+        self._next = 0
+        self._done: dict[str, str | None] = {}
+
+    def done(self, cls: str, record: dict | None) -> None:
+        line = dumps_line(record) if record is not None else None
+        if self.path is not None:
+            if line is not None:
+                if self._fh is None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._fh = open(self.path, "a", encoding="utf-8")
+                self._fh.write(line)
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+            return
+        import sys
+
+        self._done[cls] = line
+        while self._next < len(self._order) and self._order[self._next] in self._done:
+            pending = self._done.pop(self._order[self._next])
+            if pending is not None:
+                sys.stdout.write(pending)
+                sys.stdout.flush()
+            self._next += 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def reorder_output(path: Path, classes: list[str]) -> None:
+    """Rewrite ``path`` atomically in class-list order (extra classes keep their place after)."""
+    lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    by_class = {str(json.loads(line)["class"]): line for line in lines}
+    rank = {c: i for i, c in enumerate(classes)}
+    position = {c: i for i, c in enumerate(by_class)}
+    ordered = sorted(by_class, key=lambda c: (rank.get(c, len(rank)), position[c]))
+    if ordered == list(by_class):
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(by_class[c] + "\n" for c in ordered), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- the run
+
+def default_errors_path(output: str | None) -> Path | None:
+    return None if output in (None, "-") else Path(f"{output}.errors.jsonl")
+
+
+def run_describe(classes: list[str], plan: Plan, client: LLMClient, *, output: str | None = "-",
+                 errors: str | None = None, resume: bool = True, concurrency: int = 4, n: int = 1,
+                 keep_raw: bool = False) -> Report:
+    if concurrency < 1:
+        raise BadInput(f"--concurrency {concurrency}: must be at least 1")
+    if n < 1:
+        raise BadInput(f"--n {n}: must be at least 1")
+    if n > 1 and plan.temperature == 0:
+        warn(f"--n {n} at temperature 0: the samples will mostly repeat each other; raise --temperature")
+    client.check_key()
+    out_path = None if output in (None, "-") else Path(output)
+    err_path = Path(errors) if errors else default_errors_path(output)
+    report = Report()
+    existing: dict[str, dict] = {}
+    if out_path is not None:
+        existing = existing_records(out_path, resume)
+        check_compatible(existing, out_path, {"style": plan.style, "model": client.model,
+                                              "prompt_sha": plan.prompt_sha})
+    todo = [c for c in classes if c not in existing]
+    report.skipped = len(classes) - len(todo)
+    if report.skipped:
+        info(f"{report.skipped} of {len(classes)} classes already in {out_path}; asking for {len(todo)}")
+
+    writer = LineWriter(out_path, todo)
+    try:
+        _run_pool(todo, plan, client, writer, report, concurrency, n, keep_raw)
+    finally:
+        writer.close()
+
+    if out_path is not None and out_path.exists():
+        reorder_output(out_path, classes)
+    if err_path is not None:
+        if report.failed:
+            write_jsonl(err_path, report.failed)
+        elif err_path.exists():
+            err_path.unlink()  # an earlier run's failures are all resolved now
+    _summarize(report, out_path, err_path)
+    return report
+
+
+def _run_pool(todo, plan, client, writer, report, concurrency, n, keep_raw) -> None:
+    def label(r: Report) -> str:
+        return f"describe ({r.written} ok, {r.cached} cached, {len(r.failed)} failed)"
+
+    with progress(label(report), total=len(todo), unit="classes") as bar, \
+            ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="describe") as pool:
+        futures = {pool.submit(describe_class, cls, plan, client, n, keep_raw): cls for cls in todo}
+        order = {fut: i for i, fut in enumerate(futures)}
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in sorted(finished, key=order.get):  # a set: keep list order among those done
+                    cls = futures[fut]
+                    _collect(cls, fut, plan, client, writer, report)
+                    bar.advance(1)
+                    bar.update(description=label(report))
+        except BaseException:
+            # A fatal error (bad key, unknown model) or ^C: start nothing new; lines written so far stay.
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def _collect(cls, fut, plan, client, writer, report) -> None:
+    try:
+        record, counts = fut.result()
+    except NoDescriptors as exc:
+        report.failed.append(_failure(cls, str(exc), plan, client, raw=[client.redact(r) for r in exc.raw]))
+        writer.done(cls, None)
+        return
+    except LLMError as exc:
+        report.failed.append(_failure(cls, client.redact(str(exc)), plan, client))
+        writer.done(cls, None)
+        return
+    except VlmError:
+        raise  # bad key, unknown model: every class would fail the same way
+    except Exception as exc:  # a surprise in one class should not sink the others
+        report.failed.append(_failure(cls, client.redact(f"unexpected {type(exc).__name__}: {exc}"), plan, client))
+        writer.done(cls, None)
+        return
+    writer.done(cls, record)
+    report.written += 1
+    report.cached += counts.cached
+    report.truncated += counts.truncated
+    report.loose += counts.loose
+
+
+def _failure(cls: str, reason: str, plan: Plan, client: LLMClient, raw: list[str] | None = None) -> dict:
+    rec = {"class": cls, "reason": reason, "style": plan.style, "model": client.model}
+    if raw is not None:
+        rec["raw"] = raw
+    return rec
+
+
+def _summarize(report: Report, out_path: Path | None, err_path: Path | None) -> None:
+    where = out_path or "stdout"
+    info(f"wrote {report.written} classes to {where} ({report.cached} from cache, "
+         f"{report.skipped} already there)")
+    if report.loose:
+        warn(f"{report.loose} answers had no '- ' lines and were parsed loosely (numbered lists, JSON, ...)")
+    if report.truncated:
+        warn(f"{report.truncated} answers were cut off at --max-tokens; their last descriptor may be partial")
+    for fail in report.failed[:5]:
+        warn(f"{fail['class']}: {fail['reason']}")
+    if len(report.failed) > 5:
+        warn(f"... and {len(report.failed) - 5} more")
+    if report.failed and err_path is not None:
+        warn(f"failed classes and reasons: {err_path}")
+
+
+# ----------------------------------------------------------------------------- waffle
+
+def run_waffle(classes: list[str], *, output: str | None = "-", count: int = 15, seed: int = 0,
+               words: str | None = None) -> int:
+    """The no-LLM control: one shared set of random descriptors for every class, written atomically."""
+    from vlmtools.describe.waffle import read_words, waffle_descriptors
+
+    descs = waffle_descriptors(classes, count=count, seed=seed, words=read_words(words))
+    records = [descriptor_record(c, descs, style="waffle", seed=seed) for c in classes]
+    n = write_jsonl(output, records)
+    info(f"wrote {n} classes with {len(descs)} waffle descriptors each (seed {seed})")
+    return n

@@ -1,0 +1,54 @@
+"""WaffleCLIP's control (Roth et al., ICCV 2023): descriptors that are random words and random characters.
+
+If these score as well as LLM descriptors, the descriptors' content is not what helps. Following the
+WaffleCLIP 'waffle' mode: ``count`` pairs of (random-word, random-character) descriptors, shaped like the
+class names (words per name, word length, character groups), and one shared set for every class.
+Differences: names are measured after '_' -> ' '; characters come from a-z0-9 (they sample characters of
+the GPT descriptors); words from a packaged list (theirs is a pickled English word list).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+from pathlib import Path
+from statistics import mean
+
+from vlmtools.describe.styles import TEMPLATE_DIR, wordify
+from vlmtools.errors import BadInput
+
+CHARACTERS = string.ascii_lowercase + string.digits
+DEFAULT_COUNT = 15  # pairs, as WaffleCLIP's --waffle_count
+
+
+def read_words(path: str | Path | None = None) -> list[str]:
+    p = Path(path) if path else TEMPLATE_DIR / "waffle_words.txt"
+    if not p.is_file():
+        raise BadInput(f"--waffle-words {p}: no such file")
+    words = [w.strip() for w in p.read_text(encoding="utf-8").split("\n")]
+    words = [w for w in words if w and not w.startswith("#")]
+    if not words:
+        raise BadInput(f"{p}: no words")
+    return words
+
+
+def waffle_descriptors(classes: list[str], count: int = DEFAULT_COUNT, seed: int = 0,
+                       words: list[str] | None = None) -> list[str]:
+    """2 * ``count`` descriptors shared by all classes, reproducible from ``seed``."""
+    if count < 1:
+        raise BadInput(f"--waffle-count {count}: must be at least 1")
+    names = [wordify(c).split() or [c] for c in classes]
+    rng = random.Random(seed)
+    words_per_name = max(round(mean(len(n) for n in names)), 1)
+    word_length = max(round(mean(mean(len(w) for w in n) for n in names)), 1)
+    pool = sorted({w[:word_length] for w in (words or read_words())})
+    groups = round(mean(len(n) - 1 for n in names)) + 1
+    chars = math.ceil(mean(max(len(w) for w in n) for n in names))
+    chars += groups - chars % groups  # as theirs: round up to a multiple of the group count (always adds)
+    per_group = chars // groups
+    out = []
+    for _ in range(count):
+        out.append(" ".join(rng.choice(pool) for _ in range(words_per_name)))
+        out.append(", ".join("".join(rng.choice(CHARACTERS) for _ in range(per_group)) for _ in range(groups)))
+    return out
