@@ -80,7 +80,9 @@ class _RateTask(_Task):
         self._unit = unit
 
     def advance(self, n: int = 1, **fields) -> None:
+        self._progress.update(self._task_id, advance=n, **fields)
         task = self._progress.tasks[self._task_id]
-        speed = task.speed
-        rate = f"{speed:,.1f} {self._unit}/s" if speed else ""
-        self._progress.update(self._task_id, advance=n, rate=rate, **fields)
+        # Average rate since the start: rich's windowed speed jumps wildly when work arrives in bursts.
+        elapsed = task.elapsed or 0.0
+        rate = f"{task.completed / elapsed:,.1f} {self._unit}/s" if elapsed > 0.5 else ""
+        self._progress.update(self._task_id, rate=rate)

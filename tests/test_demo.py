@@ -1,0 +1,64 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vlmtools.cli.app import app
+
+runner = CliRunner()
+SMALL = ["--classes", "5", "--per-class", "8", "--device", "cpu"]
+
+
+def test_demo_runs_the_pipeline_and_prints_the_table(tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+    table = result.stdout.strip().splitlines()
+    assert table[0].split()[:3] == ["method", "n", "top-1"]
+    assert any(line.startswith("clip (class name)") for line in table)
+    assert any(line.startswith("cbd (oracle descriptors)") for line in table)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["n"] for r in results["rows"]] == [40, 40, 40]
+    for r in results["rows"]:
+        assert 0.0 <= r["top1"] <= 1.0 and r["photo"] is not None and r["painting"] is not None
+    for name in ("clip", "cbd", "cbd-object"):
+        preds = [json.loads(line) for line in (out / "predictions" / f"{name}.jsonl").read_text().splitlines()]
+        assert len(preds) == 40 and all("pred" in p for p in preds)
+    assert (out / "eval" / "compare.json").exists()
+    assert "predicted" in (out / "explanations" / "wrong.txt").read_text()
+    script = (out / "pipeline.sh").read_text()
+    assert "vlmtools embed images world/manifest.jsonl -o store/images" in script
+    assert script.count("\nvlmtools ") == 11
+
+
+def test_demo_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    result = runner.invoke(app, ["demo", str(tmp_path), *SMALL])
+    assert result.exit_code == 2 and "not empty" in result.stderr
+    result = runner.invoke(app, ["demo", str(tmp_path), "--force", *SMALL])
+    assert result.exit_code == 2 and "refusing to delete" in result.stderr
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_pipeline_script_reproduces_the_demo(tmp_path):
+    """The script the demo writes is a real shell pipeline: running it gives the same predictions."""
+    out = tmp_path / "demo"
+    assert runner.invoke(app, ["demo", str(out), *SMALL]).exit_code == 0
+    replay = tmp_path / "replay"
+    replay.mkdir()
+    script = (out / "pipeline.sh").read_text().replace("--device auto", "--device cpu")
+    (replay / "pipeline.sh").write_text(script)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["sh", "pipeline.sh"], cwd=replay, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("clip", "cbd"):
+        def load(d):
+            rows = [json.loads(line) for line in (d / "predictions" / f"{name}.jsonl").read_text().splitlines()]
+            return [(r["id"], r["pred"], r["topk"]) for r in rows]  # paths differ: they are absolute
+
+        assert load(replay) == load(out)

@@ -1,0 +1,77 @@
+"""`vlmtools demo`: the offline world end to end (no network, no GPU), as a shell pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from vlmtools.cli.common import DeviceOpt, handle_errors
+
+
+def _run_step(app: typer.Typer, step, out: Path) -> None:
+    """Run one `vlmtools ...` step in this process, from OUT, with its stdout sent to its file."""
+    import contextlib
+    import os
+
+    from vlmtools import formats
+    from vlmtools.errors import VlmError
+
+    cwd = os.getcwd()
+    os.chdir(out)
+    try:
+        with contextlib.ExitStack() as stack:
+            if step.stdout:
+                fh = stack.enter_context(formats.open_output(step.stdout))
+                stack.enter_context(contextlib.redirect_stdout(fh))
+            code = app(step.argv, standalone_mode=False, prog_name="vlmtools")
+        if code not in (None, 0):
+            raise VlmError(f"demo step failed (exit {code}): {step.shell()}")
+    finally:
+        os.chdir(cwd)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    @handle_errors
+    def demo_cmd(
+        out: Path = typer.Argument(Path("vlmtools-demo"), help="Directory for everything the demo writes."),
+        classes: int = typer.Option(20, "--classes", min=2, help="Classes in the world."),
+        per_class: int = typer.Option(40, "--per-class", min=1, help="Images per class (both domains)."),
+        seed: int = typer.Option(0, "--seed"),
+        device: str = DeviceOpt,
+        force: bool = typer.Option(False, "--force", help="Reuse OUT even if it holds an earlier demo."),
+    ) -> None:
+        """Run the offline pipeline end to end with the micro CLIP and print the results table.
+
+        No network or GPU needed. Every step is a real `vlmtools` command, written to OUT/pipeline.sh."""
+        import shutil
+        import time
+
+        from vlmtools import console, demo, formats
+        from vlmtools.errors import BadInput
+
+        if out.exists() and any(out.iterdir()):
+            if not force:
+                raise BadInput(f"{out} exists and is not empty; pass --force to replace it, or another directory")
+            if not (out / "pipeline.sh").exists():
+                raise BadInput(f"{out} does not look like a demo directory (no pipeline.sh); refusing to delete it")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        steps = demo.pipeline(classes, per_class, seed, device)
+        script = demo.write_script(out, steps)
+        console.info(f"[bold]vlmtools demo[/bold]: the pipeline below is also in {script}")
+        start = time.perf_counter()
+        for n, step in enumerate(steps, 1):
+            console.info(f"[bold cyan]{n}/{len(steps)} {step.title}[/bold cyan]\n  $ {step.shell()}")
+            for d in ("predictions", "eval", "explanations"):
+                (out / d).mkdir(exist_ok=True)
+            _run_step(app, step, out)
+        rows, table = demo.results_table(out)
+        formats.write_json(out / "results.json", {"rows": rows, "seconds": round(time.perf_counter() - start, 1)})
+        (out / "results.txt").write_text(table + "\n")
+        console.info(f"explanations of wrong answers: {out / 'explanations'}/ (wrong.txt and PNG figures)")
+        typer.echo(table)
+        console.info(f"done in {time.perf_counter() - start:.0f}s; files in {out}/ (results.txt, predictions/, "
+                     f"eval/, explanations/, pipeline.sh)")

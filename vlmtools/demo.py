@@ -1,0 +1,93 @@
+"""`vlmtools demo`: the offline world end to end, as the shell pipeline a user would write.
+
+The steps are plain `vlmtools` argument lists, so the same pipeline is written to OUT/pipeline.sh for
+users to read and rerun; the CLI layer executes them in one process (one torch import, not ten).
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmtools import formats
+
+DEMO_MODEL = ["--model", "vlmtools-micro"]
+
+
+@dataclass
+class Step:
+    title: str
+    argv: list[str]
+    stdout: str | None = None   # file (relative to OUT) that receives the command's stdout
+    checks: list[str] = field(default_factory=list)
+
+    def shell(self) -> str:
+        line = "vlmtools " + " ".join(shlex.quote(a) for a in self.argv)
+        return line + (f" > {shlex.quote(self.stdout)}" if self.stdout else "")
+
+
+# (name, classify arguments): what the demo compares
+METHODS = [
+    ("clip (class name)", "clip.jsonl", ["--method", "clip", "--classes", "world/classes.txt", "--templates", "photo"]),
+    ("cbd (oracle descriptors)", "cbd.jsonl",
+     ["--method", "cbd", "--descriptors", "world/descriptors.jsonl", "--text-store", "store/descriptors"]),
+    ("cbd, object descriptors only", "cbd-object.jsonl",
+     ["--method", "cbd", "--descriptors", "world/descriptors.jsonl", "--text-store", "store/descriptors",
+      "--background", "exclude"]),
+]
+
+
+def pipeline(classes: int, per_class: int, seed: int, device: str) -> list[Step]:
+    dev = ["--device", device]
+    steps = [
+        Step("build the world", ["synth", "make", "world", "--classes", str(classes), "--per-class", str(per_class),
+                                 "--domain", "both", "--seed", str(seed)], stdout="world.summary.json"),
+        Step("embed the images", ["embed", "images", "world/manifest.jsonl", "-o", "store/images", *DEMO_MODEL, *dev]),
+        Step("embed the descriptors", ["embed", "text", "world/descriptors.jsonl", "-o", "store/descriptors",
+                                       *DEMO_MODEL, *dev]),
+    ]
+    for name, out, args in METHODS:
+        steps.append(Step(f"classify: {name}", ["classify", "store/images", *args], stdout=f"predictions/{out}"))
+    for _, out, _ in METHODS:
+        steps.append(Step(f"evaluate {out}", ["eval", f"predictions/{out}", "--by", "domain",
+                                              "--json", f"eval/{out.replace('.jsonl', '.json')}"]))
+    steps.append(Step("compare clip with cbd", ["eval", "compare", "predictions/clip.jsonl", "predictions/cbd.jsonl",
+                                                "--json", "eval/compare.json"]))
+    steps.append(Step("explain three wrong answers", ["explain", "text", "predictions/cbd.jsonl", "--wrong",
+                                                      "--limit", "3", "--png", "explanations"],
+                      stdout="explanations/wrong.txt"))
+    return steps
+
+
+def write_script(out: Path, steps: list[Step]) -> Path:
+    text = ("#!/bin/sh\n# The pipeline `vlmtools demo` ran, as shell commands (run from this directory).\nset -e\n"
+            "mkdir -p predictions eval explanations\n" + "".join(f"# {s.title}\n{s.shell()}\n" for s in steps))
+    path = out / "pipeline.sh"
+    with formats.atomic_path(path) as tmp:
+        tmp.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def results_table(out: Path) -> tuple[list[dict], str]:
+    """Rows (method, top-1, top-5, per domain) from the eval JSON files, and a plain-text table."""
+    rows = []
+    for name, pred, _ in METHODS:
+        report = formats.read_json(out / "eval" / pred.replace(".jsonl", ".json"))
+        domains = report.get("groups", {}).get("domain", {})
+        rows.append({"method": name, "n": report["n"], "top1": report["top1"], "top5": report.get("top5"),
+                     "photo": domains.get("photo", {}).get("top1"),
+                     "painting": domains.get("painting", {}).get("top1")})
+    compare = formats.read_json(out / "eval" / "compare.json")
+
+    def pct(v):
+        return "   -  " if v is None else f"{100 * v:6.1f}"
+
+    lines = [f"{'method':<30} {'n':>5} {'top-1':>6} {'top-5':>6} {'photo':>6} {'paint':>6}"]
+    lines += [f"{r['method']:<30} {r['n']:>5} {pct(r['top1'])} {pct(r['top5'])} {pct(r['photo'])} {pct(r['painting'])}"
+              for r in rows]
+    mc = compare["mcnemar"]
+    lines.append(f"clip vs cbd: {compare['only_b_correct']} images right only with cbd, {compare['only_a_correct']} "
+                 f"only with clip; McNemar exact p = {mc['p_exact']:.3g}")
+    return rows, "\n".join(lines)
