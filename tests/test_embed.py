@@ -144,11 +144,11 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, many_images):
     assert 2 <= done_before < 16, "the run was not interrupted mid-way"
     with pytest.raises(Exception, match="incomplete"):
         open_store(killed)
-    resumed = subprocess.run(_embed_cmd(many_images, killed), capture_output=True, text=True)
+    resumed = subprocess.run(_embed_cmd(many_images, killed), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{done_before} kept" in resumed.stderr or f"{done_before + 1} kept" in resumed.stderr
     full = tmp_path / "full"
-    subprocess.run(_embed_cmd(many_images, full), check=True, capture_output=True)
+    subprocess.run(_embed_cmd(many_images, full), check=True, capture_output=True, timeout=300)
     a, b = open_store(killed), open_store(full)
     assert a.meta == b.meta and len(a) == 400
     np.testing.assert_array_equal(a.embeddings, b.embeddings)

@@ -59,7 +59,9 @@ def test_offline_real_weights_fail_fast_and_clearly(tmp_path, image_dir, offline
     """No network, no cache: exit 2, the message names the model, where it looked and how to fix it."""
     manifest = tmp_path / "m.txt"
     manifest.write_text(str(next(image_dir.glob("*.png"))) + "\n")
-    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"), **offline_env}
+    # A closed local port stands in for the hub, so the test means the same with or without network.
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub"),
+           "HF_ENDPOINT": "http://127.0.0.1:9", **offline_env}
     start = time.perf_counter()
     proc = run_cli("embed", "images", manifest, "-o", tmp_path / "store", "--model", "ViT-B-32",
                    "--pretrained", "openai", env=env)

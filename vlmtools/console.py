@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 
 # stdout carries data only: every human-facing message goes to stderr.
 console = Console(stderr=True, highlight=False)
@@ -21,16 +22,17 @@ def set_quiet(value: bool) -> None:
 
 
 def info(message: str) -> None:
+    """A progress/summary line; may use rich markup, so callers escape() any user text in it."""
     if not _quiet:
         console.print(message, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def error(message: str) -> None:
-    console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
 
 
 class _Task:

@@ -103,6 +103,7 @@ def _plan(writer: StoreWriter, n: int, shard_size: int, rank: int, world_size: i
     n_shards = max(1, math.ceil(n / shard_size))
     mine = [k for k in range(n_shards) if k % world_size == rank]
     todo = [k for k in mine if not writer.shard_done(k)]
+    writer.clean_partial(todo)
     return n_shards, mine, todo
 
 
@@ -154,8 +155,7 @@ def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int 
             if last == shard_end - 1:  # batches arrive in order: the shard is complete
                 embs, metas, errs = pending.pop(shard)
                 matrix = np.concatenate(embs) if embs else np.zeros((0, writer.dim), np.float32)
-                writer.append_errors(errs)
-                writer.write_shard(shard, matrix, metas)
+                writer.write_shard(shard, matrix, metas, errs)
     seconds = time.perf_counter() - start
     info = writer.finalize(n_shards)
     summary = EmbedSummary(out, (info or {}).get("count") or 0, embedded, skipped, len(todo),

@@ -132,6 +132,23 @@ def write_jsonl(path: str | os.PathLike | None, records: Iterable[dict]) -> int:
     return n
 
 
+def _decoded_lines(fh: IO, name: str) -> Iterator[str]:
+    """Lines of a text stream; a file that is not UTF-8 is BadInput naming the line, not a traceback."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(fh, 1):
+            yield line
+    except UnicodeDecodeError:
+        raise BadInput(f"{name}:{lineno + 1}: not UTF-8 text") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A whole text input (``-`` for stdin) as a string; missing or non-UTF-8 files are BadInput."""
+    name = "<stdin>" if str(path) == "-" else str(path)
+    with open_input(path) as fh:
+        return "".join(_decoded_lines(fh, name))
+
+
 def iter_jsonl(path: str | os.PathLike, *, allow_plain: bool = False) -> Iterator[tuple[int, Any]]:
     """Yield (line_number, record) from a JSONL file or ``-``; blank lines are skipped.
 
@@ -139,7 +156,7 @@ def iter_jsonl(path: str | os.PathLike, *, allow_plain: bool = False) -> Iterato
     """
     name = "<stdin>" if str(path) == "-" else str(path)
     with open_input(path) as fh:
-        for lineno, line in enumerate(fh, 1):
+        for lineno, line in enumerate(_decoded_lines(fh, name), 1):
             line = line.strip()
             if not line:
                 continue
@@ -174,12 +191,19 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         if not isinstance(rec, dict) or "path" not in rec:
             raise BadInput(f"{name}:{lineno}: a manifest line needs a \"path\" key")
         rec = dict(rec)
+        for key in ("path", "mask"):
+            if key in rec and rec[key] is not None and not isinstance(rec[key], str):
+                raise BadInput(f"{name}:{lineno}: \"{key}\" must be a string, not {rec[key]!r}")
         rec.setdefault("id", rec["path"])
         rec["id"] = str(rec["id"])
-        if base is not None and not os.path.isabs(rec["path"]):
-            rec["path"] = str(base / rec["path"])
-            if rec.get("mask") and not os.path.isabs(rec["mask"]):
-                rec["mask"] = str(base / rec["mask"])
+        if rec.get("label") is None:
+            rec.pop("label", None)  # unlabelled image
+        else:
+            rec["label"] = str(rec["label"])  # labels are class names: 3 and "3" are the same class
+        if base is not None:
+            for key in ("path", "mask"):
+                if rec.get(key) and not os.path.isabs(rec[key]):
+                    rec[key] = str(base / rec[key])
         if rec["id"] in seen:
             raise BadInput(f"{name}:{lineno}: duplicate id {rec['id']!r}")
         seen.add(rec["id"])
@@ -203,9 +227,9 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
             if cls in seen:
                 raise BadInput(f"{name}:{lineno}: duplicate class {cls!r}")
         elif isinstance(rec, dict) and "label" in rec:
+            if rec["label"] is None or str(rec["label"]) in seen:
+                continue  # unlabelled image, or a class already listed
             cls = str(rec["label"])
-            if cls in seen:
-                continue
         else:
             raise BadInput(f"{name}:{lineno}: expected a class name, a manifest line with \"label\" "
                            f"or a descriptor line with \"class\"")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,19 @@ class ModelSpec:
                 f"different spaces; pass --model {other.name}"
                 + (f" --pretrained {other.pretrained}" if other.pretrained else "")
                 + " or re-embed with this model.")
+
+
+def spec_for_store(recorded: dict, model: str | None = None, pretrained: str | None = None) -> ModelSpec:
+    """The model to use with a store: the one it records (``recorded`` = info["model"]) unless the user
+    names one, which must then match it. ``--model NAME`` alone means "the store's weights of NAME"."""
+    store_spec = ModelSpec(recorded["name"], recorded.get("pretrained"))
+    if model is None and pretrained is None:
+        return store_spec
+    if pretrained is None and (model is None or model == store_spec.name):
+        pretrained = store_spec.pretrained
+    spec = ModelSpec.parse(model or store_spec.name, pretrained)
+    spec.check_matches(recorded, "the store")
+    return spec
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -180,14 +194,9 @@ def load_model(spec: ModelSpec, device: str = "auto") -> Encoder:
     """Build the model for ``spec``; raise ModelUnavailable with an actionable message on failure."""
     import torch
 
-    import logging
-
     _register_packaged_configs()
     import open_clip
 
-    # open_clip and huggingface_hub log through the root logger; our console reports instead.
-    for name in (None, "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     device = resolve_device(device)
     schema = spec.name.split(":", 1)[0] + ":" if spec.name.startswith(("hf-hub:", "local-dir:")) else None
     if schema is None and spec.name not in open_clip.list_models():
@@ -212,18 +221,24 @@ def load_model(spec: ModelSpec, device: str = "auto") -> Encoder:
         raise BadInput(f"{spec.name} has no pretrained tag {pretrained!r}; known tags: {', '.join(tags) or 'none'}")
 
     if pretrained is None:
-        torch.manual_seed(0)  # random weights are reproducible
+        # Random weights are reproducible: seed a private generator state, restore the caller's after.
+        rng_state = torch.random.get_rng_state()
+        torch.manual_seed(0)
     elif schema != "local-dir:" and os.path.sep not in pretrained:
         _fail_fast_if_offline(spec)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.name, pretrained=pretrained, device="cpu")
+        with _quiet_loggers():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=pretrained, device="cpu")
     except (RuntimeError, OSError, ValueError) as exc:
         raise ModelUnavailable(_offline_help(spec, exc)) from None
     except Exception as exc:  # huggingface_hub / requests errors when offline
         if type(exc).__module__.startswith(("huggingface_hub", "requests", "urllib3", "httpx")):
             raise ModelUnavailable(_offline_help(spec, exc)) from None
         raise
+    finally:
+        if pretrained is None:
+            torch.random.set_rng_state(rng_state)
     if weights_file is not None:
         from safetensors.torch import load_file
 
@@ -237,6 +252,23 @@ def load_model(spec: ModelSpec, device: str = "auto") -> Encoder:
     return Encoder(spec, model, preprocess, tokenizer, device)
 
 
+@contextmanager
+def _quiet_loggers():
+    """open_clip logs warnings through the root logger and huggingface_hub retries noisily; our errors
+    say what matters, so hush both while a model loads (and restore the caller's levels after)."""
+    import logging
+
+    loggers = [logging.getLogger(), logging.getLogger("huggingface_hub")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _fail_fast_if_offline(spec: ModelSpec) -> None:
     """Without network and cache, huggingface_hub retries for ~45 s; tell the user at once instead."""
     import socket
@@ -245,8 +277,14 @@ def _fail_fast_if_offline(spec: ModelSpec) -> None:
         return  # huggingface_hub will look in the cache only, and fail fast itself
     if spec.pretrained and _is_cached(spec.name, spec.pretrained):
         return
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # a proxy decides what is reachable: let huggingface_hub try
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        socket.create_connection((endpoint.hostname, port), timeout=3).close()
     except OSError as exc:
         raise ModelUnavailable(_offline_help(spec, exc)) from None
 

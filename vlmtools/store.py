@@ -45,7 +45,7 @@ class StoreWriter:
         if not info_path.exists():
             if any(self.path.glob(formats.EMB_PATTERN)):
                 raise BadInput(f"{self.path}: has shards but no {INFO}; not a vlmtools store")
-            if any(self.path.iterdir()):
+            if any(not _is_temp(p) for p in self.path.iterdir()):
                 raise BadInput(f"{self.path}: exists and is not an empty directory or a vlmtools store")
             return None
         info = formats.read_json(info_path)
@@ -70,7 +70,17 @@ class StoreWriter:
     def shard_done(self, shard: int) -> bool:
         return (self.path / formats.emb_name(self.stem(shard))).exists()
 
-    def write_shard(self, shard: int, embeddings, meta: Sequence[dict]) -> None:
+    def clean_partial(self, shards: Iterable[int]) -> None:
+        """Remove temp files a killed run left for these shards (only this worker's shards: others may be
+        writing theirs right now)."""
+        for shard in shards:
+            stem = self.stem(shard)
+            for name in (formats.emb_name(stem), formats.meta_name(stem), errors_name(stem)):
+                for tmp in self.path.glob(f".{name}.*.tmp"):
+                    tmp.unlink(missing_ok=True)
+
+    def write_shard(self, shard: int, embeddings, meta: Sequence[dict], errors: Sequence[dict] = ()) -> None:
+        """Write one shard: its errors and meta first, the emb file last (its presence marks the shard done)."""
         import numpy as np
 
         emb = np.asarray(embeddings, dtype=self.dtype)
@@ -79,20 +89,14 @@ class StoreWriter:
         if len(meta) != emb.shape[0]:
             raise ValueError(f"shard {shard}: {emb.shape[0]} embeddings but {len(meta)} meta rows")
         stem = self.stem(shard)
+        if errors:
+            formats.write_jsonl(self.path / errors_name(stem), errors)
+        else:
+            (self.path / errors_name(stem)).unlink(missing_ok=True)
         formats.write_jsonl(self.path / formats.meta_name(stem), meta)
         with formats.atomic_path(self.path / formats.emb_name(stem)) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, emb)
-
-    def append_errors(self, errors: Iterable[dict]) -> None:
-        """Record failed inputs; rewritten atomically with earlier ones (deduplicated by id)."""
-        errors = list(errors)
-        if not errors:
-            return
-        path = self.path / ERRORS
-        old = [rec for _, rec in formats.iter_jsonl(path)] if path.exists() else []
-        seen = {e.get("id") for e in errors}
-        formats.write_jsonl(path, [e for e in old if e.get("id") not in seen] + errors)
 
     def finalize(self, expected_shards: int | None = None) -> dict | None:
         """Once all ``expected_shards`` are on disk, count their rows and write the final info.json.
@@ -100,8 +104,22 @@ class StoreWriter:
         if expected_shards is not None and not all(self.shard_done(k) for k in range(expected_shards)):
             return None
         count = sum(n for _, n in _shard_rows(self.path))
+        # Per-shard error files (one per writer, so workers never clash) merged into one, in row order.
+        errors = [rec for f in sorted(self.path.glob("errors-*.jsonl")) for _, rec in formats.iter_jsonl(f)]
+        if errors:
+            formats.write_jsonl(self.path / ERRORS, errors)
+        else:
+            (self.path / ERRORS).unlink(missing_ok=True)
         self._write_info(count=count)
         return formats.read_json(self.path / INFO)
+
+
+def errors_name(stem: str) -> str:
+    return f"errors-{stem}.jsonl"
+
+
+def _is_temp(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def _shard_files(path: Path) -> list[tuple[str, Path]]:
@@ -183,19 +201,27 @@ class StoreReader:
             parts = [np.load(f, mmap_mode="r") for _, f in _shard_files(self.path)]
             self._emb = (np.concatenate(parts).astype(np.float32, copy=False) if parts
                          else np.zeros((0, self.dim), dtype=np.float32))
+            self._check_rows(len(self._emb), "embedding")
         return self._emb
 
     @property
     def meta(self) -> list[dict]:
         if self._meta is None:
-            self._meta = [rec for _, f in _shard_files(self.path)
-                          for _, rec in formats.iter_jsonl(self.path / formats.meta_name(_SHARD_RE.match(f.name).group(1)))]
+            self._meta = [rec for stem, _ in _shard_files(self.path)
+                          for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem))]
+            self._check_rows(len(self._meta), "meta")
         return self._meta
+
+    def _check_rows(self, n: int, what: str) -> None:
+        if n != len(self):
+            raise BadInput(f"{self.path}: {n} {what} rows but info.json counts {len(self)}; the store is damaged "
+                           f"(rerun the embed command into a new directory)")
 
     def __len__(self) -> int:
         return int(self.info["count"])
 
     def errors(self) -> list[dict]:
+        """Inputs that failed, in input order."""
         path = self.path / ERRORS
         return [rec for _, rec in formats.iter_jsonl(path)] if path.exists() else []
 

@@ -23,10 +23,21 @@ def handle_errors(func: Callable) -> Callable:
 
             error(str(exc))
             raise typer.Exit(exc.exit_code)
+        except UnicodeDecodeError as exc:
+            from vlmtools.console import error
+
+            error(f"input is not UTF-8 text ({exc.reason} at byte {exc.start})")
+            raise typer.Exit(2)
         except BrokenPipeError:
             # `vlmtools search ... | head`: the reader went away; that is not an error.
             sys.stderr.close()
             raise typer.Exit(0)
+        except OSError as exc:  # permission denied, disk full, ...: say so in one line
+            from vlmtools.console import error
+
+            where = f"{exc.filename}: " if exc.filename else ""
+            error(f"{where}{exc.strerror or exc}")
+            raise typer.Exit(1)
         except KeyboardInterrupt:
             from vlmtools.console import error
 
