@@ -197,3 +197,39 @@ def test_bad_group_key_and_disjoint_compare(tmp_path):
     assert res.exit_code == 2 and "share no image id" in res.stderr and not (tmp_path / "s.json").exists()
     res = invoke("eval", tmp_path / "missing.jsonl")
     assert res.exit_code == 2 and "no such file" in res.stderr
+
+
+def test_markup_in_names_is_shown_as_written(tmp_path):
+    """Class names, ids, group values and display names are data, not rich markup (nor mathtext)."""
+    names = ["[/bold]", "img[draft]", "a $\\frac{x$ b", "[red]x"]
+    recs = fake_predictions(n=40, n_classes=4, k=4)
+    for r in recs:
+        rename = {f"class {i}": n for i, n in enumerate(names)}
+        r.update(prediction_record({**r, "label": rename[r["label"]], "domain": "[i]" + r["domain"]},
+                                   rename[r["pred"]], [(rename[t["class"]], t["score"]) for t in r["topk"]]))
+        r["id"] = f"[/b]{r['id']}"
+    pred = write(tmp_path / "p[x].jsonl", recs)
+    res = invoke("eval", pred, "--by", "domain", "--plot", tmp_path / "plots")
+    assert res.exit_code == 0, res.output
+    err = " ".join(res.stderr.split())
+    assert "p[x].jsonl" in err and "[i]photo" in err and "[i]painting" in err
+    assert {r["class"] for r in json.loads(res.stdout)["per_class"]} == set(names)
+    other = [dict(r, pred=r["label"], topk=[{"class": r["label"], "score": 1.0}]) for r in recs]
+    res = invoke("eval", "compare", pred, write(tmp_path / "q.jsonl", other), "--names", "[/x],img[draft]")
+    assert res.exit_code == 0, res.output
+    err = " ".join(res.stderr.split())
+    assert "[/x] vs img[draft]" in err and "[/b]im" in err
+    assert any(n in err for n in names[:2])  # disagreements list the class names as written
+
+
+def test_integer_labels_of_older_files_are_class_names(tmp_path):
+    recs = fake_predictions(n=20, n_classes=3, k=3)
+    for r in recs:  # classes "0".."2"; an older classify wrote the manifest's int labels as they were
+        r["label"] = int(r["label"].split()[1])
+        r["pred"] = r["pred"].split()[1]
+        r["topk"] = [{"class": t["class"].split()[1], "score": t["score"]} for t in r["topk"]]
+    res = invoke("eval", write(tmp_path / "p.jsonl", recs))
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["correct"] == sum(r["pred"] == str(r["label"]) for r in recs) > 0
+    assert {r["class"] for r in out["per_class"]} <= {"0", "1", "2"}

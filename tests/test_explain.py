@@ -121,3 +121,31 @@ def test_bad_input(preds, tmp_path):
     assert res.exit_code == 2 and "label" in res.stderr
     res = invoke("explain", "text", path, "--top", "0")
     assert res.exit_code == 2
+
+
+def test_markup_in_ids_and_classes_is_shown_as_written(tmp_path):
+    """Ids and class names are data: "[/bold]" must not raise, "[draft]" must not vanish, "$" is no
+    mathtext in the figures."""
+    rng = np.random.default_rng(2)
+    rec = explained(0, "Snowy [bold]Owl", "Mallard [/bold]", tmp_path / "none.png", rng)
+    rec["id"] = "img[draft] [/bold] $\\frac{x$"
+    rec["explanation"][0]["descriptor"] = "a [red]tail[/red] worth $5"
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    res = invoke("explain", "text", path, "--png", tmp_path / "figs")
+    assert res.exit_code == 0, res.output
+    for text in (rec["id"], "predicted: Mallard [/bold]", "true: Snowy [bold]Owl", "a [red]tail[/red] worth $5"):
+        assert text in res.stdout, text
+    assert "true Snowy [bold]Owl wrong" in " ".join(res.stdout.split())  # the header, however it wraps
+    [png] = (tmp_path / "figs").glob("*.png")
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+
+
+def test_figure_of_an_unreadable_image_says_so(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    rec = explained(0, "Cardinal", "Cardinal", bad, np.random.default_rng(3))
+    assert T._load_image(bad) is None and T._load_image(tmp_path / "missing.png") is None
+    texts = [t.get_text() for ax in T.figure(rec).axes for t in ax.texts]
+    assert "image not available" in texts

@@ -130,3 +130,20 @@ def test_query_store_of_another_model_is_refused(text_store, tmp_path):
     assert result.exit_code == 2 and "different spaces" in flat(result.output)
     with pytest.raises(BadInput, match="-k"):
         search(text_store, texts=["x"], k=-1)
+
+
+def test_model_name_alone_means_the_stores_weights(tmp_path):
+    """A store embedded with non-default weights: --model NAME alone names it; another tag is refused.
+    Stored queries need no model, so weights that are not on this machine can be recorded."""
+    model = {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}
+    vectors = np.eye(32, dtype=np.float32)[:5]
+    write_arrays(tmp_path / "s", vectors, [{"id": f"r{i}"} for i in range(5)], kind="text", model=model)
+    write_arrays(tmp_path / "q", vectors[:1], [{"id": "q0"}], kind="text", model=model)
+    for extra in ([], ["--model", "ViT-B-32"], ["--pretrained", "laion2b_s34b_b79k"]):
+        result = runner.invoke(app, ["search", str(tmp_path / "s"), "--store", str(tmp_path / "q"), "-k", "1", *extra])
+        assert result.exit_code == 0, (extra, result.output)
+        assert [h["id"] for h in lines(result.stdout)] == ["r0"]
+    result = runner.invoke(app, ["search", str(tmp_path / "s"), "--store", str(tmp_path / "q"),
+                                 "--model", "ViT-B-32", "--pretrained", "openai"])
+    assert result.exit_code == 2 and str(tmp_path / "s") in flat(result.output)
+    assert "laion2b_s34b_b79k" in flat(result.output) and result.stdout == ""

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ from typing import Iterator, Sequence
 
 from vlmtools import formats
 from vlmtools.console import info, progress, warn
-from vlmtools.errors import BadInput
+from vlmtools.errors import BadInput, StoreMismatch
+from vlmtools.paths import cache_dir
 
 METHODS = ("clip", "cbd")
 AGGREGATES = ("mean", "max", "sum")
@@ -34,29 +36,30 @@ DIGITS = 6    # scores are rounded in the output; cosine similarities need no mo
 
 # ----------------------------------------------------------------------------- text embedding cache
 
-def cache_root() -> Path:
-    base = os.environ.get("VLMTOOLS_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "vlmtools") / "text"
-
-
 def _model_fingerprint(spec) -> dict:
     """The spec, plus size/mtime (or content hash) of any local file that defines its weights, so a
     replaced checkpoint under the same path never serves stale embeddings."""
     from vlmtools.models import PACKAGED_TAG, packaged_configs, packaged_weights
 
     fp = spec.as_dict()
-    files = []
+    files: list[tuple[str, Path | None]] = []  # (name in the fingerprint, file)
     if spec.pretrained and os.path.sep in spec.pretrained:
-        files.append(Path(spec.pretrained))
+        files.append((Path(spec.pretrained).name, Path(spec.pretrained)))
     if spec.pretrained == PACKAGED_TAG:
-        files.append(packaged_weights(spec.name))
+        files.append((f"{spec.name}.safetensors", packaged_weights(spec.name)))
+    if spec.name.startswith("local-dir:"):
+        # open_clip reads the config and the weights from the directory: any file in it may define the model
+        model_dir = Path(spec.name[len("local-dir:"):]).expanduser().resolve()
+        fp["dir"] = str(model_dir)
+        if model_dir.is_dir():
+            files += [(f.relative_to(model_dir).as_posix(), f) for f in sorted(model_dir.rglob("*")) if f.is_file()]
     config = packaged_configs().get(spec.name)
     if config is not None:
         fp["config_sha"] = hashlib.sha256(config.read_bytes()).hexdigest()[:16]
-    for f in files:
+    for name, f in files:
         if f is not None and f.exists():
             st = f.stat()
-            fp[f"file:{f.name}"] = [st.st_size, st.st_mtime_ns]
+            fp[f"file:{name}"] = [st.st_size, st.st_mtime_ns]
     return fp
 
 
@@ -73,7 +76,7 @@ class TextCache:
         fp = _model_fingerprint(spec)
         digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name)[:60]
-        self.dir = (root or cache_root()) / f"{slug}-{digest}"
+        self.dir = (root or cache_dir("text")) / f"{slug}-{digest}"
         self.fingerprint = fp
 
     def lookup(self, texts: Sequence[str]) -> dict:
@@ -155,10 +158,46 @@ def embed_texts(texts: Sequence[str], spec, *, text_store=None, device: str = "a
 
 # ----------------------------------------------------------------------------- class prompts
 
+def template_problem(template: str) -> str | None:
+    """Why ``template`` cannot be filled with a class name by str.format, or None when it can: it must
+    hold exactly one bare ``{}`` and no other field (write ``{{`` and ``}}`` for literal braces)."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:  # a lone "{" or "}"
+        return f"{exc} (write {{{{ or }}}} for a literal brace)"
+    if fields != [("", "", None)]:
+        shown = ", ".join("{" + n + (f"!{c}" if c else "") + (f":{s}" if s else "") + "}" for n, s, c in fields)
+        return f"expected exactly one {{}} for the class name, found {shown or 'none'}"
+    return None
+
+
+def check_templates(templates: Sequence[str], source: str | None = None) -> None:
+    """BadInput naming the first template that clip_texts cannot fill, and where it came from
+    (``source``: the --templates value; a file is named with the template's line)."""
+    for t in templates:
+        problem = template_problem(t)
+        if problem is not None:
+            where = f"{_template_where(source, t)}: " if source is not None else ""
+            raise BadInput(f"{where}template {t!r}: {problem}")
+
+
+def _template_where(source: str, template: str) -> str:
+    """file:line of a template in a template file (as prompts.load_templates reads it), else --templates."""
+    path = Path(source)
+    if path.is_file():
+        for lineno, line in enumerate(formats.read_text(path).splitlines(), 1):
+            if line.strip().replace("{c}", "{}") == template:
+                return f"{path}:{lineno}"
+        return str(path)
+    return f"--templates {source}"
+
+
 def clip_texts(classes: Sequence[str], templates: Sequence[str]) -> list[str]:
     """Class-major prompt list: templates of class 0, then of class 1, ... (as open_clip builds them)."""
     from vlmtools.prompts import wordify
 
+    check_templates(templates)
     return [t.format(wordify(c)) for c in classes for t in templates]
 
 
@@ -398,7 +437,7 @@ def check_labels(meta: Sequence[dict], classes: Sequence[str], store) -> None:
     which is a naming mismatch, e.g. "Black_footed_Albatross" vs "Black-footed Albatross")."""
     from collections import Counter
 
-    labels = Counter(r["label"] for r in meta if r.get("label") is not None)
+    labels = Counter(str(r["label"]) for r in meta if r.get("label") is not None)
     if not labels:
         return
     known = set(classes)
@@ -415,18 +454,35 @@ def check_labels(meta: Sequence[dict], classes: Sequence[str], store) -> None:
 
 # ----------------------------------------------------------------------------- the command
 
+def str_labels(meta: Sequence[dict]) -> list[dict]:
+    """Labels are class names: stores written before manifests were normalized may hold 3 for "3", or
+    a null label. Rows whose label is already a string (or absent) are kept as they are, not copied."""
+    out = []
+    for rec in meta:
+        label = rec.get("label")
+        if label is None and "label" in rec:
+            rec = {k: v for k, v in rec.items() if k != "label"}
+        elif label is not None and not isinstance(label, str):
+            rec = {**rec, "label": str(label)}
+        out.append(rec)
+    return out
+
+
 def _clip_setup(meta, image_store, classes, templates, spec, text_opts) -> tuple[Classifier, str]:
+    from rich.markup import escape
+
     from vlmtools.prompts import load_templates
 
     if classes is not None:
         class_list = formats.read_class_list(classes)
     else:
-        class_list = list(dict.fromkeys(r["label"] for r in meta if r.get("label") is not None))
+        class_list = list(dict.fromkeys(str(r["label"]) for r in meta if r.get("label") is not None))
         if not class_list:
             raise BadInput(f"{image_store}: no labels to take classes from; pass --classes FILE")
-        info(f"classes: the {len(class_list)} distinct labels of {image_store}")
+        info(f"classes: the {len(class_list)} distinct labels of {escape(str(image_store))}")
     check_labels(meta, class_list, image_store)
     template_list = load_templates(templates or "photo")
+    check_templates(template_list, templates or "photo")
     return clip_classifier(class_list, template_list, spec, **text_opts), f"{len(template_list)} template(s)"
 
 
@@ -460,13 +516,26 @@ def _cbd_setup(meta, image_store, classes, descriptors, wrap, aggregate, backgro
     return clf, f"{len(dset.descriptors)} descriptors, {aggregate}"
 
 
-def classify_store(image_store, output="-", *, spec=None, method: str | None = None, classes=None,
+def store_spec(reader, model: str | None = None, pretrained: str | None = None):
+    """The model of a store's embeddings: the one it records, unless the user names one, which must match
+    (``--model NAME`` alone means the store's weights of NAME)."""
+    from vlmtools.models import spec_for_store
+
+    try:
+        return spec_for_store(reader.info["model"], model, pretrained)
+    except StoreMismatch as exc:
+        raise StoreMismatch(f"{reader.path}: {exc}") from None
+
+
+def classify_store(image_store, output="-", *, spec=None, model: str | None = None,
+                   pretrained: str | None = None, method: str | None = None, classes=None,
                    templates: str | None = None, descriptors=None, wrap: str | None = None,
                    aggregate: str = "mean", background: str = "include", allow_empty: bool = False,
                    text_store=None, k: int = 5, explain: bool = True, explain_true: bool = False,
                    where: Sequence[str] = (), device: str = "auto", use_cache: bool = True) -> dict:
     """`vlmtools classify`: read the stores, build the classifier, write predictions. Every input is
-    checked before anything is written. Returns a summary."""
+    checked before anything is written. The model: ``spec`` if given, else the store's, where
+    ``model``/``pretrained`` (the CLI options) may name it but must match it. Returns a summary."""
     import numpy as np
 
     from vlmtools.store import open_store
@@ -475,7 +544,7 @@ def classify_store(image_store, output="-", *, spec=None, method: str | None = N
     if k < 1:
         raise BadInput("-k must be at least 1")
     images = open_store(image_store, spec, kind="image")
-    spec = spec or images.spec
+    spec = spec or store_spec(images, model, pretrained)
     texts = open_store(text_store, spec, kind="text") if text_store is not None else None
     if texts is not None and texts.dim != images.dim:
         raise BadInput(f"{text_store}: {texts.dim}-d embeddings, but image store {image_store} has {images.dim}-d")
@@ -485,7 +554,7 @@ def classify_store(image_store, output="-", *, spec=None, method: str | None = N
     if method not in METHODS:
         raise BadInput(f"--method {method!r}: expected one of {', '.join(METHODS)}")
 
-    meta = images.meta
+    meta = str_labels(images.meta)
     rows = select_rows(meta, parse_where(where)) if where else None
     if rows is not None and not rows:
         raise BadInput(f"{image_store}: no image matches --where {' '.join(where)}")

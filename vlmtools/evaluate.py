@@ -12,6 +12,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
+from rich.markup import escape
+
 from vlmtools import formats
 from vlmtools.console import info
 from vlmtools.errors import BadInput
@@ -147,34 +149,40 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+# Table titles, headers and cells given as str are parsed as rich markup; file names, class names, ids and
+# group values are user data, so they go in as Text (a name like "img[draft]" or "[/bold]" stays as written).
+
 def report(result: dict, title: str = "") -> None:
     """The summary (and grouped) tables on stderr."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title or None, title_justify="left")
+    table = Table(title=Text(title) if title else None, title_justify="left")
     for col in ("images", "classes", "top-1 %", "top-5 %", "mean per-class recall %"):
         table.add_column(col, justify="right")
     table.add_row(str(result["n"]), str(result["classes"]), _pct(result["top1"]), _pct(result["top5"]),
                   _pct(result["mean_per_class_recall"]))
     info(table)
     for key, groups in result.get("groups", {}).items():
-        gt = Table(title=f"by {key}", title_justify="left")
-        for col in (key, "images", "classes", "top-1 %", "top-5 %", "mean per-class recall %"):
-            gt.add_column(col, justify="left" if col == key else "right")
+        gt = Table(title=Text(f"by {key}"), title_justify="left")
+        gt.add_column(Text(key), justify="left")
+        for col in ("images", "classes", "top-1 %", "top-5 %", "mean per-class recall %"):
+            gt.add_column(col, justify="right")
         for value, g in groups.items():
-            gt.add_row(value, str(g["n"]), str(g["classes"]), _pct(g["top1"]), _pct(g["top5"]),
+            gt.add_row(Text(value), str(g["n"]), str(g["classes"]), _pct(g["top1"]), _pct(g["top5"]),
                        _pct(g["mean_per_class_recall"]))
         info(gt)
 
 
 def report_compare(summary: dict, diff: Sequence[dict], show: int = 10) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     a, b = summary["a"]["name"], summary["b"]["name"]
-    t = Table(title=f"{a} vs {b} on {summary['n']} images", title_justify="left")
+    t = Table(title=Text(f"{a} vs {b} on {summary['n']} images"), title_justify="left")
     for col in (f"{a} top-1 %", f"{b} top-1 %", f"{b} - {a}", f"only {a} right", f"only {b} right",
                 "McNemar p (exact)"):
-        t.add_column(col, justify="right")
+        t.add_column(Text(col), justify="right")
     m = summary["mcnemar"]
     t.add_row(_pct(summary["a"]["top1"]), _pct(summary["b"]["top1"]), f"{100 * summary['difference']:+.2f}",
               str(summary["only_a_correct"]), str(summary["only_b_correct"]), f"{m['p_exact']:.3g}")
@@ -184,10 +192,11 @@ def report_compare(summary: dict, diff: Sequence[dict], show: int = 10) -> None:
     if diff and show > 0:
         d = Table(title=f"first {min(show, len(diff))} disagreements", title_justify="left")
         for col in ("id", "label", a, b):
-            d.add_column(col)
+            d.add_column(Text(col))
         for row in diff[:show]:
-            d.add_row(row["id"], row["label"], ("[green]" if row["correct_a"] else "") + row["pred_a"],
-                      ("[green]" if row["correct_b"] else "") + row["pred_b"])
+            d.add_row(Text(row["id"]), Text(row["label"]),
+                      Text(row["pred_a"], style="green" if row["correct_a"] else ""),
+                      Text(row["pred_b"], style="green" if row["correct_b"] else ""))
         info(d)
 
 
@@ -223,8 +232,9 @@ def plot_confusion(path, classes: Sequence[str], matrix) -> None:
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     if n <= 60:  # beyond that the names are unreadable; the CSV has them
-        ax.set_xticks(range(n), labels=classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), labels=classes, fontsize=7)
+        # parse_math=False: a "$" in a class name is text, not matplotlib mathtext
+        ax.set_xticks(range(n), labels=classes, rotation=90, fontsize=7, parse_math=False)
+        ax.set_yticks(range(n), labels=classes, fontsize=7, parse_math=False)
     ax.set_title("confusion matrix (rows normalized)")
     _save(fig, Path(path))
 
@@ -238,7 +248,8 @@ def plot_per_class(path, per_class: Sequence[dict]) -> None:
     fig = Figure(figsize=(7, min(max(2.5, 0.18 * n + 1), 40)), dpi=100)
     ax = fig.subplots()
     ax.barh(range(n), [100 * r["accuracy"] for r in rows], color="#4c72b0")
-    ax.set_yticks(range(n), labels=[f"{r['class']} ({r['n']})" for r in rows], fontsize=6 if n > 40 else 8)
+    ax.set_yticks(range(n), labels=[f"{r['class']} ({r['n']})" for r in rows], fontsize=6 if n > 40 else 8,
+                  parse_math=False)
     ax.set_xlim(0, 100)
     ax.set_xlabel("top-1 accuracy %")
     ax.set_ylim(-0.5, n - 0.5)
@@ -258,16 +269,24 @@ def write_plots(out_dir, records: Sequence[dict], result: dict) -> list[Path]:
 
 # ----------------------------------------------------------------------------- the commands
 
+def read_labelled(path) -> list[dict]:
+    """Labelled predictions, labels as class names (older files may hold 3 for the class "3")."""
+    records = formats.read_predictions(path, require_label=True)
+    for r in records:
+        r["label"] = str(r["label"])
+    return records
+
+
 def evaluate_file(path, *, by: Sequence[str] = (), json_out="-", csv_out=None, plot_dir=None) -> dict:
     """`vlmtools eval`: read, evaluate, report on stderr, write JSON (stdout by default), CSV and plots."""
-    records = formats.read_predictions(path, require_label=True)
+    records = read_labelled(path)
     result = evaluate(records, by)
     report(result, title=f"{'<stdin>' if str(path) == '-' else path}")
     if csv_out is not None:
         write_per_class_csv(csv_out, result)
     if plot_dir is not None:
         for p in write_plots(plot_dir, records, result):
-            info(f"wrote {p}")
+            info(f"wrote {escape(str(p))}")
     write_result(json_out, result)
     return result
 
@@ -277,8 +296,7 @@ def compare_files(path_a, path_b, *, json_out="-", diff_out=None, show: int = 10
     """`vlmtools eval compare A B`."""
     if str(path_a) == "-" and str(path_b) == "-":
         raise BadInput("only one of the two predictions files can be stdin")
-    a = formats.read_predictions(path_a, require_label=True)
-    b = formats.read_predictions(path_b, require_label=True)
+    a, b = read_labelled(path_a), read_labelled(path_b)
     names = names or (Path(str(path_a)).stem, Path(str(path_b)).stem)
     if names[0] == names[1]:
         names = (f"A:{names[0]}", f"B:{names[1]}")

@@ -74,16 +74,13 @@ def search_vectors(reader, queries, k: int, exact: bool = False):
 
 def query_spec(reader, model: str | None = None, pretrained: str | None = None):
     """The model that encodes queries: the store's own unless the user names one, which must match it."""
-    from vlmtools.models import ModelSpec
+    from vlmtools.errors import StoreMismatch
+    from vlmtools.models import spec_for_store
 
-    store_spec = reader.spec
-    if model is None and pretrained is None:
-        return store_spec
-    if pretrained is None and (model is None or model == store_spec.name):
-        pretrained = store_spec.pretrained  # --model NAME alone means "the store's weights of NAME"
-    spec = ModelSpec.parse(model or store_spec.name, pretrained)
-    reader.check_model(spec)
-    return spec
+    try:
+        return spec_for_store(reader.info["model"], model, pretrained)
+    except StoreMismatch as exc:
+        raise StoreMismatch(f"{reader.path}: {exc}") from None
 
 
 def _load_images(paths: Sequence[str]):

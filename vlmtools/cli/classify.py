@@ -10,15 +10,6 @@ import typer
 from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, subgroup
 
 
-def _spec_or_none(model: Optional[str], pretrained: Optional[str]):
-    """The user's model spec, or None to take the one the image store records."""
-    if model is None and pretrained is None:
-        return None
-    from vlmtools.cli.common import model_spec
-
-    return model_spec(model, pretrained)
-
-
 def _check_choice(value: Optional[str], choices, option: str) -> None:
     if value is not None and value not in choices:
         from vlmtools.errors import BadInput
@@ -58,7 +49,8 @@ def register(app: typer.Typer) -> None:
                                         "(repeatable, e.g. --where split=test)"),
         output: str = typer.Option("-", "--output", "-o", help="Predictions JSONL (default stdout)."),
         no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the text embedding "
-                                      "cache ($VLMTOOLS_CACHE_DIR/text, default ~/.cache/vlmtools/text)."),
+                                      "cache ($VLMTOOLS_CACHE_DIR/text, else $XDG_CACHE_HOME/vlmtools/text, else "
+                                      "~/.cache/vlmtools/text)."),
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,
@@ -74,7 +66,8 @@ def register(app: typer.Typer) -> None:
         _check_choice(wrap, ("cbd", "none"), "--wrap")
         _check_choice(aggregate, AGGREGATES, "--aggregate")
         _check_choice(background, BACKGROUND, "--background")
-        classify_store(image_store, output, spec=_spec_or_none(model, pretrained), method=method, classes=classes,
+        # the model is the image store's; --model/--pretrained may name it, and must match it
+        classify_store(image_store, output, model=model, pretrained=pretrained, method=method, classes=classes,
                        templates=templates, descriptors=descriptors, wrap=wrap, aggregate=aggregate,
                        background=background, allow_empty=allow_empty, text_store=text_store, k=k,
                        explain=explain, explain_true=explain_true, where=where, device=device,
@@ -138,6 +131,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Per-descriptor scores of the predicted (and, with classify --explain-true, the true) class."""
         from rich.console import Console
+        from rich.markup import escape
 
         from vlmtools import formats
         from vlmtools.console import info
@@ -159,4 +153,4 @@ def register(app: typer.Typer) -> None:
             out.print()
         if png is not None:
             paths = save_figures(chosen, png, max_descriptors=top)
-            info(f"wrote {len(paths)} figure(s) to {png}")
+            info(f"wrote {len(paths)} figure(s) to {escape(str(png))}")

@@ -78,10 +78,14 @@ def terminal_view(rec: dict, *, width: int = 30, max_descriptors: int | None = N
     from rich.table import Table
     from rich.text import Text
 
+    # ids and class names are user data: assembled as plain text, never parsed as rich markup
     label = rec.get("label")
-    mark = "" if label is None else (" [green]right[/green]" if label == rec["pred"] else " [red]wrong[/red]")
-    header = Text.from_markup(f"[bold]{rec['id']}[/bold]  predicted [bold]{rec['pred']}[/bold]"
-                              + ("" if label is None else f"  true [bold]{label}[/bold]") + mark)
+    header = Text.assemble((str(rec["id"]), "bold"), "  predicted ", (str(rec["pred"]), "bold"))
+    if label is not None:
+        right = label == rec["pred"]
+        header.append("  true ")
+        header.append(str(label), "bold")
+        header.append(" right" if right else " wrong", "green" if right else "red")
     parts = [header]
     shown = panels(rec, max_descriptors)
     scores = [e["score"] for _, _, s, ex in shown for e in ex] + [s for _, _, s, _ in shown]
@@ -93,7 +97,7 @@ def terminal_view(rec: dict, *, width: int = 30, max_descriptors: int | None = N
     longest = max(len(e["descriptor"]) for _, _, _, ex in shown for e in ex)
     name_width = max(min(longest, total_width - width - 18), len("class score"))  # 18: kind, score, gaps
     for title, cls, score, explanation in shown:
-        table = Table(title=f"{title}: {cls}", title_justify="left", show_header=False, box=None, pad_edge=False)
+        table = Table(title=Text(f"{title}: {cls}"), title_justify="left", show_header=False, box=None, pad_edge=False)
         table.add_column("descriptor", overflow="fold", width=name_width)
         table.add_column("kind", width=4, style="dim")
         table.add_column("bar", no_wrap=True, width=width)
@@ -114,12 +118,12 @@ def _safe_name(id_: str) -> str:
 
 
 def _load_image(path):
-    from PIL import Image
+    """The image as RGB, or None when it cannot be read (the figure then says so)."""
+    from vlmtools.images import load_rgb
 
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError, TypeError):
+        return load_rgb(path)
+    except Exception:  # PIL raises many types for missing, truncated or unknown files
         return None
 
 
@@ -139,7 +143,8 @@ def figure(rec: dict, *, max_descriptors: int | None = None):
         ax.text(0.5, 0.5, "image not available", ha="center", va="center", transform=ax.transAxes)
     ax.set_axis_off()
     label = rec.get("label")
-    ax.set_title(f"{rec['id']}\ntrue: {label if label is not None else '?'}", fontsize=9)
+    # parse_math=False: a "$" in an id, class or descriptor is text, not matplotlib mathtext
+    ax.set_title(f"{rec['id']}\ntrue: {label if label is not None else '?'}", fontsize=9, parse_math=False)
     scores = [e["score"] for _, _, s, ex in shown for e in ex] + [s for _, _, s, _ in shown]
     lo, hi = (min(scores), max(scores)) if scores else (0.0, 1.0)
     pad = 0.1 * (hi - lo) or 0.01
@@ -151,12 +156,14 @@ def figure(rec: dict, *, max_descriptors: int | None = None):
         colors = ["#333333"] + [KIND_COLOR.get(e.get("kind", "object"), "#4c72b0") for e in explanation]
         y = list(range(len(values)))
         bx.barh(y, values, color=colors)
-        bx.set_yticks(y, labels=["\n".join(textwrap.wrap(s, 38)) or s for s in names], fontsize=7)
+        bx.set_yticks(y, labels=["\n".join(textwrap.wrap(s, 38)) or s for s in names], fontsize=7,
+                      parse_math=False)
         bx.invert_yaxis()
         bx.set_xlim(lo - pad, hi + pad)
         bx.set_xlabel("cosine similarity", fontsize=8)
         bx.tick_params(axis="x", labelsize=7)
-        bx.set_title(f"{title}: {cls}", fontsize=9, color="#2a7d2a" if cls == label else "#b22222")
+        bx.set_title(f"{title}: {cls}", fontsize=9, color="#2a7d2a" if cls == label else "#b22222",
+                     parse_math=False)
     if any(e.get("kind") == "background" for _, _, _, ex in shown for e in ex):
         fig.text(0.99, 0.01, "red bars: background descriptors", ha="right", fontsize=7, color=KIND_COLOR["background"])
     return fig
