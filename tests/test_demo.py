@@ -22,17 +22,17 @@ def test_demo_runs_the_pipeline_and_prints_the_table(tmp_path):
     assert any(line.startswith("clip (class name)") for line in table)
     assert any(line.startswith("cbd (oracle descriptors)") for line in table)
     results = json.loads((out / "results.json").read_text())
-    assert [r["n"] for r in results["rows"]] == [40, 40, 40]
+    assert [r["n"] for r in results["rows"]] == [40, 40, 40, 40]
     for r in results["rows"]:
         assert 0.0 <= r["top1"] <= 1.0 and r["photo"] is not None and r["painting"] is not None
-    for name in ("clip", "cbd", "cbd-object"):
+    for name in ("clip", "cbd", "cbd-object", "waffle"):
         preds = [json.loads(line) for line in (out / "predictions" / f"{name}.jsonl").read_text().splitlines()]
         assert len(preds) == 40 and all("pred" in p for p in preds)
     assert (out / "eval" / "compare.json").exists()
     assert "predicted" in (out / "explanations" / "wrong.txt").read_text()
     script = (out / "pipeline.sh").read_text()
     assert "vlmtools embed images world/manifest.jsonl -o store/images" in script
-    assert script.count("\nvlmtools ") == 11
+    assert script.count("\nvlmtools ") == 14
 
 
 def test_demo_refuses_a_non_empty_directory(tmp_path):

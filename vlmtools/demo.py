@@ -35,6 +35,8 @@ METHODS = [
     ("cbd, object descriptors only", "cbd-object.jsonl",
      ["--method", "cbd", "--descriptors", "world/descriptors.jsonl", "--text-store", "store/descriptors",
       "--background", "exclude"]),
+    # WaffleCLIP's control: random words instead of descriptors (text embedded on the fly, cached).
+    ("waffle (random words)", "waffle.jsonl", ["--method", "cbd", "--descriptors", "descriptors/waffle.jsonl"]),
 ]
 
 
@@ -46,6 +48,8 @@ def pipeline(classes: int, per_class: int, seed: int, device: str) -> list[Step]
         Step("embed the images", ["embed", "images", "world/manifest.jsonl", "-o", "store/images", *DEMO_MODEL, *dev]),
         Step("embed the descriptors", ["embed", "text", "world/descriptors.jsonl", "-o", "store/descriptors",
                                        *DEMO_MODEL, *dev]),
+        Step("random-word descriptors (no LLM)", ["describe", "world/classes.txt", "--style", "waffle",
+                                                  "-o", "descriptors/waffle.jsonl"]),
     ]
     for name, out, args in METHODS:
         steps.append(Step(f"classify: {name}", ["classify", "store/images", *args], stdout=f"predictions/{out}"))
@@ -62,7 +66,7 @@ def pipeline(classes: int, per_class: int, seed: int, device: str) -> list[Step]
 
 def write_script(out: Path, steps: list[Step]) -> Path:
     text = ("#!/bin/sh\n# The pipeline `vlmtools demo` ran, as shell commands (run from this directory).\nset -e\n"
-            "mkdir -p predictions eval explanations\n" + "".join(f"# {s.title}\n{s.shell()}\n" for s in steps))
+            "mkdir -p predictions eval explanations descriptors\n" + "".join(f"# {s.title}\n{s.shell()}\n" for s in steps))
     path = out / "pipeline.sh"
     with formats.atomic_path(path) as tmp:
         tmp.write_text(text)

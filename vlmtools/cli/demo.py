@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         start = time.perf_counter()
         for n, step in enumerate(steps, 1):
             console.info(f"[bold cyan]{n}/{len(steps)} {step.title}[/bold cyan]\n  $ {step.shell()}")
-            for d in ("predictions", "eval", "explanations"):
+            for d in ("predictions", "eval", "explanations", "descriptors"):
                 (out / d).mkdir(exist_ok=True)
             _run_step(app, step, out)
         rows, table = demo.results_table(out)
