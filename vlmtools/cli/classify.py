@@ -23,16 +23,16 @@ def register(app: typer.Typer) -> None:
     def classify_cmd(
         image_store: Path = typer.Argument(..., help="Image store written by `vlmtools embed images`."),
         method: Optional[str] = typer.Option(None, "--method", help="clip (class names in templates) or cbd "
-                                             "(descriptors) [default: cbd with --descriptors, else clip]"),
+                                             "(descriptors) (default: cbd with --descriptors, else clip)"),
         classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Class list: one per line, a manifest "
-                                              "(its labels) or descriptor JSONL [clip default: the store's "
-                                              "labels; cbd default: the descriptors' classes]"),
+                                              "(its labels) or descriptor JSONL (clip default: the store's "
+                                              "labels; cbd default: the descriptors' classes)"),
         templates: Optional[str] = typer.Option(None, "--templates", "-t", help="clip: bare | photo | openai80 | "
-                                                "FILE (one template per line, {} = class) [default: photo]"),
+                                                "FILE (one template per line, {} = class) (default: photo)"),
         descriptors: Optional[str] = typer.Option(None, "--descriptors", "-d", help="cbd: descriptor JSONL "
                                                   "(from `vlmtools describe`), or - for stdin"),
         wrap: Optional[str] = typer.Option(None, "--wrap", help="cbd: 'cbd' embeds \"{class}, which is/has "
-                                           "{descriptor}\", 'none' the descriptor as written [default: cbd]"),
+                                           "{descriptor}\", 'none' the descriptor as written (default: cbd)"),
         aggregate: str = typer.Option("mean", "--aggregate", help="cbd: class score over its descriptors: "
                                       "mean | max | sum"),
         background: str = typer.Option("include", "--background", help="cbd: descriptors of kind background: "
@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
         diff_out: Optional[str] = typer.Option(None, "--diff", help="Write the images where the predictions "
                                                "differ as JSONL."),
         show: int = typer.Option(10, "--show", help="Disagreements listed on stderr."),
-        names: Optional[str] = typer.Option(None, "--names", help="Display names 'A,B' [default: file names]"),
+        names: Optional[str] = typer.Option(None, "--names", help="Display names 'A,B' (default: file names)"),
     ) -> None:
         """Side-by-side top-1 of two predictions files on the same images, with McNemar's test."""
         from vlmtools.errors import BadInput
