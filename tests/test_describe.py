@@ -140,6 +140,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def classes_so_far(path: Path) -> list[str]:
+    """The classes of the whole lines in a file another process is writing."""
+    if not path.exists():
+        return []
+    whole = path.read_text(encoding="utf-8", errors="replace").rpartition("\n")[0]
+    try:
+        return [json.loads(line)["class"] for line in whole.splitlines() if line.strip()]
+    except (ValueError, KeyError):
+        return []
+
+
 # ----------------------------------------------------------------------------- prompts, exactly
 
 def test_cbd_prompt_is_the_papers_exactly(tmp_path, llm):
@@ -418,18 +429,21 @@ def test_n_samples_are_merged_and_deduplicated(tmp_path, llm):
 def test_concurrency_and_stdout_keeps_class_order(tmp_path, llm):
     names = [f"Bird {i}" for i in range(8)]
     classes = class_file(tmp_path, names, llm)
+    four_at_once = threading.Event()
 
     def slow(cls, body):
-        time.sleep(0.4 - 0.04 * int(cls.split()[1]))  # later classes finish first
+        # Hold every answer until 4 requests are in flight together (never, if they were sent one by
+        # one: then the gate opens after its timeout and max_in_flight tells), then later classes finish first.
+        if llm.in_flight >= 4:
+            four_at_once.set()
+        four_at_once.wait(10)
+        time.sleep(0.02 * (8 - int(cls.split()[1])))
         return f"- feature of {cls}"
 
     llm.answer = slow
-    start = time.monotonic()
     result = describe(llm, classes, "-j", "4")
-    elapsed = time.monotonic() - start
     assert result.exit_code == 0, result.output
-    assert 2 <= llm.max_in_flight <= 4
-    assert elapsed < 0.4 * 8 * 0.75  # clearly faster than one at a time
+    assert llm.max_in_flight == 4  # -j 4: four at once, never more
     assert [json.loads(line)["class"] for line in result.stdout.splitlines()] == names
 
 
@@ -463,7 +477,7 @@ def test_resume_after_a_killed_run(tmp_path, llm):
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if out.exists() and len(read_jsonl(out)) == 3 and len(llm.requests) >= 4:
+            if len(classes_so_far(out)) == 3 and len(llm.requests) >= 4:
                 break
             time.sleep(0.05)
         else:
@@ -514,6 +528,118 @@ def test_resume_into_a_file_that_is_not_descriptors_changes_nothing(tmp_path, ll
         assert str(out) in err(result)
         assert out.read_text(encoding="utf-8") == content
     assert llm.requests == []
+
+
+OLD_LINE = json.dumps({"class": "Old Bird", "descriptors": ["from an earlier run"], "style": "cbd"}) + "\n"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_no_resume_keeps_the_old_file_until_a_new_class_succeeds(tmp_path, llm):
+    classes = class_file(tmp_path, ["Horned Puffin", "Sooty Albatross"], llm)
+    out = tmp_path / "d.jsonl"
+    out.write_text(OLD_LINE, encoding="utf-8")
+    # every class fails
+    llm.answer = lambda cls, body: error(503)
+    result = describe(llm, classes, "-o", out, "--no-resume")
+    assert result.exit_code == 1
+    assert out.read_text(encoding="utf-8") == OLD_LINE
+    assert sorted(e["class"] for e in read_jsonl(Path(f"{out}.errors.jsonl"))) == ["Horned Puffin", "Sooty Albatross"]
+    # the server is down
+    result = runner.invoke(app, ["describe", str(classes), "-o", str(out), "--no-resume", "--max-retries", "0",
+                                 "--base-url", f"http://127.0.0.1:{free_port()}/v1"])
+    assert result.exit_code == 1 and "cannot reach" in err(result)
+    assert out.read_text(encoding="utf-8") == OLD_LINE
+    assert list(tmp_path.glob(".d.jsonl.*")) == []  # no temp files left beside it
+    # one class succeeds: now the file is the new run's
+    llm.answer = lambda cls, body: error(503) if cls == "Sooty Albatross" else f"- feature of {cls}"
+    result = describe(llm, classes, "-o", out, "--no-resume")
+    assert result.exit_code == 1
+    assert [r["class"] for r in read_jsonl(out)] == ["Horned Puffin"]
+
+
+def test_interrupt_before_any_result_keeps_the_old_file(tmp_path, llm, monkeypatch):
+    from vlmtools.describe.llm import LLMClient
+
+    classes = class_file(tmp_path, ["Horned Puffin", "Sooty Albatross"], llm)
+    out = tmp_path / "d.jsonl"
+    out.write_text(OLD_LINE, encoding="utf-8")
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LLMClient, "complete", interrupted)
+    result = describe(llm, classes, "-o", out, "--no-resume", "-j", "1")
+    assert result.exit_code == 130 and "interrupted" in err(result)
+    assert out.read_text(encoding="utf-8") == OLD_LINE
+
+
+def test_ctrl_c_exits_at_once_keeping_whole_lines(tmp_path, llm):
+    names = [f"Bird {i}" for i in range(6)]
+    classes = class_file(tmp_path, names, llm)
+    out = tmp_path / "d.jsonl"
+    out.write_text(OLD_LINE, encoding="utf-8")
+    release = threading.Event()
+
+    def hang_after_two(cls, body):
+        if int(cls.split()[1]) >= 2:
+            release.wait(60)  # far longer than the test waits for the interrupted run to exit
+        return f"- feature of {cls}"
+
+    llm.answer = hang_after_two
+    args = [sys.executable, "-m", "vlmtools", "describe", str(classes), "-o", str(out), "--base-url", llm.url,
+            "-j", "2", "--no-cache", "--no-resume", "--timeout", "120"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 30
+        while sorted(classes_so_far(out)) != names[:2] or len(llm.requests) < 4:  # Bird 2 and 3 in flight
+            if time.monotonic() > deadline:
+                pytest.fail("the run never reached the hanging classes")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)  # not the 60 s the requests in flight would take
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+        release.set()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    # --no-resume replaced the old file at the first new class; the whole lines written stay
+    assert out.read_text(encoding="utf-8").endswith("\n")
+    assert sorted(r["class"] for r in read_jsonl(out)) == names[:2]
+
+
+def test_existing_records_checks_whole_lines_before_dropping_a_torn_one(tmp_path):
+    from vlmtools.describe.run import existing_records
+    from vlmtools.errors import BadInput
+
+    out = tmp_path / "d.jsonl"
+    content = OLD_LINE + '{"class": "Bird 1"}\n{"class": "Bird 2", "descri'  # line 2 is no descriptor line
+    out.write_text(content, encoding="utf-8")
+    with pytest.raises(BadInput, match=rf"^{re.escape(str(out))}:2: .*needs \"class\" and \"descriptors\""):
+        existing_records(out)
+    assert out.read_text(encoding="utf-8") == content and list(tmp_path.iterdir()) == [out]
+    out.write_text(OLD_LINE + '{"class": "Bird 2", "descri', encoding="utf-8")
+    assert list(existing_records(out)) == ["Old Bird"]
+    assert out.read_text(encoding="utf-8") == OLD_LINE
+
+
+def test_a_last_line_without_newline_is_kept(tmp_path, llm):
+    classes = class_file(tmp_path, ["Old Bird", "Horned Puffin"], llm)
+    out = tmp_path / "d.jsonl"
+    out.write_text(OLD_LINE.rstrip("\n"), encoding="utf-8")  # as an editor may save it
+    result = describe(llm, classes, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "incomplete last line" not in err(result)
+    assert [r["class"] for r in read_jsonl(out)] == ["Old Bird", "Horned Puffin"]
+    assert llm.asked_classes() == ["Horned Puffin"]
 
 
 # ----------------------------------------------------------------------------- cache
@@ -585,14 +711,23 @@ def test_500_forever_goes_to_the_errors_file_and_exit_code(tmp_path, llm):
 
 def test_timeouts(tmp_path, llm):
     classes = class_file(tmp_path, ["Slow Bird", "Fast Bird"], llm)
-    llm.answer = lambda cls, body: (time.sleep(1.0) if cls == "Slow Bird" else None, f"- feature of {cls}")[1]
+    release = threading.Event()
+    # Slow Bird's answer would take 5 s, well past --timeout 2; Fast Bird's is immediate, with room to
+    # spare on a loaded machine.
+    llm.answer = lambda cls, body: (release.wait(5) if cls == "Slow Bird" else None, f"- feature of {cls}")[1]
     out = tmp_path / "d.jsonl"
-    result = runner.invoke(app, ["describe", str(classes), "-o", str(out), "--base-url", llm.url,
-                                 "--timeout", "0.2", "--max-retries", "0", "--errors", str(tmp_path / "err.jsonl")])
+    try:
+        result = runner.invoke(app, ["describe", str(classes), "-o", str(out), "--base-url", llm.url,
+                                     "--timeout", "2", "--max-retries", "0", "--errors", str(tmp_path / "err.jsonl")])
+    finally:
+        release.set()  # let the server's handler finish now, not during a later test
     assert result.exit_code == 1
     assert [r["class"] for r in read_jsonl(out)] == ["Fast Bird"]
     errors = read_jsonl(tmp_path / "err.jsonl")
-    assert errors[0]["class"] == "Slow Bird" and "timed out after 0.2s" in errors[0]["reason"]
+    assert [e["class"] for e in errors] == ["Slow Bird"] and "timed out after 2s" in errors[0]["reason"]
+    deadline = time.monotonic() + 5
+    while len(llm.server.log) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def test_malformed_json_responses(tmp_path, llm):
@@ -613,6 +748,38 @@ def test_malformed_json_responses(tmp_path, llm):
     assert set(reasons) == {"Garbled Bird", "Shapeless Bird"}
     assert all("malformed response" in r for r in reasons.values())
     assert [r["class"] for r in read_jsonl(out)] == ["Good Bird"]
+
+
+def test_failures_with_stdout_output_are_each_listed_on_stderr(tmp_path, llm):
+    broken = [f"Broken Bird {i}" for i in range(7)]
+    classes = class_file(tmp_path, ["Good Bird", *broken], llm)
+    llm.answer = lambda cls, body: error(500, f"kaputt {cls}") if cls.startswith("Broken") else f"- feature of {cls}"
+    result = describe(llm, classes, "-j", "8")
+    assert result.exit_code == 1
+    assert [json.loads(line)["class"] for line in result.stdout.splitlines()] == ["Good Bird"]
+    for cls in broken:  # all of them, not the first five: there is no errors file to look in
+        assert f"{cls}: HTTP 500 after 1 retries: kaputt {cls}" in err(result)
+    assert "7 of 8 classes failed" in err(result)
+    assert list(tmp_path.glob("*.errors.jsonl")) == []
+    # --errors still works with stdout output
+    result = describe(llm, classes, "-j", "8", "--errors", tmp_path / "e.jsonl")
+    assert result.exit_code == 1
+    assert sorted(e["class"] for e in read_jsonl(tmp_path / "e.jsonl")) == broken
+
+
+def test_rich_markup_in_server_text_and_paths_is_shown_as_written(tmp_path, llm):
+    classes = class_file(tmp_path, ["Horned Puffin", "Odd Bird"], llm)
+    llm.answer = lambda cls, body: (error(500, "unexpected [/INST] token [bold]") if cls == "Odd Bird"
+                                    else f"- feature of {cls}")
+    out = tmp_path / "[/b]" / "d.jsonl"
+    result = describe(llm, classes, "-o", out)
+    assert result.exit_code == 1, result.output
+    assert "unexpected [/INST] token [bold]" in err(result)
+    assert f"wrote 1 classes to {out}" in err(result)
+    llm.answer = lambda cls, body: f"- feature of {cls}"
+    result = describe(llm, classes, "-o", out)  # the resume message names the path too
+    assert result.exit_code == 0, result.output
+    assert f"1 of 2 classes already in {out}" in err(result)
 
 
 def test_every_class_failing_writes_no_output(tmp_path, llm):
@@ -682,6 +849,17 @@ def test_api_key_only_from_the_environment(tmp_path, llm, monkeypatch):
     assert json.loads(result.stdout)["model"] == "env-model"
 
 
+def test_default_model_is_one_constant(tmp_path, llm):
+    from vlmtools.describe.llm import DEFAULT_MODEL, LLMClient
+
+    assert LLMClient().model == DEFAULT_MODEL
+    result = runner.invoke(app, ["describe", "--help"])
+    assert result.exit_code == 0 and f"({DEFAULT_MODEL})" in result.stdout  # typer shows "[default: (NAME)]"
+    classes = class_file(tmp_path, ["Horned Puffin"], llm)
+    assert describe(llm, classes, "-o", tmp_path / "d.jsonl").exit_code == 0
+    assert llm.requests[0]["body"]["model"] == DEFAULT_MODEL
+
+
 def test_print_prompts_needs_no_key_and_no_server(tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
     classes = class_file(tmp_path, ["Horned_Puffin", "Sooty Albatross"])
@@ -739,6 +917,25 @@ def test_bad_input_exit_2_and_nothing_written(tmp_path, llm, extra, message):
     assert message in err(result)
     assert "Traceback" not in result.output
     assert not out.exists() and llm.requests == []
+
+
+@pytest.mark.parametrize("which", ["classes", "prompt-file", "exemplars", "waffle-words", "output"])
+def test_files_that_are_not_utf8_are_bad_input(tmp_path, llm, which):
+    classes = class_file(tmp_path, ["Horned Puffin"], llm)
+    bad = tmp_path / "latin1.txt"
+    content = {"classes": "Horned Puffin\ncaf\xe9 Bird\n", "prompt-file": "Describe a {class}\ncaf\xe9\n",
+               "exemplars": "Sooty Albatross\n- caf\xe9-brown back\n", "waffle-words": "tail\ncaf\xe9\n",
+               "output": '{"class": "Horned Puffin", "descriptors": ["caf\xe9"]}\n'}[which]
+    bad.write_bytes(content.encode("latin-1"))
+    args = {"classes": [bad], "prompt-file": [classes, "--prompt-file", bad],
+            "exemplars": [classes, "--style", "domain", "--exemplars", bad],
+            "waffle-words": [classes, "--style", "waffle", "--waffle-words", bad],
+            "output": [classes, "-o", bad]}[which]
+    result = describe(llm, *args)
+    assert result.exit_code == 2, result.output
+    assert re.search(rf"{re.escape(str(bad))}:\d+: not UTF-8 text", err(result)), err(result)
+    assert "Traceback" not in result.output and result.stdout == ""
+    assert bad.read_bytes() == content.encode("latin-1") and llm.requests == []
 
 
 def test_bad_template_message_names_file_and_line(tmp_path, llm):

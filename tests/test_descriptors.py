@@ -150,3 +150,18 @@ def test_descriptors_help_lists_the_subcommands():
     assert result.exit_code == 0
     for sub in ("import", "export", "stats"):
         assert sub in result.stdout
+
+
+@pytest.mark.parametrize("args", [["import"], ["import", "--format", "cupl"], ["export"], ["stats"],
+                                  ["stats", "--json"]])
+def test_files_that_are_not_utf8_are_bad_input(tmp_path, args):
+    src = tmp_path / "latin1.json"
+    src.write_bytes('{"Horned_Puffin": ["caf\xe9-brown back"]}\n'.encode("latin-1"))
+    out = tmp_path / "out"
+    extra = ["-o", str(out)] if args[0] != "stats" else []
+    result = runner.invoke(app, ["descriptors", args[0], str(src), *args[1:], *extra])
+    assert result.exit_code == 2, result.output
+    assert f"{src}:1: not UTF-8 text" in result.stderr.replace("\n", "")
+    assert "Traceback" not in result.output and result.stdout == "" and not out.exists()
+    with pytest.raises(BadInput, match="not UTF-8 text"):
+        import_descriptors(src)

@@ -13,23 +13,27 @@ STYLE_HELP = ("cbd (Menon & Vondrick's exact prompt), domain (worked examples fr
               "sentences (caption-like sentences), waffle (random words/characters, no LLM)")
 
 
+
+# Typer renders help text as rich markup, which swallows "[default: ...]": defaults go in show_default.
 def register(app: typer.Typer) -> None:
     @app.command("describe")
     @handle_errors
     def describe_cmd(
         classes: str = typer.Argument(..., help="Class list (one per line), a manifest (its labels) or '-'."),
         output: str = typer.Option("-", "--output", "-o", help="Descriptor JSONL; appended to and resumed. "
-                                   "'-' is stdout."),
+                                   "'-' is stdout (failed classes are then listed on stderr, or go to --errors)."),
         style: str = typer.Option("cbd", "--style", "-s", help=STYLE_HELP),
-        model: str = typer.Option("gpt-4o-mini", "--model", "-m", envvar="VLMTOOLS_LLM_MODEL",
-                                  help="Chat model name on the server."),
+        # None means the library's DEFAULT_MODEL, named here only for --help: importing it would load
+        # vlmtools.describe for every `vlmtools --help` (a test keeps the two in step).
+        model: Optional[str] = typer.Option(None, "--model", "-m", envvar="VLMTOOLS_LLM_MODEL",
+                                            show_default="gpt-4o-mini", help="Chat model name on the server."),
         base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL",
-                                               help="OpenAI-compatible server (vLLM, Ollama, llama.cpp), "
-                                                    "e.g. http://localhost:8000/v1 [default: OpenAI]"),
-        temperature: Optional[float] = typer.Option(None, "--temperature", "-t",
-                                                    help="[default: 0 (cbd, as the paper); 0.7 for sentences]"),
-        max_tokens: Optional[int] = typer.Option(None, "--max-tokens",
-                                                 help="[default: 100 for cbd (the paper), more for others]"),
+                                               show_default="OpenAI", help="OpenAI-compatible server (vLLM, "
+                                               "Ollama, llama.cpp), e.g. http://localhost:8000/v1"),
+        temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature.",
+                                                    show_default="0 as in the paper; 0.7 for sentences"),
+        max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer length limit.",
+                                                 show_default="100 for cbd as in the paper, more for others"),
         n: int = typer.Option(1, "--n", "-n", help="Samples per class, merged and de-duplicated."),
         concurrency: int = typer.Option(4, "--concurrency", "-j", help="Requests in flight."),
         timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request attempt."),
@@ -38,19 +42,23 @@ def register(app: typer.Typer) -> None:
                                                 "text blocks 'name' + '- ' lines, or a descriptor JSON/JSONL."),
         domain: Optional[str] = typer.Option(None, "--domain", help="Ask the LLM once for a worked example "
                                              "from this domain, e.g. 'bird species'."),
-        fields: Optional[str] = typer.Option(None, "--fields", help="structured: comma-separated fields "
-                                             "[default: size, shape, coloration, pattern, head, beak or mouth, "
-                                             "eyes, wings or limbs, legs and feet, tail]"),
-        count: Optional[int] = typer.Option(None, "--count", help="sentences: sentences per request [default: 10]"),
+        fields: Optional[str] = typer.Option(None, "--fields", help="structured: comma-separated fields.",
+                                             show_default="size, shape, coloration, pattern, head, beak or mouth, "
+                                                          "eyes, wings or limbs, legs and feet, tail"),
+        count: Optional[int] = typer.Option(None, "--count", help="sentences: sentences per request.",
+                                            show_default="10"),
         prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="Own template with {class} "
                                                   "(also {exemplars}, {domain}, {fields}, {count})."),
         keep_raw: bool = typer.Option(False, "--keep-raw", help="Also store the raw answers (\"raw\": [...])."),
         resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip classes already in the output; "
-                                    "--no-resume starts the output over."),
-        errors: Optional[str] = typer.Option(None, "--errors", help="Failed classes with reasons "
-                                             "[default: OUTPUT.errors.jsonl; none for stdout]"),
-        cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Answer cache "
-                                                "[default: $VLMTOOLS_CACHE_DIR/llm or ~/.cache/vlmtools/llm]"),
+                                    "--no-resume starts it over (the old file is replaced at the first new "
+                                    "class, so a run that gets none keeps it)."),
+        errors: Optional[str] = typer.Option(None, "--errors", help="JSONL of failed classes with reasons. "
+                                             "With stdout output and no --errors, each failed class and its "
+                                             "reason is listed on stderr instead. Any failure makes the exit "
+                                             "status 1.", show_default="OUTPUT.errors.jsonl"),
+        cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Answer cache.",
+                                                show_default="$VLMTOOLS_CACHE_DIR/llm or ~/.cache/vlmtools/llm"),
         no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the answer cache."),
         print_prompts: bool = typer.Option(False, "--print-prompts", help="Print {\"class\", \"prompt\"} lines "
                                            "and exit without asking for descriptors."),

@@ -13,15 +13,12 @@ import os
 from pathlib import Path
 
 from vlmtools.formats import atomic_path
+from vlmtools.paths import cache_dir
 
 
 def default_cache_dir() -> Path:
     """$VLMTOOLS_CACHE_DIR/llm, else $XDG_CACHE_HOME/vlmtools/llm, else ~/.cache/vlmtools/llm."""
-    root = os.environ.get("VLMTOOLS_CACHE_DIR")
-    if root:
-        return Path(root) / "llm"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return Path(xdg) / "vlmtools" / "llm"
+    return cache_dir("llm")
 
 
 def request_key(request: dict) -> str:

@@ -61,7 +61,7 @@ def redact(text: str, secret: str | None) -> str:
 
 
 class LLMClient:
-    def __init__(self, model: str = DEFAULT_MODEL, base_url: str | None = None, *,
+    def __init__(self, model: str | None = None, base_url: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES,
                  cache: ResponseCache | None = None):
         if timeout <= 0:
@@ -74,7 +74,7 @@ class LLMClient:
         self._key = os.environ.get("OPENAI_API_KEY", "").strip() or None
         self._client = None  # built on first use: printing prompts needs no key
         self._lock = threading.Lock()
-        self.model = model
+        self.model = model or DEFAULT_MODEL
         self.timeout = timeout
         self.max_retries = max_retries
         self.cache = cache

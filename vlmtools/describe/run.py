@@ -1,25 +1,32 @@
 """`vlmtools describe`: ask an LLM about every class, a thread pool of requests, one JSONL line per class.
 
 The output file is appended to, a whole line at a time (flushed and fsynced), so a killed run loses at
-most the classes in flight; a rerun skips the classes already there and drops a torn last line. At the end
-of a run the file is rewritten (atomically) in class-list order. Classes that fail
-after the client's retries go to an errors file with the reason; the others are still written.
+most the classes in flight; a rerun skips the classes already there and drops a torn last line. With
+--no-resume the old file is replaced only when the first new line is ready, so a run that gets nothing
+(server down, every class failing, ^C) leaves it as it was. At the end of a run the file is rewritten
+(atomically) in class-list order. Classes that fail after the client's retries go to an errors file with
+the reason (for stdout output without --errors: listed on stderr); the others are still written.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+import queue
+import sys
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rich.markup import escape
 
 from vlmtools.console import info, progress, warn
 from vlmtools.describe.llm import LLMClient, LLMError
 from vlmtools.describe.styles import (Plan, build_plan, builtin_template, domain_exemplar_prompt,
                                       exemplar_from_answer, read_exemplars, read_template, template_fields)
 from vlmtools.errors import BadInput, VlmError
-from vlmtools.formats import (atomic_path, descriptor_record, dumps_line, validate_descriptor_record,
+from vlmtools.formats import (atomic_path, descriptor_record, dumps_line, iter_jsonl, validate_descriptor_record,
                               write_jsonl)
 
 DOMAIN_EXEMPLAR_MAX_TOKENS = 400
@@ -65,8 +72,8 @@ def make_plan(style: str, client: LLMClient, *, prompt_file: str | None = None, 
         except LLMError as exc:
             raise VlmError(f"--domain {domain!r}: could not get a worked example: {exc}") from None
         example = exemplar_from_answer(answer.text, domain)
-        info(f"worked example for {domain!r}: {example.name} ({len(example.descriptors)} descriptors"
-             f"{', cached' if answer.cached else ''})")
+        info(escape(f"worked example for {domain!r}: {example.name} ({len(example.descriptors)} descriptors"
+                    f"{', cached' if answer.cached else ''})"))
         examples = [example]
     return build_plan(style, template, exemplars=examples, domain=domain, fields=fields,
                       count=10 if count is None else count, temperature=temperature, max_tokens=max_tokens)
@@ -109,39 +116,55 @@ def describe_class(cls: str, plan: Plan, client: LLMClient, n: int = 1,
 
 # ----------------------------------------------------------------------------- output file
 
-def existing_records(path: Path, resume: bool) -> dict[str, dict]:
-    """Records already in ``path`` (resume), after dropping a torn last line; removes it when not resuming."""
-    if not path.exists():
-        return {}
+RESUME_HINT = "fix it, write to another file or pass --no-resume"
+
+
+def existing_records(path: Path) -> dict[str, dict]:
+    """The records already in ``path``, for resuming. A torn last line left by a killed run is dropped,
+    but only once every whole line has been checked: -o pointed at someone else's file is bad input
+    and changes nothing."""
     if path.is_dir():
         raise BadInput(f"{path}: is a directory, expected a file")
-    if not resume:
-        path.unlink()
+    if not path.exists():
         return {}
     data = path.read_bytes()
     cut = data.rfind(b"\n") + 1
-    out: dict[str, dict] = {}
-    # Check every whole line before touching the file: -o pointed at someone else's file is bad input.
-    for lineno, line in enumerate(data[:cut].decode("utf-8", errors="replace").split("\n"), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = validate_descriptor_record(json.loads(line), where)
-        except json.JSONDecodeError as exc:
-            raise BadInput(f"{where}: not valid JSON ({exc.msg}); fix it or use --no-resume") from None
-        cls = str(rec["class"])
-        if cls in out:
-            raise BadInput(f"{where}: duplicate class {cls!r}")
-        rec["_line"] = lineno
-        out[cls] = rec
     tail = data[cut:]
-    if tail.strip():
-        if not tail.lstrip().startswith(b"{"):
-            raise BadInput(f"{path}: the last line is not a descriptor line; fix it or use --no-resume")
-        with open(path, "r+b") as fh:
-            fh.truncate(cut)
-        warn(f"{path}: dropped an incomplete last line left by an interrupted run")
+    if not tail.strip() or _is_json(tail):
+        return _read_records(path)  # no torn line (a last line without "\n" that parses is kept)
+    if not tail.lstrip().startswith(b"{"):
+        raise BadInput(f"{path}: the last line is not a descriptor line; {RESUME_HINT}")
+    tmp = None
+    try:
+        with atomic_path(path) as tmp:  # the file minus its torn line, swapped in only if it checks out
+            tmp.write_bytes(data[:cut])
+            records = _read_records(tmp)
+    except BadInput as exc:
+        raise BadInput(str(exc).replace(str(tmp), str(path))) from None
+    warn(f"{path}: dropped an incomplete last line left by an interrupted run")
+    return records
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError (a character cut in half) alike
+        return False
+    return True
+
+
+def _read_records(path: Path) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    try:
+        for lineno, rec in iter_jsonl(path):
+            where = f"{path}:{lineno}"
+            rec = validate_descriptor_record(rec, where)
+            cls = str(rec["class"])
+            if cls in out:
+                raise BadInput(f"{where}: duplicate class {cls!r}")
+            out[cls] = {**rec, "_line": lineno}
+    except BadInput as exc:
+        raise BadInput(f"{exc}; {RESUME_HINT}") from None
     return out
 
 
@@ -155,30 +178,54 @@ def check_compatible(existing: dict[str, dict], path: Path, expect: dict) -> Non
 
 
 class LineWriter:
-    """Appends whole JSON lines, flushed and fsynced one by one. Opens the file on the first line, so a run
-    where every class fails leaves no output file. For stdout, lines are held back until every earlier
-    class is done, so stdout keeps the class-list order."""
+    """Appends whole JSON lines to a file, flushed and fsynced one by one. The file is opened at the first
+    line, so a run where every class fails changes nothing; with ``replace`` (--no-resume) the old file is
+    swapped for a new one holding that first line, and not before. For stdout, lines are held back until
+    every earlier class is done, so stdout keeps the class-list order."""
 
-    def __init__(self, path: Path | None, order: list[str]):
+    def __init__(self, path: Path | None, order: list[str], replace: bool = False):
         self.path = path
+        self.replace = replace
+        self.written = 0
         self._fh = None
         self._order = order
         self._next = 0
         self._done: dict[str, str | None] = {}
 
     def done(self, cls: str, record: dict | None) -> None:
-        line = dumps_line(record) if record is not None else None
-        if self.path is not None:
-            if line is not None:
-                if self._fh is None:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    self._fh = open(self.path, "a", encoding="utf-8")
-                self._fh.write(line)
-                self._fh.flush()
-                os.fsync(self._fh.fileno())
-            return
-        import sys
+        line = None
+        if record is not None:
+            line = dumps_line(validate_descriptor_record(record, f"class {cls!r}"))
+            self.written += 1
+        if self.path is None:
+            self._to_stdout(cls, line)
+        elif line is not None:
+            if self._fh is None:
+                self._open(line)
+            else:
+                self._append(line)
 
+    def _open(self, first: str) -> None:
+        if self.replace:
+            with atomic_path(self.path) as tmp:
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.write(first)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            self._fh = open(self.path, "a", encoding="utf-8")
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8")
+        if self._fh.tell() and not _ends_with_newline(self.path):
+            first = "\n" + first  # a hand-written file whose last line has no "\n"
+        self._append(first)
+
+    def _append(self, line: str) -> None:
+        self._fh.write(line)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def _to_stdout(self, cls: str, line: str | None) -> None:
         self._done[cls] = line
         while self._next < len(self._order) and self._order[self._next] in self._done:
             pending = self._done.pop(self._order[self._next])
@@ -193,22 +240,25 @@ class LineWriter:
             self._fh = None
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
 def reorder_output(path: Path, classes: list[str]) -> None:
     """Rewrite ``path`` atomically in class-list order (extra classes keep their place after)."""
-    lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-    by_class = {str(json.loads(line)["class"]): line for line in lines}
+    records = [rec for _, rec in iter_jsonl(path)]
     rank = {c: i for i, c in enumerate(classes)}
-    position = {c: i for i, c in enumerate(by_class)}
-    ordered = sorted(by_class, key=lambda c: (rank.get(c, len(rank)), position[c]))
-    if ordered == list(by_class):
-        return
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(by_class[c] + "\n" for c in ordered), encoding="utf-8")
+    ordered = sorted(records, key=lambda r: rank.get(str(r["class"]), len(rank)))  # stable: extras keep order
+    if ordered != records:
+        write_jsonl(path, ordered)
 
 
 # ----------------------------------------------------------------------------- the run
 
 def default_errors_path(output: str | None) -> Path | None:
+    """OUTPUT.errors.jsonl; none for stdout, where each failure is listed on stderr instead."""
     return None if output in (None, "-") else Path(f"{output}.errors.jsonl")
 
 
@@ -227,21 +277,24 @@ def run_describe(classes: list[str], plan: Plan, client: LLMClient, *, output: s
     report = Report()
     existing: dict[str, dict] = {}
     if out_path is not None:
-        existing = existing_records(out_path, resume)
-        check_compatible(existing, out_path, {"style": plan.style, "model": client.model,
-                                              "prompt_sha": plan.prompt_sha})
+        if out_path.is_dir():
+            raise BadInput(f"{out_path}: is a directory, expected a file")
+        if resume:
+            existing = existing_records(out_path)
+            check_compatible(existing, out_path, {"style": plan.style, "model": client.model,
+                                                  "prompt_sha": plan.prompt_sha})
     todo = [c for c in classes if c not in existing]
     report.skipped = len(classes) - len(todo)
     if report.skipped:
-        info(f"{report.skipped} of {len(classes)} classes already in {out_path}; asking for {len(todo)}")
+        info(escape(f"{report.skipped} of {len(classes)} classes already in {out_path}; asking for {len(todo)}"))
 
-    writer = LineWriter(out_path, todo)
+    writer = LineWriter(out_path, todo, replace=not resume)
     try:
         _run_pool(todo, plan, client, writer, report, concurrency, n, keep_raw)
     finally:
         writer.close()
 
-    if out_path is not None and out_path.exists():
+    if out_path is not None and out_path.exists() and (resume or writer.written):
         reorder_output(out_path, classes)
     if err_path is not None:
         if report.failed:
@@ -252,16 +305,61 @@ def run_describe(classes: list[str], plan: Plan, client: LLMClient, *, output: s
     return report
 
 
+class DaemonPool:
+    """A minimal thread pool (submit, shutdown) whose workers are daemon threads. ThreadPoolExecutor joins
+    its workers when the interpreter exits, so after ^C the process would still wait for every request in
+    flight (up to --timeout per retry); these are simply abandoned."""
+
+    def __init__(self, workers: int, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever reads the future
+                fut.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        if cancel_futures:
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job[0].cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
+
+
 def _run_pool(todo, plan, client, writer, report, concurrency, n, keep_raw) -> None:
     def label(r: Report) -> str:
         return f"describe ({r.written} ok, {r.cached} cached, {len(r.failed)} failed)"
 
-    with progress(label(report), total=len(todo), unit="classes") as bar, \
-            ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="describe") as pool:
-        futures = {pool.submit(describe_class, cls, plan, client, n, keep_raw): cls for cls in todo}
-        order = {fut: i for i, fut in enumerate(futures)}
-        pending = set(futures)
+    if not todo:
+        return
+    with progress(label(report), total=len(todo), unit="classes") as bar:
+        pool = DaemonPool(min(concurrency, len(todo)), "describe")
         try:
+            futures = {pool.submit(describe_class, cls, plan, client, n, keep_raw): cls for cls in todo}
+            order = {fut: i for i, fut in enumerate(futures)}
+            pending = set(futures)
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in sorted(finished, key=order.get):  # a set: keep list order among those done
@@ -269,11 +367,13 @@ def _run_pool(todo, plan, client, writer, report, concurrency, n, keep_raw) -> N
                     _collect(cls, fut, plan, client, writer, report)
                     bar.advance(1)
                     bar.update(description=label(report))
-        except BaseException:
-            # A fatal error (bad key, unknown model) or ^C: start nothing new; lines written so far stay.
-            for fut in pending:
-                fut.cancel()
+        except BaseException as exc:
+            # A fatal error (bad key, unknown model) or ^C: start nothing new; the whole lines written so
+            # far stay. After a fatal error the requests in flight fail as fast, so wait for them (nothing
+            # stray is left running in a library caller); after ^C do not wait for anything.
+            pool.shutdown(wait=isinstance(exc, Exception), cancel_futures=True)
             raise
+        pool.shutdown()
 
 
 def _collect(cls, fut, plan, client, writer, report) -> None:
@@ -309,16 +409,18 @@ def _failure(cls: str, reason: str, plan: Plan, client: LLMClient, raw: list[str
 
 def _summarize(report: Report, out_path: Path | None, err_path: Path | None) -> None:
     where = out_path or "stdout"
-    info(f"wrote {report.written} classes to {where} ({report.cached} from cache, "
-         f"{report.skipped} already there)")
+    info(escape(f"wrote {report.written} classes to {where} ({report.cached} from cache, "
+                f"{report.skipped} already there)"))
     if report.loose:
         warn(f"{report.loose} answers had no '- ' lines and were parsed loosely (numbered lists, JSON, ...)")
     if report.truncated:
         warn(f"{report.truncated} answers were cut off at --max-tokens; their last descriptor may be partial")
-    for fail in report.failed[:5]:
+    # Without an errors file (stdout output, no --errors) stderr is the only record: list every failure.
+    shown = report.failed if err_path is None else report.failed[:5]
+    for fail in shown:
         warn(f"{fail['class']}: {fail['reason']}")
-    if len(report.failed) > 5:
-        warn(f"... and {len(report.failed) - 5} more")
+    if len(report.failed) > len(shown):
+        warn(f"... and {len(report.failed) - len(shown)} more")
     if report.failed and err_path is not None:
         warn(f"failed classes and reasons: {err_path}")
 

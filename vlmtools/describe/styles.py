@@ -15,6 +15,8 @@ from pathlib import Path
 from vlmtools.describe.parse import (parse_background, parse_cbd, parse_exemplar_answer, parse_lines,
                                      parse_structured)
 from vlmtools.errors import BadInput, VlmError
+from vlmtools.formats import read_text
+from vlmtools.prompts import wordify
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
@@ -60,10 +62,6 @@ EXEMPLAR_ANSWER = "A: There are several useful visual features to tell there is 
 BACKGROUND_HEADER = "Typical surroundings, habitat and behaviour:"
 
 
-def wordify(name: str) -> str:
-    return name.replace("_", " ")
-
-
 # ----------------------------------------------------------------------------- templates
 
 def builtin_template(style: str) -> str:
@@ -74,7 +72,7 @@ def read_template(path: str | Path) -> str:
     p = Path(path)
     if not p.is_file():
         raise BadInput(f"--prompt-file {p}: no such file")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p)
     check_template(text, str(p))
     return text
 
@@ -161,7 +159,7 @@ def read_exemplars(path: str | Path) -> list[Exemplar]:
     p = Path(path)
     if not p.is_file():
         raise BadInput(f"--exemplars {p}: no such file")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p)
     if text.lstrip().startswith("{"):
         from vlmtools.describe.interchange import read_any_descriptors
 

@@ -15,8 +15,10 @@ import string
 from pathlib import Path
 from statistics import mean
 
-from vlmtools.describe.styles import TEMPLATE_DIR, wordify
+from vlmtools.describe.styles import TEMPLATE_DIR
 from vlmtools.errors import BadInput
+from vlmtools.formats import read_text
+from vlmtools.prompts import wordify
 
 CHARACTERS = string.ascii_lowercase + string.digits
 DEFAULT_COUNT = 15  # pairs, as WaffleCLIP's --waffle_count
@@ -26,7 +28,7 @@ def read_words(path: str | Path | None = None) -> list[str]:
     p = Path(path) if path else TEMPLATE_DIR / "waffle_words.txt"
     if not p.is_file():
         raise BadInput(f"--waffle-words {p}: no such file")
-    words = [w.strip() for w in p.read_text(encoding="utf-8").split("\n")]
+    words = [w.strip() for w in read_text(p).split("\n")]
     words = [w for w in words if w and not w.startswith("#")]
     if not words:
         raise BadInput(f"{p}: no words")
