@@ -9,6 +9,8 @@ Documented for users in man/vlmtools-formats.5; keep the two in step.
 - store         directory of emb-*.npy + meta-*.jsonl shards, info.json ("format": STORE_FORMAT)
 - index         index.faiss + index.json ("format": INDEX_FORMAT) inside a store
 - predictions   JSONL, one image per line (see PREDICTION_KEYS)
+- synth world   directory written by `vlmtools synth make` (world.json "format": WORLD_FORMAT): images/,
+                masks/, manifest.jsonl, attributes.jsonl, classes.txt, descriptors.jsonl, captions.jsonl
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ INDEX_FORMAT = "vlmtools.index/1"
 PREDICTIONS_FORMAT = "vlmtools.predictions/1"
 DESCRIPTORS_FORMAT = "vlmtools.descriptors/1"
 MANIFEST_FORMAT = "vlmtools.manifest/1"
+WORLD_FORMAT = "vlmtools.synth/1"
 
 MANIFEST_KEYS = ("id", "path", "label", "split", "mask", "domain")
 DESCRIPTOR_KINDS = ("object", "background")
@@ -133,13 +136,17 @@ def write_jsonl(path: str | os.PathLike | None, records: Iterable[dict]) -> int:
 
 
 def _decoded_lines(fh: IO, name: str) -> Iterator[str]:
-    """Lines of a text stream; a file that is not UTF-8 is BadInput naming the line, not a traceback."""
-    lineno = 0
-    try:
-        for lineno, line in enumerate(fh, 1):
-            yield line
-    except UnicodeDecodeError:
-        raise BadInput(f"{name}:{lineno + 1}: not UTF-8 text") from None
+    """Lines of a text stream, decoded one line at a time (from its byte buffer where it has one) so that
+    a file that is not UTF-8 is BadInput naming the right line, not a traceback."""
+    raw = getattr(fh, "buffer", None)
+    if raw is None:  # an in-memory text stream: already decoded
+        yield from fh
+        return
+    for lineno, line in enumerate(raw, 1):
+        try:
+            yield line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise BadInput(f"{name}:{lineno}: not UTF-8 text") from None
 
 
 def read_text(path: str | os.PathLike) -> str:
