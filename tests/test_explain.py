@@ -149,3 +149,16 @@ def test_figure_of_an_unreadable_image_says_so(tmp_path):
     assert T._load_image(bad) is None and T._load_image(tmp_path / "missing.png") is None
     texts = [t.get_text() for ax in T.figure(rec).axes for t in ax.texts]
     assert "image not available" in texts
+
+
+def test_wrong_with_nothing_wrong_is_not_an_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmtools.cli.app import app
+
+    pred = tmp_path / "p.jsonl"
+    pred.write_text('{"id": "a", "label": "x", "pred": "x", "topk": [{"class": "x", "score": 0.3}], '
+                    '"explanation": [{"descriptor": "red", "kind": "object", "score": 0.3}]}\n')
+    result = CliRunner().invoke(app, ["explain", "text", str(pred), "--wrong"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "" and "no misclassified image" in result.stderr

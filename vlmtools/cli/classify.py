@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
         source = "<stdin>" if predictions == "-" else predictions
         chosen = select(records, ids=ids, wrong=wrong, limit=limit or None, source=source)
         if not chosen:
-            info("no image to explain")
+            info("no misclassified image to explain" if wrong else "no image to explain")
             return
         # the view is this command's output, so it goes to stdout (pipe to `less -R` for colour)
         out = Console(highlight=False)

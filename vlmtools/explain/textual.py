@@ -37,7 +37,7 @@ def select(records: Sequence[dict], *, ids: Sequence[str] = (), wrong: bool = Fa
         if any(r.get("label") is None for r in chosen):
             raise BadInput(f"--wrong: {source} has images without a \"label\"; cannot tell which are wrong")
         chosen = [r for r in chosen if r["pred"] != r["label"]]
-    if not any("explanation" in r for r in chosen):
+    if chosen and not any("explanation" in r for r in chosen):
         raise BadInput(f"{source}: no descriptor explanations in the selected predictions; "
                        f"they come from `vlmtools classify --method cbd`")
     return chosen[:limit] if limit else chosen
