@@ -1,0 +1,43 @@
+"""`vlmtools synth`: the offline world, a procedural benchmark with known truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vlmtools.cli.common import handle_errors
+
+
+def register(app: typer.Typer) -> None:
+    synth = typer.Typer(help="The offline world: generated images with known attributes, masks and oracle "
+                             "descriptors, for tests and demos without real data or pretrained weights.",
+                        no_args_is_help=True)
+
+    @synth.command("make")
+    @handle_errors
+    def make_cmd(
+        out: Path = typer.Argument(..., help="Directory to create (must not exist or be empty)."),
+        classes: int = typer.Option(20, "--classes", "-c", help="Number of made-up classes."),
+        per_class: int = typer.Option(50, "--per-class", "-n", help="Images per class."),
+        domain: str = typer.Option("photo", "--domain", help="photo, painting, or both (random per image)."),
+        seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
+        image_size: int = typer.Option(64, "--image-size", help="Image side in pixels."),
+        test_fraction: float = typer.Option(0.3, "--test-fraction", help="Share of each class in split test."),
+        force: bool = typer.Option(False, "--force", "-f", help="Replace OUT if it holds a previous world."),
+    ) -> None:
+        """Generate a world of made-up classes with known attributes, masks and oracle descriptors.
+
+        Writes images/, masks/, manifest.jsonl, attributes.jsonl, classes.txt, descriptors.jsonl (oracle),
+        captions.jsonl and world.json into OUT, atomically, and prints a one-line JSON summary on stdout."""
+        import json
+
+        from vlmtools.console import info
+        from vlmtools.synth.make import make_world
+
+        summary = make_world(out, classes=classes, per_class=per_class, domain=domain, seed=seed,
+                             image_size=image_size, test_fraction=test_fraction, force=force)
+        info(f"wrote {summary['images']} images of {summary['classes']} classes to {out}")
+        typer.echo(json.dumps(summary))
+
+    app.add_typer(synth, name="synth")

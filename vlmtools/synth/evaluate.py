@@ -1,0 +1,129 @@
+"""How well a CLIP-style model knows the offline world: zero-shot attributes, class names, descriptors.
+
+All functions take an ``Encoder`` (vlmtools.models) and in-memory uint8 images, so they work for the micro
+CLIP and for any other open_clip model alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vlmtools.prompts import descriptor_sentence
+from vlmtools.synth.world import PATTERN_ADJ, VOCAB, make_classes, oracle_descriptors, sample_class_images
+
+EVAL_ATTRIBUTES = ("colour", "shape", "pattern", "size", "habitat", "domain")
+
+
+def images_to_tensor(images: np.ndarray, model):
+    """uint8 (N,H,W,3) at the model's input size -> a normalized float tensor, as its preprocess would."""
+    import torch
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    mean = torch.tensor(cfg.get("mean", OPENAI_DATASET_MEAN)).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", OPENAI_DATASET_STD)).view(1, 3, 1, 1)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return (x - mean) / std
+
+
+def encode_images(encoder, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """uint8 images at the encoder's input size -> L2-normalized float32 features (N, dim)."""
+    size = encoder.image_size
+    if images.shape[1:3] != (size, size):
+        # other models: go through their own preprocess (resize, crop), image by image
+        import torch
+        from PIL import Image
+
+        batches = [torch.stack([encoder.preprocess(Image.fromarray(im)) for im in images[i:i + batch_size]])
+                   for i in range(0, len(images), batch_size)]
+    else:
+        batches = [images_to_tensor(images[i:i + batch_size], encoder.model)
+                   for i in range(0, len(images), batch_size)]
+    return np.concatenate([encoder.encode_image_tensor(b).numpy() for b in batches]).astype(np.float32)
+
+
+def attribute_prompts(attribute: str, value: str) -> list[str]:
+    """Zero-shot prompts for one attribute value, averaged into one text embedding."""
+    if attribute == "colour":
+        return [f"a photo of a {value} object.", f"a {value} thing.", f"something with {value} colouring."]
+    if attribute == "shape":
+        return [f"a photo of a {value}.", f"a {value}.", f"an object with the shape of a {value}."]
+    if attribute == "pattern":
+        adj = PATTERN_ADJ[value]
+        return [f"a photo of a {adj} object.", f"a {adj} thing."]
+    if attribute == "size":
+        return [f"a photo of a {value} object.", f"a {value} thing."]
+    if attribute == "habitat":
+        return [f"a photo of an object on {value}.", f"something on {value}.", f"{value} in the background"]
+    if attribute == "domain":
+        return [f"a {value} of an object.", f"a {value} of a thing."]
+    raise ValueError(attribute)
+
+
+def _mean_text_embeddings(encoder, groups: list[list[str]]) -> np.ndarray:
+    flat = [t for g in groups for t in g]
+    emb = encoder.encode_texts(flat)
+    out, start = [], 0
+    for g in groups:
+        v = emb[start:start + len(g)].mean(axis=0)
+        out.append(v / np.linalg.norm(v))
+        start += len(g)
+    return np.stack(out)
+
+
+def attribute_accuracy(encoder, image_features: np.ndarray, attributes: list[dict],
+                       which: tuple[str, ...] = EVAL_ATTRIBUTES) -> dict[str, float]:
+    """Zero-shot accuracy per attribute: pick the value whose prompts best match each image."""
+    out = {}
+    for attribute in which:
+        values = list(VOCAB[attribute])
+        text = _mean_text_embeddings(encoder, [attribute_prompts(attribute, v) for v in values])
+        pred = (image_features @ text.T).argmax(axis=1)
+        truth = np.array([values.index(a[attribute]) for a in attributes])
+        out[attribute] = float((pred == truth).mean())
+    return out
+
+
+def class_name_accuracy(encoder, image_features: np.ndarray, labels: list[str], class_names: list[str],
+                        template: str = "a photo of a {}.") -> float:
+    """Plain CLIP zero-shot with the class name only."""
+    text = encoder.encode_texts([template.format(c) for c in class_names])
+    pred = (image_features @ text.T).argmax(axis=1)
+    truth = np.array([class_names.index(label) for label in labels])
+    return float((pred == truth).mean())
+
+
+def descriptor_accuracy(encoder, image_features: np.ndarray, labels: list[str],
+                        descriptors: dict[str, list[str]], wrap: str = "cbd") -> float:
+    """CBD-style: a class's score is the mean cosine similarity over its descriptor sentences."""
+    class_names = list(descriptors)
+    sentences = [[descriptor_sentence(c, d, wrap) for d in descriptors[c]] for c in class_names]
+    flat = encoder.encode_texts([s for group in sentences for s in group])
+    scores, start = [], 0
+    for group in sentences:
+        scores.append((image_features @ flat[start:start + len(group)].T).mean(axis=1))
+        start += len(group)
+    pred = np.stack(scores, axis=1).argmax(axis=1)
+    truth = np.array([class_names.index(label) for label in labels])
+    return float((pred == truth).mean())
+
+
+def evaluate_world(encoder, classes: int = 20, per_class: int = 30, seed: int = 1000,
+                   domain: str = "photo", image_size: int = 64) -> dict:
+    """All figures on a freshly generated (held-out) world: attributes, class names, oracle descriptors."""
+    defs = make_classes(classes, seed)
+    rng = np.random.default_rng([seed, 4])
+    images, _, attrs, labels = sample_class_images(rng, defs, per_class, domain, image_size)
+    feats = encode_images(encoder, images)
+    names = [c["name"] for c in defs]
+    descriptors = {c["name"]: oracle_descriptors(c)[0] for c in defs}
+    which = EVAL_ATTRIBUTES if domain == "both" else tuple(a for a in EVAL_ATTRIBUTES if a != "domain")
+    result = {
+        "world": {"classes": classes, "per_class": per_class, "seed": seed, "domain": domain},
+        "attributes": attribute_accuracy(encoder, feats, attrs, which),
+        "attribute_chance": {a: round(1 / len(VOCAB[a]), 4) for a in which},
+        "class_name": class_name_accuracy(encoder, feats, labels, names),
+        "descriptors": descriptor_accuracy(encoder, feats, labels, descriptors),
+        "chance": round(1 / classes, 4),
+    }
+    return result

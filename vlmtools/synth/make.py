@@ -1,0 +1,151 @@
+"""Write a world to disk: images, masks, manifest, true attributes, classes, oracle descriptors, captions.
+
+The whole directory is generated in a temporary sibling and renamed into place, so a failed or interrupted
+run leaves nothing behind. Files are byte-identical for the same arguments.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from vlmtools.console import progress
+from vlmtools.errors import BadInput
+from vlmtools.formats import descriptor_record, dumps_line, iter_jsonl, manifest_record, read_json
+from vlmtools.synth.world import (DOMAINS, VOCAB, WORLD_VERSION, class_captions, make_classes,
+                                  oracle_descriptors, sample_attributes)
+from vlmtools.synth.render import render
+
+DOMAIN_CHOICES = DOMAINS + ("both",)
+MAX_CLASSES = 200
+
+
+def check_arguments(classes: int, per_class: int, domain: str, image_size: int, test_fraction: float) -> None:
+    if not 2 <= classes <= MAX_CLASSES:
+        raise BadInput(f"--classes {classes}: expected 2 to {MAX_CLASSES}")
+    if per_class < 1:
+        raise BadInput(f"--per-class {per_class}: expected at least 1")
+    if domain not in DOMAIN_CHOICES:
+        raise BadInput(f"--domain {domain!r}: expected one of {', '.join(DOMAIN_CHOICES)}")
+    if not 32 <= image_size <= 512:
+        raise BadInput(f"--image-size {image_size}: expected 32 to 512 pixels")
+    if not 0.0 <= test_fraction < 1.0:
+        raise BadInput(f"--test-fraction {test_fraction}: expected a number in [0, 1)")
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _write_lines(path: Path, records) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(dumps_line(rec))
+
+
+def _prepare_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise BadInput(f"{out}: directory exists and is not empty (pass --force to replace a world)")
+        if not (out / "world.json").exists():
+            raise BadInput(f"{out}: not a synth world (no world.json); refusing to replace it even with --force")
+
+
+def make_world(out_dir: str | os.PathLike, classes: int = 20, per_class: int = 50, domain: str = "photo",
+               seed: int = 0, image_size: int = 64, test_fraction: float = 0.3, force: bool = False) -> dict:
+    """Generate a world into ``out_dir``; returns a summary dict. See the module docstring for the files."""
+    check_arguments(classes, per_class, domain, image_size, test_fraction)
+    out = Path(out_dir)
+    _prepare_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        summary = _generate(tmp, classes, per_class, domain, seed, image_size, test_fraction)
+        tmp.chmod(0o755)
+        if out.exists():  # empty dir, or a world we may replace (--force): swap, then delete the old one
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    summary["out"] = str(out)
+    return summary
+
+
+def _generate(root: Path, n_classes: int, per_class: int, domain: str, seed: int, image_size: int,
+              test_fraction: float) -> dict:
+    defs = make_classes(n_classes, seed)
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng([seed, 5])
+    n_test = int(round(per_class * test_fraction))
+    manifest, attributes = [], []
+    total = n_classes * per_class
+    with progress("rendering", total=total, unit="images") as bar:
+        for c, cls in enumerate(defs):
+            for j in range(per_class):
+                index = c * per_class + j
+                image_id = f"{index:05d}"
+                attrs = sample_attributes(rng, cls, domain)
+                image, mask, geometry = render(rng, attrs, image_size)
+                (root / "images" / f"{image_id}.png").write_bytes(_png_bytes(image))
+                (root / "masks" / f"{image_id}.png").write_bytes(_png_bytes(mask.astype(np.uint8) * 255))
+                split = "test" if j < n_test else "train"
+                manifest.append(manifest_record(image_id, f"images/{image_id}.png", cls["name"], split,
+                                                mask=f"masks/{image_id}.png", domain=attrs["domain"]))
+                attributes.append({"id": image_id, "label": cls["name"], **attrs, **geometry})
+                bar.advance(1)
+    _write_lines(root / "manifest.jsonl", manifest)
+    _write_lines(root / "attributes.jsonl", attributes)
+    (root / "classes.txt").write_text("".join(c["name"] + "\n" for c in defs), encoding="utf-8")
+    descriptor_lines = []
+    for cls in defs:
+        descriptors, kinds = oracle_descriptors(cls)
+        descriptor_lines.append(descriptor_record(cls["name"], descriptors, kinds, style="oracle"))
+    _write_lines(root / "descriptors.jsonl", descriptor_lines)
+    _write_lines(root / "captions.jsonl",
+                 ({"class": c["name"], "sentences": class_captions(c)} for c in defs))
+    world = {
+        "format": WORLD_VERSION,
+        "seed": seed,
+        "classes": n_classes,
+        "per_class": per_class,
+        "domain": domain,
+        "image_size": image_size,
+        "test_fraction": test_fraction,
+        "vocabulary": {k: list(v) for k, v in VOCAB.items()},
+        "definitions": defs,
+    }
+    (root / "world.json").write_text(json.dumps(world, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"classes": n_classes, "images": total, "train": total - n_test * n_classes,
+            "test": n_test * n_classes, "domain": domain, "seed": seed, "image_size": image_size}
+
+
+def load_world(world_dir: str | os.PathLike) -> dict:
+    """A world's world.json (class definitions, seed, settings), checked to be one."""
+    path = Path(world_dir) / "world.json"
+    info = read_json(path)
+    if not isinstance(info, dict) or info.get("format") != WORLD_VERSION:
+        raise BadInput(f"{path}: not a {WORLD_VERSION} world description")
+    return info
+
+
+def read_attributes(world_dir: str | os.PathLike) -> dict[str, dict]:
+    """A world's true attributes per image id, from attributes.jsonl."""
+    return {str(rec["id"]): rec for _, rec in iter_jsonl(Path(world_dir) / "attributes.jsonl")}
