@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
     def demo_cmd(
         out: Path = typer.Argument(Path("vlmtools-demo"), help="Directory for everything the demo writes."),
         classes: int = typer.Option(20, "--classes", min=2, help="Classes in the world."),
-        per_class: int = typer.Option(40, "--per-class", min=1, help="Images per class (both domains)."),
+        per_class: int = typer.Option(50, "--per-class", min=1, help="Images per class (both domains)."),
         seed: int = typer.Option(0, "--seed"),
         device: str = DeviceOpt,
         force: bool = typer.Option(False, "--force", help="Reuse OUT even if it holds an earlier demo."),
