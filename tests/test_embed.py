@@ -14,7 +14,6 @@ from vlmtools.cli.app import app
 from vlmtools.embed import embed_images, text_records
 from vlmtools.images import load_rgb
 from vlmtools.store import open_store
-from tests.conftest import run_cli
 
 runner = CliRunner()
 TINY = ["--model", "vlmtools-tiny", "--pretrained", "none", "--device", "cpu"]

@@ -174,7 +174,7 @@ def text_records(path: str, wrap: str = "cbd") -> tuple[list[dict], dict]:
     name = "<stdin>" if str(path) == "-" else str(path)
     rows: list[dict] = []
     source = None
-    seen_classes: set[str] = set()
+    descriptor_lines = formats.DescriptorLines(name)
     for lineno, rec in formats.iter_jsonl(path, allow_plain=True):
         where = f"{name}:{lineno}"
         if isinstance(rec, str):
@@ -191,13 +191,8 @@ def text_records(path: str, wrap: str = "cbd") -> tuple[list[dict], dict]:
         elif {source, kind} != {"lines", "texts"} and source != kind:
             raise BadInput(f"{where}: mixes {kind} with {source} lines")
         if kind == "descriptors":
-            rec = formats.validate_descriptor_record(rec, where)
+            rec = descriptor_lines.check(lineno, rec)
             cls = str(rec["class"])
-            if cls in seen_classes:
-                raise BadInput(f"{where}: duplicate class {cls!r}")
-            if not rec["descriptors"]:
-                raise BadInput(f"{where}: class {cls!r} has an empty descriptor list")
-            seen_classes.add(cls)
             for j, (d, k) in enumerate(zip(rec["descriptors"], formats.descriptor_kinds(rec))):
                 rows.append({"id": f"{cls}::{j}", "text": descriptor_sentence(cls, d, wrap), "class": cls,
                              "descriptor": d, "kind": k, "wrap": wrap})

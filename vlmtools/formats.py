@@ -16,7 +16,6 @@ Documented for users in man/vlmtools-formats.5; keep the two in step.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import sys
@@ -274,22 +273,38 @@ def validate_descriptor_record(rec: Any, where: str) -> dict:
     return rec
 
 
-def read_descriptors(path: str | os.PathLike, *, allow_empty: bool = False) -> dict[str, dict]:
-    """Read descriptor JSONL into {class: record}, keeping file order. Duplicate classes and (unless
-    ``allow_empty``) empty descriptor lists are BadInput naming the line."""
-    name = "<stdin>" if str(path) == "-" else str(path)
-    out: dict[str, dict] = {}
-    for lineno, rec in iter_jsonl(path):
-        where = f"{name}:{lineno}"
+class DescriptorLines:
+    """Checks descriptor lines one at a time, as they stream by: shape, duplicate classes and (unless
+    ``allow_empty``) empty descriptor lists, each a BadInput naming file:line."""
+
+    def __init__(self, name: str, allow_empty: bool = False):
+        self.name, self.allow_empty = name, allow_empty
+        self.seen: set[str] = set()
+
+    def check(self, lineno: int, rec: Any) -> dict:
+        where = f"{self.name}:{lineno}"
         rec = validate_descriptor_record(rec, where)
         cls = str(rec["class"])
-        if cls in out:
+        if cls in self.seen:
             raise BadInput(f"{where}: duplicate class {cls!r}")
-        if not rec["descriptors"] and not allow_empty:
+        if not rec["descriptors"] and not self.allow_empty:
             raise BadInput(f"{where}: class {cls!r} has an empty descriptor list")
-        out[cls] = rec
+        self.seen.add(cls)
+        return rec
+
+
+def iter_descriptors(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, checked descriptor record) from a descriptor JSONL file or ``-``."""
+    lines = DescriptorLines("<stdin>" if str(path) == "-" else str(path), allow_empty)
+    for lineno, rec in iter_jsonl(path):
+        yield lineno, lines.check(lineno, rec)
+
+
+def read_descriptors(path: str | os.PathLike, *, allow_empty: bool = False) -> dict[str, dict]:
+    """Read descriptor JSONL into {class: record}, keeping file order (checked as iter_descriptors does)."""
+    out = {str(rec["class"]): rec for _, rec in iter_descriptors(path, allow_empty=allow_empty)}
     if not out:
-        raise BadInput(f"{name}: no descriptor lines found")
+        raise BadInput(f"{'<stdin>' if str(path) == '-' else path}: no descriptor lines found")
     return out
 
 

@@ -8,7 +8,6 @@ Reader: memory-maps shards in lexicographic (= row) order and presents one matri
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterable, Sequence

@@ -26,8 +26,8 @@ from vlmtools.describe.llm import LLMClient, LLMError
 from vlmtools.describe.styles import (Plan, build_plan, builtin_template, domain_exemplar_prompt,
                                       exemplar_from_answer, read_exemplars, read_template, template_fields)
 from vlmtools.errors import BadInput, VlmError
-from vlmtools.formats import (atomic_path, descriptor_record, dumps_line, iter_jsonl, validate_descriptor_record,
-                              write_jsonl)
+from vlmtools.formats import (atomic_path, descriptor_record, dumps_line, iter_descriptors, iter_jsonl,
+                              validate_descriptor_record, write_jsonl)
 
 DOMAIN_EXEMPLAR_MAX_TOKENS = 400
 
@@ -154,18 +154,11 @@ def _is_json(line: bytes) -> bool:
 
 
 def _read_records(path: Path) -> dict[str, dict]:
-    out: dict[str, dict] = {}
     try:
-        for lineno, rec in iter_jsonl(path):
-            where = f"{path}:{lineno}"
-            rec = validate_descriptor_record(rec, where)
-            cls = str(rec["class"])
-            if cls in out:
-                raise BadInput(f"{where}: duplicate class {cls!r}")
-            out[cls] = {**rec, "_line": lineno}
+        return {str(rec["class"]): {**rec, "_line": lineno}
+                for lineno, rec in iter_descriptors(path, allow_empty=True)}
     except BadInput as exc:
         raise BadInput(f"{exc}; {RESUME_HINT}") from None
-    return out
 
 
 def check_compatible(existing: dict[str, dict], path: Path, expect: dict) -> None:
