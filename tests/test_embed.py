@@ -99,7 +99,7 @@ def test_rerun_with_other_model_or_input_is_refused(tmp_path, image_dir, tiny_en
     assert result.exit_code == 2 and "vlmtools-tiny-coca" in result.stderr
     bigger = _manifest(tmp_path, image_dir, 6)
     result = runner.invoke(app, ["embed", "images", str(bigger), "-o", str(tmp_path / "s"), *TINY])
-    assert result.exit_code == 2 and "input_sha" in result.stderr
+    assert result.exit_code == 2 and "input of 4 rows" in result.stderr and "this run has input of 6 rows" in result.stderr
 
 
 def test_bad_manifests(tmp_path):
@@ -195,3 +195,56 @@ def test_embed_text_bad_input(tmp_path):
     result = runner.invoke(app, ["embed", "text", str(desc), "-o", str(tmp_path / "t"), *TINY])
     assert result.exit_code == 2 and "d.jsonl:2" in result.stderr and "duplicate class" in result.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_all_inputs_failing_is_an_error_and_retry_errors_redoes_them(tmp_path, image_dir):
+    from shutil import copy
+
+    work = tmp_path / "imgs"
+    work.mkdir()
+    broken = work / "a.png"
+    broken.write_bytes(b"")
+    listing = f"{broken}\n"
+    result = runner.invoke(app, ["embed", "images", "-", "-o", str(tmp_path / "s"), "--workers", "0", *TINY],
+                           input=listing)
+    assert result.exit_code == 1 and "none of the 1 images could be read" in result.stderr
+    copy(sorted(image_dir.glob("*.png"))[0], broken)  # the user fixes the file
+    result = runner.invoke(app, ["embed", "images", "-", "-o", str(tmp_path / "s"), "--workers", "0", *TINY],
+                           input=listing)
+    assert result.exit_code == 0 and "nothing to do" in result.stderr
+    result = runner.invoke(app, ["embed", "images", "-", "-o", str(tmp_path / "s"), "--workers", "0",
+                                 "--retry-errors", *TINY], input=listing)
+    assert result.exit_code == 0, result.output
+    store = open_store(tmp_path / "s")
+    assert len(store) == 1 and store.errors() == []
+
+
+def test_existing_store_keeps_its_model_and_options_are_checked_before_loading(tmp_path, image_dir):
+    manifest = _manifest(tmp_path, image_dir, 3)
+    out = str(tmp_path / "s")
+    assert runner.invoke(app, ["embed", "images", str(manifest), "-o", out, "--workers", "0", *TINY]).exit_code == 0
+    # no --model: the store's own model (vlmtools-tiny), not the ViT-B-32 default that is not cached here
+    result = runner.invoke(app, ["embed", "images", str(manifest), "-o", out, "--device", "cpu"])
+    assert result.exit_code == 0 and "nothing to do" in result.stderr
+    result = runner.invoke(app, ["embed", "images", str(manifest), "-o", out, "--model", "ViT-L-14"])
+    assert result.exit_code == 2 and "vlmtools-tiny" in result.stderr
+    for bad, message in ((["--dtype", "int8"], "--dtype"), (["--shard-size", "0"], "--shard-size"),
+                         (["--rank", "3", "--world-size", "2"], "rank 3")):
+        result = runner.invoke(app, ["embed", "images", str(manifest), "-o", str(tmp_path / "t"),
+                                     "--model", "ViT-B-32", *bad])  # fails before any (uncached) model load
+        assert result.exit_code == 2 and message in result.stderr and "cannot load" not in result.stderr
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["embed", "images", str(manifest), "-o", str(tmp_path / "file"), *TINY])
+    assert result.exit_code == 2 and "is a file" in result.stderr
+
+
+def test_output_path_problems_name_the_users_path(tmp_path):
+    from vlmtools import formats
+    from vlmtools.errors import BadInput
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(BadInput, match=r"d: is a directory"):
+        formats.write_jsonl(tmp_path / "d", [{"a": 1}])
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(BadInput, match=r"f/out.jsonl: cannot be created"):
+        formats.write_jsonl(tmp_path / "f" / "out.jsonl", [{"a": 1}])

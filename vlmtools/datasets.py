@@ -57,7 +57,7 @@ def folder_records(root: str | os.PathLike, split: str | None = None, domain: st
     """One record per image under ROOT/<class>/ (searched recursively, sorted; hidden entries skipped)."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise BadInput(f"{root}: no such directory")
+        raise BadInput(f"{root}: {'is a file, expected' if root.exists() else 'no such'} directory")
     root = root.resolve()
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:

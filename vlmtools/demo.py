@@ -36,7 +36,8 @@ METHODS = [
      ["--method", "cbd", "--descriptors", "world/descriptors.jsonl", "--text-store", "store/descriptors",
       "--background", "exclude"]),
     # WaffleCLIP's control: random words instead of descriptors (text embedded on the fly, cached).
-    ("waffle (random words)", "waffle.jsonl", ["--method", "cbd", "--descriptors", "descriptors/waffle.jsonl"]),
+    ("waffle (random words)", "waffle.jsonl", ["--method", "cbd", "--descriptors", "descriptors/waffle.jsonl",
+                                               "--no-cache"]),
 ]
 
 

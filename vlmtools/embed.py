@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 from vlmtools import console, formats
 from vlmtools.images import load_rgb
-from vlmtools.errors import BadInput
-from vlmtools.store import StoreWriter
+from vlmtools.errors import BadInput, VlmError
+from vlmtools.store import INFO, StoreWriter, check_layout
 
 
 @dataclass
@@ -55,6 +55,27 @@ def worker_slot(rank: int | None = None, world_size: int | None = None) -> tuple
     if world_size < 1 or not 0 <= rank < world_size:
         raise BadInput(f"worker rank {rank} is not in [0, {world_size})")
     return rank, world_size
+
+
+def check_options(*, dtype: str, shard_size: int, rank: int | None, world_size: int | None) -> None:
+    """Validate run options before any model is loaded (a model load takes seconds)."""
+    check_layout(dtype, shard_size)
+    worker_slot(rank, world_size)
+
+
+def output_spec(out: str, model: str | None, pretrained: str | None):
+    """The model for writing into ``out``: an existing store's own model unless the user names one (which
+    must match it, checked before loading anything); for a new store, the user's spec or the default."""
+    from pathlib import Path
+
+    from vlmtools.models import ModelSpec, spec_for_store
+
+    info_path = Path(out) / INFO
+    if Path(out).is_dir() and info_path.exists():
+        info = formats.read_json(info_path)
+        formats.check_format(info, formats.STORE_FORMAT, str(info_path))
+        return spec_for_store(info["model"], model, pretrained)
+    return ModelSpec.parse(model, pretrained)
 
 
 # ----------------------------------------------------------------------------- images
@@ -109,8 +130,9 @@ def _plan(writer: StoreWriter, n: int, shard_size: int, rank: int, world_size: i
 
 def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int = 64, workers: int = 2,
                  shard_size: int = 10000, dtype: str = "float16", rank: int | None = None,
-                 world_size: int | None = None) -> EmbedSummary:
-    """Embed manifest ``records`` with ``encoder`` (a models.Encoder) into the store ``out``."""
+                 world_size: int | None = None, retry_errors: bool = False) -> EmbedSummary:
+    """Embed manifest ``records`` with ``encoder`` (a models.Encoder) into the store ``out``.
+    ``retry_errors`` redoes the shards whose inputs failed before (e.g. after fixing the files)."""
     import numpy as np
     import torch
 
@@ -121,6 +143,10 @@ def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int 
                          shard_size=shard_size, preprocess=encoder.preprocess_description(),
                          extra_info={"input_sha": input_digest([r["id"] for r in records]),
                                      "input_count": len(records)})
+    if retry_errors:
+        reopened = writer.reopen_failed()
+        console.info(f"retrying {len(reopened)} shard(s) with failed inputs" if reopened else
+                     "no failed inputs to retry")
     n_shards, mine, todo = _plan(writer, len(records), shard_size, rank, world_size)
     start = time.perf_counter()
     if not todo:
@@ -161,6 +187,10 @@ def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int 
     summary = EmbedSummary(out, (info or {}).get("count") or 0, embedded, skipped, len(todo),
                            len(mine) - len(todo), seconds, info is not None)
     _report(summary, "images")
+    if embedded == 0 and skipped:
+        raise VlmError(f"none of the {skipped} images could be read (see {os.path.join(out, 'errors.jsonl')}); "
+                       f"relative paths in a manifest file resolve against its directory, on stdin against "
+                       f"the current directory")
     return summary
 
 

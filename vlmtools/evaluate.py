@@ -188,7 +188,7 @@ def report_compare(summary: dict, diff: Sequence[dict], show: int = 10) -> None:
               str(summary["only_a_correct"]), str(summary["only_b_correct"]), f"{m['p_exact']:.3g}")
     info(t)
     verdict = "unlikely to be chance (p < 0.05)" if m["p_exact"] < 0.05 else "could well be chance (p >= 0.05)"
-    info(f"the difference {verdict}; {summary['predictions_differ']} images get different predictions")
+    info(f"the difference is {verdict}; {summary['predictions_differ']} images get different predictions")
     if diff and show > 0:
         d = Table(title=f"first {min(show, len(diff))} disagreements", title_justify="left")
         for col in ("id", "label", a, b):

@@ -9,8 +9,11 @@ def load_rgb(path: str):
     import numpy as np
     from PIL import Image
 
+    from PIL import ImageOps
+
     with Image.open(path) as img:
         img.load()
+        img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(img, dtype=np.float64)
             top = 65535.0 if arr.max() > 255 else 255.0

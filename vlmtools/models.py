@@ -119,8 +119,9 @@ def _hf_cache_dir() -> str:
 
 
 def _offline_help(spec: ModelSpec, cause: BaseException) -> str:
+    detail = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
     return (
-        f"cannot load weights for {spec}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
+        f"cannot load weights for {spec}: they are not cached here and could not be downloaded ({detail})\n"
         f"  looked in the Hugging Face cache {_hf_cache_dir()} (and open_clip's download locations); "
         f"the network could not supply them.\n"
         f"  fix: download once on a machine with network access and copy the cache here "
@@ -226,6 +227,8 @@ def load_model(spec: ModelSpec, device: str = "auto") -> Encoder:
         torch.manual_seed(0)
     elif schema != "local-dir:" and os.path.sep not in pretrained:
         _fail_fast_if_offline(spec)
+    if schema == "hf-hub:":
+        _fail_fast_if_offline(spec)
     try:
         with _quiet_loggers():
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -261,7 +264,7 @@ def _quiet_loggers():
     loggers = [logging.getLogger(), logging.getLogger("huggingface_hub")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -275,7 +278,7 @@ def _fail_fast_if_offline(spec: ModelSpec) -> None:
 
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
         return  # huggingface_hub will look in the cache only, and fail fast itself
-    if spec.pretrained and _is_cached(spec.name, spec.pretrained):
+    if _is_cached(spec.name, spec.pretrained):
         return
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return  # a proxy decides what is reachable: let huggingface_hub try
@@ -305,16 +308,19 @@ def available_models() -> list[dict[str, Any]]:
     return rows
 
 
-def _is_cached(name: str, tag: str) -> bool:
-    import open_clip
+def _is_cached(name: str, tag: str | None) -> bool:
+    """Whether the Hugging Face cache holds files for this spec (an hf-hub: repo, or a tag's hub repo)."""
+    if name.startswith("hf-hub:"):
+        hub_id = name[len("hf-hub:"):].split("@")[0]
+    elif spec_is_schema(name) or not tag:
+        return False
+    else:
+        import open_clip
 
-    if spec_is_schema(name):
+        hub_id = open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "").rstrip("/")
+    if hub_id.count("/") != 1:
         return False
-    cfg = open_clip.get_pretrained_cfg(name, tag)
-    hub_id = cfg.get("hf_hub", "").rstrip("/")
-    if not hub_id:
-        return False
-    repo_dir = Path(_hf_cache_dir()) / ("models--" + hub_id.split("/")[0] + "--" + hub_id.split("/")[1])
+    repo_dir = Path(_hf_cache_dir()) / ("models--" + hub_id.replace("/", "--"))
     return repo_dir.is_dir() and any(repo_dir.glob("snapshots/*/*"))
 
 

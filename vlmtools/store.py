@@ -21,19 +21,25 @@ _SHARD_RE = re.compile(r"^emb-(.+)\.npy$")
 DTYPES = ("float16", "float32")
 
 
+def check_layout(dtype: str, shard_size: int) -> None:
+    if dtype not in DTYPES:
+        raise BadInput(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if shard_size < 1:
+        raise BadInput("--shard-size must be at least 1")
+
+
 class StoreWriter:
     """Writes one worker's shards into a store directory, and info.json (count null until complete)."""
 
     def __init__(self, path: str | Path, *, kind: str, model: dict, dim: int, dtype: str = "float16",
                  shard_size: int = 10000, preprocess: str | None = None, extra_info: dict | None = None):
-        if dtype not in DTYPES:
-            raise BadInput(f"--dtype {dtype!r}: expected one of {DTYPES}")
-        if shard_size < 1:
-            raise BadInput("--shard-size must be at least 1")
+        check_layout(dtype, shard_size)
         self.path = Path(path)
         self.kind, self.model, self.dim, self.dtype = kind, model, dim, dtype
         self.shard_size, self.preprocess = shard_size, preprocess
         self.extra_info = extra_info or {}
+        if self.path.exists() and not self.path.is_dir():
+            raise BadInput(f"{self.path}: is a file; a store is a directory (pass a new directory to -o)")
         self.path.mkdir(parents=True, exist_ok=True)
         existing = self._check_existing_info()
         if existing is None:
@@ -53,8 +59,9 @@ class StoreWriter:
                   ("shard_size", self.shard_size)] + list(self.extra_info.items())
         for key, mine in checks:
             if info.get(key) != mine:
-                raise StoreMismatch(f"{self.path} already holds a store with {key}={info.get(key)!r}, "
-                                    f"not {mine!r}; use another output directory or delete it")
+                this_run = {**info, key: mine, "input_count": self.extra_info.get("input_count")}
+                raise StoreMismatch(f"{self.path} already holds a store {_describe(key, info)}; this run has "
+                                    f"{_describe(key, this_run)}. Use another output directory or delete it")
         return info
 
     def _write_info(self, count: int | None) -> None:
@@ -68,6 +75,17 @@ class StoreWriter:
 
     def shard_done(self, shard: int) -> bool:
         return (self.path / formats.emb_name(self.stem(shard))).exists()
+
+    def reopen_failed(self) -> list[int]:
+        """Forget the shards that recorded failed inputs, so that a rerun tries those inputs again."""
+        reopened = []
+        for f in sorted(self.path.glob("errors-*.jsonl")):
+            stem = f.name[len("errors-"):-len(".jsonl")]
+            (self.path / formats.emb_name(stem)).unlink(missing_ok=True)
+            reopened.append(int(stem))
+        if reopened:
+            self._write_info(count=None)
+        return reopened
 
     def clean_partial(self, shards: Iterable[int]) -> None:
         """Remove temp files a killed run left for these shards (only this worker's shards: others may be
@@ -113,6 +131,16 @@ class StoreWriter:
         return formats.read_json(self.path / INFO)
 
 
+def _describe(key: str, info: dict) -> str:
+    """A store setting in words, for mismatch messages."""
+    value = info.get(key)
+    if key == "model" and isinstance(value, dict):
+        return f"model {value.get('name')} (pretrained={value.get('pretrained')})"
+    if key == "input_sha":
+        return f"input of {info.get('input_count')} rows with digest {value}"
+    return f"{key}={value!r}"
+
+
 def errors_name(stem: str) -> str:
     return f"errors-{stem}.jsonl"
 
@@ -142,7 +170,7 @@ class StoreReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise BadInput(f"{self.path}: no such store directory")
+            raise BadInput(f"{self.path}: {'is a file, not a store directory' if self.path.exists() else 'no such store directory'}")
         info_path = self.path / INFO
         if not info_path.exists():
             raise BadInput(f"{self.path}: not a vlmtools store (no {INFO})")
@@ -230,7 +258,8 @@ def open_store(path: str | Path, spec=None, kind: str | None = None) -> StoreRea
     or if ``kind`` ("image"/"text") differs."""
     reader = StoreReader(path)
     if kind is not None and reader.kind != kind:
-        raise BadInput(f"{path}: is a {reader.kind} store, expected a {kind} store")
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise BadInput(f"{path}: is a {reader.kind} store, expected {article} {kind} store")
     reader.check_model(spec)
     return reader
 

@@ -110,12 +110,12 @@ def register(app: typer.Typer) -> None:
     @group.command("import")
     @handle_errors
     def import_cmd(
-        file: str = typer.Argument(..., help="JSON object {class: [descriptors]} (CBD, WaffleCLIP, CuPL), or '-'."),
+        file: str = typer.Argument(..., help="JSON object {class: \\[descriptors]} (CBD, WaffleCLIP, CuPL), or '-'."),
         output: str = typer.Option("-", "--output", "-o", help="Descriptor JSONL ('-' is stdout)."),
         fmt: str = typer.Option("cbd", "--format", "-f", help="cbd (descriptors) or cupl (full sentences); "
                                 "stored as \"style\"."),
     ) -> None:
-        """Convert a {class: [descriptors]} JSON dict to descriptor JSONL, keeping the class order."""
+        """Convert a {class: \\[descriptors]} JSON dict to descriptor JSONL, keeping the class order."""
         from vlmtools.console import info
         from vlmtools.describe.interchange import import_descriptors
         from vlmtools.formats import write_jsonl
@@ -129,7 +129,7 @@ def register(app: typer.Typer) -> None:
     def export_cmd(
         file: str = typer.Argument(..., help="Descriptor JSONL (or a JSON dict)."),
         output: str = typer.Option("-", "--output", "-o", help="JSON file ('-' is stdout)."),
-        fmt: str = typer.Option("cbd", "--format", "-f", help="cbd: {class: [descriptors]}, as CBD, "
+        fmt: str = typer.Option("cbd", "--format", "-f", help="cbd: {class: \\[descriptors]}, as CBD, "
                                 "WaffleCLIP and CuPL read it."),
         kind: str = typer.Option("all", "--kind", help="all, object (drop background descriptors) or background."),
     ) -> None:

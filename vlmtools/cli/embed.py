@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, model_spec
+from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors
 
 embed_app = typer.Typer(help="Embed images or texts into a store (sharded NPY + JSONL meta + info.json).",
                         no_args_is_help=True)
@@ -42,17 +42,25 @@ def images_cmd(
     dtype: str = DtypeOpt,
     rank: Optional[int] = RankOpt,
     world_size: Optional[int] = WorldOpt,
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="Try the inputs that failed before again "
+                                      "(after fixing them); their shards are redone."),
     json_: bool = JsonOpt,
 ) -> None:
-    """Embed the images of a manifest. Unreadable images go to STORE/errors.jsonl; the run goes on."""
-    from vlmtools.embed import embed_images
+    """Embed the images of a manifest. Unreadable images go to STORE/errors.jsonl; the run goes on
+    (exit 1 if none could be read). Rerunning resumes; without --model an existing store keeps its own."""
+    from vlmtools.embed import check_options, embed_images, output_spec
+    from vlmtools.errors import BadInput
     from vlmtools.formats import read_manifest
     from vlmtools.models import load_model
 
     records = read_manifest(manifest)
-    encoder = load_model(model_spec(model, pretrained), device)
+    if not records:
+        raise BadInput(f"{'<stdin>' if manifest == '-' else manifest}: no images listed")
+    check_options(dtype=dtype, shard_size=shard_size, rank=rank, world_size=world_size)
+    encoder = load_model(output_spec(output, model, pretrained), device)
     summary = embed_images(records, output, encoder, batch_size=batch_size, workers=workers,
-                           shard_size=shard_size, dtype=dtype, rank=rank, world_size=world_size)
+                           shard_size=shard_size, dtype=dtype, rank=rank, world_size=world_size,
+                           retry_errors=retry_errors)
     _emit(summary, json_)
 
 
@@ -75,11 +83,12 @@ def text_cmd(
     json_: bool = JsonOpt,
 ) -> None:
     """Embed texts. Descriptor JSONL keeps class, descriptor and kind in each row's meta."""
-    from vlmtools.embed import embed_texts, text_records
+    from vlmtools.embed import check_options, embed_texts, output_spec, text_records
     from vlmtools.models import load_model
 
     rows, extras = text_records(source, wrap)
-    encoder = load_model(model_spec(model, pretrained), device)
+    check_options(dtype=dtype, shard_size=shard_size, rank=rank, world_size=world_size)
+    encoder = load_model(output_spec(output, model, pretrained), device)
     summary = embed_texts(rows, output, encoder, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
                           extra_info=extras, rank=rank, world_size=world_size)
     _emit(summary, json_)
