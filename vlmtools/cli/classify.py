@@ -74,7 +74,8 @@ def register(app: typer.Typer) -> None:
                        use_cache=not no_cache)
 
     eval_app = subgroup(app, "eval", "Evaluate predictions: `vlmtools eval PRED.jsonl` (accuracy tables), "
-                        "`vlmtools eval compare A.jsonl B.jsonl` (paired, with McNemar's test).",
+                        "`vlmtools eval compare A.jsonl B.jsonl` (paired, with McNemar's test). Options of the first "
+                        "(--by, --json, --csv, --plot): `vlmtools eval predictions --help`.",
                         default_command="predictions")
 
     @eval_app.command("predictions")

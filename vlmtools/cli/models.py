@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
             for r in rows:
                 typer.echo(dumps_line(r), nl=False)
             return
+        typer.echo("model\tpretrained\tavailable offline\tsource")
         for r in rows:
-            flag = "cached" if r["cached"] else "-"
+            flag = "yes" if r["cached"] else "no"
             typer.echo(f"{r['model']}\t{r['pretrained']}\t{flag}\t{r['source']}")

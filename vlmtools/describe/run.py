@@ -402,8 +402,9 @@ def _failure(cls: str, reason: str, plan: Plan, client: LLMClient, raw: list[str
 
 def _summarize(report: Report, out_path: Path | None, err_path: Path | None) -> None:
     where = out_path or "stdout"
-    info(escape(f"wrote {report.written} classes to {where} ({report.cached} from cache, "
-                f"{report.skipped} already there)"))
+    if report.written or report.skipped:
+        info(escape(f"wrote {report.written} classes to {where} ({report.cached} from cache, "
+                    f"{report.skipped} already there)"))
     if report.loose:
         warn(f"{report.loose} answers had no '- ' lines and were parsed loosely (numbered lists, JSON, ...)")
     if report.truncated:
