@@ -46,7 +46,26 @@ def test_demo_refuses_a_non_empty_directory(tmp_path):
     assert result.exit_code == 2 and "not empty" in result.stderr
     result = runner.invoke(app, ["demo", str(tmp_path), "--force", *SMALL])
     assert result.exit_code == 2 and "refusing to delete" in result.stderr
+    (tmp_path / "pipeline.sh").write_text("#!/bin/sh\necho my own script\n")  # a common name: not proof
+    result = runner.invoke(app, ["demo", str(tmp_path), "--force", *SMALL])
+    assert result.exit_code == 2 and "refusing to delete" in result.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+    assert (tmp_path / "pipeline.sh").read_text().endswith("my own script\n")
+    (tmp_path / "file").write_text("x")
+    for args, message in (([str(tmp_path / "file")], "is a file"), ([str(tmp_path / "d"), "--classes", "999"],
+                                                                     "--classes 999")):
+        result = runner.invoke(app, ["demo", *args, "--per-class", "2", "--device", "cpu"])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_force_replaces_only_its_own_files(tmp_path):
+    out = tmp_path / "demo"
+    assert runner.invoke(app, ["demo", str(out), *SMALL]).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["demo", str(out), "--force", *SMALL])
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_text() == "mine" and (out / "results.json").exists()
 
 
 @pytest.mark.slow
@@ -58,6 +77,11 @@ def test_pipeline_script_reproduces_the_demo(tmp_path):
     replay.mkdir()
     script = (out / "pipeline.sh").read_text().replace("--device auto", "--device cpu")
     (replay / "pipeline.sh").write_text(script)
+    # and the script reruns where the demo left it (the world is rebuilt identically, stores resume)
+    env0 = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    rerun = subprocess.run(["sh", "pipeline.sh"], cwd=out, env=env0, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads((out / "world.summary.json").read_text())
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(["sh", "pipeline.sh"], cwd=replay, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -13,6 +13,10 @@ from pathlib import Path
 from vlmtools import formats
 
 DEMO_MODEL = ["--model", "vlmtools-micro"]
+SCRIPT_HEADER = "#!/bin/sh\n# The pipeline `vlmtools demo` ran, as shell commands (run from this directory).\n"
+# Everything a demo writes into OUT: --force removes these and nothing else.
+DEMO_ENTRIES = ("world", "store", "predictions", "eval", "explanations", "descriptors", "pipeline.sh",
+                "results.json", "results.txt", "world.summary.json")
 
 
 @dataclass
@@ -44,8 +48,9 @@ METHODS = [
 def pipeline(classes: int, per_class: int, seed: int, device: str) -> list[Step]:
     dev = ["--device", device]
     steps = [
+        # --force: rerunning pipeline.sh where it lies rebuilds the same (byte-identical) world
         Step("build the world", ["synth", "make", "world", "--classes", str(classes), "--per-class", str(per_class),
-                                 "--domain", "both", "--seed", str(seed)], stdout="world.summary.json"),
+                                 "--domain", "both", "--seed", str(seed), "--force"], stdout="world.summary.json"),
         Step("embed the images", ["embed", "images", "world/manifest.jsonl", "-o", "store/images", *DEMO_MODEL, *dev]),
         Step("embed the descriptors", ["embed", "text", "world/descriptors.jsonl", "-o", "store/descriptors",
                                        *DEMO_MODEL, *dev]),
@@ -65,8 +70,38 @@ def pipeline(classes: int, per_class: int, seed: int, device: str) -> list[Step]
     return steps
 
 
+def prepare_out(out: Path, force: bool, classes: int, per_class: int) -> None:
+    """Check the arguments and OUT before any work. OUT must be new or empty; with ``force`` an earlier
+    demo's files (and only those) are removed."""
+    import shutil
+
+    from vlmtools.errors import BadInput
+    from vlmtools.synth.make import check_arguments
+
+    check_arguments(classes, per_class, "both", 64, 0.3)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out}: is a file; the demo needs a directory")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise BadInput(f"{out} exists and is not empty; pass --force to replace an earlier demo there, "
+                           f"or name another directory")
+        script = out / "pipeline.sh"
+        is_demo = (script.is_file() and script.read_text(errors="replace").startswith(SCRIPT_HEADER)
+                   and (out / "world" / "world.json").is_file())
+        if not is_demo:
+            raise BadInput(f"{out} does not hold an earlier demo (no pipeline.sh written by vlmtools demo and "
+                           f"world/world.json); refusing to delete anything there")
+        for name in DEMO_ENTRIES:
+            entry = out / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def write_script(out: Path, steps: list[Step]) -> Path:
-    text = ("#!/bin/sh\n# The pipeline `vlmtools demo` ran, as shell commands (run from this directory).\nset -e\n"
+    text = (SCRIPT_HEADER + "set -e\n"
             "mkdir -p predictions eval explanations descriptors\n" + "".join(f"# {s.title}\n{s.shell()}\n" for s in steps))
     path = out / "pipeline.sh"
     with formats.atomic_path(path) as tmp:

@@ -40,24 +40,16 @@ def register(app: typer.Typer) -> None:
         per_class: int = typer.Option(50, "--per-class", min=1, help="Images per class (both domains)."),
         seed: int = typer.Option(0, "--seed"),
         device: str = DeviceOpt,
-        force: bool = typer.Option(False, "--force", help="Reuse OUT even if it holds an earlier demo."),
+        force: bool = typer.Option(False, "--force", help="Replace an earlier demo in OUT (its files only)."),
     ) -> None:
         """Run the offline pipeline end to end with the micro CLIP and print the results table.
 
         No network or GPU needed. Every step is a real `vlmtools` command, written to OUT/pipeline.sh."""
-        import shutil
         import time
 
         from vlmtools import console, demo, formats
-        from vlmtools.errors import BadInput
 
-        if out.exists() and any(out.iterdir()):
-            if not force:
-                raise BadInput(f"{out} exists and is not empty; pass --force to replace it, or another directory")
-            if not (out / "pipeline.sh").exists():
-                raise BadInput(f"{out} does not look like a demo directory (no pipeline.sh); refusing to delete it")
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+        demo.prepare_out(out, force, classes, per_class)
         steps = demo.pipeline(classes, per_class, seed, device)
         script = demo.write_script(out, steps)
         console.info(f"[bold]vlmtools demo[/bold]: the pipeline below is also in {script}")
