@@ -201,7 +201,7 @@ def text_records(path: str, wrap: str = "cbd") -> tuple[list[dict], dict]:
     (class, descriptor), the embedded text wrapped by ``wrap``). Returns (rows, info extras)."""
     from vlmtools.prompts import descriptor_sentence
 
-    name = "<stdin>" if str(path) == "-" else str(path)
+    name = formats.source_name(path)
     rows: list[dict] = []
     source = None
     descriptor_lines = formats.DescriptorLines(name)

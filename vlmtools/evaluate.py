@@ -281,7 +281,7 @@ def evaluate_file(path, *, by: Sequence[str] = (), json_out="-", csv_out=None, p
     """`vlmtools eval`: read, evaluate, report on stderr, write JSON (stdout by default), CSV and plots."""
     records = read_labelled(path)
     result = evaluate(records, by)
-    report(result, title=f"{'<stdin>' if str(path) == '-' else path}")
+    report(result, title=formats.source_name(path))
     if csv_out is not None:
         write_per_class_csv(csv_out, result)
     if plot_dir is not None:

@@ -56,6 +56,11 @@ def meta_name(stem: str) -> str:
     return f"meta-{stem}.jsonl"
 
 
+def source_name(path: str | os.PathLike) -> str:
+    """How messages name an input: its path, or <stdin> for ``-``."""
+    return "<stdin>" if str(path) == "-" else str(path)
+
+
 # ----------------------------------------------------------------------------- atomic writes
 
 _UMASK = os.umask(0)
@@ -157,7 +162,7 @@ def _decoded_lines(fh: IO, name: str) -> Iterator[str]:
 
 def read_text(path: str | os.PathLike) -> str:
     """A whole text input (``-`` for stdin) as a string; missing or non-UTF-8 files are BadInput."""
-    name = "<stdin>" if str(path) == "-" else str(path)
+    name = source_name(path)
     with open_input(path) as fh:
         return "".join(_decoded_lines(fh, name))
 
@@ -167,7 +172,7 @@ def iter_jsonl(path: str | os.PathLike, *, allow_plain: bool = False) -> Iterato
 
     With ``allow_plain``, a line that does not start with ``{`` is yielded as a plain string.
     """
-    name = "<stdin>" if str(path) == "-" else str(path)
+    name = source_name(path)
     with open_input(path) as fh:
         for lineno, line in enumerate(_decoded_lines(fh, name), 1):
             line = line.strip()
@@ -194,7 +199,7 @@ def manifest_record(id: str, path: str, label: str | None = None, split: str | N
 def read_manifest(path: str | os.PathLike) -> list[dict]:
     """Read a manifest (JSONL) or bare image paths, one per line. Relative paths in a manifest file
     are resolved against the manifest's directory."""
-    name = "<stdin>" if str(path) == "-" else str(path)
+    name = source_name(path)
     base = None if str(path) == "-" else Path(path).resolve().parent
     records = []
     seen: set[str] = set()
@@ -227,7 +232,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
 def read_class_list(path: str | os.PathLike) -> list[str]:
     """Class names from a plain list (one per line), a manifest (distinct labels, first-seen order),
     or a descriptor JSONL (its classes, in order). Duplicates in a plain list are an error."""
-    name = "<stdin>" if str(path) == "-" else str(path)
+    name = source_name(path)
     classes: list[str] = []
     seen: set[str] = set()
     for lineno, rec in iter_jsonl(path, allow_plain=True):
@@ -302,7 +307,7 @@ class DescriptorLines:
 
 def iter_descriptors(path: str | os.PathLike, *, allow_empty: bool = False) -> Iterator[tuple[int, dict]]:
     """(line number, checked descriptor record) from a descriptor JSONL file or ``-``."""
-    lines = DescriptorLines("<stdin>" if str(path) == "-" else str(path), allow_empty)
+    lines = DescriptorLines(source_name(path), allow_empty)
     for lineno, rec in iter_jsonl(path):
         yield lineno, lines.check(lineno, rec)
 
@@ -311,7 +316,7 @@ def read_descriptors(path: str | os.PathLike, *, allow_empty: bool = False) -> d
     """Read descriptor JSONL into {class: record}, keeping file order (checked as iter_descriptors does)."""
     out = {str(rec["class"]): rec for _, rec in iter_descriptors(path, allow_empty=allow_empty)}
     if not out:
-        raise BadInput(f"{'<stdin>' if str(path) == '-' else path}: no descriptor lines found")
+        raise BadInput(f"{source_name(path)}: no descriptor lines found")
     return out
 
 
@@ -418,7 +423,7 @@ def validate_prediction(rec: Any, where: str, *, require_label: bool = False) ->
 
 def read_predictions(path: str | os.PathLike, *, require_label: bool = False) -> list[dict]:
     """Read and validate a predictions file (or ``-``); duplicate ids are BadInput naming the line."""
-    name = "<stdin>" if str(path) == "-" else str(path)
+    name = source_name(path)
     records: list[dict] = []
     seen: set[str] = set()
     for lineno, rec in iter_jsonl(path):

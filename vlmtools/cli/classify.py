@@ -142,7 +142,7 @@ def register(app: typer.Typer) -> None:
         if limit < 0 or (top is not None and top < 1) or width < 1:
             raise BadInput("--limit must be >= 0, --top and --width >= 1")
         records = formats.read_predictions(predictions)
-        source = "<stdin>" if predictions == "-" else predictions
+        source = formats.source_name(predictions)
         chosen = select(records, ids=ids, wrong=wrong, limit=limit or None, source=source)
         if not chosen:
             info("no misclassified image to explain" if wrong else "no image to explain")

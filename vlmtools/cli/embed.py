@@ -50,12 +50,12 @@ def images_cmd(
     (exit 1 if none could be read). Rerunning resumes; without --model an existing store keeps its own."""
     from vlmtools.embed import check_options, embed_images, output_spec
     from vlmtools.errors import BadInput
-    from vlmtools.formats import read_manifest
+    from vlmtools.formats import read_manifest, source_name
     from vlmtools.models import load_model
 
     records = read_manifest(manifest)
     if not records:
-        raise BadInput(f"{'<stdin>' if manifest == '-' else manifest}: no images listed")
+        raise BadInput(f"{source_name(manifest)}: no images listed")
     check_options(dtype=dtype, shard_size=shard_size, rank=rank, world_size=world_size)
     encoder = load_model(output_spec(output, model, pretrained), device)
     summary = embed_images(records, output, encoder, batch_size=batch_size, workers=workers,

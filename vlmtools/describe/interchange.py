@@ -12,7 +12,7 @@ from statistics import mean
 
 from vlmtools.console import warn
 from vlmtools.errors import BadInput
-from vlmtools.formats import descriptor_kinds, descriptor_record, read_descriptors, read_text
+from vlmtools.formats import descriptor_kinds, descriptor_record, read_descriptors, read_text, source_name
 
 IMPORT_FORMATS = ("cbd", "cupl")
 EXPORT_FORMATS = ("cbd",)
@@ -39,7 +39,7 @@ def _looks_like_record(obj: object) -> bool:
 
 def read_any_descriptors(path: str | Path, style: str | None = None) -> list[dict]:
     """A JSON dict ({class: [descriptors]}) or a vlmtools descriptor JSONL, as records in file order."""
-    where = "<stdin>" if str(path) == "-" else str(path)
+    where = source_name(path)
     text = read_text(path)
     try:
         obj = json.loads(text)
@@ -55,7 +55,7 @@ def read_any_descriptors(path: str | Path, style: str | None = None) -> list[dic
 def import_descriptors(path: str | Path, fmt: str = "cbd") -> list[dict]:
     if fmt not in IMPORT_FORMATS:
         raise BadInput(f"--format {fmt!r}: expected one of {', '.join(IMPORT_FORMATS)}")
-    where = "<stdin>" if str(path) == "-" else str(path)
+    where = source_name(path)
     text = read_text(path)
     try:
         obj = json.loads(text)
