@@ -62,3 +62,75 @@ def augment(net: AugNet, x: torch.Tensor, batch: int = 4096) -> torch.Tensor:
     net.eval()
     parts = [F.normalize(net(x[s:s + batch]), dim=1) for s in range(0, x.shape[0], batch)]
     return torch.cat(parts) if parts else x.new_zeros((0, x.shape[1]))
+
+
+# ----------------------------------------------------------------------------- the head and `train lads`
+
+from vlmtools.heads.augmented import AugmentedProbe  # noqa: E402
+from vlmtools.heads.base import register  # noqa: E402
+
+
+@register("lads")
+class LadsHead(AugmentedProbe):
+    """The LADS probe (``fc``) and the augmentation network it was trained with (``aug``)."""
+
+    augmenter = AugNet
+
+
+def train_lads(store, output, *, options, where=(), val_where=(), val_fraction=None, model=None,
+               pretrained=None, source: str = "a photo of a {}.", target: str = "a painting of a {}.",
+               classes=None, text_store=None, alpha: float = 0.5, aug_epochs: int = 20,
+               hidden: int | None = None, logit_scale: float = DEFAULT_LOGIT_SCALE, shots: int | None = None,
+               use_cache: bool = True) -> dict:
+    """`vlmtools train lads`: f_aug on the train rows (step 1), then the linear probe on the original +
+    augmented rows (step 2)."""
+    from vlmtools.classify import check_templates
+    from vlmtools.errors import BadInput
+    from vlmtools.heads import augmented as A
+    from vlmtools.heads.data import load_train_val
+    from vlmtools.heads.loop import seeded
+
+    options.check()
+    A.check_common(None, alpha, hidden, shots)
+    if aug_epochs < 1 or not logit_scale > 0:
+        raise BadInput("--aug-epochs must be >= 1 and --logit-scale > 0")
+    check_templates([source], "--source")
+    check_templates([target], "--target")
+    if source == target:
+        raise BadInput("--source and --target are the same prompt: there is no domain shift to follow")
+    A.check_output(output)
+    data = load_train_val(store, where=where, val_where=val_where, val_fraction=val_fraction, seed=options.seed,
+                          model=model, pretrained=pretrained)
+    A.check_class_list(classes, data)
+    A.take_shots(data, shots, options.seed)
+    texts = A.open_text_store(text_store, data.spec, data.reader.dim)
+    opts = dict(text_store=texts, device=options.device, use_cache=use_cache)
+    src = torch.from_numpy(A.class_text_embeddings(data.classes, [source], data.spec, **opts))
+    tgt = torch.from_numpy(A.class_text_embeddings(data.classes, [target], data.spec, **opts))
+    d = data.reader.dim
+    with seeded(options.seed):
+        net = AugNet(d, hidden or d)
+    on = {}
+
+    def loss(m, xb, yb):
+        if xb.device not in on:
+            on[xb.device] = (src.to(xb.device), tgt.to(xb.device))
+        s, t = on[xb.device]
+        return lads_loss(m, xb, yb, s, t, alpha=alpha, logit_scale=logit_scale)[0]
+
+    A.fit_augmenter(net, data, loss, options, aug_epochs, "train lads: augmenter")
+    net.cpu()
+    x = torch.from_numpy(data.train.x)
+    extra_x = augment(net, x).numpy()
+    with torch.no_grad():
+        shift = F.cosine_similarity(net(x) - x, (tgt - src)[torch.from_numpy(data.train.y)], dim=1)
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    training = {"where": list(where), "val_where": list(val_where), "val_fraction": val_fraction,
+                "source": source, "target": target, "text_store": None if text_store is None else str(text_store),
+                "alpha": alpha, "aug_epochs": aug_epochs, "logit_scale": logit_scale, "shots": shots}
+    return A.fit_probe_with("lads", dict(input_dim=d, n_classes=len(data.classes), hidden=hidden or d), state,
+                            data, extra_x, data.train.y, output, options, training=training,
+                            inputs=data.inputs(),
+                            extra={"augmented_rows": len(extra_x),
+                                   "shift_alignment_mean": round(float(shift.mean()), 4)},
+                            description="train lads: probe")

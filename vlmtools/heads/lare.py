@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vlmtools.errors import BadInput
+
 VOLUME_LOSSES = ("log-side", "literal")
 MIN_HALF = 1e-6          # every half-width is at least this: boxes never collapse to a point
 DEFAULT_LOGIT_SCALE = 100.0
@@ -133,3 +135,91 @@ def box_stats(net: BoxNet, x: torch.Tensor, batch: int = 4096) -> dict:
         out["min_side"].append(sides.min(dim=1).values)
         out["max_side"].append(sides.max(dim=1).values)
     return {k: (torch.cat(v).cpu().numpy() if v else np.zeros(0)) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- the head and `train lare`
+
+from vlmtools.heads.augmented import AugmentedProbe  # noqa: E402
+from vlmtools.heads.base import register  # noqa: E402
+
+
+@register("lare")
+class LareHead(AugmentedProbe):
+    """The LARE probe (``fc``) and the f_Box it sampled from (``aug``). forward = the probe."""
+
+    augmenter = BoxNet
+
+    def boxes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.aug(x)
+
+
+def train_lare(store, output, *, options, where=(), val_where=(), val_fraction=None, model=None,
+               pretrained=None, templates: str | None = None, classes=None, text_store=None,
+               samples: int = 10, alpha: float = 0.5, volume: str = "log-side", box_size: float = 1.0,
+               box_epochs: int = 20, hidden: int | None = None, logit_scale: float = DEFAULT_LOGIT_SCALE,
+               shots: int | None = None, use_cache: bool = True) -> dict:
+    """`vlmtools train lare`: f_Box on the train rows (step 1), K uniform samples per train box, then the
+    linear probe on original + sampled rows (step 2). Every input is checked before training."""
+    from vlmtools.classify import check_templates
+    from vlmtools.heads import augmented as A
+    from vlmtools.heads.data import load_train_val
+    from vlmtools.heads.loop import seeded
+    from vlmtools.prompts import load_templates
+
+    options.check()
+    A.check_common(samples, alpha, hidden, shots)
+    if volume not in VOLUME_LOSSES:
+        raise BadInput(f"--volume-loss {volume!r}: expected one of {', '.join(VOLUME_LOSSES)}")
+    if not box_size > 0 or box_epochs < 1 or not logit_scale > 0:
+        raise BadInput("--box-size and --logit-scale must be > 0, --box-epochs >= 1")
+    A.check_output(output)
+    template_list = load_templates(templates or "photo")
+    check_templates(template_list, templates or "photo")
+    data = load_train_val(store, where=where, val_where=val_where, val_fraction=val_fraction, seed=options.seed,
+                          model=model, pretrained=pretrained)
+    A.check_class_list(classes, data)
+    A.take_shots(data, shots, options.seed)
+    texts = A.open_text_store(text_store, data.spec, data.reader.dim)
+    class_emb = torch.from_numpy(A.class_text_embeddings(data.classes, template_list, data.spec, text_store=texts,
+                                                         device=options.device, use_cache=use_cache))
+    d = data.reader.dim
+    config = dict(input_dim=d, n_classes=len(data.classes), hidden=hidden or d)
+    x = torch.from_numpy(data.train.x)
+    side = box_size * embedding_scale(x)
+    box_state, box_info = None, {}
+    with seeded(options.seed):
+        net = BoxNet(d, hidden or d)
+        init_box_net(net, side / 2)
+    if samples > 0:
+        on = {}
+
+        def loss(m, xb, yb):
+            t = on.get(xb.device)
+            if t is None:
+                t = on[xb.device] = class_emb.to(xb.device)
+            return lare_loss(m, xb, yb, t, alpha=alpha, volume=volume, side=side, logit_scale=logit_scale)[0]
+
+        A.fit_augmenter(net, data, loss, options, box_epochs, "train lare: boxes")
+        net.cpu().eval()
+        with torch.no_grad():
+            lo, hi = net(x)
+            if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+                raise BadInput(f"the boxes diverged (--volume-loss {volume}, --alpha {alpha}); use "
+                                    f"--volume-loss log-side or a larger --alpha")
+            gen = torch.Generator().manual_seed(options.seed)
+            extra_x = F.normalize(sample_boxes(lo, hi, samples, gen), dim=1).numpy()
+        extra_y = data.train.y.repeat(samples)
+        stats = box_stats(net, x)
+        box_info = {"box_log_volume_mean": round(float(stats["log_volume"].mean()), 4),
+                    "box_mean_side": round(float(stats["mean_side"].mean()), 6)}
+    else:  # K = 0: no boxes to sample from; the head is the plain probe (f_Box left at its initial weights)
+        extra_x, extra_y = torch.zeros((0, d)).numpy(), data.train.y[:0]
+    box_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    training = {"where": list(where), "val_where": list(val_where), "val_fraction": val_fraction,
+                "templates": templates or "photo", "text_store": None if text_store is None else str(text_store),
+                "samples": samples, "alpha": alpha, "volume_loss": volume, "box_size": box_size,
+                "box_side": side, "box_epochs": box_epochs, "logit_scale": logit_scale, "shots": shots}
+    return A.fit_probe_with("lare", config, box_state, data, extra_x, extra_y, output, options,
+                            training=training, inputs=data.inputs(),
+                            extra={"samples": samples, "sampled_rows": len(extra_x), **box_info},
+                            description="train lare: probe")
