@@ -7,6 +7,7 @@ typer options, and turned into a FitOptions by ``fit_options``: every `train X` 
 from __future__ import annotations
 
 from pathlib import Path
+from enum import Enum
 from typing import List, Optional
 
 import typer
@@ -84,3 +85,130 @@ def register(app: typer.Typer) -> None:
         options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
         emit(train_probe(image_store, output, options=options, where=where, val_where=val_where,
                          val_fraction=val_fraction, model=model, pretrained=pretrained), json_)
+
+    register_lare_lads(train)
+
+
+# ----------------------------------------------------------------------------- lare, lads (study 004)
+
+class VolumeLoss(str, Enum):
+    log_side = "log-side"
+    literal = "literal"
+
+
+TemplatesOpt = typer.Option(None, "--templates", "-t", help="Class prompts for the class text embeddings T: "
+                            "bare | photo | openai80 | FILE, as in classify (default: photo)")
+ClassesOpt = typer.Option(None, "--classes", "-c", help="Class list to check the store against: every class "
+                          "must have train rows and every train label must be listed (default: the labels).")
+TextStoreOpt = typer.Option(None, "--text-store", help="Text store (`vlmtools embed text`, same model) to take "
+                            "the prompt embeddings from (others are encoded with the store's model).")
+AlphaOpt = typer.Option(0.5, "--alpha", help="Loss weight in [0, 1] (see the command's help).")
+HiddenOpt = typer.Option(None, "--hidden", help="Hidden width of the 2-layer augmenter (default: the "
+                         "embedding width).")
+LogitScaleOpt = typer.Option(100.0, "--logit-scale", help="s in softmax(s * embedding . T) of the class "
+                             "consistency losses (CLIP's 100).")
+ShotsOpt = typer.Option(None, "--shots", help="Few-shot: keep N train rows per class (chosen with --seed, "
+                        "after the val split).")
+NoCacheOpt = typer.Option(False, "--no-cache", help="Do not read or write the text embedding cache.")
+
+
+def register_lare_lads(train: typer.Typer) -> None:
+    @train.command("lare")
+    @handle_errors
+    def lare_cmd(
+        image_store: Path = typer.Argument(..., help="Image store with labels (`vlmtools embed images`)."),
+        output: str = HeadOutOpt,
+        where: List[str] = WhereOpt,
+        samples: int = typer.Option(10, "--samples", help="K: points drawn uniformly in each train box "
+                                    "(0: no boxes, the plain probe)."),
+        alpha: float = AlphaOpt,
+        volume_loss: VolumeLoss = typer.Option(VolumeLoss.log_side, "--volume-loss", help="L_BV: log-side "
+                                               "(bounded, the default) or literal (the study's sum X+ . X-, "
+                                               "unbounded)."),
+        box_size: float = typer.Option(1.0, "--box-size", help="log-side: the side length b the volume loss "
+                                       "rewards growing to, in units of the embeddings' mean per-dimension std."),
+        box_epochs: int = typer.Option(20, "--box-epochs", help="Epochs of step 1 (f_Box)."),
+        templates: Optional[str] = TemplatesOpt,
+        descriptors: Optional[str] = typer.Option(None, "--descriptors", "-d", help="Descriptor JSONL: T(class) "
+                                                  "= the mean of its \"{class}, which has {descriptor}\" "
+                                                  "embeddings instead of class-name prompts."),
+        classes: Optional[str] = ClassesOpt,
+        text_store: Optional[Path] = TextStoreOpt,
+        hidden: Optional[int] = HiddenOpt,
+        logit_scale: float = LogitScaleOpt,
+        shots: Optional[int] = ShotsOpt,
+        val_where: List[str] = ValWhereOpt,
+        val_fraction: Optional[float] = ValFractionOpt,
+        epochs: int = EpochsOpt,
+        lr: float = LrOpt,
+        weight_decay: float = WeightDecayOpt,
+        batch_size: int = BatchSizeOpt,
+        seed: int = SeedOpt,
+        patience: int = PatienceOpt,
+        device: str = DeviceOpt,
+        model: Optional[str] = ModelOpt,
+        pretrained: Optional[str] = PretrainedOpt,
+        no_cache: bool = NoCacheOpt,
+        json_: bool = JsonOpt,
+    ) -> None:
+        """LARE (study 004): a box per image embedding, K samples per box, a linear probe on both.
+
+        Step 1 trains f_Box (2 layers, d -> 2d: centre offset and half-width; X- = centre - softplus,
+        X+ = centre + softplus, so X- <= X+) with L = (1-alpha) L_BV + (alpha/3)(L_CC+ + L_CC- + L_CC),
+        the class-consistency terms being cross-entropies of the corners and the midpoint against the
+        class text embeddings. Step 2 is `train probe` on the train rows + K samples per box (L2-
+        normalized). The head keeps f_Box: `vlmtools explain box HEAD STORE`."""
+        from vlmtools.heads.lare import train_lare
+
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        emit(train_lare(image_store, output, options=options, where=where, val_where=val_where,
+                        val_fraction=val_fraction, model=model, pretrained=pretrained, templates=templates,
+                        descriptors=descriptors, classes=classes, text_store=text_store, samples=samples, alpha=alpha,
+                        volume=volume_loss.value, box_size=box_size, box_epochs=box_epochs, hidden=hidden,
+                        logit_scale=logit_scale, shots=shots, use_cache=not no_cache), json_)
+
+    @train.command("lads")
+    @handle_errors
+    def lads_cmd(
+        image_store: Path = typer.Argument(..., help="Image store with labels (`vlmtools embed images`)."),
+        output: str = HeadOutOpt,
+        where: List[str] = WhereOpt,
+        source: str = typer.Option("a photo of a {}.", "--source", help="Prompt of the training domain, {} = "
+                                   "class."),
+        target: str = typer.Option("a painting of a {}.", "--target", help="Prompt of the unseen domain, {} = "
+                                   "class."),
+        alpha: float = AlphaOpt,
+        aug_epochs: int = typer.Option(20, "--aug-epochs", help="Epochs of step 1 (the augmentation network)."),
+        classes: Optional[str] = ClassesOpt,
+        text_store: Optional[Path] = TextStoreOpt,
+        hidden: Optional[int] = HiddenOpt,
+        logit_scale: float = LogitScaleOpt,
+        shots: Optional[int] = ShotsOpt,
+        val_where: List[str] = ValWhereOpt,
+        val_fraction: Optional[float] = ValFractionOpt,
+        epochs: int = EpochsOpt,
+        lr: float = LrOpt,
+        weight_decay: float = WeightDecayOpt,
+        batch_size: int = BatchSizeOpt,
+        seed: int = SeedOpt,
+        patience: int = PatienceOpt,
+        device: str = DeviceOpt,
+        model: Optional[str] = ModelOpt,
+        pretrained: Optional[str] = PretrainedOpt,
+        no_cache: bool = NoCacheOpt,
+        json_: bool = JsonOpt,
+    ) -> None:
+        """LADS (Dunlap et al., ICLR 2023), study 004's baseline: augment each train embedding into the
+        --target domain, then a linear probe on original + augmented rows.
+
+        Step 1 trains f_aug(x) = x + MLP(x) with L = alpha L_DA + (1-alpha) L_CC: L_DA = 1 - cos(f_aug(x)
+        - x, T(target, y) - T(source, y)) (the image moves as the text moves), L_CC = cross-entropy of
+        f_aug(x) against the target prompts of all classes. Step 2 is `train probe` on both."""
+        from vlmtools.heads.lads import train_lads
+
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        emit(train_lads(image_store, output, options=options, where=where, val_where=val_where,
+                        val_fraction=val_fraction, model=model, pretrained=pretrained, source=source,
+                        target=target, classes=classes, text_store=text_store, alpha=alpha,
+                        aug_epochs=aug_epochs, hidden=hidden, logit_scale=logit_scale, shots=shots,
+                        use_cache=not no_cache), json_)

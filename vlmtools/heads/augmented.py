@@ -54,13 +54,30 @@ def take_shots(data, shots: int | None, seed: int):
     return data
 
 
-def class_text_embeddings(classes: Sequence[str], templates: Sequence[str], spec, *, text_store=None,
-                          device: str = "auto", use_cache: bool = True):
-    """(C, d) float32 class embeddings of ``templates`` (averaged as `classify --method clip` does)."""
-    from vlmtools.classify import clip_classifier
+def class_text_embeddings(classes: Sequence[str], templates: Sequence[str], spec, *, descriptors=None,
+                          text_store=None, device: str = "auto", use_cache: bool = True, where: str = "the store"):
+    """(C, d) float32 class embeddings T: of ``templates`` filled with the class names (averaged as
+    `classify --method clip` does), or with ``descriptors`` (descriptor JSONL), the normalized mean of the
+    class's "{class}, which has {descriptor}" embeddings (the CBD class vector). Descriptor classes must
+    be exactly the train classes."""
+    import numpy as np
 
-    return clip_classifier(list(classes), list(templates), spec, text_store=text_store, device=device,
-                           use_cache=use_cache).class_emb
+    from vlmtools.classify import clip_classifier, embed_texts, normalize
+
+    if descriptors is None:
+        return clip_classifier(list(classes), list(templates), spec, text_store=text_store, device=device,
+                               use_cache=use_cache).class_emb
+    from vlmtools import formats
+    from vlmtools.classify import build_descriptor_set, match_classes
+
+    records = formats.read_descriptors(descriptors)
+    match_classes(list(classes), records, classes_from=f"the train labels of {where}",
+                  descriptors_from=str(descriptors), allow_missing=False,
+                  descriptor_file=None if str(descriptors) == "-" else descriptors)
+    dset = build_descriptor_set(list(classes), records)
+    emb = normalize(embed_texts(dset.texts, spec, text_store=text_store, device=device, use_cache=use_cache))
+    sums = np.add.reduceat(emb, np.asarray(dset.offsets[:-1]), axis=0)
+    return normalize(sums / dset.counts[:, None]).astype(np.float32)
 
 
 def open_text_store(text_store, spec, dim: int):
@@ -93,13 +110,15 @@ def check_class_list(classes_file, data) -> None:
 
 
 def fit_augmenter(module, data, loss_fn, options, epochs: int, description: str):
-    """Step 1: ``module`` trained alone on the train rows with ``loss_fn(module, x, y)``; no early stop."""
+    """Step 1: ``module`` trained alone on the train rows with ``loss_fn(module, x, y)``; no early stop.
+    Its metric (in the log and the result) is minus the loss."""
     from dataclasses import replace
 
     from vlmtools.heads.loop import fit
 
     opts = replace(options, epochs=epochs, patience=0)
-    return fit(module, (data.train.x, data.train.y), None, opts, loss_fn=loss_fn, description=description)
+    return fit(module, (data.train.x, data.train.y), None, opts, loss_fn=loss_fn, description=description,
+               metric_fn=lambda m, x, y: -float(loss_fn(m, x, y)), metric="neg_loss")
 
 
 def fit_probe_with(kind: str, config: dict, aug_state: dict, data, extra_x, extra_y, output, options, *,

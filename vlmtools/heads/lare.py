@@ -154,7 +154,7 @@ class LareHead(AugmentedProbe):
 
 
 def train_lare(store, output, *, options, where=(), val_where=(), val_fraction=None, model=None,
-               pretrained=None, templates: str | None = None, classes=None, text_store=None,
+               pretrained=None, templates: str | None = None, descriptors=None, classes=None, text_store=None,
                samples: int = 10, alpha: float = 0.5, volume: str = "log-side", box_size: float = 1.0,
                box_epochs: int = 20, hidden: int | None = None, logit_scale: float = DEFAULT_LOGIT_SCALE,
                shots: int | None = None, use_cache: bool = True) -> dict:
@@ -173,6 +173,9 @@ def train_lare(store, output, *, options, where=(), val_where=(), val_fraction=N
     if not box_size > 0 or box_epochs < 1 or not logit_scale > 0:
         raise BadInput("--box-size and --logit-scale must be > 0, --box-epochs >= 1")
     A.check_output(output)
+    if templates is not None and descriptors is not None:
+        raise BadInput("--templates and --descriptors exclude each other: T is the class prompts or the "
+                       "class descriptors")
     template_list = load_templates(templates or "photo")
     check_templates(template_list, templates or "photo")
     data = load_train_val(store, where=where, val_where=val_where, val_fraction=val_fraction, seed=options.seed,
@@ -180,8 +183,9 @@ def train_lare(store, output, *, options, where=(), val_where=(), val_fraction=N
     A.check_class_list(classes, data)
     A.take_shots(data, shots, options.seed)
     texts = A.open_text_store(text_store, data.spec, data.reader.dim)
-    class_emb = torch.from_numpy(A.class_text_embeddings(data.classes, template_list, data.spec, text_store=texts,
-                                                         device=options.device, use_cache=use_cache))
+    class_emb = torch.from_numpy(A.class_text_embeddings(
+        data.classes, template_list, data.spec, descriptors=descriptors, text_store=texts, device=options.device,
+        use_cache=use_cache, where=str(store)))
     d = data.reader.dim
     config = dict(input_dim=d, n_classes=len(data.classes), hidden=hidden or d)
     x = torch.from_numpy(data.train.x)
@@ -216,7 +220,8 @@ def train_lare(store, output, *, options, where=(), val_where=(), val_fraction=N
         extra_x, extra_y = torch.zeros((0, d)).numpy(), data.train.y[:0]
     box_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     training = {"where": list(where), "val_where": list(val_where), "val_fraction": val_fraction,
-                "templates": templates or "photo", "text_store": None if text_store is None else str(text_store),
+                "templates": None if descriptors else templates or "photo",
+                "descriptors": None if descriptors is None else str(descriptors), "text_store": None if text_store is None else str(text_store),
                 "samples": samples, "alpha": alpha, "volume_loss": volume, "box_size": box_size,
                 "box_side": side, "box_epochs": box_epochs, "logit_scale": logit_scale, "shots": shots}
     return A.fit_probe_with("lare", config, box_state, data, extra_x, extra_y, output, options,
