@@ -118,7 +118,7 @@ def fit_augmenter(module, data, loss_fn, options, epochs: int, description: str)
 
     opts = replace(options, epochs=epochs, patience=0)
     return fit(module, (data.train.x, data.train.y), None, opts, loss_fn=loss_fn, description=description,
-               metric_fn=lambda m, x, y: -float(loss_fn(m, x, y)), metric="neg_loss")
+               metric_fn=lambda m, x, y: -loss_fn(m, x, y).item(), metric="neg_loss")
 
 
 def fit_probe_with(kind: str, config: dict, aug_state: dict, data, extra_x, extra_y, output, options, *,

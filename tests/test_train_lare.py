@@ -1,0 +1,174 @@
+"""`vlmtools train lare`, `train lads`, `explain box` through the CLI; CoCa through embed, classify, train, eval."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from vlmtools.cli.app import app
+from vlmtools.classify import clip_texts
+from vlmtools.store import write_arrays
+
+runner = CliRunner()
+TINY = {"name": "vlmtools-tiny", "pretrained": "none"}
+CLASSES = ["alpha", "beta", "gamma"]
+PROMPTS = ["a photo of a {}.", "a painting of a {}."]
+DIM = 16
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """An image store (3 classes, photo and painting, train and test rows) and a text store holding the
+    class prompts, both 'of' vlmtools-tiny, so that no model is loaded."""
+    d = tmp_path_factory.mktemp("lare")
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(len(CLASSES), DIM))
+    style = rng.normal(size=DIM)
+    x, meta = [], []
+    for c, name in enumerate(CLASSES):
+        for i in range(24):
+            dom = "painting" if i % 3 == 0 else "photo"
+            x.append(centres[c] + 0.5 * rng.normal(size=DIM) + (0.8 * style if dom == "painting" else 0))
+            meta.append({"id": f"{name}{i:02d}", "path": f"/nowhere/{name}{i}.png", "label": name, "domain": dom,
+                         "split": "test" if i % 4 == 0 else "train"})
+    write_arrays(d / "images", np.array(x), meta, kind="image", model=TINY)
+    texts = [t for p in PROMPTS for t in clip_texts(CLASSES, [p])]
+    emb = rng.normal(size=(len(texts), DIM))
+    write_arrays(d / "texts", emb, [{"id": str(i), "text": t} for i, t in enumerate(texts)], kind="text",
+                 model=TINY)
+    return d
+
+
+def lare(stores, out, *extra):
+    return invoke("train", "lare", stores / "images", "-o", out, "--where", "split=train", "--where", "domain=photo",
+                  "--text-store", stores / "texts", "--epochs", 15, "--box-epochs", 5, "--samples", 4, "--json",
+                  *extra)
+
+
+def test_lare_end_to_end_and_boxes(stores, tmp_path):
+    res = lare(stores, tmp_path / "lare")
+    assert res.exit_code == 0, res.output
+    summary = lines(res.stdout)[0]
+    assert summary["kind"] == "lare" and summary["sampled_rows"] == 4 * (summary["train_rows"] // 5)
+    info = json.loads((tmp_path / "lare.json").read_text())
+    assert info["training"]["samples"] == 4 and info["training"]["volume_loss"] == "log-side"
+    assert any(k.startswith("aug.") for k in info["tensors"])  # the head keeps f_Box
+    res = invoke("classify", stores / "images", "--head", tmp_path / "lare", "--where", "split=test",
+                 "-o", tmp_path / "p.jsonl")
+    assert res.exit_code == 0, res.output
+    assert len(lines((tmp_path / "p.jsonl").read_text())) == 18
+    res = invoke("eval", "table", f"lare={tmp_path / 'p.jsonl'}", "--by", "domain", "--json")
+    assert res.exit_code == 0, res.output
+    assert set(lines(res.stdout)[0]["cells"]) == {"painting", "photo"}
+    # every box is well-formed: sides > 0, min <= mean <= max
+    res = invoke("explain", "box", tmp_path / "lare", stores / "images", "--per", "image", "--json")
+    assert res.exit_code == 0, res.output
+    rows = lines(res.stdout)
+    assert len(rows) == 72 and all(0 < r["min_side"] <= r["mean_side"] <= r["max_side"] for r in rows)
+    res = invoke("explain", "box", tmp_path / "lare", stores / "images")
+    assert res.exit_code == 0 and "alpha" in res.stdout
+
+
+def test_same_seed_same_head(stores, tmp_path):
+    for name in ("a", "b"):
+        assert lare(stores, tmp_path / name, "--seed", 3).exit_code == 0
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert lare(stores, tmp_path / "c", "--seed", 4).exit_code == 0
+    assert (tmp_path / "a.safetensors").read_bytes() != (tmp_path / "c.safetensors").read_bytes()
+
+
+def test_shots_and_literal_volume(stores, tmp_path):
+    res = lare(stores, tmp_path / "s", "--shots", 2, "--val-fraction", 0, "--volume-loss", "literal")
+    assert res.exit_code == 0, res.output
+    assert lines(res.stdout)[0]["train_rows"] == 2 * 3 * 5  # 2 shots x 3 classes, + 4 samples each
+
+
+def test_lads_end_to_end(stores, tmp_path):
+    res = invoke("train", "lads", stores / "images", "-o", tmp_path / "lads", "--where", "domain=photo",
+                 "--text-store", stores / "texts", "--source", PROMPTS[0], "--target", PROMPTS[1],
+                 "--epochs", 10, "--aug-epochs", 5, "--json")
+    assert res.exit_code == 0, res.output
+    summary = lines(res.stdout)[0]
+    assert summary["kind"] == "lads" and summary["augmented_rows"] > 0
+    res = invoke("classify", stores / "images", "--head", tmp_path / "lads", "-o", tmp_path / "p.jsonl")
+    assert res.exit_code == 0, res.output
+    res = invoke("explain", "box", tmp_path / "lads", stores / "images")
+    assert res.exit_code == 2 and "no boxes" in res.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--samples", "-1"], "--samples"),
+    (["--alpha", "1.5"], "--alpha"),
+    (["--where", "split=nowhere"], "no row matches"),
+    (["--classes", "CLASSES"], "'delta' has no train rows"),
+    (["--descriptors", "DESC"], "'delta' is not in the class list"),
+    (["--text-store", "COCA"], "vlmtools-tiny-coca"),
+    (["--templates", "a {} and {}"], "template"),
+])
+def test_lare_bad_input(stores, tmp_path, extra, message):
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES + ["delta"]) + "\n")
+    (tmp_path / "desc.jsonl").write_text("".join(json.dumps({"class": c, "descriptors": ["wings"]}) + "\n"
+                                                 for c in CLASSES + ["delta"]))
+    if "COCA" in extra:
+        coca = tmp_path / "coca"
+        if not coca.exists():
+            write_arrays(coca, np.ones((1, DIM)), [{"id": "0", "text": "x"}], kind="text",
+                         model={"name": "vlmtools-tiny-coca", "pretrained": "none"})
+    subst = {"CLASSES": tmp_path / "classes.txt", "DESC": tmp_path / "desc.jsonl", "COCA": tmp_path / "coca"}
+    extra = [subst.get(e, e) for e in extra]
+    args = ["train", "lare", stores / "images", "-o", tmp_path / "h", "--epochs", 2, "--box-epochs", 1,
+            *([] if "--text-store" in extra else ["--text-store", stores / "texts"]), *extra]
+    res = invoke(*args)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "h.json").exists() and not (tmp_path / "h.safetensors").exists()
+
+
+def test_lare_needs_labels(tmp_path):
+    write_arrays(tmp_path / "nolabel", np.eye(4), [{"id": str(i)} for i in range(4)], kind="image", model=TINY)
+    res = invoke("train", "lare", tmp_path / "nolabel", "-o", tmp_path / "h")
+    assert res.exit_code == 2 and "label" in res.output
+    assert not (tmp_path / "h.json").exists()
+
+
+def test_lads_bad_input(stores, tmp_path):
+    base = ["train", "lads", stores / "images", "-o", tmp_path / "h", "--text-store", stores / "texts"]
+    for extra, message in ((["--source", "a {} photo", "--target", "a {} photo"], "same prompt"),
+                           (["--target", "no slot"], "--target"),
+                           (["--alpha", "-0.1"], "--alpha")):
+        res = invoke(*base, *extra)
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert not (tmp_path / "h.json").exists()
+
+
+def test_coca_through_embed_classify_train_eval(tmp_path):
+    """The tiny packaged CoCa: a store from it works through embed, classify, train (probe, lare, lads)
+    and eval (it loads the CoCa model for the text prompts)."""
+    world = tmp_path / "w"
+    assert invoke("synth", "make", world, "--classes", 3, "--per-class", 8, "--domain", "both",
+                  "--image-size", 32).exit_code == 0
+    res = invoke("embed", "images", world / "manifest.jsonl", "-o", tmp_path / "coca", "--model",
+                 "vlmtools-tiny-coca", "--workers", 0)
+    assert res.exit_code == 0, res.output
+    res = invoke("classify", tmp_path / "coca", "-o", tmp_path / "zs.jsonl")
+    assert res.exit_code == 0, res.output
+    runs = [f"zs={tmp_path / 'zs.jsonl'}"]
+    for kind in ("probe", "lare", "lads"):
+        res = invoke("train", kind, tmp_path / "coca", "-o", tmp_path / kind, "--where", "split=train",
+                     "--epochs", 5, *(["--samples", 2, "--box-epochs", 2] if kind == "lare" else []))
+        assert res.exit_code == 0, res.output
+        res = invoke("classify", tmp_path / "coca", "--head", tmp_path / kind, "--where", "split=test",
+                     "-o", tmp_path / f"{kind}.jsonl")
+        assert res.exit_code == 0, res.output
+        runs.append(f"{kind}={tmp_path / f'{kind}.jsonl'}")
+    res = invoke("eval", "table", *runs, "--by", "domain")
+    assert res.exit_code == 0, res.output
+    assert [line.split("\t")[0] for line in res.stdout.splitlines()] == ["method", "zs", "probe", "lare", "lads"]
