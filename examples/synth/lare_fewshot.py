@@ -85,7 +85,7 @@ def main() -> None:
         ax.set_ylabel("top-1 %")
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"LARE vs probe, micro CLIP, mean ± std over {args.seeds} seeds")
+    fig.suptitle(f"LARE vs probe, micro CLIP, mean ± std over {args.seeds} seeds", y=1.03)
     with formats.atomic_path(out / "fewshot.png") as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     sys.stdout.write((out / "fewshot.tsv").read_text())

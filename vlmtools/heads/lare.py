@@ -183,14 +183,15 @@ def train_lare(store, output, *, options, where=(), val_where=(), val_fraction=N
     A.check_class_list(classes, data)
     A.take_shots(data, shots, options.seed)
     texts = A.open_text_store(text_store, data.spec, data.reader.dim)
-    class_emb = torch.from_numpy(A.class_text_embeddings(
-        data.classes, template_list, data.spec, descriptors=descriptors, text_store=texts, device=options.device,
-        use_cache=use_cache, where=str(store)))
+    if samples > 0:  # K = 0 needs no class texts (no model load)
+        class_emb = torch.from_numpy(A.class_text_embeddings(
+            data.classes, template_list, data.spec, descriptors=descriptors, text_store=texts,
+            device=options.device, use_cache=use_cache, where=str(store)))
     d = data.reader.dim
     config = dict(input_dim=d, n_classes=len(data.classes), hidden=hidden or d)
     x = torch.from_numpy(data.train.x)
     side = box_size * embedding_scale(x)
-    box_state, box_info = None, {}
+    box_info = {}
     with seeded(options.seed):
         net = BoxNet(d, hidden or d)
         init_box_net(net, side / 2)
