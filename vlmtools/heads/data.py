@@ -83,6 +83,18 @@ def open_store_for(path, kind: str, model: str | None = None, pretrained: str | 
     return reader, store_spec(reader, model, pretrained)
 
 
+def select(reader, where: Sequence[str] = ()) -> list[int]:
+    """Row indices of a store matching ``where`` (all rows without it); BadInput when none match."""
+    from vlmtools.classify import parse_where, select_rows, str_labels
+
+    if not where:
+        return list(range(len(reader)))
+    rows = select_rows(str_labels(reader.meta), parse_where(where))
+    if not rows:
+        raise BadInput(f"{reader.path}: no row matches --where {' '.join(where)}")
+    return rows
+
+
 def labelled_rows(reader, where: Sequence[str] = (), classes: Sequence[str] | None = None,
                   exclude: Sequence[int] = ()) -> tuple[list[int], list[dict]]:
     """Row indices and meta (labels as strings) of the labelled rows matching ``where``, minus ``exclude``.

@@ -27,15 +27,20 @@ def head_scores(head, x, device: str = "cpu", chunk: int = CHUNK):
     return np.concatenate(out) if out else np.zeros((0, head.n_classes), np.float32)
 
 
-def check_store_fits_head(reader, info: dict, head_path) -> None:
-    """A store embedded with another model (or of another width) than the head's is refused."""
+def check_model(info: dict, recorded: dict, head_path, what: str) -> None:
+    """Refuse embeddings (``recorded``: a store's info["model"]) of another model than the head's."""
     from vlmtools.models import ModelSpec
 
     m = info["model"]
     try:
-        ModelSpec(m["name"], m.get("pretrained")).check_matches(reader.info["model"], f"store {reader.path}")
+        ModelSpec(m["name"], m.get("pretrained")).check_matches(recorded, what)
     except StoreMismatch as exc:
         raise StoreMismatch(f"{exc} (head {head_path} was trained on that model's embeddings)") from None
+
+
+def check_store_fits_head(reader, info: dict, head_path) -> None:
+    """A store embedded with another model (or of another width) than the head's is refused."""
+    check_model(info, reader.info["model"], head_path, f"store {reader.path}")
     if reader.dim != info["input_dim"]:
         raise BadInput(f"{reader.path}: {reader.dim}-d embeddings, but head {head_path} takes "
                        f"{info['input_dim']}-d inputs")
