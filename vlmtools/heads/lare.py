@@ -222,7 +222,8 @@ def train_lare(store, output, *, options, where=(), val_where=(), val_fraction=N
     box_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     training = {"where": list(where), "val_where": list(val_where), "val_fraction": val_fraction,
                 "templates": None if descriptors else templates or "photo",
-                "descriptors": None if descriptors is None else str(descriptors), "text_store": None if text_store is None else str(text_store),
+                "descriptors": None if descriptors is None else str(descriptors),
+                "text_store": None if text_store is None else str(text_store),
                 "samples": samples, "alpha": alpha, "volume_loss": volume, "box_size": box_size,
                 "box_side": side, "box_epochs": box_epochs, "logit_scale": logit_scale, "shots": shots}
     return A.fit_probe_with("lare", config, box_state, data, extra_x, extra_y, output, options,
