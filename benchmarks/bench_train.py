@@ -12,6 +12,10 @@ text samples per class for the adapter. Reports (median of --repeat runs, second
                   head files written
   adapter_command `train adapter --image-ratio 0.5` end to end (defaults)
   sweep           `train adapter --sweep 1.0,0.9,...,0.0` end to end: 20 heads (defaults)
+  lare_command    `train lare --samples K` (K = 10) end to end per seed (defaults: 20 box epochs, then the
+                  probe on 11x the rows), class prompts from a text store (no model load); median over
+                  --lare-seeds seeds, and lare_over_probe = lare_command / probe_command
+  lads_command    `train lads` the same way (20 augmenter epochs, then the probe on 2x the rows)
 
     python benchmarks/bench_train.py                 # 5994 x 768, 200 classes
     python benchmarks/bench_train.py --rows 5994 --dim 512 --epochs 50 --repeat 3
@@ -79,6 +83,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: a shared machine suffers "
                     "badly from oversubscription with more)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the 20-head sweep")
+    ap.add_argument("--samples", type=int, default=10, help="LARE's K")
+    ap.add_argument("--lare-seeds", type=int, default=1, help="seeds of train lare / lads (0: skip them)")
     args = ap.parse_args()
 
     import torch
@@ -137,7 +143,39 @@ def main() -> None:
                 rows = sweep_adapter(img, text_store=txt, options=defaults, table=devnull.name)
             result["sweep_s"] = round(time.perf_counter() - t0, 2)
             result["sweep_heads"] = sum((r["image_only"] is not None) + (r["image_text"] is not None) for r in rows)
+        if args.lare_seeds:
+            result.update(bench_lare_lads(img, tmp, sorted({r["label"] for r in meta}), args, result))
     print(json.dumps(result))
+
+
+def bench_lare_lads(img: str, tmp: str, classes: list[str], args, result: dict) -> dict:
+    """`train lare` and `train lads` per seed (study 004), with their class prompts in a text store."""
+    import numpy as np
+
+    from vlmtools.classify import clip_texts
+    from vlmtools.heads.lads import train_lads
+    from vlmtools.heads.lare import train_lare
+    from vlmtools.heads.loop import FitOptions
+    from vlmtools.store import write_arrays
+
+    texts = clip_texts(classes, ["a photo of a {}."]) + clip_texts(classes, ["a painting of a {}."])
+    rng = np.random.default_rng(1)
+    prompts = os.path.join(tmp, "prompts")
+    write_arrays(prompts, rng.normal(size=(len(texts), args.dim)), [{"id": str(i), "text": t}
+                 for i, t in enumerate(texts)], kind="text", model={"name": "ViT-L-14", "pretrained": "openai"})
+    out: dict = {"samples": args.samples, "lare_seeds": args.lare_seeds}
+    for name, run in (("lare", lambda o: train_lare(img, os.path.join(tmp, "lare"), options=o, samples=args.samples,
+                                                    text_store=prompts)),
+                      ("lads", lambda o: train_lads(img, os.path.join(tmp, "lads"), options=o, text_store=prompts))):
+        times, epochs = [], []
+        for seed in range(args.lare_seeds):
+            t0 = time.perf_counter()
+            epochs.append(run(FitOptions(device="cpu", seed=seed))["epochs"])
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_command_s"] = round(statistics.median(times), 3)
+        out[f"{name}_command_epochs"] = epochs
+        out[f"{name}_over_probe"] = round(out[f"{name}_command_s"] / result["probe_command_s"], 2)
+    return out
 
 
 if __name__ == "__main__":
