@@ -33,11 +33,6 @@ class Labelled:
     def digest(self) -> str:
         return digest(self.x, self.y, [str(r.get("id")) for r in self.meta])
 
-    def counts(self):
-        import numpy as np
-
-        return np.bincount(self.y, minlength=len(self.classes))
-
 
 @dataclass
 class TrainData:
