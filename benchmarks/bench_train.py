@@ -26,18 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 
-
-def timed(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from bench_classify import timed  # benchmarks/ is on sys.path when this script runs
 
 
 def data(rows: int, classes: int, dim: int, seed: int = 0):

@@ -207,9 +207,6 @@ def parse_ratios(text: str) -> list[float]:
     return ratios
 
 
-SWEEP_COLUMNS = ("image_ratio", "text_ratio", "image_only", "image_text", "images", "texts", "eval_rows")
-
-
 def sweep_adapter(image_store, *, text_store, options, ratios: Sequence[float] = SWEEP_DEFAULT,
                   balance: str = "class", t2i=None, where: Sequence[str] = (), val_where: Sequence[str] = (),
                   val_fraction: float | None = None, test_where: Sequence[str] = (), out_dir=None,
@@ -218,6 +215,7 @@ def sweep_adapter(image_store, *, text_store, options, ratios: Sequence[float] =
     """Study 001's table: for each image ratio, an image-only adapter and an image+text one, their
     accuracy on the --test-where rows (else the val rows). Rows go to ``table`` (TSV with percentages, or
     NDJSON with fractions), a rich table to stderr, a PNG to ``plots``; heads to ``out_dir`` if given."""
+    import time
     from pathlib import Path
 
     from vlmtools import formats
@@ -243,8 +241,6 @@ def sweep_adapter(image_store, *, text_store, options, ratios: Sequence[float] =
     val = (data.val.x, data.val.y) if data.val is not None else None
     cfg = dict(input_dim=data.reader.dim, n_classes=len(data.classes))
     rows = []
-    import time
-
     t0 = time.perf_counter()
     for r in ratios:
         row = {"image_ratio": r, "text_ratio": round(1 - r, 6), "image_only": None, "image_text": None,
@@ -259,7 +255,9 @@ def sweep_adapter(image_store, *, text_store, options, ratios: Sequence[float] =
             head, result = train_head("adapter", cfg, (x, y), val, options, description=f"sweep {name}")
             acc = round(_accuracy(head, evaluated), 6)
             row["image_text" if with_text else "image_only"] = acc
-            row["images"], row["texts"] = n_img, n_txt if with_text else row["texts"]
+            row["images"] = n_img
+            if with_text:
+                row["texts"] = n_txt
             if out_dir is not None:
                 save_trained(Path(out_dir) / name, "adapter", head, result, classes=data.classes, spec=data.spec,
                              options=options, inputs=data.inputs(),

@@ -166,15 +166,13 @@ def train_and_save(kind: str, config: dict, data, output, options, *, training: 
     head, result = train_head(kind, config, train_arrays, val_arrays, options, description=description,
                               **fit_kwargs)
     extra = {**(extra or {}), **(extra_fn(head) if extra_fn is not None else {})}
-    summary = {"head": None, "weights": None, "kind": kind,
-               "classes": len(classes) if classes is not None else None,
-               "train_rows": len(train_arrays[0]), "val_rows": len(val_arrays[0]) if val_arrays is not None else 0,
-               "epochs": len(result.curve), "best_epoch": result.best_epoch, "metrics": result.metrics,
-               "seconds": result.seconds, "device": result.device, **extra}
     json_path, st_path = save_trained(output, kind, head, result, classes=classes, spec=data.spec,
                                       options=options, training=training, inputs=inputs, extra=extra)
-    summary.update(head=str(json_path), weights=str(st_path))
-    return summary
+    return {"head": str(json_path), "weights": str(st_path), "kind": kind,
+            "classes": len(classes) if classes is not None else None,
+            "train_rows": len(train_arrays[0]), "val_rows": len(val_arrays[0]) if val_arrays is not None else 0,
+            "epochs": len(result.curve), "best_epoch": result.best_epoch, "metrics": result.metrics,
+            "seconds": result.seconds, "device": result.device, **extra}
 
 
 def save_trained(output, kind: str, head: Head, result, *, classes, spec, options, training: dict,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from vlmtools.console import info, progress
@@ -70,7 +70,6 @@ class FitResult:
     stopped_early: bool
     seconds: float
     device: str
-    extras: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager

@@ -131,12 +131,9 @@ def load_pairs(image_store, text_store, *, where: Sequence[str] = (), val_where:
     """(image reader, text reader, spec, train image rows, val image rows, text rows by image row)."""
     import numpy as np
 
-    from vlmtools.heads.data import DEFAULT_VAL_FRACTION, open_store_for, select
+    from vlmtools.heads.data import DEFAULT_VAL_FRACTION, check_val_options, open_store_for, select
 
-    if val_where and val_fraction:
-        raise BadInput("--val-where and --val-fraction exclude each other: pick one way to choose val rows")
-    if val_fraction is not None and not 0 <= val_fraction < 1:
-        raise BadInput(f"--val-fraction {val_fraction}: expected a number in [0, 1)")
+    check_val_options(val_where, val_fraction)
     images, spec = open_store_for(image_store, "image", model, pretrained)
     texts, _ = open_store_for(text_store, "text", spec.name, spec.pretrained)
     if texts.dim != images.dim:
