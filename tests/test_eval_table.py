@@ -2,8 +2,11 @@
 
 import json
 
+from typer.testing import CliRunner
+
 from tests.conftest import run_cli
 from vlmtools import formats
+from vlmtools.cli.app import app
 
 
 def _preds(path, correct_photo, correct_painting, n=10):
@@ -43,6 +46,6 @@ def test_table_bad_input(tmp_path):
                       ([f"lare={a1}", "--by", "nokey", "-o", out], "nokey"),
                       ([f"lare={tmp_path / 'missing.jsonl'}", "-o", out], "no such file"),
                       ([f"lare={a1}", "--column", "x=photo", "-o", out], "--by")):
-        res = run_cli("eval", "table", *args)
-        assert res.returncode == 2 and msg in res.stderr, (args, res.stderr)
+        res = CliRunner().invoke(app, ["eval", "table", *map(str, args)])
+        assert res.exit_code == 2 and msg in res.output, (args, res.output)
         assert not out.exists()
