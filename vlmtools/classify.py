@@ -68,12 +68,13 @@ def text_key(text: str) -> str:
 
 
 class TextCache:
-    """Text embeddings of one model on disk: <root>/<model>-<hash>/<batch>.npy + <batch>.json (its text
-    keys). Each run that encodes new texts adds one batch; the .json is written last, after the .npy, so
-    a batch without it is ignored. Both are written atomically, so concurrent runs never see half a file."""
+    """Text embeddings of one model at one compute precision (fp32, fp16, bf16) on disk:
+    <root>/<model>-<hash>/<batch>.npy + <batch>.json (its text keys). Each run that encodes new texts adds
+    one batch; the .json is written last, after the .npy, so a batch without it is ignored. Both are
+    written atomically, so concurrent runs never see half a file."""
 
-    def __init__(self, spec, root: Path | None = None):
-        fp = _model_fingerprint(spec)
+    def __init__(self, spec, root: Path | None = None, compute: str = "fp32"):
+        fp = {**_model_fingerprint(spec), "compute": compute}
         digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name)[:60]
         self.dir = (root or cache_dir("text")) / f"{slug}-{digest}"
@@ -124,9 +125,17 @@ def text_store_lookup(reader, texts: Sequence[str]) -> dict:
     return {t: emb[row_of[t]] for t in texts if t in row_of}
 
 
+def compute_precision_for(precision: str, device: str) -> str:
+    """What --precision means for --device (fp32, fp16 or bf16); only amp needs to resolve the device."""
+    from vlmtools.models import compute_precision, resolve_device
+
+    return compute_precision(precision, resolve_device(device) if precision == "amp" else "cpu")
+
+
 def embed_texts(texts: Sequence[str], spec, *, text_store=None, device: str = "auto",
-                use_cache: bool = True, batch_size: int = 256):
-    """Texts -> (len(texts), d) float32, L2-normalized: from the text store, the cache, then the model."""
+                use_cache: bool = True, batch_size: int = 256, precision: str = "amp"):
+    """Texts -> (len(texts), d) float32, L2-normalized: from the text store, the cache, then the model
+    (at ``precision``, models.PRECISIONS)."""
     import numpy as np
 
     unique = list(dict.fromkeys(texts))
@@ -134,7 +143,7 @@ def embed_texts(texts: Sequence[str], spec, *, text_store=None, device: str = "a
     if text_store is not None and len(found) < len(unique):
         warn(f"{len(unique) - len(found)} of {len(unique)} texts are not in text store {text_store.path}; "
              f"encoding them with {spec}")
-    cache = TextCache(spec) if use_cache else None
+    cache = TextCache(spec, compute=compute_precision_for(precision, device)) if use_cache else None
     missing = [t for t in unique if t not in found]
     if missing and cache is not None:
         found.update(cache.lookup(missing))
@@ -142,7 +151,7 @@ def embed_texts(texts: Sequence[str], spec, *, text_store=None, device: str = "a
     if missing:
         from vlmtools.models import load_model
 
-        encoder = load_model(spec, device)
+        encoder = load_model(spec, device, precision)
         parts = []
         with progress("encoding texts", total=len(missing), unit="texts") as bar:
             for start in range(0, len(missing), batch_size):
@@ -318,6 +327,7 @@ class Classifier:
                  desc_emb=None, aggregate: str = "mean"):
         self.classes, self.method = classes, method
         self.class_emb, self.dset, self.desc_emb, self.aggregate = class_emb, dset, desc_emb, aggregate
+        self.precision: dict | None = None  # {"image", "text"}: written into each prediction when set
 
     def score(self, images):
         """(N, d) -> (class scores (N, C), descriptor similarities (N, M) or None)."""
@@ -363,7 +373,8 @@ class Classifier:
                 yield formats.prediction_record(
                     rec, topk[0][0], topk,
                     explanation=explained[n] if explained is not None else None,
-                    explanation_true=explained_true[n] if explained_true is not None else None)
+                    explanation_true=explained_true[n] if explained_true is not None else None,
+                    precision=self.precision)
 
 
 def clip_classifier(classes: list[str], templates: list[str], spec, **text_opts) -> Classifier:
@@ -532,7 +543,8 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
                    templates: str | None = None, descriptors=None, wrap: str | None = None,
                    aggregate: str = "mean", background: str = "include", allow_empty: bool = False,
                    text_store=None, k: int = 5, explain: bool = True, explain_true: bool = False,
-                   where: Sequence[str] = (), device: str = "auto", use_cache: bool = True) -> dict:
+                   where: Sequence[str] = (), device: str = "auto", use_cache: bool = True,
+                   precision: str = "amp") -> dict:
     """`vlmtools classify`: read the stores, build the classifier, write predictions. Every input is
     checked before anything is written. The model: ``spec`` if given, else the store's, where
     ``model``/``pretrained`` (the CLI options) may name it but must match it. Returns a summary."""
@@ -561,7 +573,8 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
     meta = [meta[i] for i in rows] if rows is not None else meta
     if not meta:
         raise BadInput(f"{image_store}: the store holds no images")
-    text_opts = dict(text_store=texts, device=device, use_cache=use_cache)
+    text_opts = dict(text_store=texts, device=device, use_cache=use_cache, precision=precision)
+    compute = compute_precision_for(precision, device)
 
     if method == "clip":
         for opt, value in (("--descriptors", descriptors), ("--wrap", wrap)):
@@ -574,6 +587,10 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
         clf, detail = _cbd_setup(meta, image_store, classes, descriptors, wrap, aggregate, background, allow_empty,
                                  spec, text_opts)
 
+    # what the scores rest on: the image store's precision, the text store's (texts missing from it, and
+    # all texts without one, are encoded or cached at this run's)
+    clf.precision = {"image": images.info.get("compute"),
+                     "text": texts.info.get("compute") if texts is not None else compute}
     emb = images.embeddings
     if rows is not None:
         emb = emb[np.asarray(rows)]
@@ -586,6 +603,7 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
                 correct += rec["pred"] == rec["label"]
             fh.write(formats.dumps_line(rec))
     summary = {"images": len(meta), "classes": len(clf.classes), "method": method, "model": spec.as_dict(),
+               "precision": clf.precision,
                "labelled": labelled, "top1": correct / labelled if labelled else None,
                "seconds": round(time.perf_counter() - t0, 3), "scoring_seconds": round(time.perf_counter() - t1, 3)}
     acc = f"; top-1 {100 * summary['top1']:.2f}% on {labelled} labelled" if labelled else ""

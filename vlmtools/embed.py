@@ -142,7 +142,7 @@ def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int 
     writer = StoreWriter(out, kind="image", model=encoder.spec.as_dict(), dim=encoder.embed_dim, dtype=dtype,
                          shard_size=shard_size, preprocess=encoder.preprocess_description(),
                          extra_info={"input_sha": input_digest([r["id"] for r in records]),
-                                     "input_count": len(records)})
+                                     "input_count": len(records), **encoder.precision_info()})
     if retry_errors:
         reopened = writer.reopen_failed()
         console.info(f"retrying {len(reopened)} shard(s) with failed inputs" if reopened else
@@ -243,7 +243,7 @@ def embed_texts(rows: Sequence[dict], out: str, encoder, *, batch_size: int = 25
                 world_size: int | None = None) -> EmbedSummary:
     rank, world_size = worker_slot(rank, world_size)
     extra = {**(extra_info or {}), "input_sha": input_digest([r["id"] + "\t" + r["text"] for r in rows]),
-             "input_count": len(rows)}
+             "input_count": len(rows), **encoder.precision_info()}
     writer = StoreWriter(out, kind="text", model=encoder.spec.as_dict(), dim=encoder.embed_dim, dtype=dtype,
                          shard_size=shard_size, extra_info=extra)
     n_shards, mine, todo = _plan(writer, len(rows), shard_size, rank, world_size)

@@ -34,7 +34,7 @@ WORLD_FORMAT = "vlmtools.synth/1"
 
 MANIFEST_KEYS = ("id", "path", "label", "split", "mask", "domain")
 DESCRIPTOR_KINDS = ("object", "background")
-PREDICTION_KEYS = ("id", "path", "label", "pred", "topk", "explanation", "explanation_true")
+PREDICTION_KEYS = ("id", "path", "label", "pred", "topk", "explanation", "explanation_true", "precision")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -379,8 +379,9 @@ EXPLANATION_KINDS = DESCRIPTOR_KINDS + ("name",)
 
 def prediction_record(meta: dict, pred: str, topk: list[tuple[str, float]],
                       explanation: list[dict] | None = None,
-                      explanation_true: list[dict] | None = None) -> dict:
-    """A predictions line: the manifest row's keys, then the prediction keys (which win on a clash)."""
+                      explanation_true: list[dict] | None = None, precision: dict | None = None) -> dict:
+    """A predictions line: the manifest row's keys, then the prediction keys (which win on a clash).
+    ``precision``: {"image", "text"}, the encoder precision each side's embeddings were computed at."""
     record = {k: v for k, v in meta.items() if k not in PREDICTION_KEYS or k in ("id", "path", "label")}
     record["pred"] = pred
     record["topk"] = [{"class": c, "score": s} for c, s in topk]
@@ -388,6 +389,8 @@ def prediction_record(meta: dict, pred: str, topk: list[tuple[str, float]],
         record["explanation"] = explanation
     if explanation_true is not None:
         record["explanation_true"] = explanation_true
+    if precision is not None:
+        record["precision"] = precision
     return record
 
 

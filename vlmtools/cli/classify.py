@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, subgroup
+from vlmtools.cli.common import DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, handle_errors, subgroup
 
 
 def _check_choice(value: Optional[str], choices, option: str) -> None:
@@ -54,6 +54,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,
+        precision: Precision = PrecisionOpt,
     ) -> None:
         """Classify stored image embeddings zero-shot: CLIP prompts or descriptors (CBD); NDJSON per image.
 
@@ -71,7 +72,7 @@ def register(app: typer.Typer) -> None:
                        templates=templates, descriptors=descriptors, wrap=wrap, aggregate=aggregate,
                        background=background, allow_empty=allow_empty, text_store=text_store, k=k,
                        explain=explain, explain_true=explain_true, where=where, device=device,
-                       use_cache=not no_cache)
+                       use_cache=not no_cache, precision=precision)
 
     eval_app = subgroup(app, "eval", "Evaluate predictions: `vlmtools eval PRED.jsonl` (accuracy tables), "
                         "`vlmtools eval compare A.jsonl B.jsonl` (paired, with McNemar's test). Options of the first "

@@ -6,9 +6,12 @@ import functools
 import sys
 from typing import Callable, Optional
 
+from enum import Enum
+
 import typer
 
 from vlmtools.errors import VlmError
+from vlmtools.models import DEFAULT_PRECISION, PRECISIONS
 
 
 def handle_errors(func: Callable) -> Callable:
@@ -53,6 +56,14 @@ PretrainedOpt = typer.Option(None, "--pretrained", "-p", help="pretrained tag (o
                              "a checkpoint path, or 'none' for random weights (default: openai; 'vlmtools' "
                              "for packaged models)")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N")
+
+# For every command that encodes; the values are vlmtools.models.PRECISIONS (a light module). An Enum so
+# that --help shows fp32|fp16|bf16|amp; the callback hands the command the plain string.
+Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+PrecisionOpt = typer.Option(DEFAULT_PRECISION, "--precision", callback=lambda v: Precision(v).value,
+                            help="Encoder precision: fp32; fp16 (half weights, as OpenAI CLIP on CUDA and the "
+                                 "CBD paper); bf16 (bfloat16 autocast); amp (autocast on CUDA: bf16, else "
+                                 "fp16; fp32 on CPU).")
 
 
 def model_spec(model: Optional[str], pretrained: Optional[str]):

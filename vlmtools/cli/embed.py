@@ -7,14 +7,15 @@ from typing import Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors
+from vlmtools.cli.common import DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, handle_errors
 
 embed_app = typer.Typer(help="Embed images or texts into a store (sharded NPY + JSONL meta + info.json).",
                         no_args_is_help=True)
 
 OutOpt = typer.Option(..., "--output", "-o", help="Store directory to write (resumed if it exists).")
 ShardOpt = typer.Option(10000, "--shard-size", help="Rows per shard (the unit of resume).")
-DtypeOpt = typer.Option("float16", "--dtype", help="float16 or float32.")
+DtypeOpt = typer.Option("float16", "--dtype", help="Stored as float16 (half the disk) or float32 (as "
+                        "computed; what the reproduction scripts use).")
 RankOpt = typer.Option(None, "--rank", help="This worker's rank (default: $RANK or $SLURM_PROCID or 0).")
 WorldOpt = typer.Option(None, "--world-size", help="Number of workers (default: $WORLD_SIZE or $SLURM_NTASKS or 1).")
 JsonOpt = typer.Option(False, "--json", help="Also print the run summary as one JSON line on stdout.")
@@ -35,6 +36,7 @@ def images_cmd(
     model: Optional[str] = ModelOpt,
     pretrained: Optional[str] = PretrainedOpt,
     device: str = DeviceOpt,
+    precision: Precision = PrecisionOpt,
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", "-j", min=0,
                                 help="DataLoader worker processes that decode images."),
@@ -57,7 +59,7 @@ def images_cmd(
     if not records:
         raise BadInput(f"{source_name(manifest)}: no images listed")
     check_options(dtype=dtype, shard_size=shard_size, rank=rank, world_size=world_size)
-    encoder = load_model(output_spec(output, model, pretrained), device)
+    encoder = load_model(output_spec(output, model, pretrained), device, precision)
     summary = embed_images(records, output, encoder, batch_size=batch_size, workers=workers,
                            shard_size=shard_size, dtype=dtype, rank=rank, world_size=world_size,
                            retry_errors=retry_errors)
@@ -73,6 +75,7 @@ def text_cmd(
     model: Optional[str] = ModelOpt,
     pretrained: Optional[str] = PretrainedOpt,
     device: str = DeviceOpt,
+    precision: Precision = PrecisionOpt,
     wrap: str = typer.Option("cbd", "--wrap", help="For descriptors: 'cbd' embeds \"{class}, which has "
                              "{descriptor}\" (the CBD paper's rule); 'none' embeds the descriptor as written."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
@@ -88,7 +91,7 @@ def text_cmd(
 
     rows, extras = text_records(source, wrap)
     check_options(dtype=dtype, shard_size=shard_size, rank=rank, world_size=world_size)
-    encoder = load_model(output_spec(output, model, pretrained), device)
+    encoder = load_model(output_spec(output, model, pretrained), device, precision)
     summary = embed_texts(rows, output, encoder, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
                           extra_info=extras, rank=rank, world_size=world_size)
     _emit(summary, json_)
