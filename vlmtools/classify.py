@@ -227,7 +227,8 @@ def clip_class_embeddings(text_emb, n_classes: int, n_templates: int):
 @dataclass
 class DescriptorSet:
     """The descriptors of all classes as one flat list, grouped by class in class order: class c owns rows
-    offsets[c]:offsets[c+1]. A class left with no descriptor is scored by its name (kind "name")."""
+    offsets[c]:offsets[c+1]. A class left with no descriptor is scored by its name (kind "name"), as
+    prompts.empty_sentence writes it."""
     classes: list[str]
     descriptors: list[str]
     kinds: list[str]
@@ -243,10 +244,11 @@ class DescriptorSet:
 
 
 def build_descriptor_set(classes: Sequence[str], records: dict, *, wrap: str = "cbd",
-                         background: str = "include") -> DescriptorSet:
+                         background: str = "include", empty: str = "menon") -> DescriptorSet:
     """``records``: {class: descriptor record} (formats.read_descriptors). Classes missing from it, with
-    empty lists, or left empty by ``background``, fall back to their name."""
-    from vlmtools.prompts import descriptor_sentence, wordify
+    empty lists, or left empty by ``background``, fall back to their name: "{class}, which has " as
+    Menon & Vondrick do (``empty`` menon), or the bare name (``empty`` name)."""
+    from vlmtools.prompts import descriptor_sentence, empty_sentence
 
     if background not in BACKGROUND:
         raise BadInput(f"--background {background!r}: expected one of {', '.join(BACKGROUND)}")
@@ -267,7 +269,7 @@ def build_descriptor_set(classes: Sequence[str], records: dict, *, wrap: str = "
             fallback.append(cls)
             descriptors.append(cls)
             kinds.append("name")
-            texts.append(wordify(cls))
+            texts.append(empty_sentence(cls, wrap, empty))
         offsets.append(len(descriptors))
     return DescriptorSet(list(classes), descriptors, kinds, texts, offsets, fallback)
 
@@ -498,7 +500,7 @@ def _clip_setup(meta, image_store, classes, templates, spec, text_opts) -> tuple
 
 
 def _cbd_setup(meta, image_store, classes, descriptors, wrap, aggregate, background, allow_empty, spec,
-               text_opts) -> tuple[Classifier, str]:
+               text_opts, empty: str = "menon") -> tuple[Classifier, str]:
     texts = text_opts["text_store"]
     if descriptors is not None:
         records = formats.read_descriptors(descriptors, allow_empty=allow_empty)
@@ -518,11 +520,13 @@ def _cbd_setup(meta, image_store, classes, descriptors, wrap, aggregate, backgro
     else:
         class_list = list(records)
     check_labels(meta, class_list, image_store)
-    dset = build_descriptor_set(class_list, records, wrap=wrap or store_wrap or "cbd", background=background)
+    dset = build_descriptor_set(class_list, records, wrap=wrap or store_wrap or "cbd", background=background,
+                                empty=empty)
     if dset.fallback:
         shown = ", ".join(repr(c) for c in dset.fallback[:5])
+        how = "the bare name" if empty == "name" else 'Menon\'s "{class}, which has "; --empty name: the bare name'
         warn(f"{len(dset.fallback)} classes have no descriptors (after --background {background}) and are "
-             f"scored by their name: {shown}{' ...' if len(dset.fallback) > 5 else ''}")
+             f"scored by their name ({how}): {shown}{' ...' if len(dset.fallback) > 5 else ''}")
     clf = cbd_classifier(dset, spec, aggregate=aggregate, **text_opts)
     return clf, f"{len(dset.descriptors)} descriptors, {aggregate}"
 
@@ -542,6 +546,7 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
                    pretrained: str | None = None, method: str | None = None, classes=None,
                    templates: str | None = None, descriptors=None, wrap: str | None = None,
                    aggregate: str = "mean", background: str = "include", allow_empty: bool = False,
+                   empty: str = "menon",
                    text_store=None, k: int = 5, explain: bool = True, explain_true: bool = False,
                    where: Sequence[str] = (), device: str = "auto", use_cache: bool = True,
                    precision: str = "amp") -> dict:
@@ -585,7 +590,7 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
         if templates is not None:
             raise BadInput("--templates applies to --method clip; cbd embeds \"{class}, which has {descriptor}\"")
         clf, detail = _cbd_setup(meta, image_store, classes, descriptors, wrap, aggregate, background, allow_empty,
-                                 spec, text_opts)
+                                 spec, text_opts, empty)
 
     # what the scores rest on: the image store's precision, the text store's (texts missing from it, and
     # all texts without one, are encoded or cached at this run's)

@@ -77,7 +77,8 @@ def text_cmd(
     device: str = DeviceOpt,
     precision: Precision = PrecisionOpt,
     wrap: str = typer.Option("cbd", "--wrap", help="For descriptors: 'cbd' embeds \"{class}, which has "
-                             "{descriptor}\" (the CBD paper's rule); 'none' embeds the descriptor as written."),
+                             "{descriptor}\" (the CBD paper's rule); 'waffle' \"A photo of a {class}, which has "
+                             "{descriptor}.\" (WaffleCLIP's); 'none' embeds the descriptor as written."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
     shard_size: int = ShardOpt,
     dtype: str = DtypeOpt,

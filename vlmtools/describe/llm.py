@@ -1,4 +1,6 @@
-"""A thin wrapper over the openai client: one chat request in, one answer (text) out.
+"""A thin wrapper over the openai client: one request in, one answer (text) out. ``api="chat"`` (the
+default) sends the prompt as a user message to /v1/chat/completions; ``api="completions"`` sends it as is
+to /v1/completions, as Menon & Vondrick did (instruct models, local servers that only offer completions).
 
 Retries with backoff on 408/409/429/5xx, connection errors and timeouts are the openai client's own
 (`max_retries`, `timeout`; it honours the server's retry-after / retry-after-ms headers). A request that
@@ -23,6 +25,7 @@ DEFAULT_MAX_RETRIES = 4
 LOCAL_PLACEHOLDER_KEY = "sk-local-no-key"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+APIS = ("chat", "completions")
 
 
 class LLMError(VlmError):
@@ -63,7 +66,9 @@ def redact(text: str, secret: str | None) -> str:
 class LLMClient:
     def __init__(self, model: str | None = None, base_url: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES,
-                 cache: ResponseCache | None = None):
+                 cache: ResponseCache | None = None, api: str = "chat"):
+        if api not in APIS:
+            raise BadInput(f"--api {api!r}: expected one of {'|'.join(APIS)}")
         if timeout <= 0:
             raise BadInput(f"--timeout {timeout}: must be positive")
         if max_retries < 0:
@@ -78,6 +83,7 @@ class LLMClient:
         self.timeout = timeout
         self.max_retries = max_retries
         self.cache = cache
+        self.api = api
 
     def check_key(self) -> None:
         """BadInput now, before anything is written, if no key can be used for this server."""
@@ -98,6 +104,9 @@ class LLMClient:
 
     def request(self, prompt: str, *, temperature: float, max_tokens: int, sample: int = 0) -> dict:
         """The request's identity: what the cache is keyed on (no key, no timeouts)."""
+        if self.api == "completions":
+            return {"base_url": self.base_url, "model": self.model, "api": "completions", "prompt": prompt,
+                    "temperature": temperature, "max_tokens": max_tokens, "sample": sample}
         return {"base_url": self.base_url, "model": self.model,
                 "messages": [{"role": "user", "content": prompt}],
                 "temperature": temperature, "max_tokens": max_tokens, "sample": sample}
@@ -119,9 +128,14 @@ class LLMClient:
 
         tries = f"after {self.max_retries} retries" if self.max_retries else "(no retries)"
         try:
-            response = self._openai().chat.completions.create(
-                model=request["model"], messages=request["messages"],
-                temperature=request["temperature"], max_tokens=request["max_tokens"])
+            if self.api == "completions":
+                response = self._openai().completions.create(
+                    model=request["model"], prompt=request["prompt"],
+                    temperature=request["temperature"], max_tokens=request["max_tokens"])
+            else:
+                response = self._openai().chat.completions.create(
+                    model=request["model"], messages=request["messages"],
+                    temperature=request["temperature"], max_tokens=request["max_tokens"])
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             # Every other class would fail the same way: stop the run (exit 2).
             raise BadInput(self.redact(f"{self.base_url} refused the API key (HTTP {exc.status_code}): "
@@ -139,15 +153,19 @@ class LLMClient:
             raise LLMError(self.redact(f"HTTP {exc.status_code} {tries}: {_message(exc)}")) from None
         except (ValueError, openai.APIResponseValidationError) as exc:
             # JSONDecodeError is a ValueError: the server did not answer with JSON.
+            protocol = "chat-completions" if self.api == "chat" else "completions"
             raise LLMError(self.redact(f"malformed response from {self.base_url} "
-                                       f"(not chat-completions JSON: {type(exc).__name__})")) from None
+                                       f"(not {protocol} JSON: {type(exc).__name__})")) from None
         choices = getattr(response, "choices", None)
         if not isinstance(choices, list) or not choices:
             raise LLMError(f"malformed response from {self.base_url} (no choices)")
-        message = getattr(choices[0], "message", None)
-        text = getattr(message, "content", None)
+        if self.api == "completions":
+            text = getattr(choices[0], "text", None)
+        else:
+            text = getattr(getattr(choices[0], "message", None), "content", None)
         if not isinstance(text, str):
-            raise LLMError(f"malformed response from {self.base_url} (no message content)")
+            raise LLMError(f"malformed response from {self.base_url} (no "
+                           f"{'text' if self.api == 'completions' else 'message content'})")
         return text, getattr(choices[0], "finish_reason", None)
 
 
