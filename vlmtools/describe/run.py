@@ -417,8 +417,8 @@ def _summarize(report: Report, out_path: Path | None, err_path: Path | None) -> 
         info(escape(f"wrote {report.written} classes to {where} ({report.cached} from cache, "
                     f"{report.skipped} already there)"))
     if report.loose:
-        warn(f"{report.loose} answers had no '- ' lines and fell back to the loose parser (numbered lists, "
-             f"JSON, ...); --strict-parse keeps only '- ' lines, as Menon's parser")
+        warn(f"{report.loose} answers had no '- ' lines and were parsed loosely (numbered lists, JSON, ...); "
+             f"--strict-parse keeps only '- ' lines, as Menon's parser")
     if report.strict_empty:
         warn(f"{report.strict_empty} answers had no '- ' lines: with --strict-parse they gave no descriptors "
              f"(written as empty lists, as Menon's parser; classify --allow-empty scores them as "
