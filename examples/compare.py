@@ -17,7 +17,6 @@ stdout and writes them all as one TSV. Standard library only: runs wherever the 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -77,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['model']:<16}{r['row']:<{width + 2}}{r['ours']:>8}{r['study']:>8}{r['difference']:>8}{extra}")
     if args.output:
         tmp = args.output + ".tmp"
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, COLUMNS, delimiter="\t", lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(out_rows)
+        with open(tmp, "w", encoding="utf-8") as fh:  # plain TSV: no field holds a tab or a newline
+            fh.write("\t".join(COLUMNS) + "\n")
+            fh.writelines("\t".join(str(r[c]) for c in COLUMNS) + "\n" for r in out_rows)
         os.replace(tmp, args.output)
         print(f"\nwrote {args.output}", file=sys.stderr)
     return 0

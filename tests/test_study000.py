@@ -253,3 +253,14 @@ def test_compare_prints_ours_study_and_difference_and_writes_tsv(tmp_path):
     assert [(r["row"], r["ours"], r["study"], r["difference"]) for r in table] == [
         ("CBD", "50.00", "53.14", "-3.14"), ("Waffle", "51.00", "-", "-"), ("missing", "-", "54.04", "-")]
     assert table[1]["runs"] == "2" and float(table[1]["spread"]) == pytest.approx(1.41, abs=0.01)
+
+
+def test_embed_text_keeps_going_past_an_empty_descriptor_list(tmp_path, capsys):
+    from vlmtools.embed import text_records
+
+    desc = tmp_path / "released.jsonl"
+    desc.write_text(json.dumps({"class": "Sooty Albatross", "descriptors": []}) + "\n"
+                    + json.dumps({"class": "Laysan Albatross", "descriptors": ["a seabird"]}) + "\n")
+    rows, _ = text_records(str(desc))
+    assert [r["text"] for r in rows] == ["Laysan Albatross, which is a seabird"]
+    assert "1 classes have an empty descriptor list" in " ".join(capsys.readouterr().err.split())

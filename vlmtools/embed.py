@@ -204,7 +204,9 @@ def text_records(path: str, wrap: str = "cbd") -> tuple[list[dict], dict]:
     name = formats.source_name(path)
     rows: list[dict] = []
     source = None
-    descriptor_lines = formats.DescriptorLines(name)
+    # an empty list (as in some published descriptor files) gives no rows; classify scores that class
+    descriptor_lines = formats.DescriptorLines(name, allow_empty=True)
+    empty = []
     for lineno, rec in formats.iter_jsonl(path, allow_plain=True):
         where = f"{name}:{lineno}"
         if isinstance(rec, str):
@@ -223,6 +225,8 @@ def text_records(path: str, wrap: str = "cbd") -> tuple[list[dict], dict]:
         if kind == "descriptors":
             rec = descriptor_lines.check(lineno, rec)
             cls = str(rec["class"])
+            if not rec["descriptors"]:
+                empty.append((lineno, cls))
             for j, (d, k) in enumerate(zip(rec["descriptors"], formats.descriptor_kinds(rec))):
                 rows.append({"id": f"{cls}::{j}", "text": descriptor_sentence(cls, d, wrap), "class": cls,
                              "descriptor": d, "kind": k, "wrap": wrap})
@@ -230,6 +234,12 @@ def text_records(path: str, wrap: str = "cbd") -> tuple[list[dict], dict]:
             rows.append({**rec, "id": str(rec.get("id", len(rows)))})
         else:
             rows.append({"id": str(len(rows)), "text": rec})
+    if empty and not rows:
+        raise BadInput(f"{name}:{empty[0][0]}: class {empty[0][1]!r} has an empty descriptor list, and no class "
+                       f"has descriptors")
+    if empty:
+        console.warn(f"{name}: {len(empty)} classes have an empty descriptor list and get no rows (e.g. "
+                     f"{empty[0][1]!r}); classify --allow-empty scores them")
     if not rows:
         raise BadInput(f"{name}: no texts to embed")
     extras = {"source": "descriptors" if source == "descriptors" else "texts"}

@@ -132,7 +132,11 @@ for pos, metric in enumerate(("top1", "top5")):
         print(f"CUB test\t{m}\tWaffleCLIP ({draws} draws)\t{metric}\t{'-' if ref is None else ref}\t{files}")
 PY
 python3 "$HERE/../compare.py" "$OUT/rows.tsv" -o "$OUT/table.tsv"
-for M in $MODELS; do
-  python3 -c 'import json, sys; c = json.load(open(sys.argv[1])); print(f"{sys.argv[2]}: CBD (released) - CLIP = {100 * c[\"difference\"]:+.2f} points, McNemar exact p = {c[\"mcnemar\"][\"p_exact\"]:.3g}")' \
-    "$OUT/$M/compare-clip-cbd.json" "$M"
-done
+python3 - "$OUT" $MODELS <<'PY'
+import json, sys
+
+for m in sys.argv[2:]:
+    c = json.load(open(f"{sys.argv[1]}/{m}/compare-clip-cbd.json"))
+    print(f"{m}: CBD (released) - CLIP = {100 * c['difference']:+.2f} points, "
+          f"McNemar exact p = {c['mcnemar']['p_exact']:.3g}")
+PY
