@@ -128,10 +128,17 @@ def test_api_completions_malformed_answer_is_a_failed_class(tmp_path, llm):
 
 
 def test_bad_api_is_bad_input(tmp_path, llm):
+    from vlmtools.cli.describe import Api
+    from vlmtools.describe.llm import APIS, LLMClient
+    from vlmtools.errors import BadInput
+
+    assert tuple(a.value for a in Api) == APIS  # the CLI spells them out to keep --help light
     classes = class_file(tmp_path, ["Laysan_Albatross"], llm)
     result = describe(llm, classes, "--api", "responses", "-o", tmp_path / "d.jsonl")
     assert result.exit_code == 2 and "--api" in err(result)
     assert not (tmp_path / "d.jsonl").exists()
+    with pytest.raises(BadInput, match="--api"):
+        LLMClient(api="responses")
 
 
 # ----------------------------------------------------------------------------- strict parsing

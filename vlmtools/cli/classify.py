@@ -7,7 +7,11 @@ from typing import List, Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, handle_errors, subgroup
+from vlmtools.cli.common import (DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, choices, handle_errors,
+                                 plain, subgroup)
+from vlmtools.prompts import EMPTY_RULES
+
+Empty = choices("Empty", EMPTY_RULES)
 
 
 def _check_choice(value: Optional[str], choices, option: str) -> None:
@@ -42,7 +46,7 @@ def register(app: typer.Typer) -> None:
                                        "include | exclude | only"),
         allow_empty: bool = typer.Option(False, "--allow-empty", help="cbd: score classes with no descriptors "
                                          "(missing, empty list) by their name instead of refusing them"),
-        empty: str = typer.Option("menon", "--empty", help="cbd: how a class with no descriptors is scored: "
+        empty: Empty = typer.Option("menon", "--empty", callback=plain, help="cbd: how a class with no descriptors is scored: "
                                   "menon (\"{class}, which has \", as Menon & Vondrick) | name (the bare name)"),
         text_store: Optional[Path] = typer.Option(None, "--text-store", help="Text store from `vlmtools embed "
                                                   "text` to take text embeddings from (others are encoded)"),
@@ -71,7 +75,7 @@ def register(app: typer.Typer) -> None:
         the mean over its descriptors, whose similarities are written as the explanation. With --head,
         a head trained by `vlmtools train` scores them (same output contract, no explanation)."""
         from vlmtools.classify import AGGREGATES, BACKGROUND, METHODS, classify_store
-        from vlmtools.prompts import EMPTY_RULES, WRAPS
+        from vlmtools.prompts import WRAPS
 
         if head is not None:
             from vlmtools.errors import BadInput
@@ -89,7 +93,6 @@ def register(app: typer.Typer) -> None:
 
         _check_choice(method, METHODS, "--method")
         _check_choice(wrap, WRAPS, "--wrap")
-        _check_choice(empty, EMPTY_RULES, "--empty")
         _check_choice(aggregate, AGGREGATES, "--aggregate")
         _check_choice(background, BACKGROUND, "--background")
         # the model is the image store's; --model/--pretrained may name it, and must match it

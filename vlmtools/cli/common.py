@@ -57,10 +57,21 @@ PretrainedOpt = typer.Option(None, "--pretrained", "-p", help="pretrained tag (o
                              "for packaged models)")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N")
 
-# For every command that encodes; the values are vlmtools.models.PRECISIONS (a light module). An Enum so
-# that --help shows fp32|fp16|bf16|amp; the callback hands the command the plain string.
-Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
-PrecisionOpt = typer.Option(DEFAULT_PRECISION, "--precision", callback=lambda v: Precision(v).value,
+
+
+def choices(name: str, values) -> type[Enum]:
+    """An Enum of ``values``, as an option's type, so that --help shows a|b|c; give the option
+    ``callback=plain`` and the command gets the plain string."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+def plain(value):
+    return value.value if isinstance(value, Enum) else value
+
+
+# For every command that encodes; the values are vlmtools.models.PRECISIONS (a light module).
+Precision = choices("Precision", PRECISIONS)
+PrecisionOpt = typer.Option(DEFAULT_PRECISION, "--precision", callback=plain,
                             help="Encoder precision: fp32; fp16 (half weights, as OpenAI CLIP on CUDA and the "
                                  "CBD paper); bf16 (bfloat16 autocast); amp (autocast on CUDA: bf16, else "
                                  "fp16; fp32 on CPU).")

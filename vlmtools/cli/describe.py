@@ -6,8 +6,11 @@ from typing import Optional
 
 import typer
 
-from vlmtools.cli.common import handle_errors
+from vlmtools.cli.common import choices, handle_errors, plain
 
+# vlmtools.describe.llm.APIS, spelled out here: importing it would load vlmtools.describe for every
+# `vlmtools --help` (a test keeps the two in step).
+Api = choices("Api", ("chat", "completions"))
 STYLE_HELP = ("cbd (Menon & Vondrick's exact prompt), domain (worked examples from the target domain; "
               "--exemplars cub: study 000's Sooty Albatross), background (also surroundings/habitat, marked in "
               "\"kinds\"; --exemplars cub: study 000's prompt with the habitat bullet), structured (named fields), "
@@ -28,7 +31,7 @@ def register(app: typer.Typer) -> None:
         # vlmtools.describe for every `vlmtools --help` (a test keeps the two in step).
         model: Optional[str] = typer.Option(None, "--model", "-m", envvar="VLMTOOLS_LLM_MODEL",
                                             show_default="gpt-4o-mini", help="Model name on the server."),
-        api: str = typer.Option("chat", "--api", help="chat (/v1/chat/completions, the prompt as a user message) "
+        api: Api = typer.Option("chat", "--api", callback=plain, help="chat (/v1/chat/completions, the prompt as a user message) "
                                 "| completions (/v1/completions, the prompt as is, as the CBD paper's GPT-3; "
                                 "instruct models, servers that only offer completions)"),
         base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL",
