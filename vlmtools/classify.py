@@ -531,6 +531,19 @@ def _cbd_setup(meta, image_store, classes, descriptors, wrap, aggregate, backgro
     return clf, f"{len(dset.descriptors)} descriptors, {aggregate}"
 
 
+def selected_images(images, where: Sequence[str], image_store) -> tuple[list[dict], list[int] | None]:
+    """(meta rows, their row numbers or None for all) of an image store's images matching ``where``;
+    BadInput when none do or the store is empty."""
+    meta = str_labels(images.meta)
+    rows = select_rows(meta, parse_where(where)) if where else None
+    if rows is not None and not rows:
+        raise BadInput(f"{image_store}: no image matches --where {' '.join(where)}")
+    meta = [meta[i] for i in rows] if rows is not None else meta
+    if not meta:
+        raise BadInput(f"{image_store}: the store holds no images")
+    return meta, rows
+
+
 def store_spec(reader, model: str | None = None, pretrained: str | None = None):
     """The model of a store's embeddings: the one it records, unless the user names one, which must match
     (``--model NAME`` alone means the store's weights of NAME)."""
@@ -571,13 +584,7 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
     if method not in METHODS:
         raise BadInput(f"--method {method!r}: expected one of {', '.join(METHODS)}")
 
-    meta = str_labels(images.meta)
-    rows = select_rows(meta, parse_where(where)) if where else None
-    if rows is not None and not rows:
-        raise BadInput(f"{image_store}: no image matches --where {' '.join(where)}")
-    meta = [meta[i] for i in rows] if rows is not None else meta
-    if not meta:
-        raise BadInput(f"{image_store}: the store holds no images")
+    meta, rows = selected_images(images, where, image_store)
     text_opts = dict(text_store=texts, device=device, use_cache=use_cache, precision=precision)
     compute = compute_precision_for(precision, device)
 

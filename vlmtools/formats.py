@@ -10,7 +10,8 @@ Documented for users in man/vlmtools-formats.5; keep the two in step.
 - index         index.faiss + index.json ("format": INDEX_FORMAT) inside a store
 - predictions   JSONL, one image per line (see PREDICTION_KEYS)
 - synth world   directory written by `vlmtools synth make` (world.json "format": WORLD_FORMAT): images/,
-                masks/, manifest.jsonl, attributes.jsonl, classes.txt, descriptors.jsonl, captions.jsonl
+                masks/, manifest.jsonl, attributes.jsonl, classes.txt, descriptors.jsonl, captions.jsonl,
+                image_captions.jsonl
 - head          NAME.safetensors (weights) + NAME.json ("format": HEAD_FORMAT): a trained head (see HEAD_KEYS)
 """
 

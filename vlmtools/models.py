@@ -217,6 +217,32 @@ class Encoder:
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)
 
+    def encode_text_tokens(self, texts: list[str], batch_size: int = 256):
+        """Texts -> (token features (N, L, width) float16 numpy, mask (N, L) bool): the text tower's last
+        hidden states after ln_final, before pooling and projection (what a Q-Former attends to). L is
+        the longest tokenized text; mask marks real tokens. Only CLIP-style text towers have them."""
+        import numpy as np
+        import torch
+
+        m = self.model
+        if not all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
+            raise BadInput(f"{self.spec}: its text tower does not expose token features (a CLIP-style "
+                           f"transformer is needed for this)")
+        feats, masks = [], []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start:start + batch_size])).to(self.device)
+            with torch.inference_mode(), self.autocast():
+                cast = m.transformer.get_cast_dtype()
+                x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
+                x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+            feats.append(x.float().cpu().numpy().astype(np.float16))
+            masks.append((tokens != 0).cpu().numpy())
+        if not feats:
+            return np.zeros((0, 1, 1), np.float16), np.zeros((0, 1), bool)
+        mask = np.concatenate(masks)
+        length = max(1, int(mask.any(axis=0).nonzero()[0].max()) + 1) if mask.any() else 1
+        return np.concatenate(feats)[:, :length], mask[:, :length]
+
     def preprocess_description(self) -> str:
         return repr(self.preprocess).replace("\n", " ")
 

@@ -18,7 +18,7 @@ import numpy as np
 from vlmtools.console import progress
 from vlmtools.errors import BadInput
 from vlmtools.formats import descriptor_record, dumps_line, iter_jsonl, manifest_record, read_json
-from vlmtools.synth.world import (DOMAINS, VOCAB, WORLD_VERSION, class_captions, make_classes,
+from vlmtools.synth.world import (DOMAINS, VOCAB, WORLD_VERSION, caption, class_captions, make_classes,
                                   oracle_descriptors, sample_attributes)
 from vlmtools.synth.render import render
 
@@ -61,6 +61,9 @@ def _prepare_target(out: Path, force: bool) -> None:
             raise BadInput(f"{out}: directory exists and is not empty (pass --force to replace a world)")
         if not (out / "world.json").exists():
             raise BadInput(f"{out}: not a synth world (no world.json); refusing to replace it even with --force")
+
+
+IMAGE_CAPTIONS = 3  # captions per image in image_captions.jsonl
 
 
 def make_world(out_dir: str | os.PathLike, classes: int = 20, per_class: int = 50, domain: str = "photo",
@@ -121,6 +124,12 @@ def _generate(root: Path, n_classes: int, per_class: int, domain: str, seed: int
     _write_lines(root / "descriptors.jsonl", descriptor_lines)
     _write_lines(root / "captions.jsonl",
                  ({"class": c["name"], "sentences": class_captions(c)} for c in defs))
+    # per-image captions (text -> image pairs, e.g. for `train t2i`), from their own generator so the
+    # other files do not change with them
+    caption_rng = np.random.default_rng([seed, 7])
+    _write_lines(root / "image_captions.jsonl",
+                 ({"id": f"{a['id']}:{k}", "image_id": a["id"], "text": caption(caption_rng, a)}
+                  for a in attributes for k in range(IMAGE_CAPTIONS)))
     world = {
         "format": WORLD_VERSION,
         "seed": seed,
