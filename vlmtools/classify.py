@@ -469,8 +469,6 @@ def str_labels(meta: Sequence[dict]) -> list[dict]:
 
 
 def _clip_setup(meta, image_store, classes, templates, spec, text_opts) -> tuple[Classifier, str]:
-    from rich.markup import escape
-
     from vlmtools.prompts import load_templates
 
     if classes is not None:
@@ -479,7 +477,7 @@ def _clip_setup(meta, image_store, classes, templates, spec, text_opts) -> tuple
         class_list = list(dict.fromkeys(str(r["label"]) for r in meta if r.get("label") is not None))
         if not class_list:
             raise BadInput(f"{image_store}: no labels to take classes from; pass --classes FILE")
-        info(f"classes: the {len(class_list)} distinct labels of {escape(str(image_store))}")
+        info(f"classes: the {len(class_list)} distinct labels of {image_store}")
     check_labels(meta, class_list, image_store)
     template_list = load_templates(templates or "photo")
     check_templates(template_list, templates or "photo")

@@ -132,7 +132,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Per-descriptor scores of the predicted (and, with classify --explain-true, the true) class."""
         from rich.console import Console
-        from rich.markup import escape
 
         from vlmtools import formats
         from vlmtools.console import info
@@ -154,4 +153,4 @@ def register(app: typer.Typer) -> None:
             out.print()
         if png is not None:
             paths = save_figures(chosen, png, max_descriptors=top)
-            info(f"wrote {len(paths)} figure(s) to {escape(str(png))}")
+            info(f"wrote {len(paths)} figure(s) to {png}")

@@ -19,7 +19,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.markup import escape
 
 from vlmtools.console import info, progress, warn
 from vlmtools.describe.llm import LLMClient, LLMError
@@ -72,8 +71,8 @@ def make_plan(style: str, client: LLMClient, *, prompt_file: str | None = None, 
         except LLMError as exc:
             raise VlmError(f"--domain {domain!r}: could not get a worked example: {exc}") from None
         example = exemplar_from_answer(answer.text, domain)
-        info(escape(f"worked example for {domain!r}: {example.name} ({len(example.descriptors)} descriptors"
-                    f"{', cached' if answer.cached else ''})"))
+        info(f"worked example for {domain!r}: {example.name} ({len(example.descriptors)} descriptors"
+             f"{', cached' if answer.cached else ''})")
         examples = [example]
     return build_plan(style, template, exemplars=examples, domain=domain, fields=fields,
                       count=10 if count is None else count, temperature=temperature, max_tokens=max_tokens)
@@ -279,7 +278,7 @@ def run_describe(classes: list[str], plan: Plan, client: LLMClient, *, output: s
     todo = [c for c in classes if c not in existing]
     report.skipped = len(classes) - len(todo)
     if report.skipped:
-        info(escape(f"{report.skipped} of {len(classes)} classes already in {out_path}; asking for {len(todo)}"))
+        info(f"{report.skipped} of {len(classes)} classes already in {out_path}; asking for {len(todo)}")
 
     writer = LineWriter(out_path, todo, replace=not resume)
     try:
@@ -403,8 +402,8 @@ def _failure(cls: str, reason: str, plan: Plan, client: LLMClient, raw: list[str
 def _summarize(report: Report, out_path: Path | None, err_path: Path | None) -> None:
     where = out_path or "stdout"
     if report.written or report.skipped:
-        info(escape(f"wrote {report.written} classes to {where} ({report.cached} from cache, "
-                    f"{report.skipped} already there)"))
+        info(f"wrote {report.written} classes to {where} ({report.cached} from cache, "
+             f"{report.skipped} already there)")
     if report.loose:
         warn(f"{report.loose} answers had no '- ' lines and were parsed loosely (numbered lists, JSON, ...)")
     if report.truncated:
