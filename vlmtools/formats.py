@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -122,14 +123,72 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+# ----------------------------------------------------------------------------- strict JSON
+# Every JSON input is parsed strictly: a duplicate key would silently keep the last value, and a deeply
+# nested or endless line would end in a RecursionError or eat the memory.
+
+MAX_DEPTH = 64              # nesting levels of [ and { in one JSON value
+MAX_LINE = 64 * 1024 * 1024  # bytes in one JSONL line
+_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET_RE = re.compile(r"[\[\]{}]")
+
+
+class JsonProblem(ValueError):
+    """Valid JSON syntax that vlmtools refuses (a duplicate key, too deep)."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise JsonProblem(f"duplicate key {key!r} in one JSON object")
+            seen.add(key)
+    return out
+
+
+def _check_depth(text: str) -> None:
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return  # cannot be deeper
+    depth = 0
+    for m in _BRACKET_RE.finditer(_STRING_RE.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > MAX_DEPTH:
+            raise JsonProblem(f"JSON nested more than {MAX_DEPTH} levels deep")
+
+
+def parse_json(text: str) -> Any:
+    """json.loads, refusing duplicate keys and deep nesting (JsonProblem); syntax errors raise
+    json.JSONDecodeError as usual."""
+    _check_depth(text)
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except RecursionError:
+        raise JsonProblem(f"JSON nested more than {MAX_DEPTH} levels deep") from None
+
+
+def loads(text: str, where: str) -> Any:
+    """Strict JSON (see parse_json); any problem is BadInput naming ``where`` (a file or file:line)."""
+    try:
+        return parse_json(text)
+    except JsonProblem as exc:
+        raise BadInput(f"{where}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     p = Path(path)
     if not p.exists():
         raise BadInput(f"{p}: no such file")
+    if p.is_dir():
+        raise BadInput(f"{p}: is a directory, expected a JSON file")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"{p}: not valid JSON ({exc})") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"{p}: not UTF-8 text") from None
+    return loads(text, str(p))
 
 
 def dumps_line(record: dict) -> str:
@@ -153,7 +212,9 @@ def _decoded_lines(fh: IO, name: str) -> Iterator[str]:
     if raw is None:  # an in-memory text stream: already decoded
         yield from fh
         return
-    for lineno, line in enumerate(raw, 1):
+    for lineno, line in enumerate(iter(lambda: raw.readline(MAX_LINE + 1), b""), 1):
+        if len(line) > MAX_LINE:
+            raise BadInput(f"{name}:{lineno}: line longer than {MAX_LINE // (1024 * 1024)} MiB; is this a JSONL file?")
         try:
             yield line.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError:
@@ -167,27 +228,33 @@ def read_text(path: str | os.PathLike) -> str:
         return "".join(_decoded_lines(fh, name))
 
 
-def iter_jsonl(path: str | os.PathLike, *, allow_plain: bool = False) -> Iterator[tuple[int, Any]]:
-    """Yield (line_number, record) from a JSONL file or ``-``; blank lines are skipped.
+def iter_jsonl(path: str | os.PathLike, *, allow_plain: bool = False,
+               strip_plain: bool = True) -> Iterator[tuple[int, Any]]:
+    """Yield (line_number, record) from a JSONL file or ``-``; blank lines are skipped. Lines are parsed
+    strictly (see parse_json) and limited to MAX_LINE bytes.
 
-    With ``allow_plain``, a line that does not start with ``{`` is yielded as a plain string.
+    With ``allow_plain``, a line that does not start with ``{`` is yielded as a plain string (stripped of
+    surrounding blanks unless ``strip_plain`` is false: then only the line ending is removed, as file
+    names may end in a space).
     """
     name = source_name(path)
     with open_input(path) as fh:
-        for lineno, line in enumerate(_decoded_lines(fh, name), 1):
-            line = line.strip()
+        for lineno, raw_line in enumerate(_decoded_lines(fh, name), 1):
+            line = raw_line.strip()
             if not line:
                 continue
             if allow_plain and not line.startswith("{"):
-                yield lineno, line
+                yield lineno, line if strip_plain else raw_line.rstrip("\r\n")
                 continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadInput(f"{name}:{lineno}: not valid JSON ({exc.msg})") from None
+            yield lineno, loads(line, f"{name}:{lineno}")
 
 
 # ----------------------------------------------------------------------------- manifests
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 def manifest_record(id: str, path: str, label: str | None = None, split: str | None = None,
                     **extra: Any) -> dict:
@@ -203,7 +270,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
     base = None if str(path) == "-" else Path(path).resolve().parent
     records = []
     seen: set[str] = set()
-    for lineno, rec in iter_jsonl(path, allow_plain=True):
+    for lineno, rec in iter_jsonl(path, allow_plain=True, strip_plain=False):
         if isinstance(rec, str):
             rec = {"id": rec, "path": rec}
         if not isinstance(rec, dict) or "path" not in rec:
@@ -211,7 +278,12 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         rec = dict(rec)
         for key in ("path", "mask"):
             if key in rec and rec[key] is not None and not isinstance(rec[key], str):
-                raise BadInput(f"{name}:{lineno}: \"{key}\" must be a string, not {rec[key]!r}")
+                raise BadInput(f"{name}:{lineno}: \"{key}\" must be a string, not {_short(rec[key])}")
+        for key in ("id", "label"):
+            if isinstance(rec.get(key), (list, dict, bool)):
+                raise BadInput(f"{name}:{lineno}: \"{key}\" must be a string or a number, not {_short(rec[key])}")
+        if rec.get("id") is None:
+            rec.pop("id", None)
         rec.setdefault("id", rec["path"])
         rec["id"] = str(rec["id"])
         if rec.get("label") is None:
