@@ -46,12 +46,29 @@ def input_digest(ids: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _env_int(names: Sequence[str], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None and value.strip():
+            try:
+                return int(value)
+            except ValueError:
+                raise BadInput(f"${name}={value!r}: expected a whole number") from None
+    return default
+
+
+def ranked(rank: int | None = None, world_size: int | None = None) -> bool:
+    """Whether this run is one of several workers (given ranks, or torchrun/SLURM variables)."""
+    return rank is not None or world_size is not None or any(
+        os.environ.get(v, "").strip() for v in ("RANK", "SLURM_PROCID", "WORLD_SIZE", "SLURM_NTASKS"))
+
+
 def worker_slot(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """This process's (rank, world size), from arguments or torchrun/SLURM variables."""
     if rank is None:
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+        rank = _env_int(("RANK", "SLURM_PROCID"), 0)
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+        world_size = _env_int(("WORLD_SIZE", "SLURM_NTASKS"), 1)
     if world_size < 1 or not 0 <= rank < world_size:
         raise BadInput(f"worker rank {rank} is not in [0, {world_size})")
     return rank, world_size
@@ -100,6 +117,15 @@ class _ImageDataset:
             return i, None, "file not found"
         except Exception as exc:  # any decoder failure is recorded, never fatal
             return i, None, f"{type(exc).__name__}: {exc}".strip()
+
+
+def _quiet_worker(_: int) -> None:
+    """Decoder processes leave Ctrl-C/SIGTERM to the main process, which stops them without a traceback
+    from each worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _collate(items):
@@ -158,7 +184,7 @@ def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int 
     loader = torch.utils.data.DataLoader(
         _ImageDataset(records, encoder.preprocess),
         batch_sampler=_shard_batches(todo, shard_size, len(records), batch_size),
-        num_workers=workers, collate_fn=_collate, pin_memory=on_cuda,
+        num_workers=workers, collate_fn=_collate, pin_memory=on_cuda, worker_init_fn=_quiet_worker,
         persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
 
     embedded = skipped = 0

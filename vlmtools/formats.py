@@ -514,3 +514,87 @@ def read_predictions(path: str | os.PathLike, *, require_label: bool = False) ->
 def write_predictions(path: str | os.PathLike | None, records: Iterable[dict]) -> int:
     """Write predictions JSONL (atomically to a file, or ``-`` for stdout); returns the count."""
     return write_jsonl(path, records)
+
+
+# ----------------------------------------------------------------------------- output locks
+# An output that a run appends to over time (describe's JSONL, a store filled without ranks) carries a
+# lock file beside it, PATH.lock, holding {"pid", "host", "started"}. A second run exits 2 naming the
+# holder; a lock whose process is gone (same host) is stale and taken over with a warning.
+
+def lock_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_name(p.name.rstrip("/") + ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    except OSError:
+        return False
+    return True
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    """The lock's record, or None when it is stale (its process is gone, or the file is torn)."""
+    import socket
+
+    try:
+        rec = json.loads(lock.read_text(encoding="utf-8"))
+        pid = int(rec["pid"])
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if rec.get("host") == socket.gethostname() and not _pid_alive(pid):
+        return None
+    return rec
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold PATH.lock while the block runs; BadInput if a live process holds it."""
+    import socket
+    import time
+
+    from vlmtools.console import warn
+
+    lock = lock_path(path)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise BadInput(f"{path}: cannot be created (a parent is not a directory)") from None
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = _lock_holder(lock)
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            if holder is not None:
+                raise BadInput(f"{path}: another vlmtools run is writing it (pid {holder.get('pid')} on "
+                               f"{holder.get('host')}, since {holder.get('started')}); wait for it to finish, "
+                               f"or remove {lock} if that process is gone") from None
+            warn(f"{lock}: removing a stale lock left by a run that ended without cleaning up")
+            lock.unlink(missing_ok=True)
+            continue
+        except PermissionError:
+            raise BadInput(f"{lock}: permission denied (cannot lock the output)") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        break
+    else:
+        raise BadInput(f"{path}: could not take the lock {lock}; try again")
+    try:
+        yield lock
+    finally:
+        try:
+            if json.loads(lock.read_text(encoding="utf-8")).get("pid") == os.getpid():
+                lock.unlink()
+        except (OSError, ValueError):
+            pass

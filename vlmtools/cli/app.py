@@ -56,4 +56,8 @@ _register_all()
 
 
 def main() -> None:
-    app()
+    from vlmtools.cli.common import guard_std_streams, handle_errors
+
+    guard_std_streams()
+    # What escapes the commands' own handlers (option parsing, group callbacks) gets the same treatment.
+    handle_errors(app)()
