@@ -463,3 +463,86 @@ def write_arrays(path: str | Path, embeddings, meta: Sequence[dict], *, kind: st
         writer.write_shard(shard, emb[start:start + shard_size], meta[start:start + shard_size])
     writer.finalize()
     return open_store(path)
+
+
+def store_summary(path: str | Path) -> dict:
+    """What `vlmtools store info` shows: the store's settings and counts, read from info.json and the
+    shard headers (cheap: no rows are read)."""
+    report = check_store(path, deep=False)
+    if report["info"] is None:
+        raise BadInput(report["problems"][0])
+    info = report["info"]
+    p = Path(path)
+    return {"store": str(p), "kind": info["kind"], "model": info["model"], "dim": info["dim"],
+            "dtype": info["dtype"], "rows": report["rows"], "count": info.get("count"),
+            "complete": info.get("count") is not None, "shards": report["shards"],
+            "shard_size": info.get("shard_size"), "missing_shards": report["missing_shards"],
+            "errors": report["errors"], "index": (p / "index.faiss").exists(),
+            "bytes": sum(f.stat().st_size for f in p.iterdir() if f.is_file()),
+            "problems": report["problems"]}
+
+
+def list_shards(path: str | Path) -> list[dict]:
+    """One row per shard for `vlmtools store ls`: name, rows, dtype, bytes, meta lines, failed inputs."""
+    p = Path(path)
+    if not p.is_dir():
+        raise BadInput(f"{p}: {'is a file, not a store directory' if p.exists() else 'no such store directory'}")
+    read_info(p)
+    rows = []
+    for stem, f in _shard_files(p):
+        try:
+            (n, dim), dtype, _ = shard_header(f)
+            problem = None
+        except StoreProblem as exc:
+            n, dim, dtype, problem = None, None, None, str(exc)
+        meta, errs = p / formats.meta_name(stem), p / errors_name(stem)
+        rows.append({"shard": f.name, "rows": n, "dim": dim, "dtype": dtype, "bytes": f.stat().st_size,
+                     "meta_rows": _count_lines(meta) if meta.exists() else None,
+                     "errors": _count_lines(errs) if errs.exists() else 0, "problem": problem})
+    return rows
+
+
+def export_parquet(path: str | Path, out: str | Path) -> list[Path]:
+    """Write the store's metadata as Parquet beside nothing else: OUT/meta-XXXXX.parquet, one per shard,
+    row-aligned with emb-XXXXX.npy (embedding-reader's "parquet_npy" layout: sorted names, equal counts).
+    Image stores get an ``image_path`` column, text stores a ``caption`` column (clip-retrieval's names).
+    Values that are not scalars are written as JSON text."""
+    import json
+
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BadInput("store export needs pyarrow: pip install 'vlmtools[parquet]'") from None
+    reader = open_store(path)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out}: is a file; -o names a directory for the Parquet files")
+    if out.exists() and any(out.glob("meta-*.parquet")):
+        raise BadInput(f"{out}: already holds Parquet metadata; use an empty directory")
+    written = []
+    alias = {"image": ("image_path", "path"), "text": ("caption", "text")}[reader.kind]
+    for stem, _, _ in reader._shards:
+        meta = [rec for _, rec in formats.iter_jsonl(reader.path / formats.meta_name(stem))]
+        columns: dict[str, list] = {}
+        for rec in meta:
+            for key in rec:
+                columns.setdefault(key, [])
+        if alias[1] in columns and alias[0] not in columns:
+            columns[alias[0]] = []
+        for rec in meta:
+            for key, values in columns.items():
+                value = rec.get(alias[1] if key == alias[0] and key not in rec else key)
+                values.append(json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value)
+        table = pa.table({k: pa.array(v) if _scalar_column(v) else pa.array([None if x is None else str(x) for x in v])
+                          for k, v in columns.items()})
+        target = out / f"meta-{stem}.parquet"
+        with formats.atomic_path(target) as tmp:
+            pq.write_table(table, tmp)
+        written.append(target)
+    return written
+
+
+def _scalar_column(values: list) -> bool:
+    kinds = {type(v) for v in values if v is not None}
+    return len(kinds) <= 1 or kinds <= {int, float}

@@ -39,7 +39,7 @@ def handle_errors(func: Callable) -> Callable:
 
         try:
             return func(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except VlmError as exc:
             error(str(exc))
