@@ -25,7 +25,7 @@ from vlmtools.describe.llm import LLMClient, LLMError
 from vlmtools.describe.styles import (Plan, build_plan, builtin_template, domain_exemplar_prompt,
                                       exemplar_from_answer, read_exemplars, read_template, template_fields)
 from vlmtools.errors import BadInput, VlmError
-from vlmtools.formats import (atomic_path, descriptor_record, dumps_line, iter_descriptors, iter_jsonl,
+from vlmtools.formats import (atomic_path, output_lock, descriptor_record, dumps_line, iter_descriptors, iter_jsonl,
                               validate_descriptor_record, write_jsonl)
 
 DOMAIN_EXEMPLAR_MAX_TOKENS = 400
@@ -264,6 +264,15 @@ def run_describe(classes: list[str], plan: Plan, client: LLMClient, *, output: s
     if n > 1 and plan.temperature == 0:
         warn(f"--n {n} at temperature 0: the samples will mostly repeat each other; raise --temperature")
     client.check_key()
+    if output in (None, "-"):
+        return _run_describe(classes, plan, client, output=output, errors=errors, resume=resume,
+                             concurrency=concurrency, n=n, keep_raw=keep_raw)
+    with output_lock(output):  # two runs appending to one file would duplicate and lose lines
+        return _run_describe(classes, plan, client, output=output, errors=errors, resume=resume,
+                             concurrency=concurrency, n=n, keep_raw=keep_raw)
+
+
+def _run_describe(classes, plan, client, *, output, errors, resume, concurrency, n, keep_raw) -> Report:
     out_path = None if output in (None, "-") else Path(output)
     err_path = Path(errors) if errors else default_errors_path(output)
     report = Report()
