@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -470,6 +471,8 @@ def _check_scored_list(value: Any, key: str, name_key: str, where: str) -> None:
         if (not isinstance(item, dict) or not isinstance(item.get(name_key), str)
                 or not isinstance(item.get("score"), (int, float)) or isinstance(item.get("score"), bool)):
             raise BadInput(f"{where}: each \"{key}\" entry needs a string \"{name_key}\" and a numeric \"score\"")
+        if not math.isfinite(item["score"]):
+            raise BadInput(f"{where}: \"{key}\" holds a score of {item['score']} (NaN/inf: a damaged store or run?)")
 
 
 def validate_prediction(rec: Any, where: str, *, require_label: bool = False) -> dict:
@@ -526,7 +529,7 @@ def lock_path(path: str | os.PathLike) -> Path:
     return p.with_name(p.name.rstrip("/") + ".lock")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -549,7 +552,7 @@ def _lock_holder(lock: Path) -> dict | None:
         raise
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if rec.get("host") == socket.gethostname() and not _pid_alive(pid):
+    if rec.get("host") == socket.gethostname() and not pid_alive(pid):
         return None
     return rec
 
@@ -598,3 +601,13 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
                 lock.unlink()
         except (OSError, ValueError):
             pass
+
+
+def failpoint(name: str) -> None:
+    """Fault injection for the test suite: when $VLMTOOLS_FAILPOINT is ``name`` the process kills itself
+    (SIGKILL, like `kill -9`) right here; ``name=stop`` stops it (SIGSTOP) instead. No-op otherwise."""
+    wanted = os.environ.get("VLMTOOLS_FAILPOINT")
+    if wanted and wanted.split("=")[0] == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSTOP if wanted.endswith("=stop") else signal.SIGKILL)

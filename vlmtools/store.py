@@ -114,9 +114,11 @@ class StoreWriter:
         else:
             (self.path / errors_name(stem)).unlink(missing_ok=True)
         formats.write_jsonl(self.path / formats.meta_name(stem), meta)
+        formats.failpoint(f"store.mid_shard:{shard}")
         with formats.atomic_path(self.path / formats.emb_name(stem)) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, emb)
+        formats.failpoint(f"store.after_shard:{shard}")
 
     def finalize(self, expected_shards: int | None = None) -> dict | None:
         """Once all ``expected_shards`` are on disk, count their rows and write the final info.json.
@@ -130,6 +132,7 @@ class StoreWriter:
             formats.write_jsonl(self.path / ERRORS, errors)
         else:
             (self.path / ERRORS).unlink(missing_ok=True)
+        formats.failpoint("store.finalize")
         self._write_info(count=count)
         return formats.read_json(self.path / INFO)
 

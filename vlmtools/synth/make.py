@@ -63,6 +63,19 @@ def _prepare_target(out: Path, force: bool) -> None:
             raise BadInput(f"{out}: not a synth world (no world.json); refusing to replace it even with --force")
 
 
+def _remove_stale_temps(out: Path) -> None:
+    """Remove the temporary folders (.OUT.PID.xxx.tmp, .OUT.old-PID) of killed runs whose process is gone."""
+    import re
+
+    from vlmtools.formats import pid_alive
+
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:(\d+)\..+\.tmp|old-(\d+))$")
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not pid_alive(int(m.group(1) or m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def make_world(out_dir: str | os.PathLike, classes: int = 20, per_class: int = 50, domain: str = "photo",
                seed: int = 0, image_size: int = 64, test_fraction: float = 0.3, force: bool = False) -> dict:
     """Generate a world into ``out_dir``; returns a summary dict. See the module docstring for the files."""
@@ -70,7 +83,8 @@ def make_world(out_dir: str | os.PathLike, classes: int = 20, per_class: int = 5
     out = Path(out_dir)
     _prepare_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    _remove_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     try:
         summary = _generate(tmp, classes, per_class, domain, seed, image_size, test_fraction)
         tmp.chmod(0o755)
