@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, subgroup
+from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, subgroup, require_stdout
 
 
 def _check_choice(value: Optional[str], choices, option: str) -> None:
@@ -66,6 +66,7 @@ def register(app: typer.Typer) -> None:
         _check_choice(wrap, ("cbd", "none"), "--wrap")
         _check_choice(aggregate, AGGREGATES, "--aggregate")
         _check_choice(background, BACKGROUND, "--background")
+        require_stdout(output)
         # the model is the image store's; --model/--pretrained may name it, and must match it
         classify_store(image_store, output, model=model, pretrained=pretrained, method=method, classes=classes,
                        templates=templates, descriptors=descriptors, wrap=wrap, aggregate=aggregate,

@@ -103,6 +103,12 @@ class ClosedStream:
         return self.name == "stdout"
 
 
+def require_stdout(output: str | None = "-") -> None:
+    """Refuse before any work when results would go to a closed stdout (they would be lost)."""
+    if output in (None, "-") and isinstance(sys.stdout, ClosedStream):
+        sys.stdout.write("")
+
+
 def guard_std_streams() -> None:
     """Replace closed standard streams, and make SIGTERM end a run like Ctrl-C (exit 130, workers
     stopped, stores resumable)."""
