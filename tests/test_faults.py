@@ -395,3 +395,89 @@ def test_two_rankless_writers_are_refused_by_the_lock(world, tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         first.stderr.close()
+
+
+# ----------------------------------------------------------------------------- caches, images, temp files
+
+def test_a_text_cache_entry_of_another_model_is_dropped_and_recomputed(world, tmp_path):
+    from vlmtools.classify import TextCache, text_key
+    from vlmtools.models import ModelSpec
+
+    cache = TextCache(ModelSpec.parse("vlmtools-tiny", "none"))
+    cache.dir.mkdir(parents=True, exist_ok=True)
+    texts = ["a photo of a a.", "a photo of a b."]
+    np.save(cache.dir / "other.npy", np.ones((2, 7), np.float32))  # another model's dim, same directory
+    (cache.dir / "other.json").write_text(json.dumps({"model": {"name": "ViT-B-32"}, "keys": [text_key(t) for t in texts]}))
+    args = ["classify", str(world / "store"), "-c", str(world / "classes.txt"), "-o", str(tmp_path / "p.jsonl"), *TINY]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert "written for another model" in result.stderr and not (cache.dir / "other.json").exists()
+    reference = runner.invoke(app, args[:-len(TINY) - 2] + ["-o", str(tmp_path / "q.jsonl"), "--no-cache", *TINY])
+    assert reference.exit_code == 0
+    assert (tmp_path / "p.jsonl").read_text() == (tmp_path / "q.jsonl").read_text()
+
+
+def test_an_unwritable_cache_falls_back_to_no_cache(world, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("VLMTOOLS_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    result = runner.invoke(app, ["classify", str(world / "store"), "-c", str(world / "classes.txt"), *TINY])
+    assert result.exit_code == 0, result.stderr
+    assert "cannot write the text cache" in result.stderr and "--no-cache" in result.stderr
+    assert len(result.stdout.splitlines()) == 6
+
+
+def test_16_bit_images_are_scaled_by_mode_not_by_values(tmp_path):
+    from PIL import Image
+
+    from vlmtools.images import load_rgb
+
+    Image.fromarray(np.full((8, 8), 200, np.uint16)).save(tmp_path / "dark.png")
+    Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "bright.png")
+    assert np.asarray(load_rgb(tmp_path / "dark.png")).max() <= 1
+    assert np.asarray(load_rgb(tmp_path / "bright.png")).min() == 255
+
+
+def test_decompression_bombs_name_the_file(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from vlmtools.images import load_rgb
+
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80)  # 100 px: above the limit, below twice it
+    load_rgb(tmp_path / "big.png")
+    assert f"{tmp_path / 'big.png'}: a very large image" in " ".join(capsys.readouterr().err.split())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)
+    with pytest.raises(ValueError, match="big.png: image too large"):
+        load_rgb(tmp_path / "big.png")
+
+
+def test_synth_make_removes_temp_folders_of_killed_runs(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".w.{int(dead.stdout)}.abc123.tmp"
+    (stale / "images").mkdir(parents=True)
+    live = tmp_path / f".w.{os.getpid()}.def456.tmp"  # a run still going: left alone
+    live.mkdir()
+    result = runner.invoke(app, ["synth", "make", str(tmp_path / "w"), "--classes", "2", "--per-class", "2"])
+    assert result.exit_code == 0, result.stderr
+    assert not stale.exists() and live.exists() and (tmp_path / "w" / "world.json").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_decoder_workers_without_tracebacks(world, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "vlmtools", "embed", "images", str(world / "manifest.jsonl"),
+                             "-o", str(tmp_path / "s"), "--workers", "2", "--shard-size", "2", *TINY],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "VLMTOOLS_FAILPOINT": "store.after_shard:0=stop"})
+    deadline = time.monotonic() + 90
+    while not (tmp_path / "s" / "emb-00000.npy").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal's Ctrl-C
+    os.killpg(proc.pid, signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    rerun = runner.invoke(app, ["embed", "images", str(world / "manifest.jsonl"), "-o", str(tmp_path / "s"),
+                                "--workers", "0", "--shard-size", "2", *TINY])
+    assert rerun.exit_code == 0, rerun.stderr  # resumable
+    _same_store(world / "store", tmp_path / "s")
