@@ -397,7 +397,7 @@ class StoreReader:
 
         for stem, f, _ in self._shards:
             emb = load_shard(f)
-            meta = [rec for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem))]
+            meta = [rec for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem), strict=False)]
             if len(meta) != emb.shape[0]:
                 raise BadInput(f"{f}: {emb.shape[0]} rows but {len(meta)} meta rows; the store is damaged")
             yield emb, meta
@@ -424,7 +424,7 @@ class StoreReader:
     def meta(self) -> list[dict]:
         if self._meta is None:
             self._meta = [rec for stem, _, _ in self._shards
-                          for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem))]
+                          for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem), strict=False)]
             self._check_rows(len(self._meta), "meta")
         return self._meta
 
@@ -526,7 +526,7 @@ def export_parquet(path: str | Path, out: str | Path) -> list[Path]:
     written = []
     alias = {"image": ("image_path", "path"), "text": ("caption", "text")}[reader.kind]
     for stem, _, _ in reader._shards:
-        meta = [rec for _, rec in formats.iter_jsonl(reader.path / formats.meta_name(stem))]
+        meta = [rec for _, rec in formats.iter_jsonl(reader.path / formats.meta_name(stem), strict=False)]
         columns: dict[str, list] = {}
         for rec in meta:
             for key in rec:
