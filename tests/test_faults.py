@@ -37,6 +37,9 @@ def world(tmp_path_factory, image_dir) -> Path:
     result = runner.invoke(app, ["embed", "images", str(d / "manifest.jsonl"), "-o", str(d / "store"),
                                  "--workers", "0", "--shard-size", "2", *TINY])
     assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["train", "probe", str(d / "store"), "-o", str(d / "head"), "--epochs", "2",
+                                 "--val-fraction", "0"])
+    assert result.exit_code == 0, result.output
     pred = {"id": "i0", "label": "a", "pred": "a", "topk": [{"class": "a", "score": 0.3}, {"class": "b", "score": 0.1}]}
     (d / "pred.jsonl").write_text(json.dumps(pred) + "\n")
     return d
@@ -129,6 +132,7 @@ READERS = {
     "search": lambda s, w, out: ["search", s, "-t", "a bird", *TINY],
     "index": lambda s, w, out: ["index", s],
     "store-check": lambda s, w, out: ["store", "check", s],
+    "train-probe": lambda s, w, out: ["train", "probe", s, "-o", out, "--epochs", "1", "--val-fraction", "0"],
 }
 
 
@@ -150,9 +154,9 @@ def test_damaged_store(world, tmp_path, command, name, damage, fragment):
         pytest.skip("covered by the other readers")
     s = _store(world, tmp_path)
     damage(s)
-    out = tmp_path / "pred.jsonl"
+    out = tmp_path / "out.json"
     result = runner.invoke(app, [str(a) for a in READERS[command](s, world, out)])
-    _check(result, 2, fragment, [out, s / "index.faiss"])
+    _check(result, 2, fragment, [out, tmp_path / "out.safetensors", s / "index.faiss"])
 
 
 # ----------------------------------------------------------------------------- other commands
@@ -260,7 +264,40 @@ def _store_export_not_dir(w, t):
     return ["store", "export", w / "store", "-o", t / "file"]
 
 
+def _head_copy(w, t):
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(w / f"head{suffix}", t / f"head{suffix}")
+    return t / "head"
+
+
+def _head_dup_key(w, t):
+    head = _head_copy(w, t)
+    text = (t / "head.json").read_text()
+    (t / "head.json").write_text(text.replace('"kind"', '"seed": 1, "kind"', 1))
+    return ["classify", w / "store", "--head", head, "-o", t / "p.jsonl"]
+
+
+def _head_bad_weights(w, t):
+    head = _head_copy(w, t)
+    (t / "head.safetensors").write_bytes(b"\x00" * 64)
+    return ["classify", w / "store", "--head", head, "-o", t / "p.jsonl"]
+
+
+def _head_missing_weights(w, t):
+    head = _head_copy(w, t)
+    (t / "head.safetensors").unlink()
+    return ["classify", w / "store", "--head", head, "-o", t / "p.jsonl"]
+
+
+def _train_no_rows(w, t):
+    return ["train", "probe", w / "store", "-o", t / "head", "--where", "split=nowhere"]
+
+
 CASES = [
+    ("classify-head-dup-key", _head_dup_key, 2, "duplicate key 'seed'", ["p.jsonl"]),
+    ("classify-head-bad-weights", _head_bad_weights, 2, "not a safetensors file", ["p.jsonl"]),
+    ("classify-head-missing-weights", _head_missing_weights, 2, "no such file", ["p.jsonl"]),
+    ("train-no-rows", _train_no_rows, 2, "no row matches --where split=nowhere", ["head.json", "head.safetensors"]),
     ("data-csv-surplus-field", _csv_surplus, 2, "fields but the header has", ["out.jsonl"]),
     ("manifest-list-id", _manifest_list_id, 2, "\"id\" must be a string or a number", ["s"]),
     ("manifest-deep", _manifest_deep, 2, "nested more than", ["s"]),
