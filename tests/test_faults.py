@@ -518,3 +518,10 @@ def test_ctrl_c_stops_decoder_workers_without_tracebacks(world, tmp_path):
                                 "--workers", "0", "--shard-size", "2", *TINY])
     assert rerun.exit_code == 0, rerun.stderr  # resumable
     _same_store(world / "store", tmp_path / "s")
+
+
+def test_plain_path_lists_keep_trailing_blanks_in_names(tmp_path):
+    from vlmtools.formats import read_manifest
+
+    (tmp_path / "list.txt").write_text("a.png \nb.png\r\n")
+    assert [r["path"] for r in read_manifest(tmp_path / "list.txt")] == [str(tmp_path / "a.png "), str(tmp_path / "b.png")]
