@@ -88,14 +88,27 @@ class TextCache:
         found: dict = {}
         if not self.dir.is_dir() or not wanted:
             return found
+        dim = None
         for index in sorted(self.dir.glob("*.json")):
             try:
-                keys = json.loads(index.read_text(encoding="utf-8"))["keys"]
+                entry = json.loads(index.read_text(encoding="utf-8"))
+                keys = entry["keys"]
                 emb = np.load(index.with_suffix(".npy"), mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError, KeyError):
-                continue  # a damaged batch is only a cache miss
-            if emb.ndim != 2 or emb.shape[0] != len(keys):
+                problem = None
+                if entry.get("model") != self.fingerprint:
+                    problem = "it was written for another model"
+                elif emb.ndim != 2 or emb.shape[0] != len(keys) or emb.dtype.kind != "f":
+                    problem = f"its array does not match its {len(keys)} keys"
+                elif (dim or emb.shape[1]) != emb.shape[1]:
+                    problem = f"its rows have dim {emb.shape[1]}, others {dim}"
+                elif not np.isfinite(emb).all():
+                    problem = "it holds NaN/inf values"
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                problem = "it cannot be read"
+            if problem:
+                self._drop(index, problem)
                 continue
+            dim = emb.shape[1]
             for row, key in enumerate(keys):
                 text = wanted.get(key)
                 if text is not None and text not in found:
@@ -104,16 +117,30 @@ class TextCache:
                 break
         return found
 
+    def _drop(self, index: Path, problem: str) -> None:
+        """A bad entry is a cache miss (recomputed), removed when the cache is writable."""
+        warn(f"text cache entry {index} ignored: {problem}; its texts are encoded again")
+        for f in (index, index.with_suffix(".npy")):
+            try:
+                f.unlink(missing_ok=True)
+            except OSError:
+                pass
+
     def add(self, texts: Sequence[str], embeddings) -> None:
+        """Store a batch; a cache that cannot be written (read-only, disk full) is skipped with a warning."""
         import numpy as np
 
         keys = [text_key(t) for t in texts]
         name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with formats.atomic_path(self.dir / f"{name}.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.asarray(embeddings, dtype=np.float32))
-        formats.write_json(self.dir / f"{name}.json", {"model": self.fingerprint, "keys": keys})
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with formats.atomic_path(self.dir / f"{name}.npy") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, np.asarray(embeddings, dtype=np.float32))
+            formats.write_json(self.dir / f"{name}.json", {"model": self.fingerprint, "keys": keys})
+        except (OSError, BadInput) as exc:
+            warn(f"cannot write the text cache in {self.dir} ({getattr(exc, 'strerror', None) or exc}); going on "
+                 f"without it (--no-cache skips the cache)")
 
 
 def text_store_lookup(reader, texts: Sequence[str]) -> dict:
@@ -482,8 +509,6 @@ def str_labels(meta: Sequence[dict]) -> list[dict]:
 
 
 def _clip_setup(meta, image_store, classes, templates, spec, text_opts) -> tuple[Classifier, str]:
-    from rich.markup import escape
-
     from vlmtools.prompts import load_templates
 
     if classes is not None:
@@ -492,7 +517,7 @@ def _clip_setup(meta, image_store, classes, templates, spec, text_opts) -> tuple
         class_list = list(dict.fromkeys(str(r["label"]) for r in meta if r.get("label") is not None))
         if not class_list:
             raise BadInput(f"{image_store}: no labels to take classes from; pass --classes FILE")
-        info(f"classes: the {len(class_list)} distinct labels of {escape(str(image_store))}")
+        info(f"classes: the {len(class_list)} distinct labels of {image_store}")
     check_labels(meta, class_list, image_store)
     template_list = load_templates(templates or "photo")
     check_templates(template_list, templates or "photo")

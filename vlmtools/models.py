@@ -292,9 +292,15 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = DEFAULT_P
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.name, pretrained=pretrained, device="cpu",
                 precision="fp16" if precision == "fp16" else "fp32")
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise ModelUnavailable(_offline_help(spec, exc)) from None
-    except Exception as exc:  # huggingface_hub / requests errors when offline
+    except Exception as exc:
+        if pretrained is not None and Path(pretrained).is_file():
+            # torch's own message here advises weights_only=False, i.e. unpickling an untrusted file: never
+            raise BadInput(f"--pretrained {pretrained}: not a checkpoint of {spec.name} that can be loaded "
+                           f"safely ({type(exc).__name__}); pass a state-dict file (.safetensors, .pt, .bin) "
+                           f"written for this model") from None
+        if isinstance(exc, (RuntimeError, OSError, ValueError)):
+            raise ModelUnavailable(_offline_help(spec, exc)) from None
+        # huggingface_hub / requests errors when offline
         if type(exc).__module__.startswith(("huggingface_hub", "requests", "urllib3", "httpx")):
             raise ModelUnavailable(_offline_help(spec, exc)) from None
         raise

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from vlmtools.cli.common import (DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, choices, handle_errors,
-                                 plain, subgroup)
+                                 plain, require_stdout, subgroup)
 from vlmtools.prompts import EMPTY_RULES
 
 Empty = choices("Empty", EMPTY_RULES)
@@ -95,6 +95,7 @@ def register(app: typer.Typer) -> None:
         _check_choice(wrap, WRAPS, "--wrap")
         _check_choice(aggregate, AGGREGATES, "--aggregate")
         _check_choice(background, BACKGROUND, "--background")
+        require_stdout(output)
         # the model is the image store's; --model/--pretrained may name it, and must match it
         classify_store(image_store, output, model=model, pretrained=pretrained, method=method, classes=classes,
                        templates=templates, descriptors=descriptors, wrap=wrap, aggregate=aggregate,
@@ -161,7 +162,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Per-descriptor scores of the predicted (and, with classify --explain-true, the true) class."""
         from rich.console import Console
-        from rich.markup import escape
 
         from vlmtools import formats
         from vlmtools.console import info
@@ -183,4 +183,4 @@ def register(app: typer.Typer) -> None:
             out.print()
         if png is not None:
             paths = save_figures(chosen, png, max_descriptors=top)
-            info(f"wrote {len(paths)} figure(s) to {escape(str(png))}")
+            info(f"wrote {len(paths)} figure(s) to {png}")

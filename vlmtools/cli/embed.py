@@ -18,6 +18,8 @@ DtypeOpt = typer.Option("float16", "--dtype", help="Stored as float16 (half the 
                         "computed; what the reproduction scripts use).")
 RankOpt = typer.Option(None, "--rank", help="This worker's rank (default: $RANK or $SLURM_PROCID or 0).")
 WorldOpt = typer.Option(None, "--world-size", help="Number of workers (default: $WORLD_SIZE or $SLURM_NTASKS or 1).")
+ForceOpt = typer.Option(False, "--force", help="Rebuild an existing store from scratch (e.g. after the input "
+                        "changed); only a store's own files are removed.")
 JsonOpt = typer.Option(False, "--json", help="Also print the run summary as one JSON line on stdout.")
 
 
@@ -46,6 +48,7 @@ def images_cmd(
     world_size: Optional[int] = WorldOpt,
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Try the inputs that failed before again "
                                       "(after fixing them); their shards are redone."),
+    force: bool = ForceOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """Embed the images of a manifest. Unreadable images go to STORE/errors.jsonl; the run goes on
@@ -59,10 +62,10 @@ def images_cmd(
     if not records:
         raise BadInput(f"{source_name(manifest)}: no images listed")
     check_options(dtype=dtype, shard_size=shard_size, rank=rank, world_size=world_size)
-    encoder = load_model(output_spec(output, model, pretrained), device, precision)
+    encoder = load_model(output_spec(output, model, pretrained, force), device, precision)
     summary = embed_images(records, output, encoder, batch_size=batch_size, workers=workers,
                            shard_size=shard_size, dtype=dtype, rank=rank, world_size=world_size,
-                           retry_errors=retry_errors)
+                           retry_errors=retry_errors, force=force)
     _emit(summary, json_)
 
 
@@ -84,6 +87,7 @@ def text_cmd(
     dtype: str = DtypeOpt,
     rank: Optional[int] = RankOpt,
     world_size: Optional[int] = WorldOpt,
+    force: bool = ForceOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """Embed texts. Descriptor JSONL keeps class, descriptor and kind in each row's meta."""
@@ -92,9 +96,9 @@ def text_cmd(
 
     rows, extras = text_records(source, wrap)
     check_options(dtype=dtype, shard_size=shard_size, rank=rank, world_size=world_size)
-    encoder = load_model(output_spec(output, model, pretrained), device, precision)
+    encoder = load_model(output_spec(output, model, pretrained, force), device, precision)
     summary = embed_texts(rows, output, encoder, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
-                          extra_info=extras, rank=rank, world_size=world_size)
+                          extra_info=extras, rank=rank, world_size=world_size, force=force)
     _emit(summary, json_)
 
 

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, handle_errors
+from vlmtools.cli.common import DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, handle_errors, require_stdout
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         from vlmtools.formats import dumps_line
         from vlmtools.search import search
 
+        require_stdout()
         hits = search(store, texts=text or (), images=image or (), query_store=query_store, k=k, model=model,
                       pretrained=pretrained, device=device, exact=exact,
                       precision=precision)

@@ -19,7 +19,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.markup import escape
 
 from vlmtools.console import info, progress, warn
 from vlmtools.describe.llm import LLMClient, LLMError
@@ -27,7 +26,7 @@ from vlmtools.describe.styles import (Plan, build_plan, builtin_template, domain
                                       exemplar_from_answer, inline_background, read_exemplars, read_template,
                                       template_fields)
 from vlmtools.errors import BadInput, VlmError
-from vlmtools.formats import (atomic_path, descriptor_record, dumps_line, iter_descriptors, iter_jsonl,
+from vlmtools.formats import (atomic_path, output_lock, descriptor_record, dumps_line, iter_descriptors, iter_jsonl,
                               validate_descriptor_record, write_jsonl)
 
 DOMAIN_EXEMPLAR_MAX_TOKENS = 400
@@ -78,8 +77,8 @@ def make_plan(style: str, client: LLMClient, *, prompt_file: str | None = None, 
         except LLMError as exc:
             raise VlmError(f"--domain {domain!r}: could not get a worked example: {exc}") from None
         example = exemplar_from_answer(answer.text, domain)
-        info(escape(f"worked example for {domain!r}: {example.name} ({len(example.descriptors)} descriptors"
-                    f"{', cached' if answer.cached else ''})"))
+        info(f"worked example for {domain!r}: {example.name} ({len(example.descriptors)} descriptors"
+             f"{', cached' if answer.cached else ''})")
         examples = [example]
     return build_plan(style, template, exemplars=examples, domain=domain, fields=fields,
                       count=10 if count is None else count, temperature=temperature, max_tokens=max_tokens,
@@ -275,6 +274,15 @@ def run_describe(classes: list[str], plan: Plan, client: LLMClient, *, output: s
     if n > 1 and plan.temperature == 0:
         warn(f"--n {n} at temperature 0: the samples will mostly repeat each other; raise --temperature")
     client.check_key()
+    if output in (None, "-"):
+        return _run_describe(classes, plan, client, output=output, errors=errors, resume=resume,
+                             concurrency=concurrency, n=n, keep_raw=keep_raw)
+    with output_lock(output):  # two runs appending to one file would duplicate and lose lines
+        return _run_describe(classes, plan, client, output=output, errors=errors, resume=resume,
+                             concurrency=concurrency, n=n, keep_raw=keep_raw)
+
+
+def _run_describe(classes, plan, client, *, output, errors, resume, concurrency, n, keep_raw) -> Report:
     out_path = None if output in (None, "-") else Path(output)
     err_path = Path(errors) if errors else default_errors_path(output)
     report = Report()
@@ -289,7 +297,7 @@ def run_describe(classes: list[str], plan: Plan, client: LLMClient, *, output: s
     todo = [c for c in classes if c not in existing]
     report.skipped = len(classes) - len(todo)
     if report.skipped:
-        info(escape(f"{report.skipped} of {len(classes)} classes already in {out_path}; asking for {len(todo)}"))
+        info(f"{report.skipped} of {len(classes)} classes already in {out_path}; asking for {len(todo)}")
 
     writer = LineWriter(out_path, todo, replace=not resume)
     try:
@@ -414,8 +422,8 @@ def _failure(cls: str, reason: str, plan: Plan, client: LLMClient, raw: list[str
 def _summarize(report: Report, out_path: Path | None, err_path: Path | None) -> None:
     where = out_path or "stdout"
     if report.written or report.skipped:
-        info(escape(f"wrote {report.written} classes to {where} ({report.cached} from cache, "
-                    f"{report.skipped} already there)"))
+        info(f"wrote {report.written} classes to {where} ({report.cached} from cache, "
+             f"{report.skipped} already there)")
     if report.loose:
         warn(f"{report.loose} answers had no '- ' lines and were parsed loosely (numbered lists, JSON, ...); "
              f"--strict-parse keeps only '- ' lines, as Menon's parser")
