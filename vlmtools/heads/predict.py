@@ -50,7 +50,7 @@ def classify_with_head(image_store, head_path, output="-", *, k: int = 5, where:
                        device: str = "auto") -> dict:
     import numpy as np
 
-    from vlmtools.classify import DIGITS, check_labels, parse_where, select_rows, str_labels, top_k
+    from vlmtools.classify import DIGITS, check_labels, selected_images, top_k
     from vlmtools.heads.base import load_head
     from vlmtools.models import resolve_device
     from vlmtools.store import open_store
@@ -65,13 +65,7 @@ def classify_with_head(image_store, head_path, output="-", *, k: int = 5, where:
         raise BadInput(f"{head_path}: a {hinfo['kind']} head does not classify (it has no classes)")
     images = open_store(image_store, kind="image")
     check_store_fits_head(images, hinfo, head_path)
-    meta = str_labels(images.meta)
-    rows = select_rows(meta, parse_where(where)) if where else None
-    if rows is not None and not rows:
-        raise BadInput(f"{image_store}: no image matches --where {' '.join(where)}")
-    meta = [meta[i] for i in rows] if rows is not None else meta
-    if not meta:
-        raise BadInput(f"{image_store}: the store holds no images")
+    meta, rows = selected_images(images, where, image_store)
     check_labels(meta, classes, image_store)
     emb = images.embeddings
     if rows is not None:
