@@ -471,6 +471,8 @@ def run_waffle(classes: list[str], *, output: str | None = "-", count: int = 15,
             Path(output).mkdir(parents=True, exist_ok=True)
         write_jsonl(path, records)
         written.append(path)
+    from rich.markup import escape
+
     where = f"{draws} draws (seeds {seed}..{seed + draws - 1}) in {output}" if draws > 1 else f"seed {seed}"
     info(escape(f"wrote {len(classes)} classes with {len(descs)} waffle descriptors each, {where}; "
                 f"characters from {chars or 'a-z0-9'}"))

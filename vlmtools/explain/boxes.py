@@ -25,7 +25,7 @@ def box_rows(head_path, image_store, *, where: Sequence[str] = (), per: str = "c
     import numpy as np
     import torch
 
-    from vlmtools.classify import parse_where, select_rows, str_labels
+    from vlmtools.classify import parse_where, selected_images
     from vlmtools.heads.base import load_head
     from vlmtools.heads.lare import box_stats
     from vlmtools.heads.predict import check_store_fits_head
@@ -34,7 +34,7 @@ def box_rows(head_path, image_store, *, where: Sequence[str] = (), per: str = "c
 
     if per not in LEVELS:
         raise BadInput(f"--per {per!r}: expected one of {', '.join(LEVELS)}")
-    conditions = parse_where(where)
+    parse_where(where)  # a malformed --where fails before the head is loaded
     device = resolve_device(device)
     head, info = load_head(head_path, device)
     if info["kind"] != "lare":
@@ -44,14 +44,9 @@ def box_rows(head_path, image_store, *, where: Sequence[str] = (), per: str = "c
         warn(f"{head_path} was trained with --samples 0: its f_Box was never trained, the boxes mean nothing")
     images = open_store(image_store, kind="image")
     check_store_fits_head(images, info, head_path)
-    meta = str_labels(images.meta)
-    rows = select_rows(meta, conditions) if conditions else list(range(len(meta)))
-    if not rows:
-        raise BadInput(f"{image_store}: no image matches --where {' '.join(where)}" if where
-                       else f"{image_store}: the store holds no images")
-    x = torch.from_numpy(np.ascontiguousarray(images.embeddings[np.asarray(rows)], dtype=np.float32)).to(device)
-    stats = box_stats(head.aug, x)
-    meta = [meta[i] for i in rows]
+    meta, rows = selected_images(images, where, image_store)
+    emb = images.embeddings if rows is None else images.embeddings[np.asarray(rows)]
+    stats = box_stats(head.aug, torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)).to(device))
     if per == "image":
         out = []
         for n, rec in enumerate(meta):
