@@ -1,0 +1,92 @@
+"""`vlmtools explain visual` (saliency maps) and `vlmtools eval explanations` (mIoU, insertion, deletion)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, subgroup
+
+
+class Method(str, Enum):
+    gradcam = "gradcam"
+    rollout = "rollout"
+    rise = "rise"
+    ala = "ala"
+
+
+def register(app: typer.Typer) -> None:
+    explain_app = subgroup(app, "explain", "Explain predictions.")
+
+    @explain_app.command("visual")
+    @handle_errors
+    def visual_cmd(
+        input: str = typer.Argument(..., help="Predictions JSONL (maps for each \"pred\") or a manifest "
+                                    "(maps for the model's own top class)."),
+        output: Path = typer.Option(..., "--output", "-o", help="Directory for NAME.npy, NAME.png, "
+                                    "maps.jsonl and info.json."),
+        method: Method = typer.Option(Method.gradcam, "--method", help="gradcam: Grad-CAM of the similarity "
+                                      "to the class text; rollout: attention rollout (ViT); rise: random "
+                                      "masks; ala: a `train ala` head's attention map"),
+        head: Optional[Path] = typer.Option(None, "--head", help="ala: the head from `vlmtools train ala`."),
+        cls: Optional[str] = typer.Option(None, "--class", help="Explain this class for every image "
+                                          "(default: the predicted class)."),
+        classes: Optional[str] = typer.Option(None, "--classes", help="Class list (one per line, a manifest "
+                                              "or descriptor JSONL) (default: the input's labels and "
+                                              "predictions)"),
+        templates: str = typer.Option("photo", "--templates", help="Class prompts: bare | photo | openai80 | "
+                                      "FILE"),
+        descriptors: Optional[str] = typer.Option(None, "--descriptors", help="Descriptor JSONL: one map per "
+                                                  "descriptor of the class (gradcam or rise)"),
+        masks: int = typer.Option(4000, "--masks", help="rise: number of random masks."),
+        cell: int = typer.Option(7, "--cell", help="rise: mask grid cells per side."),
+        p: float = typer.Option(0.5, "--p", help="rise: probability that a cell is kept."),
+        seed: int = typer.Option(0, "--seed", help="rise: seed of the masks."),
+        batch_size: int = typer.Option(64, "--batch-size", help="rise: masked images per forward pass."),
+        where: List[str] = typer.Option([], "--where", help="Only images whose KEY=VALUE (repeatable)."),
+        limit: int = typer.Option(0, "--limit", help="At most this many images (0: all)."),
+        png: bool = typer.Option(True, "--png/--no-png", help="Also write the overlay PNGs."),
+        model: Optional[str] = ModelOpt,
+        pretrained: Optional[str] = PretrainedOpt,
+        device: str = DeviceOpt,
+    ) -> None:
+        """Saliency maps: where the model looked for the class (NAME.npy float16 in [0, 1] + NAME.png)."""
+        from vlmtools.console import info
+        from vlmtools.explain.visual import VisualOptions, explain_visual
+
+        opts = VisualOptions(method=method.value, masks=masks, cell=cell, p=p, seed=seed, batch=batch_size)
+        res = explain_visual(input, output, opts=opts, model=model, pretrained=pretrained, classes=classes,
+                             templates=templates, cls=cls, descriptors=descriptors,
+                             head=str(head) if head else None, where=where, limit=limit or None, png=png,
+                             device=device)
+        info(f"wrote {res['maps']} map(s) for {res['images'] - res['failed']} image(s) to {res['out']}")
+        if res["failed"]:
+            info(f"{res['failed']} image(s) could not be read: see {res['out']}/errors.jsonl")
+            raise typer.Exit(1)
+
+    eval_app = subgroup(app, "eval", "Evaluate predictions.", default_command="predictions")
+
+    @eval_app.command("explanations")
+    @handle_errors
+    def eval_explanations_cmd(
+        maps_dirs: List[Path] = typer.Argument(..., help="Maps directories from `vlmtools explain visual` "
+                                               "(several: e.g. one per RISE seed; mean ± std over them)."),
+        manifest: str = typer.Option(..., "--manifest", help="Manifest with a \"mask\" per image."),
+        steps: int = typer.Option(50, "--steps", help="Insertion/deletion steps."),
+        causal: bool = typer.Option(True, "--causal/--no-causal", help="Insertion, deletion and ID score "
+                                    "(needs the model); --no-causal: mIoU only."),
+        output: str = typer.Option("-", "--output", "-o", help="Per-map JSONL (default stdout)."),
+        summary: Optional[str] = typer.Option(None, "--summary", help="Also write the summary JSON here."),
+        batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
+        device: str = DeviceOpt,
+    ) -> None:
+        """mIoU against the manifest's masks (threshold: mean + std of each map), insertion and deletion
+        AUC and ID score = insertion - deletion; summary table on stderr."""
+        from vlmtools.explain.visual import evaluate_maps, summary_table
+
+        res = evaluate_maps([str(d) for d in maps_dirs], manifest, steps=steps, causal=causal, output=output,
+                            summary_out=summary, batch=batch_size, device=device)
+        summary_table(res)
