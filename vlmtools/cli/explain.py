@@ -90,3 +90,57 @@ def register(app: typer.Typer) -> None:
         res = evaluate_maps([str(d) for d in maps_dirs], manifest, steps=steps, causal=causal, output=output,
                             summary_out=summary, batch=batch_size, device=device)
         summary_table(res)
+
+    from vlmtools.cli.train import (JsonOpt, PatienceOpt, SeedOpt,
+                                    ValFractionOpt, ValWhereOpt, WeightDecayOpt, WhereOpt, emit, fit_options)
+
+    train_app = subgroup(app, "train", "Train heads.")
+
+    @train_app.command("ala")
+    @handle_errors
+    def train_ala_cmd(
+        manifest: str = typer.Argument(..., help="Manifest of labelled images (`vlmtools data`, `synth make`)."),
+        output: str = typer.Option(..., "--output", "-o", help="The head to write: NAME (NAME.json + "
+                                   "NAME.safetensors)."),
+        layers: Optional[str] = typer.Option(None, "--layers", help="Tower layers the side branch reads, "
+                                             "e.g. 0,2,4 (ResNet: 0 = stem, 1-4 = stages; ViT: blocks) "
+                                             "(default: all, or 6 evenly spaced; the last always)"),
+        cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache directory (default: "
+                                             "NAME.features beside the head); reused and resumed."),
+        d_model: int = typer.Option(64, "--d-model", help="Side branch width."),
+        heads: int = typer.Option(4, "--heads", help="Attention heads per side branch layer."),
+        grid: Optional[int] = typer.Option(None, "--grid", help="Side of the attention lattice (default: "
+                                           "the finest chosen layer's, at most 8)."),
+        lam: float = typer.Option(1.0, "--lam", help="Weight λ of the attention branch's loss."),
+        aea: bool = typer.Option(True, "--aea/--no-aea", help="Alternative Epoch Architect: freeze the "
+                                 "side and attention branches every other epoch."),
+        where: List[str] = WhereOpt,
+        val_where: List[str] = ValWhereOpt,
+        val_fraction: Optional[float] = ValFractionOpt,
+        epochs: int = typer.Option(20, "--epochs", help="Most epochs to train (early stopping may end sooner)."),
+        lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
+        weight_decay: float = WeightDecayOpt,
+        batch_size: int = typer.Option(32, "--batch-size", help="Images per step (0: full batch)."),
+        seed: int = SeedOpt,
+        patience: int = PatienceOpt,
+        device: str = DeviceOpt,
+        model: Optional[str] = ModelOpt,
+        pretrained: Optional[str] = PretrainedOpt,
+        json_: bool = JsonOpt,
+    ) -> None:
+        """Attention Lattice Adapter (study 003) on the frozen image tower: side branch over several tower
+        layers, attention branch (the map α′ of `explain visual --method ala`), perception branch;
+        loss CE(PB) + λ·CE(AB). The tower's features are cached once, so epochs do not rerun it."""
+        from vlmtools.errors import BadInput
+        from vlmtools.heads.ala import train_ala
+
+        chosen = None
+        if layers is not None:
+            try:
+                chosen = [int(v) for v in layers.split(",") if v.strip()]
+            except ValueError:
+                raise BadInput(f"--layers {layers!r}: expected comma-separated layer numbers") from None
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        emit(train_ala(manifest, output, options=options, layers=chosen, cache=cache, where=where,
+                       val_where=val_where, val_fraction=val_fraction, d_model=d_model, heads=heads, grid=grid,
+                       lam=lam, aea=aea, model=model, pretrained=pretrained), json_)

@@ -81,13 +81,9 @@ class Judge:
 
     def tensor(self, image):
         """A PIL image -> (1, 3, S, S), resized without cropping so the map lines up with the image."""
-        import numpy as np
-        import torch
-        from PIL import Image
+        from vlmtools.images import square_tensor
 
-        img = image.resize((self.size, self.size), Image.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        return ((x - self.mean) / self.std).to(self.encoder.device)
+        return square_tensor(image, self.size, self.mean, self.std).to(self.encoder.device)
 
     def cosine_fn(self, target):
         return lambda x: self.tower.embed(x) @ target
@@ -105,22 +101,12 @@ class Judge:
         return torch.from_numpy(self.encoder.encode_texts(list(texts))).to(self.encoder.device)
 
 
-def _normalize_params(preprocess):
-    import torch
-
-    for t in getattr(preprocess, "transforms", []):
-        if type(t).__name__ == "Normalize":
-            return torch.tensor(t.mean).view(1, 3, 1, 1), torch.tensor(t.std).view(1, 3, 1, 1)
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    return torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
-
-
 def make_judge(spec, classes: list[str], templates: list[str], device: str = "auto") -> Judge:
     import torch
 
     from vlmtools.classify import clip_class_embeddings, clip_texts
     from vlmtools.explain.saliency import ClipTower
+    from vlmtools.images import normalize_params
     from vlmtools.models import load_model
 
     encoder = load_model(spec, device)
@@ -128,7 +114,7 @@ def make_judge(spec, classes: list[str], templates: list[str], device: str = "au
         p.requires_grad_(False)
     tower = ClipTower(encoder.model)
     emb = clip_class_embeddings(encoder.encode_texts(clip_texts(classes, templates)), len(classes), len(templates))
-    mean, std = _normalize_params(encoder.preprocess)
+    mean, std = normalize_params(encoder.preprocess)
     scale = float(encoder.model.logit_scale.exp()) if hasattr(encoder.model, "logit_scale") else 100.0
     return Judge(encoder, tower, list(classes), torch.from_numpy(emb).to(encoder.device), scale,
                  mean.to(encoder.device), std.to(encoder.device), encoder.image_size, list(templates))

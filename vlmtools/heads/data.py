@@ -145,15 +145,15 @@ def stratified_split(y, n_classes: int, fraction: float, seed: int):
 
 def load_train_val(store, *, where: Sequence[str] = (), val_where: Sequence[str] = (),
                    val_fraction: float | None = None, seed: int = 0, model: str | None = None,
-                   pretrained: str | None = None) -> TrainData:
-    """Train and val rows of an image store. Val rows are those matching ``val_where`` (taken out of the
+                   pretrained: str | None = None, kind: str = "image") -> TrainData:
+    """Train and val rows of an image store (or a store of another ``kind``, e.g. ALA's "features"). Val rows are those matching ``val_where`` (taken out of the
     train selection), else a class-stratified ``val_fraction`` of it (default 0.1; 0: no val rows, so
     no early stopping). Classes are the train labels in first-seen order."""
     if val_where and val_fraction:
         raise BadInput("--val-where and --val-fraction exclude each other: pick one way to choose val rows")
     if val_fraction is not None and not 0 <= val_fraction < 1:
         raise BadInput(f"--val-fraction {val_fraction}: expected a number in [0, 1)")
-    reader, spec = open_store_for(store, "image", model, pretrained)
+    reader, spec = open_store_for(store, kind, model, pretrained)
     val_rows: list[int] = []
     if val_where:
         val_rows, val_meta = labelled_rows(reader, val_where)
