@@ -215,11 +215,16 @@ class ClipTower:
         if self.kind != "vit":
             raise BadInput("--method rollout needs a ViT image tower; this model's is a ResNet "
                            "(use gradcam or rise)")
+        with torch.no_grad():
+            return self._attentions(x)
+
+    def _attentions(self, x):
+        import torch
+
         inputs: list = []
         handles = [b.ln_1.register_forward_hook(lambda _m, _i, out: inputs.append(out)) for b in self.blocks]
         try:
-            with torch.no_grad():
-                self.model.encode_image(x)
+            self.model.encode_image(x)
         finally:
             for h in handles:
                 h.remove()
