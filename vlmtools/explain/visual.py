@@ -9,7 +9,6 @@ resolution) and NAME.png (the image with the map overlaid; class and score in th
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,7 +24,10 @@ MAPS_ERRORS = "errors.jsonl"
 
 
 def _safe_stem(text: str, used: set[str]) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:100] or "image"
+    """A file stem for ``text`` (an image id) not in ``used``: unsafe characters replaced, -2, -3 ... added."""
+    from vlmtools.explain.textual import _safe_name
+
+    name = _safe_name(text)
     stem, n = name, 1
     while stem in used:
         n += 1
@@ -38,9 +40,9 @@ def _safe_stem(text: str, used: set[str]) -> str:
 
 def read_inputs(path: str) -> tuple[list[dict], bool]:
     """Image records from a predictions file (records with "pred") or a manifest; (records, is_predictions)."""
-    first = next((rec for _, rec in formats.iter_jsonl(path, allow_plain=True)), None) if str(path) != "-" else None
     if str(path) == "-":
         raise BadInput("explain visual reads a file (it needs the images' paths); - is not supported")
+    first = next((rec for _, rec in formats.iter_jsonl(path, allow_plain=True)), None)
     if first is None:
         raise BadInput(f"{path}: no images listed")
     if isinstance(first, dict) and "pred" in first:
