@@ -213,6 +213,8 @@ def test_unreadable_image_is_listed_and_the_run_goes_on(world, tmp_path):
     (["--method", "rollout"], "needs a ViT image tower"),
     (["--method", "ala"], "needs --head"),
     (["--method", "rollout", "--descriptors", "DESC"], "--descriptors needs"),
+    (["--layer", "7"], "stages 1..4"),
+    (["--method", "rise", "--layer", "2"], "--layer is for --method gradcam"),
 ])
 def test_explain_visual_bad_input(world, tmp_path, args, message):
     out = tmp_path / "out"

@@ -41,6 +41,8 @@ def register(app: typer.Typer) -> None:
                                       "FILE"),
         descriptors: Optional[str] = typer.Option(None, "--descriptors", help="Descriptor JSONL: one map per "
                                                   "descriptor of the class (gradcam or rise)"),
+        layer: Optional[int] = typer.Option(None, "--layer", help="gradcam: the ViT block (0-based) or ResNet "
+                                            "stage (1-4) to hook (default: the last)"),
         masks: int = typer.Option(4000, "--masks", help="rise: number of random masks."),
         cell: int = typer.Option(7, "--cell", help="rise: mask grid cells per side."),
         p: float = typer.Option(0.5, "--p", help="rise: probability that a cell is kept."),
@@ -57,7 +59,8 @@ def register(app: typer.Typer) -> None:
         from vlmtools.console import info
         from vlmtools.explain.visual import VisualOptions, explain_visual
 
-        opts = VisualOptions(method=method.value, masks=masks, cell=cell, p=p, seed=seed, batch=batch_size)
+        opts = VisualOptions(method=method.value, masks=masks, cell=cell, p=p, seed=seed, batch=batch_size,
+                             layer=layer)
         res = explain_visual(input, output, opts=opts, model=model, pretrained=pretrained, classes=classes,
                              templates=templates, cls=cls, descriptors=descriptors,
                              head=str(head) if head else None, where=where, limit=limit or None, png=png,

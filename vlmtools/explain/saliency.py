@@ -170,7 +170,8 @@ class ClipTower:
     """An open_clip image tower seen by the saliency methods: its kind (vit | resnet), the layer Grad-CAM
     hooks, the attention matrices rollout needs, and the (differentiable) normalised image embedding."""
 
-    def __init__(self, model):
+    def __init__(self, model, cam_layer: int | None = None):
+        """``cam_layer``: the block (ViT, 0-based) or stage (ResNet, 1-4) Grad-CAM hooks; default the last."""
         self.model = model
         self.visual = model.visual
         blocks = getattr(getattr(self.visual, "transformer", None), "resblocks", None)
@@ -178,13 +179,18 @@ class ClipTower:
             self.kind = "vit"
             self.blocks = list(blocks)
             self.batch_first = getattr(self.visual.transformer, "batch_first", True)
+            n = len(self.blocks)
+            if cam_layer is not None and not -n <= cam_layer < n:
+                raise BadInput(f"--layer {cam_layer}: this ViT has blocks 0..{n - 1}")
             # The last block's output reaches the pooled embedding only through the class token, so its
-            # patch tokens get no gradient; Grad-CAM hooks the last block's attention input (ln_1) instead.
-            self.cam_layer = self.blocks[-1].ln_1
+            # patch tokens get no gradient; Grad-CAM hooks the block's attention input (ln_1) instead.
+            self.cam_layer = self.blocks[-1 if cam_layer is None else cam_layer].ln_1
         elif hasattr(self.visual, "layer4"):
             self.kind = "resnet"
             self.blocks = []
-            self.cam_layer = self.visual.layer4
+            if cam_layer is not None and cam_layer not in (1, 2, 3, 4):
+                raise BadInput(f"--layer {cam_layer}: a ResNet tower has stages 1..4")
+            self.cam_layer = getattr(self.visual, f"layer{cam_layer or 4}")
         else:
             raise BadInput(f"{type(self.visual).__name__}: visual explanations support open_clip ViT and "
                            f"ModifiedResNet image towers only")

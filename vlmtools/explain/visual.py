@@ -103,7 +103,8 @@ class Judge:
         return torch.from_numpy(self.encoder.encode_texts(list(texts))).to(self.encoder.device)
 
 
-def make_judge(spec, classes: list[str], templates: list[str], device: str = "auto") -> Judge:
+def make_judge(spec, classes: list[str], templates: list[str], device: str = "auto",
+               cam_layer: int | None = None) -> Judge:
     import torch
 
     from vlmtools.classify import clip_class_embeddings, clip_texts
@@ -114,7 +115,7 @@ def make_judge(spec, classes: list[str], templates: list[str], device: str = "au
     encoder = load_model(spec, device)
     for p in encoder.model.parameters():
         p.requires_grad_(False)
-    tower = ClipTower(encoder.model)
+    tower = ClipTower(encoder.model, cam_layer)
     emb = clip_class_embeddings(encoder.encode_texts(clip_texts(classes, templates)), len(classes), len(templates))
     mean, std = normalize_params(encoder.preprocess)
     scale = float(encoder.model.logit_scale.exp()) if hasattr(encoder.model, "logit_scale") else 100.0
@@ -132,6 +133,7 @@ class VisualOptions:
     p: float = 0.5
     seed: int = 0
     batch: int = 64
+    layer: int | None = None   # gradcam: block (ViT) or stage (ResNet) to hook; default the last
 
 
 def _check_options(opts: VisualOptions, descriptors: str | None, head: str | None) -> None:
@@ -148,6 +150,8 @@ def _check_options(opts: VisualOptions, descriptors: str | None, head: str | Non
         raise BadInput("--method ala needs --head HEAD (from `vlmtools train ala`)")
     if head is not None and opts.method != "ala":
         raise BadInput("--head is for --method ala")
+    if opts.layer is not None and opts.method != "gradcam":
+        raise BadInput("--layer is for --method gradcam")
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -249,7 +253,7 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
         head_obj, spec = load_ala_for_explain(head, model, pretrained, device)
     else:
         spec = ModelSpec.parse(model, pretrained)
-    judge = make_judge(spec, names, template_list, device)
+    judge = make_judge(spec, names, template_list, device, cam_layer=opts.layer)
     if head_obj is not None:
         head_obj.attach(judge)
     index = {c: i for i, c in enumerate(names)}
@@ -301,7 +305,7 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
                 rows.append({**base, **save_map(out, stem, image, full, title, png)})
             bar.advance(1)
     settings = {"masks": opts.masks, "cell": opts.cell, "p": opts.p, "seed": opts.seed} \
-        if opts.method == "rise" else {}
+        if opts.method == "rise" else ({"layer": opts.layer} if opts.layer is not None else {})
     formats.write_json(out / MAPS_INFO, formats.maps_info(
         method=opts.method, model=spec.as_dict(), classes=names, templates=template_list,
         settings=settings, head=str(Path(head).resolve()) if head else None,
