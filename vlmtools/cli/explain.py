@@ -81,6 +81,8 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(50, "--steps", help="Insertion/deletion steps."),
         causal: bool = typer.Option(True, "--causal/--no-causal", help="Insertion, deletion and ID score "
                                     "(needs the model); --no-causal: mIoU only."),
+        blur: float = typer.Option(1.0, "--blur", help="Insertion canvas: Gaussian σ in pixels of the model's "
+                                   "input (default 1: RISE's reference kernel)."),
         output: str = typer.Option("-", "--output", "-o", help="Per-map JSONL (default stdout)."),
         summary: Optional[str] = typer.Option(None, "--summary", help="Also write the summary JSON here."),
         batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
@@ -91,7 +93,7 @@ def register(app: typer.Typer) -> None:
         from vlmtools.explain.visual import evaluate_maps, summary_table
 
         res = evaluate_maps([str(d) for d in maps_dirs], manifest, steps=steps, causal=causal, output=output,
-                            summary_out=summary, batch=batch_size, device=device)
+                            summary_out=summary, batch=batch_size, device=device, blur=blur)
         summary_table(res)
 
     from vlmtools.cli.train import (JsonOpt, PatienceOpt, SeedOpt,

@@ -4,8 +4,8 @@
   map's mean + one standard deviation.
 - ``iou``: |salient ∩ mask| / |salient ∪ mask| (1.0 when both are empty); mIoU is its mean over images.
 - ``causal_curve``: pixels in order of decreasing saliency (ties: raster order) are inserted into a
-  blurred copy of the image (insertion) or set to zero in the model's normalised input, i.e. the mean
-  colour (deletion), in ``steps`` equal steps; the curve is the explained class's probability against
+  blurred copy of the image (insertion; RISE's kernel, σ = 1 px, unless ``sigma`` says otherwise) or
+  set to zero in the model's normalised input, i.e. the mean colour (deletion), in ``steps`` equal steps; the curve is the explained class's probability against
   the fraction of pixels changed, x in [0, 1]. ``auc`` is the trapezoidal area under it;
   ID score = insertion − deletion.
 """
@@ -45,14 +45,14 @@ def auc(xs, ys) -> float:
     return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2.0))
 
 
-def blur(x, sigma: float | None = None):
-    """Gaussian blur of (B, 3, H, W) (the insertion canvas); sigma defaults to 5 px at 224 px, scaled."""
+def blur(x, sigma: float = 1.0, radius: int = 5):
+    """Gaussian blur of (B, 3, H, W), the insertion canvas. The default is RISE's reference code's kernel
+    (gkern(klen=11, nsig=5): 11 taps, σ = 1 px), at any image size."""
     import torch
     import torch.nn.functional as F
 
-    H = x.shape[-2]
-    sigma = sigma if sigma is not None else max(0.5, 5.0 * H / 224.0)
-    radius = max(1, int(round(2 * sigma)))
+    if sigma <= 0:
+        return x.clone()
     t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
     k = torch.exp(-(t ** 2) / (2 * sigma ** 2))
     k = (k / k.sum()).to(x.dtype)
@@ -63,7 +63,7 @@ def blur(x, sigma: float | None = None):
 
 
 def causal_curve(x, saliency, score_fn: Callable, mode: str, steps: int = 50, batch: int = 64,
-                 canvas=None):
+                 canvas=None, sigma: float = 1.0):
     """x (1, 3, H, W) model input; saliency (H, W) numpy -> (xs, ys): fraction of pixels inserted or
     deleted, and score_fn (the explained class's probability) after each of ``steps`` steps."""
     import numpy as np
@@ -79,7 +79,7 @@ def causal_curve(x, saliency, score_fn: Callable, mode: str, steps: int = 50, ba
     order = torch.from_numpy(np.argsort(-sal.reshape(-1), kind="stable").copy()).to(x.device)
     counts = [int(round(i * n / steps)) for i in range(steps + 1)]
     if mode == "insertion":
-        start = canvas if canvas is not None else blur(x)
+        start = canvas if canvas is not None else blur(x, sigma, max(1, int(round(5 * sigma))))
         finish = x
     else:
         start, finish = x, torch.zeros_like(x)

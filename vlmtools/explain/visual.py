@@ -342,7 +342,7 @@ def _load_mask(path: str):
 
 def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, causal: bool = True,
                   output: str = "-", summary_out: str | None = None, batch: int = 64,
-                  device: str = "auto") -> dict:
+                  device: str = "auto", blur: float = 1.0) -> dict:
     """mIoU (and insertion, deletion, ID with ``causal``) of the class maps of each directory; per-map
     JSONL to ``output``; returns (and writes to ``summary_out``) per-directory means and, per method,
     mean ± std over the directories (seeds)."""
@@ -356,6 +356,8 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, c
 
     if steps < 1:
         raise BadInput("--steps must be at least 1")
+    if blur < 0:
+        raise BadInput("--blur must be >= 0 (0: insert into the unblurred image)")
     if not maps_dirs:
         raise BadInput("give at least one maps directory")
     by_id = {r["id"]: r for r in formats.read_manifest(manifest)}
@@ -400,7 +402,7 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, c
                 x = judge.tensor(image)
                 s = upsample(torch.from_numpy(sal), tuple(x.shape[-2:])).numpy()
                 fn = judge.prob_fn(judge.classes.index(r["class"]))
-                ins = auc(*causal_curve(x, s, fn, "insertion", steps, batch))
+                ins = auc(*causal_curve(x, s, fn, "insertion", steps, batch, sigma=blur))
                 dele = auc(*causal_curve(x, s, fn, "deletion", steps, batch))
                 row.update({"insertion": round(ins, 6), "deletion": round(dele, 6), "id_score": round(ins - dele, 6)})
             results.append(row)
@@ -417,6 +419,7 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, c
     for row in dirs:
         methods.setdefault(row["method"], []).append(row)
     summary = {"format": formats.EXPLAIN_EVAL_FORMAT, "threshold": "mean + std of each map", "steps": steps,
+               "blur": blur if causal else None,
                "directories": dirs, "methods": [
                    {"method": m, "runs": len(rs), **{k: float(np.mean([r[k] for r in rs])) for k in keys},
                     **{f"{k}_std": float(np.std([r[k] for r in rs])) for k in keys}}
