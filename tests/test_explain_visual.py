@@ -147,7 +147,7 @@ def world(tmp_path_factory):
 def gradcam_maps(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("maps") / "gradcam"
     r = invoke("explain", "visual", world / "manifest.jsonl", "-o", out, "-m", "vlmtools-micro",
-               "--where", "split=test")
+               "--where", "split=test", "--cbd", world / "descriptors.jsonl")
     assert r.exit_code == 0, r.output
     return out
 
@@ -157,6 +157,7 @@ def test_explain_visual_writes_maps_at_image_resolution(gradcam_maps, world):
     assert len(rows) == 6 and {r["method"] for r in rows} == {"gradcam"}
     info = json.loads((gradcam_maps / "info.json").read_text())
     assert info["format"] == "vlmtools.maps/1" and len(info["classes"]) == 3
+    assert info["cbd"] == str((world / "descriptors.jsonl").resolve())  # eval's judge scores by description
     for r in rows:
         m = np.load(gradcam_maps / r["map"])
         assert m.dtype == np.float16 and m.shape == (64, 64)

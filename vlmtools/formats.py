@@ -457,7 +457,7 @@ def write_predictions(path: str | os.PathLike | None, records: Iterable[dict]) -
 # errors.jsonl lists the images that could not be read.
 
 def maps_info(*, method: str, model: dict, classes: list[str], templates: list[str], settings: dict,
-              head: str | None = None, descriptors: str | None = None) -> dict:
+              head: str | None = None, descriptors: str | None = None, cbd: str | None = None) -> dict:
     import vlmtools
 
     info = {"format": MAPS_FORMAT, "method": method, "model": model, "classes": list(classes),
@@ -466,6 +466,8 @@ def maps_info(*, method: str, model: dict, classes: list[str], templates: list[s
         info["head"] = head
     if descriptors is not None:
         info["descriptors"] = descriptors
+    if cbd is not None:
+        info["cbd"] = cbd
     return info
 
 

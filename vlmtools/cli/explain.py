@@ -43,6 +43,9 @@ def register(app: typer.Typer) -> None:
                                                   "descriptor of the class (gradcam or rise)"),
         layer: Optional[int] = typer.Option(None, "--layer", help="gradcam: the ViT block (0-based) or ResNet "
                                             "stage (1-4) to hook (default: the last)"),
+        cbd: Optional[str] = typer.Option(None, "--cbd", help="Descriptor JSONL: score classes by description "
+                                          "(mean similarity to the class's descriptor sentences) instead of "
+                                          "class-name prompts, for the maps and for eval's insertion/deletion"),
         masks: int = typer.Option(4000, "--masks", help="rise: number of random masks."),
         cell: int = typer.Option(7, "--cell", help="rise: mask grid cells per side."),
         p: float = typer.Option(0.5, "--p", help="rise: probability that a cell is kept."),
@@ -63,7 +66,7 @@ def register(app: typer.Typer) -> None:
                              layer=layer)
         res = explain_visual(input, output, opts=opts, model=model, pretrained=pretrained, classes=classes,
                              templates=templates, cls=cls, descriptors=descriptors,
-                             head=str(head) if head else None, where=where, limit=limit or None, png=png,
+                             head=str(head) if head else None, cbd=cbd, where=where, limit=limit or None, png=png,
                              device=device)
         info(f"wrote {res['maps']} map(s) for {res['images'] - res['failed']} image(s) to {res['out']}")
         if res["failed"]:

@@ -104,10 +104,14 @@ class Judge:
 
 
 def make_judge(spec, classes: list[str], templates: list[str], device: str = "auto",
-               cam_layer: int | None = None) -> Judge:
+               cam_layer: int | None = None, cbd: dict | None = None) -> Judge:
+    """The model, its tower and the class embeddings: class-name prompts (``templates``), or with ``cbd``
+    ({class: descriptor record}) the mean of the class's descriptor sentence embeddings, whose dot
+    product with an image is the CBD class score (mean similarity to the descriptors)."""
+    import numpy as np
     import torch
 
-    from vlmtools.classify import clip_class_embeddings, clip_texts
+    from vlmtools.classify import build_descriptor_set, clip_class_embeddings, clip_texts
     from vlmtools.explain.saliency import ClipTower
     from vlmtools.images import normalize_params
     from vlmtools.models import load_model
@@ -116,10 +120,15 @@ def make_judge(spec, classes: list[str], templates: list[str], device: str = "au
     for p in encoder.model.parameters():
         p.requires_grad_(False)
     tower = ClipTower(encoder.model, cam_layer)
-    emb = clip_class_embeddings(encoder.encode_texts(clip_texts(classes, templates)), len(classes), len(templates))
+    if cbd is not None:
+        dset = build_descriptor_set(classes, cbd)
+        desc = encoder.encode_texts(dset.texts)
+        emb = np.stack([desc[a:b].mean(axis=0) for a, b in zip(dset.offsets[:-1], dset.offsets[1:])])
+    else:
+        emb = clip_class_embeddings(encoder.encode_texts(clip_texts(classes, templates)), len(classes), len(templates))
     mean, std = normalize_params(encoder.preprocess)
     scale = float(encoder.model.logit_scale.exp()) if hasattr(encoder.model, "logit_scale") else 100.0
-    return Judge(encoder, tower, list(classes), torch.from_numpy(emb).to(encoder.device), scale,
+    return Judge(encoder, tower, list(classes), torch.from_numpy(emb.astype(np.float32)).to(encoder.device), scale,
                  mean.to(encoder.device), std.to(encoder.device), encoder.image_size, list(templates))
 
 
@@ -221,7 +230,7 @@ def compute_maps(judge: Judge, x, c: int, opts: VisualOptions, targets=None, hea
 def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str | None = None,
                    pretrained: str | None = None, classes: str | None = None, templates: str = "photo",
                    cls: str | None = None, descriptors: str | None = None, head: str | None = None,
-                   where: Sequence[str] = (), limit: int | None = None, png: bool = True,
+                   cbd: str | None = None, where: Sequence[str] = (), limit: int | None = None, png: bool = True,
                    device: str = "auto") -> dict:
     """Write maps for the images of a predictions file or manifest into ``out_dir``; returns a summary
     {"maps", "images", "failed"}. Unreadable images are listed in errors.jsonl and skipped."""
@@ -241,7 +250,8 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
     if not records:
         raise BadInput(f"{input_path}: no images to explain" + (" (after --where)" if conditions else ""))
     desc_records = formats.read_descriptors(descriptors) if descriptors is not None else None
-    names = class_list(records, classes, desc_records, cls)
+    cbd_records = formats.read_descriptors(cbd) if cbd is not None else None
+    names = class_list(records, classes, desc_records or cbd_records, cls)
     template_list = load_templates(templates)
     out = Path(out_dir)
     _prepare_out_dir(out)
@@ -253,7 +263,7 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
         head_obj, spec = load_ala_for_explain(head, model, pretrained, device)
     else:
         spec = ModelSpec.parse(model, pretrained)
-    judge = make_judge(spec, names, template_list, device, cam_layer=opts.layer)
+    judge = make_judge(spec, names, template_list, device, cam_layer=opts.layer, cbd=cbd_records)
     if head_obj is not None:
         head_obj.attach(judge)
     index = {c: i for i, c in enumerate(names)}
@@ -309,7 +319,8 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
     formats.write_json(out / MAPS_INFO, formats.maps_info(
         method=opts.method, model=spec.as_dict(), classes=names, templates=template_list,
         settings=settings, head=str(Path(head).resolve()) if head else None,
-        descriptors=str(Path(descriptors).resolve()) if descriptors else None))
+        descriptors=str(Path(descriptors).resolve()) if descriptors else None,
+        cbd=str(Path(cbd).resolve()) if cbd else None))
     formats.write_jsonl(out / MAPS_INDEX, rows)
     if errors:
         formats.write_jsonl(out / MAPS_ERRORS, errors)
@@ -393,10 +404,11 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, c
             row = {"id": r["id"], "method": meta["method"], "maps": d, "class": r["class"],
                    "iou": round(iou(sal, mask), 6)}
             if causal:
-                key = (json_key(meta["model"]), tuple(meta["classes"]), tuple(meta["templates"]))
+                key = (json_key(meta["model"]), tuple(meta["classes"]), tuple(meta["templates"]), meta.get("cbd"))
                 if key not in judges:
                     spec = ModelSpec(meta["model"]["name"], meta["model"].get("pretrained"))
-                    judges[key] = make_judge(spec, meta["classes"], meta["templates"], device)
+                    cbd = formats.read_descriptors(meta["cbd"]) if meta.get("cbd") else None
+                    judges[key] = make_judge(spec, meta["classes"], meta["templates"], device, cbd=cbd)
                 judge = judges[key]
                 image = load_rgb(rec["path"])
                 x = judge.tensor(image)
