@@ -80,6 +80,7 @@ class Judge:
     std: object = None
     size: int = 224
     templates: list[str] = field(default_factory=list)
+    rise_cache: dict = field(default_factory=dict)
 
     def tensor(self, image):
         """A PIL image -> (1, 3, S, S), resized without cropping so the map lines up with the image."""
@@ -223,7 +224,11 @@ def compute_maps(judge: Judge, x, c: int, opts: VisualOptions, targets=None, hea
         return [sal.gradcam(x, fn, judge.tower.cam_layer, judge.tower.to_grid)[0] for fn in fns]
     # rise: the class probability, or each descriptor sentence's similarity; the same masks for all
     fns = fns or [judge.prob_fn(c)]
-    masks = sal.rise_masks(opts.masks, opts.cell, opts.p, tuple(x.shape[-2:]), opts.seed, x.device)
+    key = (opts.masks, opts.cell, opts.p, opts.seed, tuple(x.shape[-2:]))
+    if judge.rise_cache.get("key") != key:  # the same seeded masks for every image: draw them once
+        judge.rise_cache.update(key=key, masks=sal.rise_masks(opts.masks, opts.cell, opts.p, key[-1], opts.seed,
+                                                              x.device))
+    masks = judge.rise_cache["masks"]
     return [sal.rise(x, fn, opts.masks, opts.cell, opts.p, opts.seed, opts.batch, mask_tensor=masks) for fn in fns]
 
 
@@ -282,8 +287,8 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
                 continue
             x = judge.tensor(image)
             with torch.no_grad():
-                probs = torch.softmax(judge.logit_scale * judge.tower.embed(x) @ judge.class_emb.T, dim=-1)[0]
                 cos = (judge.tower.embed(x) @ judge.class_emb.T)[0]
+                probs = torch.softmax(judge.logit_scale * cos, dim=-1)
             target = cls or (rec["pred"] if is_pred else names[int(probs.argmax())])
             c = index[target]
             base = {k: rec[k] for k in ("id", "path", "label") if rec.get(k) is not None}
