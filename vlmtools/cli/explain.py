@@ -91,8 +91,10 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
         device: str = DeviceOpt,
     ) -> None:
-        """mIoU against the manifest's masks (threshold: mean + std of each map), insertion and deletion
-        AUC and ID score = insertion - deletion; summary table on stderr."""
+        """Saliency maps against object masks (mIoU) and by insertion/deletion (ID score).
+
+        mIoU thresholds each map at its mean + std; insertion and deletion are RISE's causal AUCs;
+        ID score = insertion - deletion. Per-map JSONL on stdout (or -o), the table on stderr."""
         from vlmtools.explain.visual import evaluate_maps, summary_table
 
         res = evaluate_maps([str(d) for d in maps_dirs], manifest, steps=steps, causal=causal, output=output,
@@ -136,9 +138,11 @@ def register(app: typer.Typer) -> None:
         pretrained: Optional[str] = PretrainedOpt,
         json_: bool = JsonOpt,
     ) -> None:
-        """Attention Lattice Adapter (study 003) on the frozen image tower: side branch over several tower
-        layers, attention branch (the map α′ of `explain visual --method ala`), perception branch;
-        loss CE(PB) + λ·CE(AB). The tower's features are cached once, so epochs do not rerun it."""
+        """Attention Lattice Adapter (study 003) on the frozen image tower.
+
+        A side branch over several tower layers, an attention branch (the map α′ of `explain visual
+        --method ala`) and a perception branch; loss CE(PB) + λ·CE(AB), the Alternative Epoch Architect.
+        The tower's features are cached once (--cache), so epochs do not rerun it."""
         from vlmtools.errors import BadInput
         from vlmtools.heads.ala import train_ala
 
