@@ -19,7 +19,7 @@ app = typer.Typer(
 # Each module defines register(app). Modules that are not written yet are skipped, so the app grows
 # as command groups land.
 COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "train", "explain", "synth",
-                   "demo"]
+                   "demo", "store"]
 
 
 def _register_all() -> None:
@@ -57,4 +57,8 @@ _register_all()
 
 
 def main() -> None:
-    app()
+    from vlmtools.cli.common import guard_std_streams, handle_errors
+
+    guard_std_streams()
+    # What escapes the commands' own handlers (option parsing, group callbacks) gets the same treatment.
+    handle_errors(app)()
