@@ -452,8 +452,6 @@ def run_waffle(classes: list[str], *, output: str | None = "-", count: int = 15,
     ``draws`` > 1, ``output`` is a directory that gets draw-<seed>.jsonl for seeds seed .. seed+draws-1
     (WaffleCLIP averages its accuracy over such draws). Returns the files written."""
     from vlmtools.describe.interchange import read_any_descriptors
-    from rich.markup import escape
-
     from vlmtools.describe.waffle import CHARACTERS, characters_of, read_words, waffle_descriptors
 
     if draws < 1:
