@@ -90,9 +90,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise BadInput(f"{path}: permission denied") from None
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield tmp_path
+        # mkstemp makes 0600 files, and some writers (safetensors) replace the temp file: set the usual
+        # permissions on whatever is there now
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
