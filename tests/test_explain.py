@@ -86,7 +86,7 @@ def test_top_limits_descriptors(preds):
 def test_png_figures(preds, tmp_path):
     path, recs = preds
     out = tmp_path / "figs"
-    res = invoke("explain", "text", path, "--png", out)
+    res = invoke("explain", "text", path, "--plots", out)
     assert res.exit_code == 0, res.output
     files = sorted(out.glob("*.png"))
     assert [f.stem for f in files] == sorted(r["id"] for r in recs)  # im3's image is missing: still drawn
@@ -113,7 +113,7 @@ def test_bad_input(preds, tmp_path):
     plain = tmp_path / "clip.jsonl"
     plain.write_text("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("explanation")}) + "\n"
                              for r in recs))
-    res = invoke("explain", "text", plain, "--png", tmp_path / "none")
+    res = invoke("explain", "text", plain, "--plots", tmp_path / "none")
     assert res.exit_code == 2 and "--method cbd" in res.stderr and not (tmp_path / "none").exists()
     nolabel = tmp_path / "nolabel.jsonl"
     nolabel.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "label"}) + "\n" for r in recs))
@@ -132,7 +132,7 @@ def test_markup_in_ids_and_classes_is_shown_as_written(tmp_path):
     rec["explanation"][0]["descriptor"] = "a [red]tail[/red] worth $5"
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(rec) + "\n")
-    res = invoke("explain", "text", path, "--png", tmp_path / "figs")
+    res = invoke("explain", "text", path, "--plots", tmp_path / "figs")
     assert res.exit_code == 0, res.output
     for text in (rec["id"], "predicted: Mallard [/bold]", "true: Snowy [bold]Owl", "a [red]tail[/red] worth $5"):
         assert text in res.stdout, text

@@ -72,7 +72,7 @@ def test_image_query_with_and_without_index(image_store, image_dir):
     build_index(image_store, index_key="Flat", force=True)
     indexed = search(image_store, images=[str(query)], k=5)
     assert [h["id"] for h in indexed] == [h["id"] for h in exact]
-    result = runner.invoke(app, ["search", str(image_store), "--image", str(query), "-k", "4", "-f"])
+    result = runner.invoke(app, ["search", str(image_store), "--image", str(query), "-k", "4", "--files"])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [h["path"] for h in exact[:4]]
 
@@ -110,7 +110,7 @@ def test_bad_inputs_exit_2(text_store, image_store, tmp_path, image_dir):
         (["search", str(text_store), "--text", "x", "--model", "ViT-B-32"], "was embedded with vlmtools-tiny"),
         (["search", str(text_store), "--text", "x", "--pretrained", "openai"], "was embedded with vlmtools-tiny"),
         (["search", str(image_store), "--image", str(tmp_path / "nope.png")], "no such file"),
-        (["search", str(text_store), "--text", TEXTS[0], "-f"], "no paths"),
+        (["search", str(text_store), "--text", TEXTS[0], "--files"], "no paths"),
     ]
     (tmp_path / "fake.png").write_bytes(b"not a png at all")
     cases.append((["search", str(image_store), "--image", str(tmp_path / "fake.png")], "cannot read it as an image"))

@@ -579,8 +579,10 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
         emb = emb[np.asarray(rows)]
     t1 = time.perf_counter()
     correct = labelled = 0
+    run = dict(zip(formats.RUN_KEYS, (method, str(spec), str(image_store))))
     with formats.open_output(output) as fh:
         for rec in clf.predict(emb, meta, k=k, explain=explain, explain_true=explain_true):
+            rec.update(run)
             if rec.get("label") is not None:
                 labelled += 1
                 correct += rec["pred"] == rec["label"]

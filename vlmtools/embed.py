@@ -175,7 +175,7 @@ def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int 
             errs.extend({"id": records[i]["id"], "path": records[i]["path"], "reason": reason} for i, reason in failed)
             embedded += len(indices)
             skipped += len(failed)
-            bar.advance(len(indices) + len(failed))
+            bar.advance(len(indices) + len(failed), errors=len(failed))
             shard_end = min((shard + 1) * shard_size, len(records))
             last = max(indices + [i for i, _ in failed])
             if last == shard_end - 1:  # batches arrive in order: the shard is complete

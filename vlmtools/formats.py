@@ -34,7 +34,9 @@ WORLD_FORMAT = "vlmtools.synth/1"
 
 MANIFEST_KEYS = ("id", "path", "label", "split", "mask", "domain")
 DESCRIPTOR_KINDS = ("object", "background")
-PREDICTION_KEYS = ("id", "path", "label", "pred", "topk", "explanation", "explanation_true")
+# Which run wrote a predictions line (classify adds them to every line; eval reports them as provenance).
+RUN_KEYS = ("method", "model", "store")
+PREDICTION_KEYS = ("id", "path", "label", "pred", "topk", "explanation", "explanation_true", *RUN_KEYS)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 

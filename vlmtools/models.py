@@ -49,6 +49,7 @@ class ModelSpec:
         name = name or DEFAULT_MODEL
         if name.startswith(("hf-hub:", "local-dir:")):
             return cls(name, None)
+        check_model_name(name)
         if pretrained is None:
             if name in packaged_configs():
                 pretrained = PACKAGED_TAG if packaged_weights(name) else "none"
@@ -75,6 +76,34 @@ class ModelSpec:
                 f"different spaces; pass --model {other.name}"
                 + (f" --pretrained {other.pretrained}" if other.pretrained else "")
                 + " or re-embed with this model.")
+
+
+def known_model_names() -> list[str]:
+    """Packaged and open_clip architecture names, read from the config files without importing open_clip
+    (which takes seconds): the completer and the did-you-mean check use them before any load."""
+    import importlib.util
+
+    names = list(packaged_configs())
+    found = importlib.util.find_spec("open_clip")
+    if found is not None and found.origin:
+        names += sorted(p.stem for p in (Path(found.origin).parent / "model_configs").glob("*.json"))
+    return names
+
+
+def check_model_name(name: str) -> None:
+    """Refuse an unknown architecture at once, with the closest known names."""
+    if spec_is_schema(name):
+        return
+    known = known_model_names()
+    if name in known or not known:
+        return
+    import difflib
+
+    lower = {k.lower(): k for k in known}
+    close = [lower[c] for c in difflib.get_close_matches(name.lower(), list(lower), n=3, cutoff=0.6)]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise BadInput(f"unknown model {name!r}{hint} (`vlmtools models --all` lists them; hf-hub:ORG/REPO and "
+                   f"local-dir:PATH name others)")
 
 
 def spec_for_store(recorded: dict, model: str | None = None, pretrained: str | None = None) -> ModelSpec:
@@ -193,6 +222,9 @@ class Encoder:
 
 def load_model(spec: ModelSpec, device: str = "auto") -> Encoder:
     """Build the model for ``spec``; raise ModelUnavailable with an actionable message on failure."""
+    from vlmtools.console import loading
+
+    loading(f"model {spec}")
     import torch
 
     _register_packaged_configs()

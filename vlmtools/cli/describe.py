@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -14,6 +14,11 @@ STYLE_HELP = ("cbd (Menon & Vondrick's exact prompt), domain (worked examples fr
 
 
 
+# The styles of vlmtools.describe.styles.STYLES, spelled out so that --help needs no import (a test keeps
+# the two in step).
+Style = Literal["cbd", "domain", "background", "structured", "sentences", "waffle"]
+
+
 # Typer renders help text as rich markup, which swallows "[default: ...]": defaults go in show_default.
 def register(app: typer.Typer) -> None:
     @app.command("describe")
@@ -22,7 +27,7 @@ def register(app: typer.Typer) -> None:
         classes: str = typer.Argument(..., help="Class list (one per line), a manifest (its labels) or '-'."),
         output: str = typer.Option("-", "--output", "-o", help="Descriptor JSONL; appended to and resumed. "
                                    "'-' is stdout (failed classes are then listed on stderr, or go to --errors)."),
-        style: str = typer.Option("cbd", "--style", "-s", help=STYLE_HELP),
+        style: Style = typer.Option("cbd", "--style", "-s", help=STYLE_HELP),
         # None means the library's DEFAULT_MODEL, named here only for --help: importing it would load
         # vlmtools.describe for every `vlmtools --help` (a test keeps the two in step).
         model: Optional[str] = typer.Option(None, "--model", "-m", envvar="VLMTOOLS_LLM_MODEL",
@@ -30,12 +35,12 @@ def register(app: typer.Typer) -> None:
         base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL",
                                                show_default="OpenAI", help="OpenAI-compatible server (vLLM, "
                                                "Ollama, llama.cpp), e.g. http://localhost:8000/v1"),
-        temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature.",
+        temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature.",
                                                     show_default="0 as in the paper; 0.7 for sentences"),
         max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer length limit.",
                                                  show_default="100 for cbd as in the paper, more for others"),
-        n: int = typer.Option(1, "--n", "-n", help="Samples per class, merged and de-duplicated."),
-        concurrency: int = typer.Option(4, "--concurrency", "-j", help="Requests in flight."),
+        n: int = typer.Option(1, "--n", help="Samples per class, merged and de-duplicated."),
+        concurrency: int = typer.Option(4, "--workers", "--concurrency", "-j", help="Requests in flight."),
         timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request attempt."),
         max_retries: int = typer.Option(4, "--max-retries", help="Retries on 429/5xx/timeouts, with backoff."),
         exemplars: Optional[str] = typer.Option(None, "--exemplars", help="Worked examples (domain/background): "
@@ -67,12 +72,9 @@ def register(app: typer.Typer) -> None:
         waffle_words: Optional[str] = typer.Option(None, "--waffle-words", help="waffle: word list file."),
     ) -> None:
         """Ask an LLM which visual features identify each class; write one JSONL line per class."""
-        from vlmtools.describe.styles import STYLES
         from vlmtools.errors import BadInput, VlmError
         from vlmtools.formats import dumps_line, read_class_list
 
-        if style not in STYLES:
-            raise BadInput(f"--style {style!r}: expected one of {', '.join(STYLES)}")
         names = read_class_list(classes)
         if style == "waffle":
             from vlmtools.describe.run import run_waffle
@@ -112,7 +114,7 @@ def register(app: typer.Typer) -> None:
     def import_cmd(
         file: str = typer.Argument(..., help="JSON object {class: \\[descriptors]} (CBD, WaffleCLIP, CuPL), or '-'."),
         output: str = typer.Option("-", "--output", "-o", help="Descriptor JSONL ('-' is stdout)."),
-        fmt: str = typer.Option("cbd", "--format", "-f", help="cbd (descriptors) or cupl (full sentences); "
+        fmt: Literal["cbd", "cupl"] = typer.Option("cbd", "--format", help="cbd (descriptors) or cupl (full sentences); "
                                 "stored as \"style\"."),
     ) -> None:
         """Convert a {class: \\[descriptors]} JSON dict to descriptor JSONL, keeping the class order."""
@@ -129,9 +131,9 @@ def register(app: typer.Typer) -> None:
     def export_cmd(
         file: str = typer.Argument(..., help="Descriptor JSONL (or a JSON dict)."),
         output: str = typer.Option("-", "--output", "-o", help="JSON file ('-' is stdout)."),
-        fmt: str = typer.Option("cbd", "--format", "-f", help="cbd: {class: \\[descriptors]}, as CBD, "
+        fmt: Literal["cbd"] = typer.Option("cbd", "--format", help="cbd: {class: \\[descriptors]}, as CBD, "
                                 "WaffleCLIP and CuPL read it."),
-        kind: str = typer.Option("all", "--kind", help="all, object (drop background descriptors) or background."),
+        kind: Literal["all", "object", "background"] = typer.Option("all", "--kind", help="all, object (drop background descriptors) or background."),
     ) -> None:
         """Write descriptor JSONL as the CBD JSON dict, in file order."""
         import json

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -14,7 +14,7 @@ embed_app = typer.Typer(help="Embed images or texts into a store (sharded NPY + 
 
 OutOpt = typer.Option(..., "--output", "-o", help="Store directory to write (resumed if it exists).")
 ShardOpt = typer.Option(10000, "--shard-size", help="Rows per shard (the unit of resume).")
-DtypeOpt = typer.Option("float16", "--dtype", help="float16 or float32.")
+DtypeOpt = typer.Option("float16", "--dtype", help="Stored precision.")
 RankOpt = typer.Option(None, "--rank", help="This worker's rank (default: $RANK or $SLURM_PROCID or 0).")
 WorldOpt = typer.Option(None, "--world-size", help="Number of workers (default: $WORLD_SIZE or $SLURM_NTASKS or 1).")
 JsonOpt = typer.Option(False, "--json", help="Also print the run summary as one JSON line on stdout.")
@@ -39,7 +39,7 @@ def images_cmd(
     workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", "-j", min=0,
                                 help="DataLoader worker processes that decode images."),
     shard_size: int = ShardOpt,
-    dtype: str = DtypeOpt,
+    dtype: Literal["float16", "float32"] = DtypeOpt,
     rank: Optional[int] = RankOpt,
     world_size: Optional[int] = WorldOpt,
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Try the inputs that failed before again "
@@ -73,11 +73,11 @@ def text_cmd(
     model: Optional[str] = ModelOpt,
     pretrained: Optional[str] = PretrainedOpt,
     device: str = DeviceOpt,
-    wrap: str = typer.Option("cbd", "--wrap", help="For descriptors: 'cbd' embeds \"{class}, which has "
+    wrap: Literal["cbd", "none"] = typer.Option("cbd", "--wrap", help="For descriptors: 'cbd' embeds \"{class}, which has "
                              "{descriptor}\" (the CBD paper's rule); 'none' embeds the descriptor as written."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
     shard_size: int = ShardOpt,
-    dtype: str = DtypeOpt,
+    dtype: Literal["float16", "float32"] = DtypeOpt,
     rank: Optional[int] = RankOpt,
     world_size: Optional[int] = WorldOpt,
     json_: bool = JsonOpt,

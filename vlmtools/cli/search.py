@@ -6,20 +6,20 @@ from typing import List, Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors
+from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, store_argument
 
 
 def register(app: typer.Typer) -> None:
     @app.command("search")
     @handle_errors
     def search_cmd(
-        store: str = typer.Argument(..., help="Store directory to search."),
+        store: str = store_argument("Store directory to search."),
         text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="Text query (repeatable)."),
         image: Optional[List[str]] = typer.Option(None, "--image", "-i", help="Image query (repeatable)."),
-        query_store: Optional[str] = typer.Option(None, "--store", "-s", help="Use every row of this store "
+        query_store: Optional[str] = typer.Option(None, "--store", help="Use every row of this store "
                                                   "(same model) as a query."),
         k: int = typer.Option(10, "-k", "--top-k", help="Hits per query."),
-        files: bool = typer.Option(False, "--files", "-f", help="Print hit paths only, one per line."),
+        files: bool = typer.Option(False, "--files", help="Print hit paths only, one per line."),
         exact: bool = typer.Option(False, "--exact", help="Ignore the index; score every row."),
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
                       pretrained=pretrained, device=device, exact=exact)
         if files:
             if any("path" not in h for h in hits):
-                raise BadInput(f"{store}: its rows have no paths (a text store?); drop -f/--files")
+                raise BadInput(f"{store}: its rows have no paths (a text store?); drop --files")
             typer.echo("".join(h["path"] + "\n" for h in hits), nl=False)
             return
         typer.echo("".join(dumps_line(h) for h in hits), nl=False)
