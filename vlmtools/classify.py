@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 from vlmtools import formats
 from vlmtools.console import info, progress, warn
+from vlmtools.store import parse_where, select_rows  # noqa: F401  (re-exported for heads)
 from vlmtools.errors import BadInput, StoreMismatch
 from vlmtools.paths import cache_dir
 
@@ -415,21 +416,6 @@ def match_classes(classes: list[str], records: dict, *, classes_from: str, descr
         raise BadInput(f"{classes_from}: class {missing[0]!r} has no descriptors in {descriptors_from}"
                        + (f" (nor do {len(missing) - 1} more)" if len(missing) > 1 else "")
                        + "; add them, or pass --allow-empty to score such classes by their name")
-
-
-def parse_where(where: Sequence[str]) -> list[tuple[str, str]]:
-    out = []
-    for w in where:
-        key, sep, value = w.partition("=")
-        if not sep or not key:
-            raise BadInput(f"--where {w!r}: expected KEY=VALUE (e.g. split=test)")
-        out.append((key, value))
-    return out
-
-
-def select_rows(meta: list[dict], where: Sequence[tuple[str, str]]) -> list[int]:
-    return [i for i, rec in enumerate(meta)
-            if all(str(rec.get(k)) == v for k, v in where)]
 
 
 def check_labels(meta: Sequence[dict], classes: Sequence[str], store) -> None:

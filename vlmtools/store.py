@@ -277,3 +277,22 @@ def write_arrays(path: str | Path, embeddings, meta: Sequence[dict], *, kind: st
         writer.write_shard(shard, emb[start:start + shard_size], meta[start:start + shard_size])
     writer.finalize()
     return open_store(path)
+
+
+# ----------------------------------------------------------------------------- row selection
+
+def parse_where(where: Sequence[str]) -> list[tuple[str, str]]:
+    """``--where KEY=VALUE`` options as (key, value) pairs."""
+    out = []
+    for w in where:
+        key, sep, value = w.partition("=")
+        if not sep or not key:
+            raise BadInput(f"--where {w!r}: expected KEY=VALUE (e.g. split=test)")
+        out.append((key, value))
+    return out
+
+
+def select_rows(meta: list[dict], where: Sequence[tuple[str, str]]) -> list[int]:
+    """Rows whose metadata has every KEY=VALUE (values compared as text)."""
+    return [i for i, rec in enumerate(meta)
+            if all(str(rec.get(k)) == v for k, v in where)]

@@ -54,9 +54,9 @@ for M in $MODELS; do
   done
   # 5. evaluate, and test whether CBD's gain over CLIP is real
   for run in clip-bare clip-photo $STYLES; do
-    $VLM -q eval "$S/$run.jsonl" --json "$S/$run.eval.json" --csv "$S/$run.per_class.csv"
+    $VLM -q eval "$S/$run.jsonl" -o "$S/$run.eval.jsonl" --csv "$S/$run.per_class.csv"
   done
-  $VLM eval compare "$S/clip-bare.jsonl" "$S/cbd.jsonl" --names CLIP,CBD --json "$S/compare-clip-cbd.json" --show 0
+  $VLM eval compare "$S/clip-bare.jsonl" "$S/cbd.jsonl" --names CLIP,CBD -o "$S/compare-clip-cbd.jsonl" --show 0
 done
 
 # 6. the table: ours beside the study's (and WaffleCLIP's published B/32 figures)
@@ -84,10 +84,10 @@ for metric, pos in (("top-1", 0), ("top-5", 1)):
     for m in models:
         cells = []
         for run, _ in runs:
-            path = os.path.join(out, m, f"{run}.eval.json")
+            path = os.path.join(out, m, f"{run}.eval.jsonl")
             ours = None
             if os.path.exists(path):
-                v = json.load(open(path))["top1" if pos == 0 else "top5"]
+                v = json.loads(open(path).readline())["acc1" if pos == 0 else "acc5"]
                 ours = None if v is None else 100 * v
             ref = study.get(m, {}).get(run)
             cells.append(f"{fmt(ours)}/{fmt(ref[pos] if ref else None)}")
@@ -95,8 +95,8 @@ for metric, pos in (("top-1", 0), ("top-5", 1)):
 print("\nWaffleCLIP's published CSVs, top-1: " + "; ".join(
     f"{m}: CLIP {r['clip-bare']:.2f}, CBD {r['cbd']:.2f}, Waffle {r['waffle']:.2f}" for m, r in waffle_csv.items()))
 for m in models:
-    path = os.path.join(out, m, "compare-clip-cbd.json")
+    path = os.path.join(out, m, "compare-clip-cbd.jsonl")
     if os.path.exists(path):
-        c = json.load(open(path))
+        c = json.loads(open(path).readline())
         print(f"{m}: CBD - CLIP = {100 * c['difference']:+.2f} points, McNemar exact p = {c['mcnemar']['p_exact']:.3g}")
 EOF

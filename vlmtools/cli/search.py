@@ -1,4 +1,5 @@
-"""`vlmtools search STORE`: nearest store rows to text, image or stored queries, as NDJSON on stdout."""
+"""`vlmtools search STORE`: nearest store rows to text, image or stored queries, as NDJSON on stdout;
+`vlmtools serve STORE`: the same as a small HTTP JSON API on localhost (one model load, many queries)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, store_argument
+from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, store_argument, store_option
 
 
 def register(app: typer.Typer) -> None:
@@ -14,10 +15,17 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def search_cmd(
         store: str = store_argument("Store directory to search."),
-        text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="Text query (repeatable)."),
+        text: Optional[List[str]] = typer.Option(None, "--text", "-t", help="Text query (repeatable); '-' reads "
+                                                 "one query per line from stdin."),
+        text_file: Optional[str] = typer.Option(None, "--text-file", metavar="FILE", help="Text queries, one per "
+                                                "line ('-' is stdin); all in one run, one model load."),
         image: Optional[List[str]] = typer.Option(None, "--image", "-i", help="Image query (repeatable)."),
-        query_store: Optional[str] = typer.Option(None, "--store", help="Use every row of this store "
-                                                  "(same model) as a query."),
+        ids: Optional[List[str]] = typer.Option(None, "--id", help="Use the stored row with this id as the "
+                                                "query (repeatable; no model is loaded)."),
+        query_store: Optional[str] = store_option("--store", help="Use every row of this store (same model) "
+                                                  "as a query."),
+        where: List[str] = typer.Option([], "--where", help="Only hits whose metadata KEY=VALUE (repeatable, "
+                                        "e.g. --where split=test; searched exactly)."),
         k: int = typer.Option(10, "-k", "--top-k", help="Hits per query."),
         files: bool = typer.Option(False, "--files", help="Print hit paths only, one per line."),
         exact: bool = typer.Option(False, "--exact", help="Ignore the index; score every row."),
@@ -28,13 +36,42 @@ def register(app: typer.Typer) -> None:
         """Search a store; rows {rank, score, id, path|text, label, ...} (+ query when there are several)."""
         from vlmtools.errors import BadInput
         from vlmtools.formats import dumps_line
-        from vlmtools.search import search
+        from vlmtools.search import read_query_lines, search
 
-        hits = search(store, texts=text or (), images=image or (), query_store=query_store, k=k, model=model,
-                      pretrained=pretrained, device=device, exact=exact)
+        texts = list(text or ())
+        if "-" in texts:
+            if text_file == "-":
+                raise BadInput("--text - and --text-file - both read stdin; give one")
+            texts = [t for t in texts if t != "-"] + read_query_lines("-", "--text")
+        if text_file is not None:
+            texts += read_query_lines(text_file)
+        hits = search(store, texts=texts, images=image or (), query_store=query_store, k=k, model=model,
+                      pretrained=pretrained, device=device, exact=exact, ids=ids or (), where=where)
         if files:
             if any("path" not in h for h in hits):
                 raise BadInput(f"{store}: its rows have no paths (a text store?); drop --files")
             typer.echo("".join(h["path"] + "\n" for h in hits), nl=False)
             return
         typer.echo("".join(dumps_line(h) for h in hits), nl=False)
+
+    @app.command("serve")
+    @handle_errors
+    def serve_cmd(
+        store: str = store_argument("Store directory to serve."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (localhost by default: "
+                                 "there is no authentication)."),
+        port: int = typer.Option(1234, "--port", min=0, max=65535, help="TCP port (0: any free one; the "
+                                 "address is printed on stderr)."),
+        max_k: int = typer.Option(1000, "--max-k", min=1, help="Largest k a request may ask for."),
+        exact: bool = typer.Option(False, "--exact", help="Ignore the index; score every row."),
+        model: Optional[str] = ModelOpt,
+        pretrained: Optional[str] = PretrainedOpt,
+        device: str = DeviceOpt,
+    ) -> None:
+        """Serve a store over HTTP: POST /search {"text"|"id"|"image_base64"|"embedding", "k", "where"} ->
+        {"results": [hits]}; GET / -> the store's summary. The model loads once, at the first text or
+        image query."""
+        from vlmtools.serve import serve
+
+        serve(store, host=host, port=port, max_k=max_k, model=model, pretrained=pretrained, device=device,
+              exact=exact)
