@@ -112,7 +112,8 @@ def register(app: typer.Typer) -> None:
     @group.command("import")
     @handle_errors
     def import_cmd(
-        file: str = typer.Argument(..., help="JSON object {class: \\[descriptors]} (CBD, WaffleCLIP, CuPL), or '-'."),
+        file: str = typer.Argument(..., help="JSON object {class: \\[descriptors]} (CBD, WaffleCLIP, CuPL) or "
+                                   "`descriptors export --format vlmtools` output, or '-'."),
         output: str = typer.Option("-", "--output", "-o", help="Descriptor JSONL ('-' is stdout)."),
         fmt: Literal["cbd", "cupl"] = typer.Option("cbd", "--format", help="cbd (descriptors) or cupl (full sentences); "
                                 "stored as \"style\"."),
@@ -131,22 +132,21 @@ def register(app: typer.Typer) -> None:
     def export_cmd(
         file: str = typer.Argument(..., help="Descriptor JSONL (or a JSON dict)."),
         output: str = typer.Option("-", "--output", "-o", help="JSON file ('-' is stdout)."),
-        fmt: Literal["cbd"] = typer.Option("cbd", "--format", help="cbd: {class: \\[descriptors]}, as CBD, "
-                                "WaffleCLIP and CuPL read it."),
+        fmt: Literal["cbd", "vlmtools"] = typer.Option("cbd", "--format", help="cbd: {class: \\[descriptors]}, as "
+                                                       "CBD, WaffleCLIP and CuPL read it (no kinds or style); "
+                                                       "vlmtools: every field, for `descriptors import`."),
         kind: Literal["all", "object", "background"] = typer.Option("all", "--kind", help="all, object (drop background descriptors) or background."),
     ) -> None:
-        """Write descriptor JSONL as the CBD JSON dict, in file order."""
+        """Write descriptor JSONL as one JSON object, in file order: the CBD dict, or (--format vlmtools)
+        everything, which `descriptors import` reads back unchanged."""
         import json
 
-        from vlmtools.describe.interchange import EXPORT_FORMATS, export_dict, read_any_descriptors
-        from vlmtools.errors import BadInput
+        from vlmtools.describe.interchange import export_object, read_any_descriptors
         from vlmtools.formats import open_output
 
-        if fmt not in EXPORT_FORMATS:
-            raise BadInput(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
-        obj = export_dict(read_any_descriptors(file), kind)
-        with open_output(output) as fh:
-            fh.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        obj = export_object(read_any_descriptors(file), fmt, kind)
+        with open_output(output) as fh:  # one line: stdout never gets indented JSON
+            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
     @group.command("stats")
     @handle_errors
@@ -154,7 +154,8 @@ def register(app: typer.Typer) -> None:
         file: str = typer.Argument(..., help="Descriptor JSONL (or a JSON dict)."),
         json_: bool = typer.Option(False, "--json", help="NDJSON: one line per class, then {\"total\": {...}}."),
     ) -> None:
-        """Descriptors per class, duplicates, background share, lengths, descriptors shared across classes."""
+        """Descriptors per class, duplicates, background share, lengths, descriptors shared across classes:
+        TSV rows (a header, then one row per class) on stdout, the totals on stderr."""
         from vlmtools.describe.interchange import descriptor_stats, read_any_descriptors
         from vlmtools.formats import dumps_line
 
@@ -168,10 +169,12 @@ def register(app: typer.Typer) -> None:
         for r in rows:
             typer.echo(f"{r['class']}\t{r['descriptors']}\t{r['duplicates']}\t{r['background']}\t"
                        f"{r['mean_chars']}\t{r['mean_words']}")
-        typer.echo(f"(all {total['classes']} classes)\t{total['descriptors']}\t{total['duplicates']}\t"
-                   f"{total['background']}\t{total['mean_chars']}\t{total['mean_words']}")
-        typer.echo(f"# per class: min {total['min_per_class']}, mean {total['mean_per_class']}, "
-                   f"max {total['max_per_class']}; empty classes: {total['empty_classes']}; "
-                   f"descriptors shared by several classes: {total['shared_across_classes']}")
+        from vlmtools.console import info
+
+        info(f"{total['classes']} classes, {total['descriptors']} descriptors ({total['duplicates']} duplicates, "
+             f"{total['background']} background, {total['mean_chars']} characters and {total['mean_words']} "
+             f"words on average); per class: min {total['min_per_class']}, mean {total['mean_per_class']}, "
+             f"max {total['max_per_class']}; empty classes: {total['empty_classes']}; descriptors shared by "
+             f"several classes: {total['shared_across_classes']}")
 
     app.add_typer(group, name="descriptors")
