@@ -35,7 +35,8 @@ class Step:
 METHODS = [
     ("clip (class name)", "clip.jsonl", ["--method", "clip", "--classes", "world/classes.txt", "--templates", "photo"]),
     ("cbd (oracle descriptors)", "cbd.jsonl",
-     ["--method", "cbd", "--descriptors", "world/descriptors.jsonl", "--text-store", "store/descriptors"]),
+     ["--method", "cbd", "--descriptors", "world/descriptors.jsonl", "--text-store", "store/descriptors",
+      "--explain-true"]),  # the wrong answers are explained beside the true class's descriptors
     ("cbd, object descriptors only", "cbd-object.jsonl",
      ["--method", "cbd", "--descriptors", "world/descriptors.jsonl", "--text-store", "store/descriptors",
       "--background", "exclude"]),

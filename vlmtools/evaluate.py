@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -255,8 +256,16 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=fig.dpi, bbox_inches="tight")
 
 
+KEY_ABOVE = 60  # classes beyond which the confusion plot numbers its axes and adds a class key
+
+
 def plot_confusion(path, classes: Sequence[str], matrix) -> None:
-    """Row-normalized confusion matrix (each row: where the images of one true class went)."""
+    _save(confusion_figure(classes, matrix), Path(path))
+
+
+def confusion_figure(classes: Sequence[str], matrix):
+    """Row-normalized confusion matrix (each row: where the images of one true class went); above
+    KEY_ABOVE classes the axes are numbered and a class key stands beside the matrix."""
     import numpy as np
     from matplotlib.figure import Figure  # Figure alone renders with Agg: no pyplot, no display needed
 
@@ -269,12 +278,26 @@ def plot_confusion(path, classes: Sequence[str], matrix) -> None:
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    if n <= 60:  # beyond that the names are unreadable; the CSV has them
+    if n <= KEY_ABOVE:
         # parse_math=False: a "$" in a class name is text, not matplotlib mathtext
         ax.set_xticks(range(n), labels=classes, rotation=90, fontsize=7, parse_math=False)
         ax.set_yticks(range(n), labels=classes, fontsize=7, parse_math=False)
+    else:  # names would be unreadable on the axes: numbers there, and a class key beside the matrix
+        step = max(1, n // 40)
+        ticks = list(range(0, n, step))
+        ax.set_xticks(ticks, labels=[str(i) for i in ticks], rotation=90, fontsize=6)
+        ax.set_yticks(ticks, labels=[str(i) for i in ticks], fontsize=6)
+        per_column = int(side * 72 / 11)  # lines of 8 pt text that fit the figure's height
+        columns = [classes[i:i + per_column] for i in range(0, n, per_column)]
+        for c, names in enumerate(columns):
+            fig.text(0.98 + c * 3.2 / (side + 1), 0.95, "\n".join(
+                f"{c * per_column + i:>4}  {textwrap.shorten(name, 40, placeholder='…')}"
+                for i, name in enumerate(names)), va="top", ha="left", fontsize=8, family="monospace",
+                transform=fig.transFigure, parse_math=False)
+        ax.set_xlabel("predicted class (number: see the key)")
+        ax.set_ylabel("true class (number: see the key)")
     ax.set_title("confusion matrix (rows normalized)")
-    _save(fig, Path(path))
+    return fig
 
 
 def plot_per_class(path, per_class: Sequence[dict]) -> None:
