@@ -75,7 +75,7 @@ app = typer.Typer(
 
 # Each module defines register(app). Modules that are not written yet are skipped, so the app grows
 # as command groups land.
-COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "train", "synth", "demo"]
+COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "train", "synth", "demo", "report"]
 
 
 def _register_all() -> None:
