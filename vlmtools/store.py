@@ -258,8 +258,10 @@ def open_store(path: str | Path, spec=None, kind: str | None = None) -> StoreRea
     or if ``kind`` ("image"/"text") differs."""
     reader = StoreReader(path)
     if kind is not None and reader.kind != kind:
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise BadInput(f"{path}: is a {reader.kind} store, expected {article} {kind} store")
+        def a(word: str) -> str:
+            return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+        raise BadInput(f"{path}: is {a(reader.kind)} store, expected {a(kind)} store")
     reader.check_model(spec)
     return reader
 
