@@ -341,7 +341,7 @@ def available_models() -> list[dict[str, Any]]:
 
 
 def _is_cached(name: str, tag: str | None) -> bool:
-    """Whether the Hugging Face cache holds files for this spec (an hf-hub: repo, or a tag's hub repo)."""
+    """Whether the Hugging Face cache holds the weights of this spec (an hf-hub: repo, or a tag's hub repo)."""
     if name.startswith("hf-hub:"):
         hub_id = name[len("hf-hub:"):].split("@")[0]
     elif spec_is_schema(name) or not tag:
@@ -352,8 +352,11 @@ def _is_cached(name: str, tag: str | None) -> bool:
         hub_id = open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "").rstrip("/")
     if hub_id.count("/") != 1:
         return False
-    repo_dir = Path(_hf_cache_dir()) / ("models--" + hub_id.replace("/", "--"))
-    return repo_dir.is_dir() and any(repo_dir.glob("snapshots/*/*"))
+    from huggingface_hub import try_to_load_from_cache
+
+    # the weight files open_clip fetches from a hub repo; a snapshot with only a config is not enough
+    return any(isinstance(try_to_load_from_cache(hub_id, name, cache_dir=_hf_cache_dir()), str)
+               for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
 
 
 def spec_is_schema(name: str) -> bool:
