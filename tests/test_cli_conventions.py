@@ -144,3 +144,15 @@ def test_completion(monkeypatch):
         "_VLMTOOLS_COMPLETE": "complete_bash", "COMP_WORDS": "vlmtools describe C --style s", "COMP_CWORD": "4"})
     assert result.output.split() == ["structured", "sentences"]
     assert complete_stores("/nonexistent/x") == []
+
+
+def test_internal_error_is_exit_3_with_a_hint(monkeypatch, tmp_path):
+    import vlmtools.evaluate
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(vlmtools.evaluate, "evaluate_file", broken)
+    result = runner.invoke(app, ["eval", str(tmp_path / "p.jsonl")])
+    assert result.exit_code == 3 and "internal error: ZeroDivisionError: a bug" in result.output
+    assert "-v" in result.output and "Traceback" not in result.output

@@ -27,8 +27,8 @@ def hit_at(rec: dict, k: int) -> bool:
     return any(t["class"] == rec["label"] for t in rec["topk"][:k])
 
 
-EVAL_FORMAT = "vlmtools.eval/1"
-COMPARE_FORMAT = "vlmtools.compare/1"
+EVAL_FORMAT = formats.EVAL_FORMAT
+COMPARE_FORMAT = formats.COMPARE_FORMAT
 DIGITS = 4  # fractions in the output: 0.01 % steps, finer than any test set this tool meets resolves
 
 

@@ -33,6 +33,9 @@ DESCRIPTORS_FORMAT = "vlmtools.descriptors/1"
 MANIFEST_FORMAT = "vlmtools.manifest/1"
 WORLD_FORMAT = "vlmtools.synth/1"
 HEAD_FORMAT = "vlmtools.head/1"
+EVAL_FORMAT = "vlmtools.eval/1"  # eval NDJSON rows (the first, "kind": "summary", carries it)
+COMPARE_FORMAT = "vlmtools.compare/1"  # eval compare's summary row
+SERVE_FORMAT = "vlmtools.serve/1"  # GET / of vlmtools serve
 
 MANIFEST_KEYS = ("id", "path", "label", "split", "mask", "domain")
 DESCRIPTOR_KINDS = ("object", "background")

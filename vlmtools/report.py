@@ -52,9 +52,9 @@ def scan(run_dir: Path) -> dict:
             head = _first_line(path)
             if not isinstance(head, dict):
                 continue
-            if head.get("format") == "vlmtools.eval/1":
+            if head.get("format") == formats.EVAL_FORMAT:
                 found["eval"].append(path)
-            elif head.get("format") == "vlmtools.compare/1":
+            elif head.get("format") == formats.COMPARE_FORMAT:
                 found["compare"].append(path)
             elif {"id", "pred", "topk"} <= set(head):
                 found["predictions"].append(path)

@@ -25,8 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from vlmtools.errors import BadInput
+from vlmtools.formats import SERVE_FORMAT
 
-SERVE_FORMAT = "vlmtools.serve/1"
 MAX_BODY = 8 << 20  # bytes per request
 MAX_QUERIES = 64  # queries per request
 TIMEOUT = 30.0  # seconds a client may take to send its request
