@@ -231,6 +231,9 @@ def load_model(spec: ModelSpec, device: str = "auto") -> Encoder:
     import open_clip
 
     device = resolve_device(device)
+    from vlmtools.console import debug
+
+    debug(f"model {spec.name}: pretrained {spec.pretrained or 'from its schema'}, device {device}")
     schema = spec.name.split(":", 1)[0] + ":" if spec.name.startswith(("hf-hub:", "local-dir:")) else None
     if schema is None and spec.name not in open_clip.list_models():
         raise BadInput(f"unknown model {spec.name!r}; `vlmtools models` lists the available ones")

@@ -68,9 +68,10 @@ def register(app: typer.Typer) -> None:
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,
     ) -> None:
-        """Serve a store over HTTP: POST /search {"text"|"id"|"image_base64"|"embedding", "k", "where"} ->
-        {"results": [hits]}; GET / -> the store's summary. The model loads once, at the first text or
-        image query."""
+        """Serve a store as a small HTTP JSON API on localhost; the store, its index and its model load once.
+
+        POST /search with {"text"|"id"|"image_base64"|"embedding", "k", "where"} answers the hits that
+        `vlmtools search` prints; GET / the store's summary. ^C stops it. See `man vlmtools-search`."""
         from vlmtools.serve import serve
 
         serve(store, host=host, port=port, max_k=max_k, model=model, pretrained=pretrained, device=device,
