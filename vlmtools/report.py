@@ -108,30 +108,34 @@ def _results(run_dir: Path, found: dict) -> tuple[list[dict], dict[str, list[dic
 
 
 def _gallery(run_dir: Path, found: dict, limit: int) -> list[tuple[str, str]]:
-    """(caption, PNG data URL) of up to ``limit`` explained wrong answers, from the predictions files."""
+    """(caption, PNG data URL) of up to ``limit`` explained wrong answers, taken in turn from the
+    predictions files (those that also explain the true class first)."""
+    from itertools import chain, zip_longest
+
     from vlmtools.explain.textual import figure
 
-    out = []
+    per_file = []
     for path in found["predictions"]:
-        if len(out) >= limit:
-            break
         try:
             records = formats.read_predictions(path)
         except BadInput:
             continue
         wrong = [r for r in records if "explanation" in r and r.get("label") is not None
                  and str(r["label"]) != r["pred"]]
-        for rec in wrong[: limit - len(out)]:
-            if rec.get("path") and not Path(rec["path"]).is_absolute():
-                # manifests written by synth make hold paths relative to where the run was made
-                candidate = run_dir / rec["path"]
-                if candidate.exists():
-                    rec = dict(rec, path=str(candidate))
-            buf = io.BytesIO()
-            figure(rec).savefig(buf, format="png", bbox_inches="tight")
-            caption = (f"{path.relative_to(run_dir)}: {rec['id']} — predicted {rec['pred']}, "
-                       f"true {rec['label']}")
-            out.append((caption, _png_data(buf.getvalue())))
+        if wrong:
+            per_file.append((not any("explanation_true" in r for r in wrong), path, wrong))
+    per_file.sort(key=lambda item: item[0])  # stable: files with the true class's explanation first
+    turns = chain.from_iterable(zip_longest(*[[(path, r) for r in wrong] for _, path, wrong in per_file]))
+    out = []
+    for path, rec in (t for t in turns if t is not None):
+        if len(out) >= limit:
+            break
+        if rec.get("path") and not Path(rec["path"]).is_absolute() and (run_dir / rec["path"]).exists():
+            rec = dict(rec, path=str(run_dir / rec["path"]))  # synth make's manifests hold relative paths
+        buf = io.BytesIO()
+        figure(rec).savefig(buf, format="png", bbox_inches="tight")
+        caption = f"{path.relative_to(run_dir)}: {rec['id']} — predicted {rec['pred']}, true {rec['label']}"
+        out.append((caption, _png_data(buf.getvalue())))
     return out
 
 
