@@ -31,10 +31,11 @@ def is_verbose() -> bool:
     return _verbose
 
 
-def info(message: str) -> None:
-    """A progress/summary line; may use rich markup, so callers escape() any user text in it."""
+def info(message, *, markup: bool = False) -> None:
+    """A progress/summary line (or a rich renderable such as a Table). Text is printed as is: user-supplied
+    strings (paths with ``[``, class names) never reach rich's markup parser unless ``markup=True``."""
     if not _quiet:
-        console.print(message, soft_wrap=True)
+        console.print(message, soft_wrap=True, markup=markup)
 
 
 def debug(message: str) -> None:
@@ -53,7 +54,7 @@ def error(message: str) -> None:
 
 def loading(what: str) -> None:
     """Say what is about to load before a slow load (a model, an index), so a silent pause has a reason."""
-    info(f"loading {escape(what)} ...")
+    info(f"loading {what} ...")
 
 
 def stderr_is_terminal() -> bool:
@@ -143,13 +144,13 @@ class _RichTask(_Task):
     def __init__(self, bar, description, total, unit):
         super().__init__(description, total, unit)
         self._bar = bar
-        self._id = bar.add_task(description, total=total, rate="")
+        self._id = bar.add_task(escape(description), total=total, rate="")
 
     def update(self, description: str | None = None, **fields) -> None:
         super().update(description)
         rate = self.rate()
         errors = f", {self.errors:,} errors" if self.errors else ""
-        self._bar.update(self._id, completed=self.completed, description=self.description,
+        self._bar.update(self._id, completed=self.completed, description=escape(self.description),
                          rate=(f"{rate:,.1f} {self.unit}/s" if rate else "") + errors)
 
 

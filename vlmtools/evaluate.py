@@ -14,7 +14,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from rich.markup import escape
 
 from vlmtools import formats
 from vlmtools.console import info
@@ -349,7 +348,7 @@ def evaluate_file(path, *, by: Sequence[str] = (), output="-", csv_out=None, plo
         write_per_class_csv(csv_out, result)
     if plot_dir is not None:
         for p in write_plots(plot_dir, records, result):
-            info(f"wrote {escape(str(p))}")
+            info(f"wrote {p}")
     formats.write_jsonl(output, rows)
     return rows
 

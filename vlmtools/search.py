@@ -123,13 +123,13 @@ class Searcher:
     several queries, and `vlmtools serve`)."""
 
     def __init__(self, store, model: str | None = None, pretrained: str | None = None, device: str = "auto",
-                 exact: bool = False):
+                 exact: bool = False, precision: str = "amp"):
         from vlmtools.index import load_index
         from vlmtools.store import open_store
 
         self.reader = open_store(store)
         self.spec = query_spec(self.reader, model, pretrained)
-        self.device = device
+        self.device, self.precision = device, precision
         self.exact = exact
         self._loaded = None if exact else load_index(self.reader)
         self._encoder = None
@@ -143,7 +143,7 @@ class Searcher:
         if self._encoder is None:
             from vlmtools.models import load_model
 
-            self._encoder = load_model(self.spec, self.device)
+            self._encoder = load_model(self.spec, self.device, self.precision)
         return self._encoder
 
     def row_of(self, row_id: str) -> int:
@@ -225,7 +225,8 @@ def hit_records(reader, scores, rows, names: Sequence[str]) -> list[dict]:
 
 def search(store: str | Path, texts: Sequence[str] = (), images: Sequence[str] = (),
            query_store: str | None = None, k: int = 10, model: str | None = None, pretrained: str | None = None,
-           device: str = "auto", exact: bool = False, ids: Sequence[str] = (), where: Sequence[str] = ()) -> list[dict]:
+           device: str = "auto", exact: bool = False, ids: Sequence[str] = (), where: Sequence[str] = (),
+           precision: str = "amp") -> list[dict]:
     """Search a store: encode the queries with its model (loaded once for all of them), find the k nearest
     rows for each (among the rows matching ``where``), return hits."""
     import numpy as np
@@ -237,7 +238,7 @@ def search(store: str | Path, texts: Sequence[str] = (), images: Sequence[str] =
     if not (texts or images or query_store or ids):
         raise BadInput("no query: give --text TEXT (or - for lines on stdin), --text-file FILE, --image PATH, "
                        "--id ID or --store QUERY_STORE")
-    searcher = Searcher(store, model, pretrained, device, exact=exact)
+    searcher = Searcher(store, model, pretrained, device, exact=exact, precision=precision)
     vectors, names = searcher.vectors(texts, images, ids)
     if query_store:
         more, more_names = store_queries(query_store, searcher.spec)

@@ -178,12 +178,12 @@ def make_server(service: Service, host: str = "127.0.0.1", port: int = 0) -> Thr
 
 
 def serve(store, *, host: str = "127.0.0.1", port: int = 1234, max_k: int = 1000, model: str | None = None,
-          pretrained: str | None = None, device: str = "auto", exact: bool = False) -> None:
+          pretrained: str | None = None, device: str = "auto", exact: bool = False, precision: str = "amp") -> None:
     """`vlmtools serve`: load the store, its index and its model once, then answer until ^C."""
     from vlmtools.console import info
     from vlmtools.search import Searcher
 
-    searcher = Searcher(store, model, pretrained, device, exact=exact)
+    searcher = Searcher(store, model, pretrained, device, exact=exact, precision=precision)
     searcher.encoder()  # load the model now: the first query is as fast as the others, errors show at once
     service = Service(searcher, max_k=max_k)
     try:

@@ -75,7 +75,8 @@ app = typer.Typer(
 
 # Each module defines register(app). Modules that are not written yet are skipped, so the app grows
 # as command groups land.
-COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "train", "synth", "demo", "report"]
+COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "train", "synth", "demo",
+                   "store", "report"]
 
 
 def _register_all() -> None:
@@ -114,4 +115,8 @@ _register_all()
 
 
 def main() -> None:
-    app(prog_name="vlmtools")
+    from vlmtools.cli.common import guard_std_streams, handle_errors
+
+    guard_std_streams()
+    # What escapes the commands' own handlers (option parsing, group callbacks) gets the same treatment.
+    handle_errors(lambda: app(prog_name="vlmtools"))()

@@ -7,7 +7,12 @@ from typing import List, Literal, Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, store_argument, store_option, subgroup
+from vlmtools.cli.common import (DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, choices, handle_errors,
+                                 plain, require_stdout, store_argument, store_option, subgroup)
+from vlmtools.prompts import EMPTY_RULES, WRAPS
+
+Empty = choices("Empty", EMPTY_RULES)
+Wrap = choices("Wrap", WRAPS)
 
 
 def register(app: typer.Typer) -> None:
@@ -20,18 +25,23 @@ def register(app: typer.Typer) -> None:
         classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Class list: one per line, a manifest "
                                               "(its labels) or descriptor JSONL (clip default: the store's "
                                               "labels; cbd default: the descriptors' classes)"),
-        templates: Optional[str] = typer.Option(None, "--templates", help="clip: bare | photo | openai80 | "
-                                                "FILE (one template per line, {} = class) (default: photo)"),
+        templates: Optional[str] = typer.Option(None, "--templates", help="clip: bare | photo | birds "
+                                                "(\"a photo of a {}, a type of bird.\") | openai80 | FILE (one "
+                                                "template per line, {} = class) (default: photo)"),
         descriptors: Optional[str] = typer.Option(None, "--descriptors", "-d", help="cbd: descriptor JSONL "
                                                   "(from `vlmtools describe`), or - for stdin"),
-        wrap: Optional[Literal["cbd", "none"]] = typer.Option(None, "--wrap", help="cbd: 'cbd' embeds \"{class}, which is/has "
-                                           "{descriptor}\", 'none' the descriptor as written (default: cbd)"),
+        wrap: Optional[Wrap] = typer.Option(None, "--wrap", callback=plain, help="cbd: 'cbd' embeds \"{class}, "
+                                            "which is/has {descriptor}\", 'waffle' \"A photo of a {class}, which "
+                                            "is/has {descriptor}.\" (WaffleCLIP's form), 'none' the descriptor as "
+                                            "written (default: cbd, or the text store's)"),
         aggregate: Literal["mean", "max", "sum"] = typer.Option("mean", "--aggregate", help="cbd: class score over its descriptors: "
                                       "mean | max | sum"),
         background: Literal["include", "exclude", "only"] = typer.Option("include", "--background", help="cbd: descriptors of kind background: "
                                        "include | exclude | only"),
         allow_empty: bool = typer.Option(False, "--allow-empty", help="cbd: score classes with no descriptors "
-                                         "by their name instead of refusing them"),
+                                         "(missing, empty list) by their name instead of refusing them"),
+        empty: Empty = typer.Option("menon", "--empty", callback=plain, help="cbd: how a class with no descriptors is scored: "
+                                  "menon (\"{class}, which has \", as Menon & Vondrick) | name (the bare name)"),
         text_store: Optional[Path] = store_option("--text-store", help="Text store from `vlmtools embed "
                                                   "text` to take text embeddings from (others are encoded)"),
         k: int = typer.Option(5, "-k", "--top-k", help="Classes listed per image in \"topk\"."),
@@ -50,6 +60,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,
+        precision: Precision = PrecisionOpt,
     ) -> None:
         """Classify stored image embeddings zero-shot: CLIP prompts or descriptors (CBD); NDJSON per image.
 
@@ -73,12 +84,13 @@ def register(app: typer.Typer) -> None:
             classify_with_head(image_store, head, output, k=k, where=where, device=device)
             return
 
+        require_stdout(output)
         # the model is the image store's; --model/--pretrained may name it, and must match it
         classify_store(image_store, output, model=model, pretrained=pretrained, method=method, classes=classes,
                        templates=templates, descriptors=descriptors, wrap=wrap, aggregate=aggregate,
-                       background=background, allow_empty=allow_empty, text_store=text_store, k=k,
+                       background=background, allow_empty=allow_empty, empty=empty, text_store=text_store, k=k,
                        explain=explain, explain_true=explain_true, where=where, device=device,
-                       use_cache=not no_cache)
+                       use_cache=not no_cache, precision=precision)
 
     eval_app = subgroup(app, "eval", "Evaluate predictions: `vlmtools eval PRED.jsonl` (accuracy tables), "
                         "`vlmtools eval compare A.jsonl B.jsonl` (paired, with McNemar's test). Options of the first "
@@ -143,7 +155,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Per-descriptor scores of the predicted (and, with classify --explain-true, the true) class."""
         from rich.console import Console
-        from rich.markup import escape
 
         from vlmtools import formats
         from vlmtools.console import info
@@ -165,4 +176,4 @@ def register(app: typer.Typer) -> None:
             out.print()
         if plots is not None:
             paths = save_figures(chosen, plots, max_descriptors=top)
-            info(f"wrote {len(paths)} figure(s) to {escape(str(plots))}")
+            info(f"wrote {len(paths)} figure(s) to {plots}")

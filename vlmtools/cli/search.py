@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, store_argument, store_option
+from vlmtools.cli.common import (DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, handle_errors,
+                                 require_stdout, store_argument, store_option)
 
 
 def register(app: typer.Typer) -> None:
@@ -32,12 +33,14 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,
+        precision: Precision = PrecisionOpt,
     ) -> None:
         """Search a store; rows {rank, score, id, path|text, label, ...} (+ query when there are several)."""
         from vlmtools.errors import BadInput
         from vlmtools.formats import dumps_line
         from vlmtools.search import read_query_lines, search
 
+        require_stdout()
         texts = list(text or ())
         if "-" in texts:
             if text_file == "-":
@@ -46,7 +49,8 @@ def register(app: typer.Typer) -> None:
         if text_file is not None:
             texts += read_query_lines(text_file)
         hits = search(store, texts=texts, images=image or (), query_store=query_store, k=k, model=model,
-                      pretrained=pretrained, device=device, exact=exact, ids=ids or (), where=where)
+                      pretrained=pretrained, device=device, exact=exact, ids=ids or (), where=where,
+                      precision=precision)
         if files:
             if any("path" not in h for h in hits):
                 raise BadInput(f"{store}: its rows have no paths (a text store?); drop --files")
@@ -67,6 +71,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,
+        precision: Precision = PrecisionOpt,
     ) -> None:
         """Serve a store as a small HTTP JSON API on localhost; the store, its index and its model load once.
 
@@ -75,4 +80,4 @@ def register(app: typer.Typer) -> None:
         from vlmtools.serve import serve
 
         serve(store, host=host, port=port, max_k=max_k, model=model, pretrained=pretrained, device=device,
-              exact=exact)
+              exact=exact, precision=precision)

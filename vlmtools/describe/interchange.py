@@ -15,8 +15,8 @@ from statistics import mean
 
 from vlmtools.console import warn
 from vlmtools.errors import BadInput
-from vlmtools.formats import (DESCRIPTORS_FORMAT, DescriptorLines, descriptor_kinds, descriptor_record,
-                              read_descriptors, read_text, source_name)
+from vlmtools.formats import (DESCRIPTORS_FORMAT, DescriptorLines, JsonProblem, descriptor_kinds, descriptor_record,
+                              parse_json, read_descriptors, read_text, source_name)
 
 IMPORT_FORMATS = ("cbd", "cupl")
 EXPORT_FORMATS = ("cbd", "vlmtools")
@@ -56,9 +56,11 @@ def read_any_descriptors(path: str | Path, style: str | None = None) -> list[dic
     where = source_name(path)
     text = read_text(path)
     try:
-        obj = json.loads(text)
+        obj = parse_json(text)
     except json.JSONDecodeError:
-        obj = None
+        obj = None  # maybe JSONL
+    except JsonProblem as exc:
+        raise BadInput(f"{where}: {exc}") from None
     if _is_export(obj):
         return records_from_export(obj, where)
     if obj is not None and not _looks_like_record(obj):
@@ -72,11 +74,12 @@ def import_descriptors(path: str | Path, fmt: str = "cbd") -> list[dict]:
     if fmt not in IMPORT_FORMATS:
         raise BadInput(f"--format {fmt!r}: expected one of {', '.join(IMPORT_FORMATS)}")
     where = source_name(path)
-    text = read_text(path)
     try:
-        obj = json.loads(text)
+        obj = parse_json(read_text(path))
     except json.JSONDecodeError as exc:
         raise BadInput(f"{where}: not a JSON object ({exc.msg} at line {exc.lineno})") from None
+    except JsonProblem as exc:
+        raise BadInput(f"{where}: {exc}") from None
     if _is_export(obj):  # our own lossless export: kinds, style and every other field come back as written
         return records_from_export(obj, where)
     return records_from_dict(obj, where, style=fmt)
