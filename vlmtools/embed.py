@@ -241,7 +241,7 @@ def _embed_images(records, out, encoder, *, batch_size, workers, shard_size, dty
             errs.extend({"id": records[i]["id"], "path": records[i]["path"], "reason": reason} for i, reason in failed)
             embedded += len(indices)
             skipped += len(failed)
-            bar.advance(len(indices) + len(failed))
+            bar.advance(len(indices) + len(failed), errors=len(failed))
             shard_end = min((shard + 1) * shard_size, len(records))
             last = max(indices + [i for i, _ in failed])
             if last == shard_end - 1:  # batches arrive in order: the shard is complete

@@ -19,6 +19,7 @@ INFO = "info.json"
 ERRORS = "errors.jsonl"
 _SHARD_RE = re.compile(r"^emb-(.+)\.npy$")
 DTYPES = ("float16", "float32")
+KINDS = ("image", "text", "features")  # features: a frozen tower's feature maps per image (train ala's cache)
 
 
 def check_layout(dtype: str, shard_size: int) -> None:
@@ -238,8 +239,8 @@ def check_info(info, where: str) -> dict:
     if not isinstance(info, dict):
         raise StoreProblem(f"{where}: expected a JSON object, found a {type(info).__name__}")
     formats.check_format(info, formats.STORE_FORMAT, where)
-    if info.get("kind") not in ("image", "text"):
-        raise StoreProblem(f"{where}: \"kind\" must be \"image\" or \"text\", not {info.get('kind')!r}")
+    if info.get("kind") not in KINDS:
+        raise StoreProblem(f"{where}: \"kind\" must be one of {', '.join(KINDS)}, not {info.get('kind')!r}")
     model = info.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("name"), str):
         raise StoreProblem(f"{where}: \"model\" must be an object with a \"name\" (the model that wrote the store)")
@@ -447,8 +448,10 @@ def open_store(path: str | Path, spec=None, kind: str | None = None) -> StoreRea
     or if ``kind`` ("image"/"text") differs."""
     reader = StoreReader(path)
     if kind is not None and reader.kind != kind:
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise BadInput(f"{path}: is a {reader.kind} store, expected {article} {kind} store")
+        def a(word: str) -> str:
+            return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+        raise BadInput(f"{path}: is {a(reader.kind)} store, expected {a(kind)} store")
     reader.check_model(spec)
     return reader
 
@@ -524,7 +527,7 @@ def export_parquet(path: str | Path, out: str | Path) -> list[Path]:
     if out.exists() and any(out.glob("meta-*.parquet")):
         raise BadInput(f"{out}: already holds Parquet metadata; use an empty directory")
     written = []
-    alias = {"image": ("image_path", "path"), "text": ("caption", "text")}[reader.kind]
+    alias = {"image": ("image_path", "path"), "text": ("caption", "text")}.get(reader.kind, ("image_path", "path"))
     for stem, _, _ in reader._shards:
         meta = [rec for _, rec in formats.iter_jsonl(reader.path / formats.meta_name(stem), strict=False)]
         columns: dict[str, list] = {}
@@ -549,3 +552,22 @@ def export_parquet(path: str | Path, out: str | Path) -> list[Path]:
 def _scalar_column(values: list) -> bool:
     kinds = {type(v) for v in values if v is not None}
     return len(kinds) <= 1 or kinds <= {int, float}
+
+
+# ----------------------------------------------------------------------------- row selection
+
+def parse_where(where: Sequence[str]) -> list[tuple[str, str]]:
+    """``--where KEY=VALUE`` options as (key, value) pairs."""
+    out = []
+    for w in where:
+        key, sep, value = w.partition("=")
+        if not sep or not key:
+            raise BadInput(f"--where {w!r}: expected KEY=VALUE (e.g. split=test)")
+        out.append((key, value))
+    return out
+
+
+def select_rows(meta: list[dict], where: Sequence[tuple[str, str]]) -> list[int]:
+    """Rows whose metadata has every KEY=VALUE (values compared as text)."""
+    return [i for i, rec in enumerate(meta)
+            if all(str(rec.get(k)) == v for k, v in where)]

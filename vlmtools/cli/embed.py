@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -43,7 +43,7 @@ def images_cmd(
     workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", "-j", min=0,
                                 help="DataLoader worker processes that decode images."),
     shard_size: int = ShardOpt,
-    dtype: str = DtypeOpt,
+    dtype: Literal["float16", "float32"] = DtypeOpt,
     rank: Optional[int] = RankOpt,
     world_size: Optional[int] = WorldOpt,
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Try the inputs that failed before again "
@@ -79,12 +79,14 @@ def text_cmd(
     pretrained: Optional[str] = PretrainedOpt,
     device: str = DeviceOpt,
     precision: Precision = PrecisionOpt,
-    wrap: str = typer.Option("cbd", "--wrap", help="For descriptors: 'cbd' embeds \"{class}, which has "
-                             "{descriptor}\" (the CBD paper's rule); 'waffle' \"A photo of a {class}, which has "
-                             "{descriptor}.\" (WaffleCLIP's); 'none' embeds the descriptor as written."),
+    wrap: Literal["cbd", "waffle", "none"] = typer.Option("cbd", "--wrap", help="For descriptors: 'cbd' embeds "
+                                                          "\"{class}, which has {descriptor}\" (the CBD paper's "
+                                                          "rule); 'waffle' \"A photo of a {class}, which has "
+                                                          "{descriptor}.\" (WaffleCLIP's); 'none' embeds the "
+                                                          "descriptor as written."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
     shard_size: int = ShardOpt,
-    dtype: str = DtypeOpt,
+    dtype: Literal["float16", "float32"] = DtypeOpt,
     rank: Optional[int] = RankOpt,
     world_size: Optional[int] = WorldOpt,
     force: bool = ForceOpt,
