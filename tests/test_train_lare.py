@@ -70,12 +70,13 @@ def test_lare_end_to_end_and_boxes(stores, tmp_path):
     assert res.exit_code == 0, res.output
     assert set(lines(res.stdout)[0]["cells"]) == {"painting", "photo"}
     # every box is well-formed: sides > 0, min <= mean <= max
-    res = invoke("explain", "box", tmp_path / "lare", stores / "images", "--per", "image", "--json")
+    res = invoke("explain", "box", tmp_path / "lare", stores / "images", "--per", "image")
     assert res.exit_code == 0, res.output
     rows = lines(res.stdout)
     assert len(rows) == 72 and all(0 < r["min_side"] <= r["mean_side"] <= r["max_side"] for r in rows)
-    res = invoke("explain", "box", tmp_path / "lare", stores / "images")
-    assert res.exit_code == 0 and "alpha" in res.stdout
+    res = invoke("explain", "box", tmp_path / "lare", stores / "images", "-o", tmp_path / "boxes.jsonl")
+    assert res.exit_code == 0 and "alpha" in res.stderr  # the table
+    assert [r["class"] for r in lines((tmp_path / "boxes.jsonl").read_text())] == CLASSES
 
 
 def test_same_seed_same_head(stores, tmp_path):

@@ -27,15 +27,15 @@ def register(app: typer.Typer) -> None:
         where: List[str] = typer.Option([], "--where", help="Only images whose manifest KEY=VALUE "
                                         "(repeatable, e.g. --where split=test)."),
         per: Per = typer.Option(Per.cls, "--per", help="One row per class (means) or per image."),
-        json_lines: bool = typer.Option(False, "--json", help="NDJSON rows on stdout instead of the table."),
-        output: str = typer.Option("-", "--output", "-o", help="Write the rows as JSONL here (default: stdout)."),
+        output: str = typer.Option("-", "--output", "-o", help="NDJSON rows ('-' is stdout)."),
         device: str = DeviceOpt,
     ) -> None:
         """Box volume and side lengths of each image's LARE box, per class or per image.
 
         log volume = the sum of the log side lengths of [X-, X+] (f_Box of the head); mean, min and
-        max side. Per class, each is the mean over the class's images."""
+        max side. Per class, each is the mean over the class's images. A table on stderr (per image: up to
+        50 rows), NDJSON rows on stdout or -o FILE."""
         from vlmtools.explain.boxes import explain_boxes
 
-        explain_boxes(head, image_store, where=where, per=per.value, json_lines=json_lines, output=output,
+        explain_boxes(head, image_store, where=where, per=per.value, output=output,
                       device=device)

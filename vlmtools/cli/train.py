@@ -216,8 +216,8 @@ class VolumeLoss(str, Enum):
     literal = "literal"
 
 
-TemplatesOpt = typer.Option(None, "--templates", "-t", help="Class prompts for the class text embeddings T: "
-                            "bare | photo | openai80 | FILE, as in classify (default: photo)")
+TemplatesOpt = typer.Option(None, "--templates", help="Class prompts for the class text embeddings T, as in "
+                            "classify --templates (default: photo)")
 ClassesOpt = typer.Option(None, "--classes", "-c", help="Class list to check the store against: every class "
                           "must have train rows and every train label must be listed (default: the labels).")
 TextStoreOpt = typer.Option(None, "--text-store", help="Text store (`vlmtools embed text`, same model) to take "

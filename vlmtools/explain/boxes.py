@@ -79,14 +79,13 @@ def table(rows: list[dict], per: str):
     return t
 
 
-def explain_boxes(head_path, image_store, *, where: Sequence[str] = (), per: str = "class", json_lines=False,
-                  output="-", device: str = "cpu") -> list[dict]:
-    """The command: NDJSON (--json, or any -o FILE) or a table on stdout."""
-    rows = box_rows(head_path, image_store, where=where, per=per, device=device)
-    if json_lines or str(output) != "-":
-        formats.write_jsonl(output, rows)
-    else:
-        from rich.console import Console
+def explain_boxes(head_path, image_store, *, where: Sequence[str] = (), per: str = "class", output="-",
+                  device: str = "cpu") -> list[dict]:
+    """The command: the table on stderr, the rows as NDJSON on stdout or -o FILE."""
+    from vlmtools.console import info
 
-        Console(highlight=False).print(table(rows, per))
+    rows = box_rows(head_path, image_store, where=where, per=per, device=device)
+    if per == "class" or len(rows) <= 50:
+        info(table(rows, per))
+    formats.write_jsonl(output, rows)
     return rows
