@@ -142,6 +142,8 @@ def main() -> None:
 
 def bench_lare_lads(img: str, tmp: str, classes: list[str], args, result: dict) -> dict:
     """`train lare` and `train lads` per seed (study 004), with their class prompts in a text store."""
+    import statistics
+
     import numpy as np
 
     from vlmtools.classify import clip_texts
