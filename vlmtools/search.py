@@ -46,9 +46,33 @@ def exact_search(reader, queries, k: int):
     return best_s, best_r
 
 
-def search_vectors(reader, queries, k: int, exact: bool = False):
+def rerank_exact(reader, queries, rows, k: int):
+    """Rescore candidate ``rows`` (Q, C) exactly against the memory-mapped store rows; keep the best k.
+    Only the candidates' vectors are read (a few pages per row), so this works on stores beyond memory."""
+    import numpy as np
+
+    shards = list(reader.emb_shards())
+    starts = np.cumsum([0] + [s.shape[0] for s in shards])
+    wanted = np.unique(rows[rows >= 0])
+    vectors = np.zeros((len(wanted), reader.dim), dtype=np.float32)
+    which = np.searchsorted(starts, wanted, side="right") - 1
+    for s in np.unique(which):
+        sel = which == s
+        vectors[sel] = shards[s][wanted[sel] - starts[s]]
+    pos = np.searchsorted(wanted, np.maximum(rows, 0))
+    scores = np.einsum("qd,qcd->qc", queries, vectors[pos])
+    scores[rows < 0] = -np.inf
+    best_s, best_r = _merge_topk(scores, rows, k)
+    best_r = np.where(np.isfinite(best_s), best_r, -1)
+    return best_s, best_r
+
+
+def search_vectors(reader, queries, k: int, exact: bool = False, nprobe: int | None = None,
+                   rerank: int | None = None):
     """Top-k store rows for each query vector: (scores, rows, method), method "exact" or the index key.
-    Rows missing from an approximate result (faiss pads with -1) are dropped by the caller."""
+    Rows missing from an approximate result (faiss pads with -1) are dropped by the caller. ``nprobe`` and
+    ``rerank`` override the index's saved search parameters: rerank R fetches R*k candidates from the index
+    and rescores them exactly from the store (what makes compressed (PQ) indexes accurate)."""
     import numpy as np
 
     from vlmtools.index import apply_params, load_index
@@ -65,9 +89,23 @@ def search_vectors(reader, queries, k: int, exact: bool = False):
     if loaded is None:
         return (*exact_search(reader, queries, k), "exact")
     index, record = loaded
-    apply_params(index, record.get("params", {}), k)
-    scores, rows = index.search(queries, k)
-    return scores, rows.astype(np.int64), record["index_key"]
+    params = dict(record.get("params", {}))
+    if nprobe is not None:
+        if "nprobe" not in params:
+            raise BadInput(f"--nprobe applies to IVF indexes; {reader.path} has {record['index_key']}")
+        params["nprobe"] = nprobe
+    if rerank is not None:
+        params["rerank"] = rerank
+    factor = int(params.pop("rerank", 0) or 0)
+    candidates = min(len(reader), k * factor) if factor > 1 else k
+    apply_params(index, params, candidates)
+    scores, rows = index.search(queries, candidates)
+    rows = rows.astype(np.int64)
+    method = record["index_key"]
+    if factor >= 1:
+        scores, rows = rerank_exact(reader, queries, rows, k)
+        method += f", reranked {candidates}"
+    return scores, rows, method
 
 
 # ----------------------------------------------------------------------------- queries
@@ -156,16 +194,20 @@ def hit_records(reader, scores, rows, names: Sequence[str]) -> list[dict]:
 
 def search(store: str | Path, texts: Sequence[str] = (), images: Sequence[str] = (),
            query_store: str | None = None, k: int = 10, model: str | None = None, pretrained: str | None = None,
-           device: str = "auto", exact: bool = False) -> list[dict]:
+           device: str = "auto", exact: bool = False, nprobe: int | None = None,
+           rerank: int | None = None) -> list[dict]:
     """Search a store: encode the queries with its model, find the k nearest rows for each, return hits."""
     from vlmtools.console import info
     from vlmtools.store import open_store
 
     if k < 1:
         raise BadInput(f"-k must be at least 1 (got {k})")
+    for name, value in (("--nprobe", nprobe), ("--rerank", rerank)):
+        if value is not None and value < (1 if name == "--nprobe" else 0):
+            raise BadInput(f"{name} must be at least {1 if name == '--nprobe' else 0} (got {value})")
     reader = open_store(store)
     vectors, names = encode_queries(reader, texts, images, query_store, model, pretrained, device)
-    scores, rows, method = search_vectors(reader, vectors, k, exact=exact)
+    scores, rows, method = search_vectors(reader, vectors, k, exact=exact, nprobe=nprobe, rerank=rerank)
     info(f"{len(names)} quer{'y' if len(names) == 1 else 'ies'}, top {min(k, len(reader))} of {len(reader)} rows "
          f"({method})")
     return hit_records(reader, scores, rows, names)

@@ -21,6 +21,11 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(10, "-k", "--top-k", help="Hits per query."),
         files: bool = typer.Option(False, "--files", "-f", help="Print hit paths only, one per line."),
         exact: bool = typer.Option(False, "--exact", help="Ignore the index; score every row."),
+        nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists searched per query (default: "
+                                             "the one saved by `vlmtools index`)."),
+        rerank: Optional[int] = typer.Option(None, "--rerank", help="Fetch N*k candidates from the index and "
+                                             "rescore them exactly from the store (0 = off; default: saved "
+                                             "by `vlmtools index`)."),
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,
@@ -31,7 +36,8 @@ def register(app: typer.Typer) -> None:
         from vlmtools.search import search
 
         hits = search(store, texts=text or (), images=image or (), query_store=query_store, k=k, model=model,
-                      pretrained=pretrained, device=device, exact=exact)
+                      pretrained=pretrained, device=device, exact=exact,
+                      nprobe=nprobe, rerank=rerank)
         if files:
             if any("path" not in h for h in hits):
                 raise BadInput(f"{store}: its rows have no paths (a text store?); drop -f/--files")
