@@ -240,3 +240,58 @@ def test_store_shards_read_as_autofaiss_reads_them(tmp_path, image_dir):
     store = open_store(out)
     assert rows == len(store) == 20
     np.testing.assert_array_equal(whole, store.embeddings)
+
+
+def _clustered(rng, n, dim, centers):
+    x = centers[rng.integers(0, len(centers), n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_ivfpq_index_nprobe_and_rerank_from_store(tmp_path):
+    from vlmtools.index import train_size
+    from vlmtools.search import exact_search, search_vectors
+    from vlmtools.store import write_arrays
+
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((200, 32)).astype(np.float32)
+    x = _clustered(rng, 12000, 32, centers)
+    store = tmp_path / "s"
+    write_arrays(store, x, [{"id": str(i)} for i in range(len(x))], kind="image", model={"name": "m"},
+                 dtype="float16", shard_size=5000)
+    result = runner.invoke(app, ["index", str(store), "--index-key", "IVF64,PQ8", "--max-memory", "64M"])
+    assert result.exit_code == 0, result.output
+    index_info = json.loads((store / "index.json").read_text())
+    assert index_info["train_size"] == 10000  # max(64 per list, 10k), within a quarter of 64M and "rerank" not in index_info["params"]
+    reader = open_store(store)
+    queries = _clustered(rng, 100, 32, centers)
+    _, truth = exact_search(reader, queries, 10)
+
+    def recall(rows):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), truth.tolist())])
+
+    _, plain, method = search_vectors(reader, queries, 10, nprobe=64)
+    _, reranked, method_r = search_vectors(reader, queries, 10, nprobe=64, rerank=8)
+    assert method == "IVF64,PQ8" and method_r == "IVF64,PQ8, reranked 80"
+    assert recall(reranked) >= 0.95 and recall(reranked) > recall(plain)
+    # --rerank saved by `index` (no rebuild), used by `search`, overridden there
+    result = runner.invoke(app, ["index", str(store), "--rerank", "8"])
+    assert result.exit_code == 0 and json.loads((store / "index.json").read_text())["params"]["rerank"] == 8
+    np.testing.assert_array_equal(search_vectors(open_store(store), queries, 10, nprobe=64)[1], reranked)
+    result = runner.invoke(app, ["search", str(store), "--store", str(store), "-k", "3", "--nprobe", "0"])
+    assert result.exit_code == 2 and "--nprobe" in result.output
+    # the training sample stays within a quarter of the memory budget (but >= 10k rows)
+    assert train_size("IVF65536_HNSW32,PQ64", 10**7, 512, "4G") == 2**30 // 2048
+    assert train_size("IVF1024,PQ64", 10**6, 512, "64G") == 64 * 1024
+
+
+def test_row_view_reads_rows_lazily(tmp_path):
+    from vlmtools.store import write_arrays
+
+    x = np.random.default_rng(0).standard_normal((23, 8)).astype(np.float32)
+    reader = write_arrays(tmp_path / "s", x, [{"id": str(i)} for i in range(23)], kind="image",
+                          model={"name": "m"}, shard_size=5)
+    view = reader.row_view()
+    np.testing.assert_array_equal(view[3:17], reader.embeddings[3:17])
+    rows = [22, 0, 7, 8]
+    np.testing.assert_array_equal(reader.row_view(rows)[1:4], reader.embeddings[rows[1:4]])
+    assert len(view) == 23 and view[30:40].shape == (0, 8)

@@ -574,9 +574,7 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
         clf, detail = _cbd_setup(meta, image_store, classes, descriptors, wrap, aggregate, background, allow_empty,
                                  spec, text_opts)
 
-    emb = images.embeddings
-    if rows is not None:
-        emb = emb[np.asarray(rows)]
+    emb = images.row_view(rows)  # read chunk by chunk from the memory-mapped shards: bounded memory
     t1 = time.perf_counter()
     correct = labelled = 0
     with formats.open_output(output) as fh:

@@ -51,14 +51,8 @@ def rerank_exact(reader, queries, rows, k: int):
     Only the candidates' vectors are read (a few pages per row), so this works on stores beyond memory."""
     import numpy as np
 
-    shards = list(reader.emb_shards())
-    starts = np.cumsum([0] + [s.shape[0] for s in shards])
     wanted = np.unique(rows[rows >= 0])
-    vectors = np.zeros((len(wanted), reader.dim), dtype=np.float32)
-    which = np.searchsorted(starts, wanted, side="right") - 1
-    for s in np.unique(which):
-        sel = which == s
-        vectors[sel] = shards[s][wanted[sel] - starts[s]]
+    vectors = reader.row_view().take(wanted)
     pos = np.searchsorted(wanted, np.maximum(rows, 0))
     scores = np.einsum("qd,qcd->qc", queries, vectors[pos])
     scores[rows < 0] = -np.inf
