@@ -11,6 +11,7 @@ Documented for users in man/vlmtools-formats.5; keep the two in step.
 - predictions   JSONL, one image per line (see PREDICTION_KEYS)
 - synth world   directory written by `vlmtools synth make` (world.json "format": WORLD_FORMAT): images/,
                 masks/, manifest.jsonl, attributes.jsonl, classes.txt, descriptors.jsonl, captions.jsonl
+- head          NAME.safetensors (weights) + NAME.json ("format": HEAD_FORMAT): a trained head (see HEAD_KEYS)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ PREDICTIONS_FORMAT = "vlmtools.predictions/1"
 DESCRIPTORS_FORMAT = "vlmtools.descriptors/1"
 MANIFEST_FORMAT = "vlmtools.manifest/1"
 WORLD_FORMAT = "vlmtools.synth/1"
+HEAD_FORMAT = "vlmtools.head/1"
 
 MANIFEST_KEYS = ("id", "path", "label", "split", "mask", "domain")
 DESCRIPTOR_KINDS = ("object", "background")
@@ -442,3 +444,68 @@ def read_predictions(path: str | os.PathLike, *, require_label: bool = False) ->
 def write_predictions(path: str | os.PathLike | None, records: Iterable[dict]) -> int:
     """Write predictions JSONL (atomically to a file, or ``-`` for stdout); returns the count."""
     return write_jsonl(path, records)
+
+
+# ----------------------------------------------------------------------------- heads
+# A trained head is two files side by side: NAME.safetensors (the weights, nothing else) and NAME.json,
+# written last (its presence marks the head complete), holding:
+#   "format": HEAD_FORMAT, "kind": the registry name that rebuilds it (vlmtools.heads.HEADS),
+#   "config": the constructor arguments of that kind, "tensors": {name: shape} of the safetensors file,
+#   "classes": class names in output order (null for heads that do not classify, e.g. t2i),
+#   "input_dim", "model": the model spec {"name", "pretrained"} of the stores it was trained on,
+#   "training": every training option (the loop's and the command's), "seed",
+#   "inputs": {role: {"path", "sha", "rows"}} (sha256 of the rows used: ids, labels and embeddings),
+#   "curve": [{"epoch", "loss", "val"?...}] one entry per epoch, "best_epoch",
+#   "metrics": {"train": {...}, "val": {...}} final metrics of the kept (best) weights,
+#   "vlmtools_version".
+
+HEAD_KEYS = ("format", "kind", "config", "tensors", "classes", "input_dim", "model", "training", "seed",
+             "inputs", "curve", "best_epoch", "metrics", "vlmtools_version")
+HEAD_SUFFIXES = (".json", ".safetensors")
+
+
+def head_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(NAME.json, NAME.safetensors) of a head given as NAME, NAME.json or NAME.safetensors."""
+    p = Path(path)
+    if p.suffix in HEAD_SUFFIXES:
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".json"), p.with_name(p.name + ".safetensors")
+
+
+def head_info(*, kind: str, config: dict, tensors: dict, classes: list[str] | None, input_dim: int,
+              model: dict, training: dict, seed: int, inputs: dict, curve: list[dict], best_epoch: int | None,
+              metrics: dict, extra: dict | None = None) -> dict:
+    import vlmtools
+
+    info = {"format": HEAD_FORMAT, "kind": kind, "config": config, "tensors": tensors,
+            "classes": None if classes is None else list(classes), "input_dim": int(input_dim), "model": model,
+            "training": training, "seed": seed, "inputs": inputs, "curve": curve, "best_epoch": best_epoch,
+            "metrics": metrics, "vlmtools_version": vlmtools.__version__}
+    if extra:
+        info.update(extra)
+    return info
+
+
+def validate_head_info(info: Any, where: str) -> dict:
+    """Check a head JSON's shape (not its weights: vlmtools.heads.load_head compares those)."""
+    if not isinstance(info, dict):
+        raise BadInput(f"{where}: a head file must hold a JSON object")
+    check_format(info, HEAD_FORMAT, where)
+    for key in ("kind", "config", "tensors", "input_dim", "model"):
+        if key not in info:
+            raise BadInput(f"{where}: a head file needs \"{key}\"")
+    if not isinstance(info["config"], dict) or not isinstance(info["tensors"], dict):
+        raise BadInput(f"{where}: \"config\" and \"tensors\" must be objects")
+    classes = info.get("classes")
+    if classes is not None:
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise BadInput(f"{where}: \"classes\" must be a non-empty list of class names")
+        if len(set(classes)) != len(classes):
+            dup = next(c for c in classes if classes.count(c) > 1)
+            raise BadInput(f"{where}: duplicate class {dup!r} in \"classes\"")
+    model = info["model"]
+    if not isinstance(model, dict) or "name" not in model:
+        raise BadInput(f"{where}: \"model\" must be an object with \"name\" and \"pretrained\"")
+    if not isinstance(info["input_dim"], int) or info["input_dim"] < 1:
+        raise BadInput(f"{where}: \"input_dim\" must be a positive integer")
+    return info

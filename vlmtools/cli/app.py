@@ -18,7 +18,7 @@ app = typer.Typer(
 
 # Each module defines register(app). Modules that are not written yet are skipped, so the app grows
 # as command groups land.
-COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "synth", "demo"]
+COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "train", "synth", "demo"]
 
 
 def _register_all() -> None:

@@ -51,6 +51,9 @@ def register(app: typer.Typer) -> None:
         no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the text embedding "
                                       "cache ($VLMTOOLS_CACHE_DIR/text, else $XDG_CACHE_HOME/vlmtools/text, else "
                                       "~/.cache/vlmtools/text)."),
+        head: Optional[Path] = typer.Option(None, "--head", help="A trained head (NAME from `vlmtools train`): "
+                                            "classify with it instead of zero-shot; topk scores are its "
+                                            "softmax probabilities."),
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,
@@ -59,8 +62,23 @@ def register(app: typer.Typer) -> None:
 
         --method clip scores each image against class-name prompts (templates averaged as open_clip
         does); --method cbd against "{class}, which has {descriptor}" sentences, the class score being
-        the mean over its descriptors, whose similarities are written as the explanation."""
+        the mean over its descriptors, whose similarities are written as the explanation. With --head,
+        a head trained by `vlmtools train` scores them (same output contract, no explanation)."""
         from vlmtools.classify import AGGREGATES, BACKGROUND, METHODS, classify_store
+
+        if head is not None:
+            from vlmtools.errors import BadInput
+            from vlmtools.heads.predict import classify_with_head
+
+            zero_shot = {"--method": method, "--classes": classes, "--templates": templates,
+                         "--descriptors": descriptors, "--wrap": wrap, "--text-store": text_store,
+                         "--model": model, "--pretrained": pretrained}
+            for opt, value in zero_shot.items():
+                if value is not None:
+                    raise BadInput(f"{opt} applies to zero-shot classify, not --head (the head has its "
+                                   f"classes and model)")
+            classify_with_head(image_store, head, output, k=k, where=where, device=device)
+            return
 
         _check_choice(method, METHODS, "--method")
         _check_choice(wrap, ("cbd", "none"), "--wrap")

@@ -1,0 +1,227 @@
+"""`vlmtools train probe`, the head file format, the training loop, `classify --head`."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from vlmtools.cli.app import app
+from vlmtools.store import write_arrays
+
+runner = CliRunner()
+TINY = {"name": "vlmtools-tiny", "pretrained": "none"}
+MICRO = {"name": "vlmtools-micro", "pretrained": "vlmtools"}
+CLASSES = ["alpha", "beta", "gamma", "delta"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def blobs(n_per_class=40, dim=16, seed=0, spread=0.6):
+    """Gaussian clusters around random unit centres, split 3/4 train, 1/4 test."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(CLASSES), dim))
+    x, meta = [], []
+    for c, name in enumerate(CLASSES):
+        for i in range(n_per_class):
+            x.append(centres[c] + spread * rng.normal(size=dim))
+            meta.append({"id": f"{name}{i:03d}", "path": f"/nowhere/{name}{i}.png", "label": name,
+                         "split": "test" if i % 4 == 0 else ("val" if i % 4 == 1 else "train")})
+    return np.array(x), meta
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    x, meta = blobs()
+    write_arrays(d / "images", x, meta, kind="image", model=TINY)
+    return d / "images"
+
+
+def train_probe(store, out, *extra):
+    return invoke("train", "probe", store, "-o", out, "--where", "split=train", "--epochs", 30, "--json", *extra)
+
+
+# ----------------------------------------------------------------------------- probe + head file
+
+def test_probe_trains_saves_and_classifies(store, tmp_path):
+    res = train_probe(store, tmp_path / "probe")
+    assert res.exit_code == 0, res.output
+    summary = lines(res.stdout)[0]
+    assert summary["kind"] == "probe" and summary["classes"] == 4
+    info = json.loads((tmp_path / "probe.json").read_text())
+    assert info["format"] == "vlmtools.head/1" and info["kind"] == "probe"
+    assert info["classes"] == CLASSES and info["input_dim"] == 16 and info["model"] == TINY
+    assert info["tensors"] == {"fc.weight": [4, 16], "fc.bias": [4]}
+    assert info["training"]["epochs"] == 30 and info["training"]["where"] == ["split=train"]
+    assert len(info["curve"]) == summary["epochs"] and info["curve"][0]["epoch"] == 1
+    assert "val_acc" in info["curve"][0] and info["metrics"]["val"]["rows"] > 0
+    assert len(info["inputs"]["image_store"]["sha"]) == 16
+    assert (tmp_path / "probe.safetensors").exists()
+
+    res = invoke("classify", store, "--head", tmp_path / "probe", "--where", "split=test", "-o", tmp_path / "p.jsonl")
+    assert res.exit_code == 0, res.output
+    preds = lines((tmp_path / "p.jsonl").read_text())
+    assert len(preds) == 40 and all(p["topk"][0]["class"] == p["pred"] for p in preds)
+    assert abs(sum(t["score"] for t in preds[0]["topk"]) - 1) < 1e-3  # 4 classes, k=5: all probabilities
+    acc = np.mean([p["pred"] == p["label"] for p in preds])
+    assert acc > 0.5  # well-separated clusters; chance is 0.25
+    res = invoke("eval", tmp_path / "p.jsonl")
+    assert res.exit_code == 0, res.output
+    assert abs(json.loads(res.stdout)["top1"] - acc) < 1e-9
+
+
+def test_probe_is_deterministic_for_a_seed(store, tmp_path):
+    for name in ("a", "b"):
+        assert train_probe(store, tmp_path / name, "--seed", 3).exit_code == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["curve"] == b["curve"]
+    from safetensors.numpy import load_file
+
+    wa, wb = (load_file(str(tmp_path / f"{n}.safetensors")) for n in "ab")
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_val_where_and_no_val(store, tmp_path):
+    res = train_probe(store, tmp_path / "v", "--val-where", "split=val")
+    assert res.exit_code == 0, res.output
+    summary = lines(res.stdout)[0]
+    assert summary["val_rows"] == 40 and summary["train_rows"] == 80
+    res = train_probe(store, tmp_path / "n", "--val-fraction", 0, "--epochs", 5)
+    assert res.exit_code == 0, res.output
+    summary = lines(res.stdout)[0]
+    assert summary["val_rows"] == 0 and summary["epochs"] == 5 and summary["best_epoch"] == 5
+
+
+def test_stratified_split_is_seeded_and_keeps_a_train_row():
+    from vlmtools.heads.data import stratified_split
+
+    y = np.array([0] * 10 + [1] * 3 + [2])
+    tr, va = stratified_split(y, 3, 0.2, seed=1)
+    assert np.bincount(y[va], minlength=3).tolist() == [2, 1, 0]  # round(0.6) = 1; class 2 keeps its one row
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(len(y)))
+    assert stratified_split(y, 3, 0.2, seed=1)[1].tolist() == va.tolist()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def test_fit_custom_loss_hook_and_early_stopping():
+    import torch
+
+    from vlmtools.heads.loop import FitOptions, fit, seeded
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    with seeded(0):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    calls, frozen_grads = [], []
+
+    def hook(epoch, m):  # freeze the first layer on even epochs, as ALA alternates
+        for p in m[0].parameters():
+            p.requires_grad_(epoch % 2 == 1)
+        calls.append(epoch)
+        return {"frozen": epoch % 2 == 0}
+
+    def loss(m, xb, yb):
+        frozen_grads.append(m[0].weight.requires_grad)
+        return torch.nn.functional.cross_entropy(m(xb), yb) + 0.0 * m[2].weight.sum()
+
+    before = model[0].weight.detach().clone()
+    res = fit(model, (x, y), (x, y), FitOptions(epochs=6, lr=1e-2, batch_size=0, patience=0, device="cpu"),
+              loss_fn=loss, on_epoch=hook)
+    assert calls == [1, 2, 3, 4, 5, 6] and [e["frozen"] for e in res.curve] == [False, True] * 3
+    assert not torch.equal(before, model[0].weight)  # trained on odd epochs
+    # stopping: a metric that never improves stops after `patience` epochs; a tie keeps the later weights
+    res = fit(model, (x, y), (x, y), FitOptions(epochs=50, patience=3, device="cpu"), metric_fn=lambda m, a, b: 0.5)
+    assert res.stopped_early and len(res.curve) == 4 and res.best_epoch == 4
+
+
+def test_fit_options_are_checked():
+    from vlmtools.errors import BadInput
+    from vlmtools.heads.loop import FitOptions
+
+    for bad in (dict(epochs=0), dict(lr=0), dict(batch_size=-1), dict(patience=-2), dict(weight_decay=-1)):
+        with pytest.raises(BadInput):
+            FitOptions(**bad).check()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_head_from_another_model_is_refused(store, tmp_path):
+    assert train_probe(store, tmp_path / "probe").exit_code == 0
+    x, meta = blobs()
+    write_arrays(tmp_path / "micro", x, meta, kind="image", model=MICRO)
+    res = invoke("classify", tmp_path / "micro", "--head", tmp_path / "probe", "-o", tmp_path / "p.jsonl")
+    assert res.exit_code == 2 and "vlmtools-tiny" in res.output
+    assert not (tmp_path / "p.jsonl").exists()
+    res = invoke("classify", store, "--head", tmp_path / "probe", "--method", "clip")
+    assert res.exit_code == 2 and "--method" in res.output
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda i: i.update(classes=i["classes"][:3]), "3 \"classes\""),
+    (lambda i: i.update(classes=["a", "a", "b", "c"]), "duplicate class"),
+    (lambda i: i["config"].update(n_classes=5), "do not fit"),
+    (lambda i: i.update(kind="nonesuch"), "unknown head kind"),
+    (lambda i: i.update(format="vlmtools.head/9"), "newer"),
+    (lambda i: i["tensors"].update({"fc.bias": [5]}), "edited by hand"),
+])
+def test_hand_edited_head_is_refused(store, tmp_path, edit, message):
+    assert train_probe(store, tmp_path / "probe").exit_code == 0
+    path = tmp_path / "probe.json"
+    info = json.loads(path.read_text())
+    edit(info)
+    path.write_text(json.dumps(info))
+    res = invoke("classify", store, "--head", tmp_path / "probe", "-o", tmp_path / "p.jsonl")
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_swapped_weights_are_refused(store, tmp_path):
+    from safetensors.numpy import save_file
+
+    assert train_probe(store, tmp_path / "probe").exit_code == 0
+    save_file({"fc.weight": np.zeros((4, 8), np.float32), "fc.bias": np.zeros(4, np.float32)},
+              str(tmp_path / "probe.safetensors"))
+    res = invoke("classify", store, "--head", tmp_path / "probe")
+    assert res.exit_code == 2 and "do not match" in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--where", "split=nowhere"], "no row matches"),
+    (["--epochs", 0], "--epochs"),
+    (["--val-fraction", 1.5], "--val-fraction"),
+    (["--val-fraction", 0.2, "--val-where", "split=val"], "exclude each other"),
+    (["--where", "nokey"], "KEY=VALUE"),
+])
+def test_bad_probe_options(store, tmp_path, args, message):
+    res = invoke("train", "probe", store, "-o", tmp_path / "h", *args)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_store_without_labels_is_refused(tmp_path):
+    x, meta = blobs(n_per_class=3)
+    for rec in meta:
+        del rec["label"]
+    write_arrays(tmp_path / "s", x, meta, kind="image", model=TINY)
+    res = invoke("train", "probe", tmp_path / "s", "-o", tmp_path / "h")
+    assert res.exit_code == 2 and "label" in res.output
+    assert not (tmp_path / "h.json").exists()
+
+
+def test_train_help_imports_no_heavy_modules():
+    from tests.test_cli_basics import HEAVY, _modules_after
+
+    code = ("from vlmtools.cli.app import app\nfrom typer.testing import CliRunner\nr = CliRunner()\n"
+            "for args in (['train', '--help'], ['train', 'probe', '--help'], ['classify', '--help']):\n"
+            "    assert r.invoke(app, args).exit_code == 0\n")
+    heavy = sorted(m for m in _modules_after(code) if m.split(".")[0] in HEAVY)
+    assert heavy == [], heavy

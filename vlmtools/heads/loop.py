@@ -1,0 +1,221 @@
+"""The one training loop of every head: ``fit(model, train, val, options, loss_fn=..., metric_fn=...,
+on_epoch=...)``.
+
+- ``train`` and ``val`` are tuples of arrays (or tensors) with the same first dimension, e.g. (x, y);
+  float arrays become float32 tensors, integer arrays int64.
+- ``loss_fn(model, *batch) -> scalar tensor`` (default: cross-entropy of ``model(x)`` against ``y``).
+- ``metric_fn(model, *rows) -> float``, higher is better, evaluated without gradients in eval mode on the
+  val rows after every epoch (default: top-1 accuracy of ``model(x).argmax(1)`` against ``y``). Early
+  stopping watches it: training stops after ``patience`` epochs without a new best, and the best epoch's
+  weights are kept (loaded into ``model`` and returned). Without val rows the last epoch is kept.
+- ``on_epoch(epoch, model) -> dict | None`` runs before each epoch (1-based): freeze or unfreeze
+  parameters there (the optimizer skips parameters without gradients); a dict it returns is added to
+  that epoch's curve entry.
+- AdamW over ``params`` (default: all of the model's parameters); mini-batches drawn by a generator
+  seeded with ``options.seed``, and torch's global seed set to it too, so a run on CPU is deterministic
+  for a seed (build the model under ``seeded(seed)`` so its initial weights are too).
+- The data is moved to the device once when it fits (on a GPU: under half the free memory), so batches
+  are index slices there, with no host-to-device copy per step; ``batch_size=0`` trains full-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+from vlmtools.console import info, progress
+from vlmtools.errors import BadInput
+
+EVAL_CHUNK = 8192
+TRAIN_METRIC_ROWS = 20000  # the final train metric is measured on at most this many (seeded) rows
+
+
+@dataclass
+class FitOptions:
+    epochs: int = 100
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    batch_size: int = 256      # 0: full batch
+    seed: int = 0
+    patience: int = 10         # epochs without a better val metric before stopping; 0: never stop early
+    device: str = "auto"
+
+    def check(self) -> "FitOptions":
+        if self.epochs < 1:
+            raise BadInput(f"--epochs {self.epochs}: expected at least 1")
+        if not self.lr > 0:
+            raise BadInput(f"--lr {self.lr}: expected a positive learning rate")
+        if self.weight_decay < 0:
+            raise BadInput(f"--weight-decay {self.weight_decay}: expected >= 0")
+        if self.batch_size < 0:
+            raise BadInput(f"--batch-size {self.batch_size}: expected >= 1 (or 0 for full batch)")
+        if self.patience < 0:
+            raise BadInput(f"--patience {self.patience}: expected >= 0 (0: no early stopping)")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    state: dict               # the kept weights, on CPU (also loaded into the model)
+    curve: list[dict]         # one entry per epoch: epoch, loss, <metric> (with val rows), hook extras
+    best_epoch: int
+    metrics: dict             # {"train": {metric: v}, "val": {metric: v}} of the kept weights
+    stopped_early: bool
+    seconds: float
+    device: str
+    extras: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed torch's global generator (model initialisation, dropout) for the block."""
+    import torch
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def to_tensors(arrays: Sequence, device=None) -> tuple:
+    import numpy as np
+    import torch
+
+    out = []
+    for a in arrays:
+        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+        if t.is_floating_point():
+            t = t.float()
+        elif t.dtype != torch.bool:
+            t = t.long()
+        out.append(t.to(device) if device is not None else t)
+    return tuple(out)
+
+
+def cross_entropy_loss(model, x, y):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(model(x), y)
+
+
+def batched_logits(model, x, chunk: int = EVAL_CHUNK):
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)]) if len(x) else model(x)
+
+
+def accuracy(model, x, y) -> float:
+    if not len(y):
+        return float("nan")
+    return float((batched_logits(model, x).argmax(1) == y).float().mean())
+
+
+def _fits_on(device: str, tensors: Sequence) -> bool:
+    import torch
+
+    if not device.startswith("cuda"):
+        return True
+    need = sum(t.element_size() * t.nelement() for t in tensors)
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return need < free // 2
+
+
+def fit(model, train: Sequence, val: Sequence | None = None, options: FitOptions | None = None, *,
+        loss_fn: Callable | None = None, metric_fn: Callable | None = None,
+        on_epoch: Callable | None = None, params=None, metric: str = "acc",
+        description: str = "train") -> FitResult:
+    """Train ``model`` (see the module docstring); returns the curve and the kept weights."""
+    import torch
+
+    from vlmtools.models import resolve_device
+
+    opts = (options or FitOptions()).check()
+    device = resolve_device(opts.device)
+    loss_fn = loss_fn or cross_entropy_loss
+    metric_fn = metric_fn or accuracy
+    train_t = to_tensors(train)
+    n = len(train_t[0])
+    if n == 0:
+        raise BadInput("no training rows")
+    if any(len(t) != n for t in train_t):
+        raise ValueError("fit: the train arrays differ in length")
+    val_t = to_tensors(val) if val is not None and len(val[0]) else None
+    resident = _fits_on(device, train_t + (val_t or ()))
+    data_device = device if resident else "cpu"
+    train_t = tuple(t.to(data_device) for t in train_t)
+    val_dev = tuple(t.to(device) for t in val_t) if val_t is not None else None
+    model.to(device)
+    torch.manual_seed(opts.seed)
+    gen = torch.Generator().manual_seed(opts.seed)
+    optimizer = torch.optim.AdamW(list(params) if params is not None else model.parameters(),
+                                  lr=opts.lr, weight_decay=opts.weight_decay)
+    batch = n if opts.batch_size == 0 else min(opts.batch_size, n)
+    curve: list[dict] = []
+    best_epoch, best_val, best_state, stale = 0, None, None, 0
+    stopped_early = False
+    t0 = time.perf_counter()
+    with progress(description, total=opts.epochs, unit="epochs") as bar:
+        for epoch in range(1, opts.epochs + 1):
+            entry: dict = {"epoch": epoch}
+            if on_epoch is not None:
+                entry.update(on_epoch(epoch, model) or {})
+            model.train()
+            order = torch.randperm(n, generator=gen).to(data_device)
+            total = torch.zeros((), device=device)
+            for start in range(0, n, batch):
+                idx = order[start:start + batch]
+                chunk = tuple(t[idx].to(device, non_blocking=True) for t in train_t)
+                loss = loss_fn(model, *chunk)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * len(idx)
+            entry["loss"] = round(float(total) / n, 6)
+            if val_dev is not None:
+                model.eval()
+                value = float(metric_fn(model, *val_dev))
+                entry[f"val_{metric}"] = round(value, 6)
+                # a tie keeps the later weights (further trained) but does not reset the patience
+                stale = 0 if best_val is None or value > best_val else stale + 1
+                if best_val is None or value >= best_val:
+                    best_epoch, best_val = epoch, value
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            curve.append(entry)
+            shown = f" val {metric} {entry[f'val_{metric}']:.4f}" if val_dev is not None else ""
+            bar.advance(1, description=f"{description} loss {entry['loss']:.4f}{shown}")
+            if val_dev is not None and opts.patience and stale >= opts.patience:
+                stopped_early = epoch < opts.epochs
+                break
+    if best_state is None:
+        best_epoch = curve[-1]["epoch"]
+    else:
+        model.load_state_dict(best_state)
+    model.eval()
+    metrics = {"train": {metric: round(float(metric_fn(model, *_sample(train_t, opts.seed, device))), 6),
+                         "rows": n}}
+    if val_dev is not None:
+        metrics["val"] = {metric: round(best_val, 6), "rows": len(val_dev[0])}
+    seconds = time.perf_counter() - t0
+    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    val_txt = f", val {metric} {best_val:.4f}" if best_val is not None else ""
+    info(f"{description}: {len(curve)} epochs ({'stopped early, ' if stopped_early else ''}kept epoch "
+         f"{best_epoch}{val_txt}) on {device} in {seconds:.1f} s")
+    return FitResult(state, curve, best_epoch, metrics, stopped_early, round(seconds, 3), device)
+
+
+def _sample(tensors: tuple, seed: int, device: str) -> tuple:
+    import torch
+
+    n = len(tensors[0])
+    if n <= TRAIN_METRIC_ROWS:
+        return tuple(t.to(device) for t in tensors)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:TRAIN_METRIC_ROWS]
+    return tuple(t[idx.to(t.device)].to(device) for t in tensors)
