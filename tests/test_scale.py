@@ -201,12 +201,15 @@ def test_three_ranks_as_processes_equal_one_process(tmp_path, image_dir):
     single = subprocess.run([sys.executable, *common, "-o", str(tmp_path / "single"), "--world-size", "1",
                              "--rank", "0"], env={**env, "RANK": "0"}, capture_output=True, timeout=300)
     assert single.returncode == 0, single.stderr
+    errs = []
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
+        errs.append(err.decode())
     multi = tmp_path / "multi"
     # each rank writes its last shard before it looks for the others': the last to look finalizes
-    assert json.loads((multi / "info.json").read_text())["count"] == 20
+    info = json.loads((multi / "info.json").read_text())
+    assert info["count"] == 20, (info, sorted(os.listdir(multi)), errs)
     a, b = open_store(multi), open_store(tmp_path / "single")
     assert len(a) == len(b) == 20 and a.meta == b.meta
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
