@@ -980,3 +980,39 @@ def test_describe_imports_no_torch(tmp_path, llm):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
     assert len(llm.requests) == 1  # it really asked
+
+
+# ----------------------------------------------------------------------------- issue 14: secrets and locks
+
+def test_a_key_echoed_by_the_server_is_redacted_from_output_and_cache(tmp_path, llm):
+    from vlmtools.paths import cache_dir
+
+    llm.answer = lambda cls, body: f"- wings\n- your key is {SECRET}\n"
+    out = tmp_path / "d.jsonl"
+    result = describe(llm, class_file(tmp_path, ["Puffin"], llm), "-o", out, "--keep-raw")
+    assert result.exit_code == 0, result.output
+    written = out.read_text() + "".join(p.read_text() for p in cache_dir("llm").rglob("*.json"))
+    assert SECRET not in written and SECRET not in result.stderr and "[redacted]" in written
+
+
+def test_credentials_in_the_base_url_are_never_printed_or_cached(tmp_path, llm):
+    from vlmtools.paths import cache_dir
+
+    url = llm.url.replace("http://", "http://alice:pa55word-xyz@")
+    llm.answer = lambda cls, body: "- wings\n"
+    out = tmp_path / "d.jsonl"
+    result = runner.invoke(app, ["describe", str(class_file(tmp_path, ["Puffin"], llm)), "-o", str(out),
+                                 "--base-url", url, "--max-retries", "0"])
+    cached = "".join(p.read_text() for p in cache_dir("llm").rglob("*.json"))
+    everything = result.stderr + result.stdout + cached + (out.read_text() if out.exists() else "")
+    assert "pa55word-xyz" not in everything and "alice:" not in everything
+    assert result.exit_code == 0, result.stderr
+
+
+def test_a_stale_lock_is_taken_over_and_removed(tmp_path, llm):
+    out = tmp_path / "d.jsonl"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "d.jsonl.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}))
+    result = describe(llm, class_file(tmp_path, ["Puffin"], llm), "-o", out)
+    assert result.exit_code == 0 and "stale lock" in result.stderr
+    assert not (tmp_path / "d.jsonl.lock").exists() and out.exists()

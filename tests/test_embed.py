@@ -211,7 +211,8 @@ def test_all_inputs_failing_is_an_error_and_retry_errors_redoes_them(tmp_path, i
     copy(sorted(image_dir.glob("*.png"))[0], broken)  # the user fixes the file
     result = runner.invoke(app, ["embed", "images", "-", "-o", str(tmp_path / "s"), "--workers", "0", *TINY],
                            input=listing)
-    assert result.exit_code == 0 and "nothing to do" in result.stderr
+    # the fixed file changed the input's size/mtime digest: a plain rerun refuses, pointing at --retry-errors
+    assert result.exit_code == 2 and "--retry-errors" in result.stderr
     result = runner.invoke(app, ["embed", "images", "-", "-o", str(tmp_path / "s"), "--workers", "0",
                                  "--retry-errors", *TINY], input=listing)
     assert result.exit_code == 0, result.output

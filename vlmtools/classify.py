@@ -68,12 +68,13 @@ def text_key(text: str) -> str:
 
 
 class TextCache:
-    """Text embeddings of one model on disk: <root>/<model>-<hash>/<batch>.npy + <batch>.json (its text
-    keys). Each run that encodes new texts adds one batch; the .json is written last, after the .npy, so
-    a batch without it is ignored. Both are written atomically, so concurrent runs never see half a file."""
+    """Text embeddings of one model at one compute precision (fp32, fp16, bf16) on disk:
+    <root>/<model>-<hash>/<batch>.npy + <batch>.json (its text keys). Each run that encodes new texts adds
+    one batch; the .json is written last, after the .npy, so a batch without it is ignored. Both are
+    written atomically, so concurrent runs never see half a file."""
 
-    def __init__(self, spec, root: Path | None = None):
-        fp = _model_fingerprint(spec)
+    def __init__(self, spec, root: Path | None = None, compute: str = "fp32"):
+        fp = {**_model_fingerprint(spec), "compute": compute}
         digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.name)[:60]
         self.dir = (root or cache_dir("text")) / f"{slug}-{digest}"
@@ -87,14 +88,27 @@ class TextCache:
         found: dict = {}
         if not self.dir.is_dir() or not wanted:
             return found
+        dim = None
         for index in sorted(self.dir.glob("*.json")):
             try:
-                keys = json.loads(index.read_text(encoding="utf-8"))["keys"]
+                entry = json.loads(index.read_text(encoding="utf-8"))
+                keys = entry["keys"]
                 emb = np.load(index.with_suffix(".npy"), mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError, KeyError):
-                continue  # a damaged batch is only a cache miss
-            if emb.ndim != 2 or emb.shape[0] != len(keys):
+                problem = None
+                if entry.get("model") != self.fingerprint:
+                    problem = "it was written for another model"
+                elif emb.ndim != 2 or emb.shape[0] != len(keys) or emb.dtype.kind != "f":
+                    problem = f"its array does not match its {len(keys)} keys"
+                elif (dim or emb.shape[1]) != emb.shape[1]:
+                    problem = f"its rows have dim {emb.shape[1]}, others {dim}"
+                elif not np.isfinite(emb).all():
+                    problem = "it holds NaN/inf values"
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                problem = "it cannot be read"
+            if problem:
+                self._drop(index, problem)
                 continue
+            dim = emb.shape[1]
             for row, key in enumerate(keys):
                 text = wanted.get(key)
                 if text is not None and text not in found:
@@ -103,16 +117,30 @@ class TextCache:
                 break
         return found
 
+    def _drop(self, index: Path, problem: str) -> None:
+        """A bad entry is a cache miss (recomputed), removed when the cache is writable."""
+        warn(f"text cache entry {index} ignored: {problem}; its texts are encoded again")
+        for f in (index, index.with_suffix(".npy")):
+            try:
+                f.unlink(missing_ok=True)
+            except OSError:
+                pass
+
     def add(self, texts: Sequence[str], embeddings) -> None:
+        """Store a batch; a cache that cannot be written (read-only, disk full) is skipped with a warning."""
         import numpy as np
 
         keys = [text_key(t) for t in texts]
         name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with formats.atomic_path(self.dir / f"{name}.npy") as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.asarray(embeddings, dtype=np.float32))
-        formats.write_json(self.dir / f"{name}.json", {"model": self.fingerprint, "keys": keys})
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with formats.atomic_path(self.dir / f"{name}.npy") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, np.asarray(embeddings, dtype=np.float32))
+            formats.write_json(self.dir / f"{name}.json", {"model": self.fingerprint, "keys": keys})
+        except (OSError, BadInput) as exc:
+            warn(f"cannot write the text cache in {self.dir} ({getattr(exc, 'strerror', None) or exc}); going on "
+                 f"without it (--no-cache skips the cache)")
 
 
 def text_store_lookup(reader, texts: Sequence[str]) -> dict:
@@ -124,9 +152,17 @@ def text_store_lookup(reader, texts: Sequence[str]) -> dict:
     return {t: emb[row_of[t]] for t in texts if t in row_of}
 
 
+def compute_precision_for(precision: str, device: str) -> str:
+    """What --precision means for --device (fp32, fp16 or bf16); only amp needs to resolve the device."""
+    from vlmtools.models import compute_precision, resolve_device
+
+    return compute_precision(precision, resolve_device(device) if precision == "amp" else "cpu")
+
+
 def embed_texts(texts: Sequence[str], spec, *, text_store=None, device: str = "auto",
-                use_cache: bool = True, batch_size: int = 256):
-    """Texts -> (len(texts), d) float32, L2-normalized: from the text store, the cache, then the model."""
+                use_cache: bool = True, batch_size: int = 256, precision: str = "amp"):
+    """Texts -> (len(texts), d) float32, L2-normalized: from the text store, the cache, then the model
+    (at ``precision``, models.PRECISIONS)."""
     import numpy as np
 
     unique = list(dict.fromkeys(texts))
@@ -134,7 +170,7 @@ def embed_texts(texts: Sequence[str], spec, *, text_store=None, device: str = "a
     if text_store is not None and len(found) < len(unique):
         warn(f"{len(unique) - len(found)} of {len(unique)} texts are not in text store {text_store.path}; "
              f"encoding them with {spec}")
-    cache = TextCache(spec) if use_cache else None
+    cache = TextCache(spec, compute=compute_precision_for(precision, device)) if use_cache else None
     missing = [t for t in unique if t not in found]
     if missing and cache is not None:
         found.update(cache.lookup(missing))
@@ -142,7 +178,7 @@ def embed_texts(texts: Sequence[str], spec, *, text_store=None, device: str = "a
     if missing:
         from vlmtools.models import load_model
 
-        encoder = load_model(spec, device)
+        encoder = load_model(spec, device, precision)
         parts = []
         with progress("encoding texts", total=len(missing), unit="texts") as bar:
             for start in range(0, len(missing), batch_size):
@@ -218,7 +254,8 @@ def clip_class_embeddings(text_emb, n_classes: int, n_templates: int):
 @dataclass
 class DescriptorSet:
     """The descriptors of all classes as one flat list, grouped by class in class order: class c owns rows
-    offsets[c]:offsets[c+1]. A class left with no descriptor is scored by its name (kind "name")."""
+    offsets[c]:offsets[c+1]. A class left with no descriptor is scored by its name (kind "name"), as
+    prompts.empty_sentence writes it."""
     classes: list[str]
     descriptors: list[str]
     kinds: list[str]
@@ -234,10 +271,11 @@ class DescriptorSet:
 
 
 def build_descriptor_set(classes: Sequence[str], records: dict, *, wrap: str = "cbd",
-                         background: str = "include") -> DescriptorSet:
+                         background: str = "include", empty: str = "menon") -> DescriptorSet:
     """``records``: {class: descriptor record} (formats.read_descriptors). Classes missing from it, with
-    empty lists, or left empty by ``background``, fall back to their name."""
-    from vlmtools.prompts import descriptor_sentence, wordify
+    empty lists, or left empty by ``background``, fall back to their name: "{class}, which has " as
+    Menon & Vondrick do (``empty`` menon), or the bare name (``empty`` name)."""
+    from vlmtools.prompts import descriptor_sentence, empty_sentence
 
     if background not in BACKGROUND:
         raise BadInput(f"--background {background!r}: expected one of {', '.join(BACKGROUND)}")
@@ -258,7 +296,7 @@ def build_descriptor_set(classes: Sequence[str], records: dict, *, wrap: str = "
             fallback.append(cls)
             descriptors.append(cls)
             kinds.append("name")
-            texts.append(wordify(cls))
+            texts.append(empty_sentence(cls, wrap, empty))
         offsets.append(len(descriptors))
     return DescriptorSet(list(classes), descriptors, kinds, texts, offsets, fallback)
 
@@ -318,6 +356,7 @@ class Classifier:
                  desc_emb=None, aggregate: str = "mean"):
         self.classes, self.method = classes, method
         self.class_emb, self.dset, self.desc_emb, self.aggregate = class_emb, dset, desc_emb, aggregate
+        self.precision: dict | None = None  # {"image", "text"}: written into each prediction when set
 
     def score(self, images):
         """(N, d) -> (class scores (N, C), descriptor similarities (N, M) or None)."""
@@ -363,7 +402,8 @@ class Classifier:
                 yield formats.prediction_record(
                     rec, topk[0][0], topk,
                     explanation=explained[n] if explained is not None else None,
-                    explanation_true=explained_true[n] if explained_true is not None else None)
+                    explanation_true=explained_true[n] if explained_true is not None else None,
+                    precision=self.precision)
 
 
 def clip_classifier(classes: list[str], templates: list[str], spec, **text_opts) -> Classifier:
@@ -469,8 +509,6 @@ def str_labels(meta: Sequence[dict]) -> list[dict]:
 
 
 def _clip_setup(meta, image_store, classes, templates, spec, text_opts) -> tuple[Classifier, str]:
-    from rich.markup import escape
-
     from vlmtools.prompts import load_templates
 
     if classes is not None:
@@ -479,7 +517,7 @@ def _clip_setup(meta, image_store, classes, templates, spec, text_opts) -> tuple
         class_list = list(dict.fromkeys(str(r["label"]) for r in meta if r.get("label") is not None))
         if not class_list:
             raise BadInput(f"{image_store}: no labels to take classes from; pass --classes FILE")
-        info(f"classes: the {len(class_list)} distinct labels of {escape(str(image_store))}")
+        info(f"classes: the {len(class_list)} distinct labels of {image_store}")
     check_labels(meta, class_list, image_store)
     template_list = load_templates(templates or "photo")
     check_templates(template_list, templates or "photo")
@@ -487,7 +525,7 @@ def _clip_setup(meta, image_store, classes, templates, spec, text_opts) -> tuple
 
 
 def _cbd_setup(meta, image_store, classes, descriptors, wrap, aggregate, background, allow_empty, spec,
-               text_opts) -> tuple[Classifier, str]:
+               text_opts, empty: str = "menon") -> tuple[Classifier, str]:
     texts = text_opts["text_store"]
     if descriptors is not None:
         records = formats.read_descriptors(descriptors, allow_empty=allow_empty)
@@ -507,13 +545,28 @@ def _cbd_setup(meta, image_store, classes, descriptors, wrap, aggregate, backgro
     else:
         class_list = list(records)
     check_labels(meta, class_list, image_store)
-    dset = build_descriptor_set(class_list, records, wrap=wrap or store_wrap or "cbd", background=background)
+    dset = build_descriptor_set(class_list, records, wrap=wrap or store_wrap or "cbd", background=background,
+                                empty=empty)
     if dset.fallback:
         shown = ", ".join(repr(c) for c in dset.fallback[:5])
+        how = "the bare name" if empty == "name" else 'Menon\'s "{class}, which has "; --empty name: the bare name'
         warn(f"{len(dset.fallback)} classes have no descriptors (after --background {background}) and are "
-             f"scored by their name: {shown}{' ...' if len(dset.fallback) > 5 else ''}")
+             f"scored by their name ({how}): {shown}{' ...' if len(dset.fallback) > 5 else ''}")
     clf = cbd_classifier(dset, spec, aggregate=aggregate, **text_opts)
     return clf, f"{len(dset.descriptors)} descriptors, {aggregate}"
+
+
+def selected_images(images, where: Sequence[str], image_store) -> tuple[list[dict], list[int] | None]:
+    """(meta rows, their row numbers or None for all) of an image store's images matching ``where``;
+    BadInput when none do or the store is empty."""
+    meta = str_labels(images.meta)
+    rows = select_rows(meta, parse_where(where)) if where else None
+    if rows is not None and not rows:
+        raise BadInput(f"{image_store}: no image matches --where {' '.join(where)}")
+    meta = [meta[i] for i in rows] if rows is not None else meta
+    if not meta:
+        raise BadInput(f"{image_store}: the store holds no images")
+    return meta, rows
 
 
 def store_spec(reader, model: str | None = None, pretrained: str | None = None):
@@ -531,8 +584,10 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
                    pretrained: str | None = None, method: str | None = None, classes=None,
                    templates: str | None = None, descriptors=None, wrap: str | None = None,
                    aggregate: str = "mean", background: str = "include", allow_empty: bool = False,
+                   empty: str = "menon",
                    text_store=None, k: int = 5, explain: bool = True, explain_true: bool = False,
-                   where: Sequence[str] = (), device: str = "auto", use_cache: bool = True) -> dict:
+                   where: Sequence[str] = (), device: str = "auto", use_cache: bool = True,
+                   precision: str = "amp") -> dict:
     """`vlmtools classify`: read the stores, build the classifier, write predictions. Every input is
     checked before anything is written. The model: ``spec`` if given, else the store's, where
     ``model``/``pretrained`` (the CLI options) may name it but must match it. Returns a summary."""
@@ -554,14 +609,9 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
     if method not in METHODS:
         raise BadInput(f"--method {method!r}: expected one of {', '.join(METHODS)}")
 
-    meta = str_labels(images.meta)
-    rows = select_rows(meta, parse_where(where)) if where else None
-    if rows is not None and not rows:
-        raise BadInput(f"{image_store}: no image matches --where {' '.join(where)}")
-    meta = [meta[i] for i in rows] if rows is not None else meta
-    if not meta:
-        raise BadInput(f"{image_store}: the store holds no images")
-    text_opts = dict(text_store=texts, device=device, use_cache=use_cache)
+    meta, rows = selected_images(images, where, image_store)
+    text_opts = dict(text_store=texts, device=device, use_cache=use_cache, precision=precision)
+    compute = compute_precision_for(precision, device)
 
     if method == "clip":
         for opt, value in (("--descriptors", descriptors), ("--wrap", wrap)):
@@ -572,8 +622,12 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
         if templates is not None:
             raise BadInput("--templates applies to --method clip; cbd embeds \"{class}, which has {descriptor}\"")
         clf, detail = _cbd_setup(meta, image_store, classes, descriptors, wrap, aggregate, background, allow_empty,
-                                 spec, text_opts)
+                                 spec, text_opts, empty)
 
+    # what the scores rest on: the image store's precision, the text store's (texts missing from it, and
+    # all texts without one, are encoded or cached at this run's)
+    clf.precision = {"image": images.info.get("compute"),
+                     "text": texts.info.get("compute") if texts is not None else compute}
     emb = images.row_view(rows)  # read chunk by chunk from the memory-mapped shards: bounded memory
     t1 = time.perf_counter()
     correct = labelled = 0
@@ -584,6 +638,7 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
                 correct += rec["pred"] == rec["label"]
             fh.write(formats.dumps_line(rec))
     summary = {"images": len(meta), "classes": len(clf.classes), "method": method, "model": spec.as_dict(),
+               "precision": clf.precision,
                "labelled": labelled, "top1": correct / labelled if labelled else None,
                "seconds": round(time.perf_counter() - t0, 3), "scoring_seconds": round(time.perf_counter() - t1, 3)}
     acc = f"; top-1 {100 * summary['top1']:.2f}% on {labelled} labelled" if labelled else ""

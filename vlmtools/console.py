@@ -21,10 +21,11 @@ def set_quiet(value: bool) -> None:
     _quiet = value
 
 
-def info(message: str) -> None:
-    """A progress/summary line; may use rich markup, so callers escape() any user text in it."""
+def info(message, *, markup: bool = False) -> None:
+    """A progress/summary line (or a rich renderable such as a Table). Text is printed as is: user-supplied
+    strings (paths with ``[``, class names) never reach rich's markup parser unless ``markup=True``."""
     if not _quiet:
-        console.print(message, soft_wrap=True)
+        console.print(message, soft_wrap=True, markup=markup)
 
 
 def warn(message: str) -> None:
@@ -71,7 +72,7 @@ def progress(description: str, total: int | None = None, unit: str = "items") ->
     ]
     with Progress(*columns, console=console, transient=False,
                   disable=not sys.stderr.isatty() and os.environ.get("VLMTOOLS_PROGRESS") != "1") as bar:
-        task_id = bar.add_task(description, total=total, rate="")
+        task_id = bar.add_task(escape(description), total=total, rate="")
         handle = _RateTask(bar, task_id, unit)
         yield handle
 

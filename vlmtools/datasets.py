@@ -199,6 +199,9 @@ def csv_records(path: str | os.PathLike, path_col: str = "path", label_col: str 
         records, seen = [], set()
         for row in reader:
             lineno = reader.line_num
+            if None in row:  # DictReader puts surplus fields under the key None
+                raise BadInput(f"{src}:{lineno}: {len(columns) + len(row[None])} fields but the header has "
+                               f"{len(columns)} (an unquoted delimiter inside a value? quote it)")
             value = (row.get(path_col) or "").strip()
             if not value:
                 raise BadInput(f"{src}:{lineno}: empty {path_col!r}")

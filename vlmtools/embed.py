@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 from vlmtools import console, formats
 from vlmtools.images import load_rgb
 from vlmtools.errors import BadInput, VlmError
-from vlmtools.store import INFO, StoreWriter, check_layout
+from vlmtools.store import INFO, StoreWriter, check_layout, read_info
 
 
 @dataclass
@@ -39,20 +39,69 @@ class EmbedSummary:
         return {**self.__dict__, "per_second": round(self.rate, 2)}
 
 
-def input_digest(ids: Sequence[str]) -> str:
-    """Identifies the input (ids in order): resuming with a different input would corrupt the store."""
+def input_digest(rows: Sequence[dict]) -> str:
+    """Identifies the input: every field of every row, in order (all of it lands in the store's meta), so
+    resuming with a changed input (a label renamed, another world with the same ids) is refused."""
+    import json
+
     h = hashlib.sha256()
-    for i in ids:
-        h.update(i.encode("utf-8") + b"\n")
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
     return h.hexdigest()[:16]
+
+
+def files_digest(records: Sequence[dict], sources: Sequence | None = None) -> str:
+    """Size and modification time of every image (of its tar, for tar members: wds.read_source's
+    locations): a file replaced under the same name changes it."""
+    h = hashlib.sha256()
+    for n, rec in enumerate(records):
+        src = rec["path"] if sources is None else sources[n]
+        try:
+            st = os.stat(src if isinstance(src, str) else src[0])
+            h.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(b"-\n")
+    return h.hexdigest()[:16]
+
+
+def _exclusive(out: str, rank: int | None, world_size: int | None):
+    """A rankless run locks its store (OUT.lock) for its whole length; ranked workers share one store
+    by design (each writes only its own shards)."""
+    import contextlib
+
+    return contextlib.nullcontext() if ranked(rank, world_size) else formats.output_lock(out)
+
+
+def _prepare(out: str, force: bool) -> None:
+    if force:
+        from vlmtools.store import clear_store
+
+        clear_store(out)
+
+
+def _env_int(names: Sequence[str], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None and value.strip():
+            try:
+                return int(value)
+            except ValueError:
+                raise BadInput(f"${name}={value!r}: expected a whole number") from None
+    return default
+
+
+def ranked(rank: int | None = None, world_size: int | None = None) -> bool:
+    """Whether this run is one of several workers (given ranks, or torchrun/SLURM variables)."""
+    return rank is not None or world_size is not None or any(
+        os.environ.get(v, "").strip() for v in ("RANK", "SLURM_PROCID", "WORLD_SIZE", "SLURM_NTASKS"))
 
 
 def worker_slot(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     """This process's (rank, world size), from arguments or torchrun/SLURM variables."""
     if rank is None:
-        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+        rank = _env_int(("RANK", "SLURM_PROCID"), 0)
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+        world_size = _env_int(("WORLD_SIZE", "SLURM_NTASKS"), 1)
     if world_size < 1 or not 0 <= rank < world_size:
         raise BadInput(f"worker rank {rank} is not in [0, {world_size})")
     return rank, world_size
@@ -64,17 +113,15 @@ def check_options(*, dtype: str, shard_size: int, rank: int | None, world_size: 
     worker_slot(rank, world_size)
 
 
-def output_spec(out: str, model: str | None, pretrained: str | None):
+def output_spec(out: str, model: str | None, pretrained: str | None, force: bool = False):
     """The model for writing into ``out``: an existing store's own model unless the user names one (which
     must match it, checked before loading anything); for a new store, the user's spec or the default."""
     from pathlib import Path
 
     from vlmtools.models import ModelSpec, spec_for_store
 
-    info_path = Path(out) / INFO
-    if Path(out).is_dir() and info_path.exists():
-        info = formats.read_json(info_path)
-        formats.check_format(info, formats.STORE_FORMAT, str(info_path))
+    if Path(out).is_dir() and (Path(out) / INFO).exists() and not force:
+        info = read_info(Path(out))
         return spec_for_store(info["model"], model, pretrained)
     return ModelSpec.parse(model, pretrained)
 
@@ -139,6 +186,15 @@ class _ImageDataset:
             return i, None, "file not found"
         except Exception as exc:  # any decoder failure is recorded, never fatal
             return i, None, f"{type(exc).__name__}: {exc}".strip()
+
+
+def _quiet_worker(_: int) -> None:
+    """Decoder processes leave Ctrl-C/SIGTERM to the main process, which stops them without a traceback
+    from each worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _collate(items):
@@ -245,27 +301,41 @@ class _BatchDecoder:
 
 def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int = 64, workers: int | None = None,
                  shard_size: int = 10000, dtype: str = "float16", rank: int | None = None,
-                 world_size: int | None = None, retry_errors: bool = False, decode: str = "auto",
-                 draft: bool = True, sources: Sequence | None = None,
+                 world_size: int | None = None, retry_errors: bool = False, force: bool = False,
+                 decode: str = "auto", draft: bool = True, sources: Sequence | None = None,
                  shard_bounds: Sequence[int] | None = None, extra_info: dict | None = None) -> EmbedSummary:
     """Embed manifest ``records`` with ``encoder`` (a models.Encoder) into the store ``out``.
-    ``retry_errors`` redoes the shards whose inputs failed before (e.g. after fixing the files).
+    ``retry_errors`` redoes the shards whose inputs failed before (e.g. after fixing the files);
+    ``force`` empties an existing store first.
     ``decode``: auto|cpu|gpu (see resolve_decode); ``draft``: JPEG draft decoding on the PIL path.
     ``sources`` (default: each record's path) says where each input's bytes are (wds.read_source);
     ``shard_bounds`` makes store shard k hold input rows [bounds[k], bounds[k+1]) (one per input tar)."""
+    if not records:
+        raise BadInput("no images to embed (empty input)")
+    worker_slot(rank, world_size)
+    with _exclusive(out, rank, world_size):
+        _prepare(out, force)
+        return _embed_images(records, out, encoder, batch_size=batch_size, workers=workers,
+                             shard_size=shard_size, dtype=dtype, rank=rank, world_size=world_size,
+                             retry_errors=retry_errors, decode=decode, draft=draft, sources=sources,
+                             shard_bounds=shard_bounds, extra_info=extra_info)
+
+
+def _embed_images(records, out, encoder, *, batch_size, workers, shard_size, dtype, rank, world_size,
+                  retry_errors, decode, draft, sources, shard_bounds, extra_info) -> EmbedSummary:
     import numpy as np
     import torch
 
-    if not records:
-        raise BadInput("no images to embed (empty input)")
     rank, world_size = worker_slot(rank, world_size)
     path, tensor_pre = resolve_decode(decode, encoder)
     if workers is None:
         workers = default_workers(encoder.device)
     writer = StoreWriter(out, kind="image", model=encoder.spec.as_dict(), dim=encoder.embed_dim, dtype=dtype,
                          shard_size=shard_size, preprocess=encoder.preprocess_description(),
-                         extra_info={**(extra_info or {}), "input_sha": input_digest([r["id"] for r in records]),
-                                     "input_count": len(records)})
+                         extra_info={**(extra_info or {}), "input_sha": input_digest(records),
+                                     "input_count": len(records), "files_sha": files_digest(records, sources),
+                                     **encoder.precision_info()},
+                         renewable=("files_sha",) if retry_errors else ())
     if retry_errors:
         reopened = writer.reopen_failed()
         console.info(f"retrying {len(reopened)} shard(s) with failed inputs" if reopened else
@@ -286,7 +356,7 @@ def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int 
     loader = torch.utils.data.DataLoader(
         _ImageDataset(sources, encoder.preprocess, draft_side, raw_jpeg=path == "gpu"),
         batch_sampler=_shard_batches(todo, ranges, batch_size),
-        num_workers=workers, collate_fn=_collate, pin_memory=on_cuda,
+        num_workers=workers, collate_fn=_collate, pin_memory=on_cuda, worker_init_fn=_quiet_worker,
         persistent_workers=False, prefetch_factor=prefetch_for(workers) if workers > 0 else None)
     shard_of = {}  # last input row of a shard -> the shard
     for k in todo:
@@ -340,7 +410,9 @@ def text_records(path: str, wrap: str = "cbd") -> tuple[list[dict], dict]:
     name = formats.source_name(path)
     rows: list[dict] = []
     source = None
-    descriptor_lines = formats.DescriptorLines(name)
+    # an empty list (as in some published descriptor files) gives no rows; classify scores that class
+    descriptor_lines = formats.DescriptorLines(name, allow_empty=True)
+    empty = []
     for lineno, rec in formats.iter_jsonl(path, allow_plain=True):
         where = f"{name}:{lineno}"
         if isinstance(rec, str):
@@ -359,6 +431,8 @@ def text_records(path: str, wrap: str = "cbd") -> tuple[list[dict], dict]:
         if kind == "descriptors":
             rec = descriptor_lines.check(lineno, rec)
             cls = str(rec["class"])
+            if not rec["descriptors"]:
+                empty.append((lineno, cls))
             for j, (d, k) in enumerate(zip(rec["descriptors"], formats.descriptor_kinds(rec))):
                 rows.append({"id": f"{cls}::{j}", "text": descriptor_sentence(cls, d, wrap), "class": cls,
                              "descriptor": d, "kind": k, "wrap": wrap})
@@ -366,6 +440,12 @@ def text_records(path: str, wrap: str = "cbd") -> tuple[list[dict], dict]:
             rows.append({**rec, "id": str(rec.get("id", len(rows)))})
         else:
             rows.append({"id": str(len(rows)), "text": rec})
+    if empty and not rows:
+        raise BadInput(f"{name}:{empty[0][0]}: class {empty[0][1]!r} has an empty descriptor list, and no class "
+                       f"has descriptors")
+    if empty:
+        console.warn(f"{name}: {len(empty)} classes have an empty descriptor list and get no rows (e.g. "
+                     f"{empty[0][1]!r}); classify --allow-empty scores them")
     if not rows:
         raise BadInput(f"{name}: no texts to embed")
     extras = {"source": "descriptors" if source == "descriptors" else "texts"}
@@ -376,10 +456,18 @@ def text_records(path: str, wrap: str = "cbd") -> tuple[list[dict], dict]:
 
 def embed_texts(rows: Sequence[dict], out: str, encoder, *, batch_size: int = 256, shard_size: int = 10000,
                 dtype: str = "float16", extra_info: dict | None = None, rank: int | None = None,
-                world_size: int | None = None) -> EmbedSummary:
+                world_size: int | None = None, force: bool = False) -> EmbedSummary:
+    worker_slot(rank, world_size)
+    with _exclusive(out, rank, world_size):
+        _prepare(out, force)
+        return _embed_texts(rows, out, encoder, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
+                            extra_info=extra_info, rank=rank, world_size=world_size)
+
+
+def _embed_texts(rows, out, encoder, *, batch_size, shard_size, dtype, extra_info, rank, world_size) -> EmbedSummary:
     rank, world_size = worker_slot(rank, world_size)
-    extra = {**(extra_info or {}), "input_sha": input_digest([r["id"] + "\t" + r["text"] for r in rows]),
-             "input_count": len(rows)}
+    extra = {**(extra_info or {}), "input_sha": input_digest(rows), "input_count": len(rows),
+             **encoder.precision_info()}
     writer = StoreWriter(out, kind="text", model=encoder.spec.as_dict(), dim=encoder.embed_dim, dtype=dtype,
                          shard_size=shard_size, extra_info=extra)
     n_shards = max(1, math.ceil(len(rows) / shard_size))

@@ -12,7 +12,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from rich.markup import escape
 
 from vlmtools import formats
 from vlmtools.console import info
@@ -286,7 +285,7 @@ def evaluate_file(path, *, by: Sequence[str] = (), json_out="-", csv_out=None, p
         write_per_class_csv(csv_out, result)
     if plot_dir is not None:
         for p in write_plots(plot_dir, records, result):
-            info(f"wrote {escape(str(p))}")
+            info(f"wrote {p}")
     write_result(json_out, result)
     return result
 

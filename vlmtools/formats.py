@@ -10,7 +10,8 @@ Documented for users in man/vlmtools-formats.5; keep the two in step.
 - index         index.faiss + index.json ("format": INDEX_FORMAT) inside a store
 - predictions   JSONL, one image per line (see PREDICTION_KEYS)
 - synth world   directory written by `vlmtools synth make` (world.json "format": WORLD_FORMAT): images/,
-                masks/, manifest.jsonl, attributes.jsonl, classes.txt, descriptors.jsonl, captions.jsonl
+                masks/, manifest.jsonl, attributes.jsonl, classes.txt, descriptors.jsonl, captions.jsonl,
+                image_captions.jsonl
 - head          NAME.safetensors (weights) + NAME.json ("format": HEAD_FORMAT): a trained head (see HEAD_KEYS)
 """
 
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +39,7 @@ HEAD_FORMAT = "vlmtools.head/1"
 
 MANIFEST_KEYS = ("id", "path", "label", "split", "mask", "domain")
 DESCRIPTOR_KINDS = ("object", "background")
-PREDICTION_KEYS = ("id", "path", "label", "pred", "topk", "explanation", "explanation_true")
+PREDICTION_KEYS = ("id", "path", "label", "pred", "topk", "explanation", "explanation_true", "precision")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -124,14 +127,72 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+# ----------------------------------------------------------------------------- strict JSON
+# Every JSON input is parsed strictly: a duplicate key would silently keep the last value, and a deeply
+# nested or endless line would end in a RecursionError or eat the memory.
+
+MAX_DEPTH = 64              # nesting levels of [ and { in one JSON value
+MAX_LINE = 64 * 1024 * 1024  # bytes in one JSONL line
+_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET_RE = re.compile(r"[\[\]{}]")
+
+
+class JsonProblem(ValueError):
+    """Valid JSON syntax that vlmtools refuses (a duplicate key, too deep)."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise JsonProblem(f"duplicate key {key!r} in one JSON object")
+            seen.add(key)
+    return out
+
+
+def _check_depth(text: str) -> None:
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return  # cannot be deeper
+    depth = 0
+    for m in _BRACKET_RE.finditer(_STRING_RE.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > MAX_DEPTH:
+            raise JsonProblem(f"JSON nested more than {MAX_DEPTH} levels deep")
+
+
+def parse_json(text: str) -> Any:
+    """json.loads, refusing duplicate keys and deep nesting (JsonProblem); syntax errors raise
+    json.JSONDecodeError as usual."""
+    _check_depth(text)
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except RecursionError:
+        raise JsonProblem(f"JSON nested more than {MAX_DEPTH} levels deep") from None
+
+
+def loads(text: str, where: str) -> Any:
+    """Strict JSON (see parse_json); any problem is BadInput naming ``where`` (a file or file:line)."""
+    try:
+        return parse_json(text)
+    except JsonProblem as exc:
+        raise BadInput(f"{where}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     p = Path(path)
     if not p.exists():
         raise BadInput(f"{p}: no such file")
+    if p.is_dir():
+        raise BadInput(f"{p}: is a directory, expected a JSON file")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"{p}: not valid JSON ({exc})") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"{p}: not UTF-8 text") from None
+    return loads(text, str(p))
 
 
 def dumps_line(record: dict) -> str:
@@ -155,7 +216,9 @@ def _decoded_lines(fh: IO, name: str) -> Iterator[str]:
     if raw is None:  # an in-memory text stream: already decoded
         yield from fh
         return
-    for lineno, line in enumerate(raw, 1):
+    for lineno, line in enumerate(iter(lambda: raw.readline(MAX_LINE + 1), b""), 1):
+        if len(line) > MAX_LINE:
+            raise BadInput(f"{name}:{lineno}: line longer than {MAX_LINE // (1024 * 1024)} MiB; is this a JSONL file?")
         try:
             yield line.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError:
@@ -169,27 +232,40 @@ def read_text(path: str | os.PathLike) -> str:
         return "".join(_decoded_lines(fh, name))
 
 
-def iter_jsonl(path: str | os.PathLike, *, allow_plain: bool = False) -> Iterator[tuple[int, Any]]:
-    """Yield (line_number, record) from a JSONL file or ``-``; blank lines are skipped.
+def iter_jsonl(path: str | os.PathLike, *, allow_plain: bool = False, strip_plain: bool = True,
+               strict: bool = True) -> Iterator[tuple[int, Any]]:
+    """Yield (line_number, record) from a JSONL file or ``-``; blank lines are skipped. Lines are parsed
+    strictly (see parse_json) and limited to MAX_LINE bytes.
 
-    With ``allow_plain``, a line that does not start with ``{`` is yielded as a plain string.
+    With ``allow_plain``, a line that does not start with ``{`` is yielded as a plain string (stripped of
+    surrounding blanks unless ``strip_plain`` is false: then only the line ending is removed, as file
+    names may end in a space). ``strict=False`` skips the duplicate-key and depth checks (about half the
+    parsing time on short lines) for files vlmtools wrote itself, such as store metadata.
     """
     name = source_name(path)
     with open_input(path) as fh:
-        for lineno, line in enumerate(_decoded_lines(fh, name), 1):
-            line = line.strip()
+        for lineno, raw_line in enumerate(_decoded_lines(fh, name), 1):
+            line = raw_line.strip()
             if not line:
                 continue
             if allow_plain and not line.startswith("{"):
-                yield lineno, line
+                yield lineno, line if strip_plain else raw_line.rstrip("\r\n")
+                continue
+            if strict:
+                yield lineno, loads(line, f"{name}:{lineno}")
                 continue
             try:
                 yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadInput(f"{name}:{lineno}: not valid JSON ({exc.msg})") from None
+            except (json.JSONDecodeError, RecursionError):
+                yield lineno, loads(line, f"{name}:{lineno}")  # for the message
 
 
 # ----------------------------------------------------------------------------- manifests
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 def manifest_record(id: str, path: str, label: str | None = None, split: str | None = None,
                     **extra: Any) -> dict:
@@ -205,7 +281,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
     base = None if str(path) == "-" else Path(path).resolve().parent
     records = []
     seen: set[str] = set()
-    for lineno, rec in iter_jsonl(path, allow_plain=True):
+    for lineno, rec in iter_jsonl(path, allow_plain=True, strip_plain=False):
         if isinstance(rec, str):
             rec = {"id": rec, "path": rec}
         if not isinstance(rec, dict) or "path" not in rec:
@@ -213,7 +289,12 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         rec = dict(rec)
         for key in ("path", "mask"):
             if key in rec and rec[key] is not None and not isinstance(rec[key], str):
-                raise BadInput(f"{name}:{lineno}: \"{key}\" must be a string, not {rec[key]!r}")
+                raise BadInput(f"{name}:{lineno}: \"{key}\" must be a string, not {_short(rec[key])}")
+        for key in ("id", "label"):
+            if isinstance(rec.get(key), (list, dict, bool)):
+                raise BadInput(f"{name}:{lineno}: \"{key}\" must be a string or a number, not {_short(rec[key])}")
+        if rec.get("id") is None:
+            rec.pop("id", None)
         rec.setdefault("id", rec["path"])
         rec["id"] = str(rec["id"])
         if rec.get("label") is None:
@@ -381,8 +462,9 @@ EXPLANATION_KINDS = DESCRIPTOR_KINDS + ("name",)
 
 def prediction_record(meta: dict, pred: str, topk: list[tuple[str, float]],
                       explanation: list[dict] | None = None,
-                      explanation_true: list[dict] | None = None) -> dict:
-    """A predictions line: the manifest row's keys, then the prediction keys (which win on a clash)."""
+                      explanation_true: list[dict] | None = None, precision: dict | None = None) -> dict:
+    """A predictions line: the manifest row's keys, then the prediction keys (which win on a clash).
+    ``precision``: {"image", "text"}, the encoder precision each side's embeddings were computed at."""
     record = {k: v for k, v in meta.items() if k not in PREDICTION_KEYS or k in ("id", "path", "label")}
     record["pred"] = pred
     record["topk"] = [{"class": c, "score": s} for c, s in topk]
@@ -390,6 +472,8 @@ def prediction_record(meta: dict, pred: str, topk: list[tuple[str, float]],
         record["explanation"] = explanation
     if explanation_true is not None:
         record["explanation_true"] = explanation_true
+    if precision is not None:
+        record["precision"] = precision
     return record
 
 
@@ -400,6 +484,8 @@ def _check_scored_list(value: Any, key: str, name_key: str, where: str) -> None:
         if (not isinstance(item, dict) or not isinstance(item.get(name_key), str)
                 or not isinstance(item.get("score"), (int, float)) or isinstance(item.get("score"), bool)):
             raise BadInput(f"{where}: each \"{key}\" entry needs a string \"{name_key}\" and a numeric \"score\"")
+        if not math.isfinite(item["score"]):
+            raise BadInput(f"{where}: \"{key}\" holds a score of {item['score']} (NaN/inf: a damaged store or run?)")
 
 
 def validate_prediction(rec: Any, where: str, *, require_label: bool = False) -> dict:
@@ -444,6 +530,100 @@ def read_predictions(path: str | os.PathLike, *, require_label: bool = False) ->
 def write_predictions(path: str | os.PathLike | None, records: Iterable[dict]) -> int:
     """Write predictions JSONL (atomically to a file, or ``-`` for stdout); returns the count."""
     return write_jsonl(path, records)
+
+
+# ----------------------------------------------------------------------------- output locks
+# An output that a run appends to over time (describe's JSONL, a store filled without ranks) carries a
+# lock file beside it, PATH.lock, holding {"pid", "host", "started"}. A second run exits 2 naming the
+# holder; a lock whose process is gone (same host) is stale and taken over with a warning.
+
+def lock_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_name(p.name.rstrip("/") + ".lock")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    except OSError:
+        return False
+    return True
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    """The lock's record, or None when it is stale (its process is gone, or the file is torn)."""
+    import socket
+
+    try:
+        rec = json.loads(lock.read_text(encoding="utf-8"))
+        pid = int(rec["pid"])
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if rec.get("host") == socket.gethostname() and not pid_alive(pid):
+        return None
+    return rec
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold PATH.lock while the block runs; BadInput if a live process holds it."""
+    import socket
+    import time
+
+    from vlmtools.console import warn
+
+    lock = lock_path(path)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise BadInput(f"{path}: cannot be created (a parent is not a directory)") from None
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = _lock_holder(lock)
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            if holder is not None:
+                raise BadInput(f"{path}: another vlmtools run is writing it (pid {holder.get('pid')} on "
+                               f"{holder.get('host')}, since {holder.get('started')}); wait for it to finish, "
+                               f"or remove {lock} if that process is gone") from None
+            warn(f"{lock}: removing a stale lock left by a run that ended without cleaning up")
+            lock.unlink(missing_ok=True)
+            continue
+        except PermissionError:
+            raise BadInput(f"{lock}: permission denied (cannot lock the output)") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        break
+    else:
+        raise BadInput(f"{path}: could not take the lock {lock}; try again")
+    try:
+        yield lock
+    finally:
+        try:
+            if json.loads(lock.read_text(encoding="utf-8")).get("pid") == os.getpid():
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def failpoint(name: str) -> None:
+    """Fault injection for the test suite: when $VLMTOOLS_FAILPOINT is ``name`` the process kills itself
+    (SIGKILL, like `kill -9`) right here; ``name=stop`` stops it (SIGSTOP) instead. No-op otherwise."""
+    wanted = os.environ.get("VLMTOOLS_FAILPOINT")
+    if wanted and wanted.split("=")[0] == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGSTOP if wanted.endswith("=stop") else signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- heads

@@ -10,18 +10,33 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 DRAFT_FACTOR = 2  # JPEG draft (DCT-scaled) decoding only while the image stays >= 2x the model's side
 
 
-def load_rgb(path, draft_side: int | None = None):
-    """Open an image (a path or a file object) as RGB. CMYK, palette, grayscale, 16-bit and alpha images
-    are converted (alpha is composited on white, 16-bit is scaled down rather than clipped). With
-    ``draft_side``, a JPEG whose shorter side is at least 2x ``draft_side`` is decoded at a reduced scale
-    (``Image.draft``: 1/2, 1/4 or 1/8 in the DCT) that keeps the shorter side >= 2x ``draft_side``; the
-    bicubic resize that follows sees as many pixels as it needs. Raises on unreadable files."""
+def load_rgb(path, draft_side: int | None = None, name: str | None = None):
+    """Open an image (a path, or a file object named ``name`` in messages) as RGB. CMYK, palette,
+    grayscale, 16-bit and alpha images are converted (alpha is composited on white, 16-bit is scaled down
+    by its mode's range rather than clipped or stretched). Above PIL's pixel limit a warning names the
+    file; above twice that (a decompression bomb), ValueError. With ``draft_side``, a JPEG whose shorter
+    side is at least 2x ``draft_side`` is decoded at a reduced scale (``Image.draft``: 1/2, 1/4 or 1/8 in
+    the DCT) that keeps the shorter side >= 2x ``draft_side``; the bicubic resize that follows sees as many
+    pixels as it needs. Raises on unreadable files."""
     import numpy as np
     from PIL import Image
 
     from PIL import ImageOps
 
-    with Image.open(path) as img:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as exc:
+            raise ValueError(f"{name or path}: image too large to decode safely ({exc})") from None
+    if any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught):
+        from vlmtools.console import warn
+
+        w, h = img.size
+        warn(f"{name or path}: a very large image ({w}x{h} = {w * h / 1e6:.0f} megapixels); decoding it takes much memory")
+    with img:
         if draft_side and img.format == "JPEG" and min(img.size) >= DRAFT_FACTOR * draft_side:
             w, h = img.size
             scale = DRAFT_FACTOR * draft_side / min(w, h)
@@ -29,9 +44,10 @@ def load_rgb(path, draft_side: int | None = None):
         img.load()
         img = ImageOps.exif_transpose(img)  # phone photos store rotation in EXIF
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # The mode decides the scale, never the values: a dark 16-bit image stays dark. "I" is how
+            # Pillow opens 16-bit PNG/TIFF greyscale; its full range is 0..65535 as well.
             arr = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+            img = Image.fromarray(np.clip(arr / 65535.0 * 255.0, 0, 255).astype(np.uint8), "L")
         elif img.mode == "F":
             arr = np.asarray(img, dtype=np.float64)
             lo, hi = float(arr.min()), float(arr.max())

@@ -27,6 +27,12 @@ DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
 PACKAGED_TAG = "vlmtools"  # pretrained tag meaning "weights shipped in vlmtools/weights/"
 RANDOM_TAGS = ("none", "random", "")
+# fp32: float32 weights, no autocast. fp16: half weights as OpenAI's clip.load on CUDA (what Menon &
+# Vondrick ran; open_clip's precision="fp16": linear/conv/attention weights in half, LayerNorm in float32).
+# bf16: float32 weights under bfloat16 autocast (CPU and CUDA). amp: the device's autocast (bf16, else
+# fp16, on CUDA; none on CPU).
+PRECISIONS = ("fp32", "fp16", "bf16", "amp")
+DEFAULT_PRECISION = "amp"
 
 
 def packaged_configs() -> dict[str, Path]:
@@ -106,6 +112,19 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def compute_precision(precision: str, device: str) -> str:
+    """What ``precision`` means on ``device`` (already resolved): fp32, fp16 or bf16."""
+    if precision not in PRECISIONS:
+        raise BadInput(f"--precision {precision!r}: expected one of {'|'.join(PRECISIONS)}")
+    if precision != "amp":
+        return precision
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
 def _register_packaged_configs() -> None:
     import open_clip
 
@@ -132,14 +151,23 @@ def _offline_help(spec: ModelSpec, cause: BaseException) -> str:
 
 
 class Encoder:
-    """An open_clip model ready to encode: preprocess transform, tokenizer, device and AMP policy."""
+    """An open_clip model ready to encode: preprocess transform, tokenizer, device and precision
+    (``precision`` as asked, one of PRECISIONS; ``compute`` what it means here: fp32, fp16 or bf16).
+    The model must have been built for the precision (load_model does: fp16 weights for fp16)."""
 
-    def __init__(self, spec: ModelSpec, model, preprocess, tokenizer, device: str):
+    def __init__(self, spec: ModelSpec, model, preprocess, tokenizer, device: str,
+                 precision: str = DEFAULT_PRECISION):
         self.spec = spec
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
+        self.precision = precision
+        self.compute = compute_precision(precision, device)
+
+    def precision_info(self) -> dict:
+        """What stores and predictions record: {"precision": as asked, "compute": as run}."""
+        return {"precision": self.precision, "compute": self.compute}
 
     @property
     def embed_dim(self) -> int:
@@ -154,21 +182,23 @@ class Encoder:
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
     def autocast(self):
+        """bf16 autocast, or amp's autocast on CUDA; nothing for fp32 and fp16 (half weights)."""
         import contextlib
 
         import torch
 
-        if self.device.startswith("cuda"):
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        if self.precision == "fp16" or self.compute == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.compute == "bf16" else torch.float16
+        return torch.autocast("cuda" if self.device.startswith("cuda") else "cpu", dtype=dtype)
 
     def encode_image_tensor(self, images):
         """images: a preprocessed float tensor batch -> L2-normalized float32 torch tensor on CPU."""
         import torch
 
+        dtype = torch.float16 if self.precision == "fp16" else None  # half weights take half inputs
         with torch.inference_mode(), self.autocast():
-            feats = self.model.encode_image(images.to(self.device, non_blocking=True))
+            feats = self.model.encode_image(images.to(self.device, dtype=dtype, non_blocking=True))
         feats = feats.float()
         return torch.nn.functional.normalize(feats, dim=-1).cpu()
 
@@ -187,18 +217,46 @@ class Encoder:
             return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)
 
+    def encode_text_tokens(self, texts: list[str], batch_size: int = 256):
+        """Texts -> (token features (N, L, width) float16 numpy, mask (N, L) bool): the text tower's last
+        hidden states after ln_final, before pooling and projection (what a Q-Former attends to). L is
+        the longest tokenized text; mask marks real tokens. Only CLIP-style text towers have them."""
+        import numpy as np
+        import torch
+
+        m = self.model
+        if not all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
+            raise BadInput(f"{self.spec}: its text tower does not expose token features (a CLIP-style "
+                           f"transformer is needed for this)")
+        feats, masks = [], []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start:start + batch_size])).to(self.device)
+            with torch.inference_mode(), self.autocast():
+                cast = m.transformer.get_cast_dtype()
+                x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
+                x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+            feats.append(x.float().cpu().numpy().astype(np.float16))
+            masks.append((tokens != 0).cpu().numpy())
+        if not feats:
+            return np.zeros((0, 1, 1), np.float16), np.zeros((0, 1), bool)
+        mask = np.concatenate(masks)
+        length = max(1, int(mask.any(axis=0).nonzero()[0].max()) + 1) if mask.any() else 1
+        return np.concatenate(feats)[:, :length], mask[:, :length]
+
     def preprocess_description(self) -> str:
         return repr(self.preprocess).replace("\n", " ")
 
 
-def load_model(spec: ModelSpec, device: str = "auto") -> Encoder:
-    """Build the model for ``spec``; raise ModelUnavailable with an actionable message on failure."""
+def load_model(spec: ModelSpec, device: str = "auto", precision: str = DEFAULT_PRECISION) -> Encoder:
+    """Build the model for ``spec`` at ``precision`` (PRECISIONS); raise ModelUnavailable with an
+    actionable message on failure."""
     import torch
 
     _register_packaged_configs()
     import open_clip
 
     device = resolve_device(device)
+    compute_precision(precision, device)  # BadInput before any loading
     schema = spec.name.split(":", 1)[0] + ":" if spec.name.startswith(("hf-hub:", "local-dir:")) else None
     if schema is None and spec.name not in open_clip.list_models():
         raise BadInput(f"unknown model {spec.name!r}; `vlmtools models` lists the available ones")
@@ -232,10 +290,17 @@ def load_model(spec: ModelSpec, device: str = "auto") -> Encoder:
     try:
         with _quiet_loggers():
             model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.name, pretrained=pretrained, device="cpu")
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise ModelUnavailable(_offline_help(spec, exc)) from None
-    except Exception as exc:  # huggingface_hub / requests errors when offline
+                spec.name, pretrained=pretrained, device="cpu",
+                precision="fp16" if precision == "fp16" else "fp32")
+    except Exception as exc:
+        if pretrained is not None and Path(pretrained).is_file():
+            # torch's own message here advises weights_only=False, i.e. unpickling an untrusted file: never
+            raise BadInput(f"--pretrained {pretrained}: not a checkpoint of {spec.name} that can be loaded "
+                           f"safely ({type(exc).__name__}); pass a state-dict file (.safetensors, .pt, .bin) "
+                           f"written for this model") from None
+        if isinstance(exc, (RuntimeError, OSError, ValueError)):
+            raise ModelUnavailable(_offline_help(spec, exc)) from None
+        # huggingface_hub / requests errors when offline
         if type(exc).__module__.startswith(("huggingface_hub", "requests", "urllib3", "httpx")):
             raise ModelUnavailable(_offline_help(spec, exc)) from None
         raise
@@ -252,7 +317,7 @@ def load_model(spec: ModelSpec, device: str = "auto") -> Encoder:
                                    f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(spec.name)
-    return Encoder(spec, model, preprocess, tokenizer, device)
+    return Encoder(spec, model, preprocess, tokenizer, device, precision)
 
 
 @contextmanager

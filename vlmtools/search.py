@@ -130,7 +130,8 @@ def _load_images(paths: Sequence[str]):
 
 
 def encode_queries(reader, texts: Sequence[str] = (), images: Sequence[str] = (), query_store: str | None = None,
-                   model: str | None = None, pretrained: str | None = None, device: str = "auto"):
+                   model: str | None = None, pretrained: str | None = None, device: str = "auto",
+                   precision: str = "amp"):
     """Query vectors (Q, dim) and a name for each (the text, the image path, or the query store row's id).
     The model is loaded only for text and image queries; a query store must share the store's model."""
     import numpy as np
@@ -147,7 +148,7 @@ def encode_queries(reader, texts: Sequence[str] = (), images: Sequence[str] = ()
     if texts or images:
         from vlmtools.models import load_model
 
-        enc = load_model(spec, device)
+        enc = load_model(spec, device, precision)
         if texts:
             vectors.append(enc.encode_texts(list(texts)))
             names += list(texts)
@@ -188,7 +189,7 @@ def hit_records(reader, scores, rows, names: Sequence[str]) -> list[dict]:
 
 def search(store: str | Path, texts: Sequence[str] = (), images: Sequence[str] = (),
            query_store: str | None = None, k: int = 10, model: str | None = None, pretrained: str | None = None,
-           device: str = "auto", exact: bool = False, nprobe: int | None = None,
+           device: str = "auto", exact: bool = False, precision: str = "amp", nprobe: int | None = None,
            rerank: int | None = None) -> list[dict]:
     """Search a store: encode the queries with its model, find the k nearest rows for each, return hits."""
     from vlmtools.console import info
@@ -200,7 +201,7 @@ def search(store: str | Path, texts: Sequence[str] = (), images: Sequence[str] =
         if value is not None and value < (1 if name == "--nprobe" else 0):
             raise BadInput(f"{name} must be at least {1 if name == '--nprobe' else 0} (got {value})")
     reader = open_store(store)
-    vectors, names = encode_queries(reader, texts, images, query_store, model, pretrained, device)
+    vectors, names = encode_queries(reader, texts, images, query_store, model, pretrained, device, precision)
     scores, rows, method = search_vectors(reader, vectors, k, exact=exact, nprobe=nprobe, rerank=rerank)
     info(f"{len(names)} quer{'y' if len(names) == 1 else 'ies'}, top {min(k, len(reader))} of {len(reader)} rows "
          f"({method})")

@@ -32,8 +32,10 @@ class StoreWriter:
     """Writes one worker's shards into a store directory, and info.json (count null until complete)."""
 
     def __init__(self, path: str | Path, *, kind: str, model: dict, dim: int, dtype: str = "float16",
-                 shard_size: int = 10000, preprocess: str | None = None, extra_info: dict | None = None):
+                 shard_size: int = 10000, preprocess: str | None = None, extra_info: dict | None = None,
+                 renewable: Sequence[str] = ()):
         check_layout(dtype, shard_size)
+        self.renewable = set(renewable)  # extra_info keys that may differ from the store's (then updated)
         self.path = Path(path)
         self.kind, self.model, self.dim, self.dtype = kind, model, dim, dtype
         self.shard_size, self.preprocess = shard_size, preprocess
@@ -53,15 +55,16 @@ class StoreWriter:
             if any(not _is_temp(p) for p in self.path.iterdir()):
                 raise BadInput(f"{self.path}: exists and is not an empty directory or a vlmtools store")
             return None
-        info = formats.read_json(info_path)
-        formats.check_format(info, formats.STORE_FORMAT, str(info_path))
+        info = read_info(self.path)
         checks = [("kind", self.kind), ("model", self.model), ("dim", self.dim), ("dtype", self.dtype),
                   ("shard_size", self.shard_size)] + list(self.extra_info.items())
         for key, mine in checks:
-            if info.get(key) != mine:
+            if info.get(key) != mine and key not in self.renewable:
                 this_run = {**info, key: mine, "input_count": self.extra_info.get("input_count")}
+                fix = ("pass --retry-errors if you fixed images that had failed, or --force to rebuild it"
+                       if key == "files_sha" else "use another output directory, or pass --force to rebuild it")
                 raise StoreMismatch(f"{self.path} already holds a store {_describe(key, info)}; this run has "
-                                    f"{_describe(key, this_run)}. Use another output directory or delete it")
+                                    f"{_describe(key, this_run)}: {fix}")
         return info
 
     def _write_info(self, count: int | None) -> None:
@@ -111,9 +114,11 @@ class StoreWriter:
         else:
             (self.path / errors_name(stem)).unlink(missing_ok=True)
         formats.write_jsonl(self.path / formats.meta_name(stem), meta)
+        formats.failpoint(f"store.mid_shard:{shard}")
         with formats.atomic_path(self.path / formats.emb_name(stem)) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, emb)
+        formats.failpoint(f"store.after_shard:{shard}")
 
     def finalize(self, expected_shards: int | None = None) -> dict | None:
         """Once all ``expected_shards`` are on disk, count their rows and write the final info.json.
@@ -127,6 +132,7 @@ class StoreWriter:
             formats.write_jsonl(self.path / ERRORS, errors)
         else:
             (self.path / ERRORS).unlink(missing_ok=True)
+        formats.failpoint("store.finalize")
         self._write_info(count=count)
         return formats.read_json(self.path / INFO)
 
@@ -137,8 +143,33 @@ def _describe(key: str, info: dict) -> str:
     if key == "model" and isinstance(value, dict):
         return f"model {value.get('name')} (pretrained={value.get('pretrained')})"
     if key == "input_sha":
-        return f"input of {info.get('input_count')} rows with digest {value}"
+        return f"input of {info.get('input_count')} rows with digest {value} (ids, paths, labels, ...)"
+    if key == "files_sha":
+        return f"image files with size/mtime digest {value} (a file was replaced or touched)"
     return f"{key}={value!r}"
+
+
+def _is_store_file(name: str) -> bool:
+    return (name in (INFO, ERRORS, "index.faiss", "index.json") or _SHARD_RE.match(name) is not None
+            or re.match(r"^(meta|errors)-.+\.jsonl$", name) is not None
+            or (name.startswith(".") and name.endswith(".tmp")))
+
+
+def clear_store(path: str | Path) -> None:
+    """Empty a store directory for --force: only the files a store is made of; anything else there is
+    refused (it may not be a store at all)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise BadInput(f"{path}: is a file; a store is a directory")
+    files = list(path.iterdir())
+    foreign = [f.name for f in files if not _is_store_file(f.name)]
+    if foreign:
+        raise BadInput(f"{path}: holds files that are not part of a store ({', '.join(sorted(foreign)[:3])}); "
+                       f"--force only replaces a store")
+    for f in files:
+        f.unlink()
 
 
 def errors_name(stem: str) -> str:
@@ -159,9 +190,172 @@ def _shard_files(path: Path) -> list[tuple[str, Path]]:
 
 
 def _shard_rows(path: Path) -> list[tuple[str, int]]:
+    return [(stem, shard_header(f)[0][0]) for stem, f in _shard_files(path)]
+
+
+# ----------------------------------------------------------------------------- validation
+# One validator for every reader (classify, search, index, eval's stores, `store check`): it names the
+# file and what is wrong before any work starts, instead of a traceback from numpy or a wrong answer.
+
+class StoreProblem(BadInput):
+    """A store on disk that cannot be read as it is."""
+
+
+def shard_header(f: Path) -> tuple[tuple, str, int]:
+    """(shape, dtype name, data offset) of an .npy shard from its header alone; StoreProblem if the header
+    is damaged, the array holds Python objects, or the file is shorter than its header says."""
     import numpy as np
 
-    return [(stem, int(np.load(f, mmap_mode="r").shape[0])) for stem, f in _shard_files(path)]
+    try:
+        with open(f, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(fh)
+            offset = fh.tell()
+        size = f.stat().st_size
+    except (ValueError, OSError, EOFError) as exc:
+        raise StoreProblem(f"{f}: not a readable .npy shard ({' '.join(str(exc).split())[:120]})") from None
+    if dtype.hasobject:
+        raise StoreProblem(f"{f}: holds Python objects (dtype {dtype}); a shard holds float16/float32 "
+                           f"numbers only, and vlmtools never unpickles")
+    if dtype.name not in DTYPES:
+        raise StoreProblem(f"{f}: dtype {dtype.name}; a shard holds float16 or float32")
+    if len(shape) != 2:
+        raise StoreProblem(f"{f}: shape {shape}; a shard is a 2-D (rows, dim) array")
+    expected = offset + shape[0] * shape[1] * dtype.itemsize
+    if size < expected:
+        raise StoreProblem(f"{f}: truncated ({size} bytes, its header promises {expected})")
+    return shape, dtype.name, offset
+
+
+def _count_lines(f: Path) -> int:
+    with open(f, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def check_info(info, where: str) -> dict:
+    """info.json's shape: a JSON object of our format with kind, model, dim, dtype and count."""
+    if not isinstance(info, dict):
+        raise StoreProblem(f"{where}: expected a JSON object, found a {type(info).__name__}")
+    formats.check_format(info, formats.STORE_FORMAT, where)
+    if info.get("kind") not in ("image", "text"):
+        raise StoreProblem(f"{where}: \"kind\" must be \"image\" or \"text\", not {info.get('kind')!r}")
+    model = info.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise StoreProblem(f"{where}: \"model\" must be an object with a \"name\" (the model that wrote the store)")
+    dim = info.get("dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise StoreProblem(f"{where}: \"dim\" must be a positive whole number, not {dim!r}")
+    if info.get("dtype") not in DTYPES:
+        raise StoreProblem(f"{where}: \"dtype\" must be one of {', '.join(DTYPES)}, not {info.get('dtype')!r}")
+    count = info.get("count")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        raise StoreProblem(f"{where}: \"count\" must be a whole number or null, not {count!r}")
+    return info
+
+
+def read_info(path: Path) -> dict:
+    info_path = path / INFO
+    if not info_path.exists():
+        raise BadInput(f"{path}: not a vlmtools store (no {INFO})")
+    return check_info(formats.read_json(info_path), str(info_path))
+
+
+def validate_shards(path: Path, info: dict) -> list[tuple[str, Path, int]]:
+    """(stem, emb file, rows) of every shard, each checked against info (dim) and its meta file
+    (row count); StoreProblem naming the first bad file."""
+    shards = []
+    for stem, f in _shard_files(path):
+        (rows, dim), _, _ = shard_header(f)
+        if dim != info["dim"]:
+            raise StoreProblem(f"{f}: rows of dim {dim}, but {INFO} says dim {info['dim']} (shards of "
+                               f"different models mixed in one store?)")
+        meta = path / formats.meta_name(stem)
+        if not meta.exists():
+            raise StoreProblem(f"{f}: its metadata {meta.name} is missing")
+        n_meta = _count_lines(meta)
+        if n_meta != rows:
+            raise StoreProblem(f"{f}: {rows} rows but {meta.name} has {n_meta} lines")
+        shards.append((stem, f, rows))
+    count = info.get("count")
+    total = sum(n for _, _, n in shards)
+    if count is not None and total != count:
+        raise StoreProblem(f"{path}: the shards hold {total} rows but {INFO} counts {count}; the store is "
+                           f"damaged (rerun the embed command with --force)")
+    return shards
+
+
+def check_finite(emb, f, first_row: int = 0) -> None:
+    """StoreProblem if a row holds NaN or inf (a damaged shard would give arbitrary predictions)."""
+    import numpy as np
+
+    finite = np.isfinite(emb).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise StoreProblem(f"{f}: {len(bad)} row(s) hold NaN or inf values (first: row {int(bad[0]) + first_row}); "
+                           f"the store is damaged (rerun the embed command with --force)")
+
+
+def load_shard(f: Path):
+    """A validated shard, memory-mapped, never unpickled; NaN/inf rows refused."""
+    import numpy as np
+
+    shard_header(f)
+    emb = np.load(f, mmap_mode="r", allow_pickle=False)
+    check_finite(emb, f)
+    return emb
+
+
+def check_store(path: str | Path, deep: bool = True) -> dict:
+    """The report `vlmtools store check` prints: {"store", "ok", "problems", "rows", "shards",
+    "missing_shards", "errors", "duplicate_ids", "info"}. ``deep`` also reads every row (NaN/inf) and
+    every id (duplicates)."""
+    path = Path(path)
+    report: dict = {"store": str(path), "ok": False, "problems": [], "rows": 0, "shards": 0,
+                    "missing_shards": [], "errors": 0, "duplicate_ids": 0, "info": None}
+    problems = report["problems"]
+    try:
+        if not path.is_dir():
+            raise BadInput(f"{path}: {'is a file, not a store directory' if path.exists() else 'no such store directory'}")
+        info = report["info"] = read_info(path)
+        shards = validate_shards(path, info)
+    except BadInput as exc:
+        problems.append(str(exc))
+        return report
+    report["rows"] = sum(n for _, _, n in shards)
+    report["shards"] = len(shards)
+    expected = info.get("input_count"), info.get("shard_size")
+    if all(isinstance(v, int) and v > 0 for v in expected):
+        import math
+
+        have = {int(stem) for stem, _, _ in shards if stem.isdigit()}
+        report["missing_shards"] = [k for k in range(math.ceil(expected[0] / expected[1])) if k not in have]
+    if info.get("count") is None:
+        missing = report["missing_shards"]
+        problems.append(f"{path}: incomplete (an embed run did not finish"
+                        + (f"; shards {', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''} "
+                           f"are missing: with --world-size W, shard k belongs to rank k mod W" if missing else "")
+                        + "); rerun it to resume")
+    errors = path / ERRORS
+    report["errors"] = _count_lines(errors) if errors.exists() else 0
+    if deep:
+        import numpy as np
+
+        seen: set[str] = set()
+        for stem, f, _ in shards:
+            try:
+                check_finite(np.load(f, mmap_mode="r", allow_pickle=False), f)
+                for lineno, rec in formats.iter_jsonl(path / formats.meta_name(stem)):
+                    key = str(rec.get("id")) if isinstance(rec, dict) else None
+                    if key in seen:
+                        report["duplicate_ids"] += 1
+                        if report["duplicate_ids"] == 1:
+                            problems.append(f"{path / formats.meta_name(stem)}:{lineno}: duplicate id {key!r}")
+                    seen.add(key)
+            except BadInput as exc:
+                problems.append(str(exc))
+    report["ok"] = not problems
+    return report
 
 
 class StoreReader:
@@ -171,13 +365,10 @@ class StoreReader:
         self.path = Path(path)
         if not self.path.is_dir():
             raise BadInput(f"{self.path}: {'is a file, not a store directory' if self.path.exists() else 'no such store directory'}")
-        info_path = self.path / INFO
-        if not info_path.exists():
-            raise BadInput(f"{self.path}: not a vlmtools store (no {INFO})")
-        self.info = formats.read_json(info_path)
-        formats.check_format(self.info, formats.STORE_FORMAT, str(info_path))
+        self.info = read_info(self.path)
         if self.info.get("count") is None:
             raise BadInput(f"{self.path}: the store is incomplete (an embed run did not finish); rerun it to resume")
+        self._shards = validate_shards(self.path, self.info)
         self._emb = None
         self._meta = None
 
@@ -204,9 +395,9 @@ class StoreReader:
         """(embeddings memmap, meta rows) per shard, in row order."""
         import numpy as np
 
-        for stem, f in _shard_files(self.path):
-            emb = np.load(f, mmap_mode="r")
-            meta = [rec for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem))]
+        for stem, f, _ in self._shards:
+            emb = load_shard(f)
+            meta = [rec for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem), strict=False)]
             if len(meta) != emb.shape[0]:
                 raise BadInput(f"{f}: {emb.shape[0]} rows but {len(meta)} meta rows; the store is damaged")
             yield emb, meta
@@ -214,10 +405,8 @@ class StoreReader:
     def emb_shards(self):
         """Embedding shards only (memory-mapped), in row order: for index building and exact search
         over stores too large to parse every meta row."""
-        import numpy as np
-
-        for _, f in _shard_files(self.path):
-            yield np.load(f, mmap_mode="r")
+        for _, f, _ in self._shards:
+            yield load_shard(f)
 
     @property
     def embeddings(self):
@@ -225,7 +414,7 @@ class StoreReader:
         import numpy as np
 
         if self._emb is None:
-            parts = [np.load(f, mmap_mode="r") for _, f in _shard_files(self.path)]
+            parts = [load_shard(f) for _, f, _ in self._shards]
             self._emb = (np.concatenate(parts).astype(np.float32, copy=False) if parts
                          else np.zeros((0, self.dim), dtype=np.float32))
             self._check_rows(len(self._emb), "embedding")
@@ -234,17 +423,15 @@ class StoreReader:
     def row_view(self, rows=None) -> "RowView":
         """The embedding rows (all, or the store rows ``rows``) as a lazily read matrix: slicing it reads
         only those rows from the memory-mapped shards, as float32 (bounded memory for stores of any size)."""
-        import numpy as np
-
-        view = RowView([np.load(f, mmap_mode="r") for _, f in _shard_files(self.path)], self.dim, rows)
+        view = RowView([load_shard(f) for _, f, _ in self._shards], self.dim, rows)
         self._check_rows(view.total, "embedding")
         return view
 
     @property
     def meta(self) -> list[dict]:
         if self._meta is None:
-            self._meta = [rec for stem, _ in _shard_files(self.path)
-                          for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem))]
+            self._meta = [rec for stem, _, _ in self._shards
+                          for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem), strict=False)]
             self._check_rows(len(self._meta), "meta")
         return self._meta
 
@@ -328,3 +515,86 @@ def write_arrays(path: str | Path, embeddings, meta: Sequence[dict], *, kind: st
         writer.write_shard(shard, emb[start:start + shard_size], meta[start:start + shard_size])
     writer.finalize()
     return open_store(path)
+
+
+def store_summary(path: str | Path) -> dict:
+    """What `vlmtools store info` shows: the store's settings and counts, read from info.json and the
+    shard headers (cheap: no rows are read)."""
+    report = check_store(path, deep=False)
+    if report["info"] is None:
+        raise BadInput(report["problems"][0])
+    info = report["info"]
+    p = Path(path)
+    return {"store": str(p), "kind": info["kind"], "model": info["model"], "dim": info["dim"],
+            "dtype": info["dtype"], "rows": report["rows"], "count": info.get("count"),
+            "complete": info.get("count") is not None, "shards": report["shards"],
+            "shard_size": info.get("shard_size"), "missing_shards": report["missing_shards"],
+            "errors": report["errors"], "index": (p / "index.faiss").exists(),
+            "bytes": sum(f.stat().st_size for f in p.iterdir() if f.is_file()),
+            "problems": report["problems"]}
+
+
+def list_shards(path: str | Path) -> list[dict]:
+    """One row per shard for `vlmtools store ls`: name, rows, dtype, bytes, meta lines, failed inputs."""
+    p = Path(path)
+    if not p.is_dir():
+        raise BadInput(f"{p}: {'is a file, not a store directory' if p.exists() else 'no such store directory'}")
+    read_info(p)
+    rows = []
+    for stem, f in _shard_files(p):
+        try:
+            (n, dim), dtype, _ = shard_header(f)
+            problem = None
+        except StoreProblem as exc:
+            n, dim, dtype, problem = None, None, None, str(exc)
+        meta, errs = p / formats.meta_name(stem), p / errors_name(stem)
+        rows.append({"shard": f.name, "rows": n, "dim": dim, "dtype": dtype, "bytes": f.stat().st_size,
+                     "meta_rows": _count_lines(meta) if meta.exists() else None,
+                     "errors": _count_lines(errs) if errs.exists() else 0, "problem": problem})
+    return rows
+
+
+def export_parquet(path: str | Path, out: str | Path) -> list[Path]:
+    """Write the store's metadata as Parquet beside nothing else: OUT/meta-XXXXX.parquet, one per shard,
+    row-aligned with emb-XXXXX.npy (embedding-reader's "parquet_npy" layout: sorted names, equal counts).
+    Image stores get an ``image_path`` column, text stores a ``caption`` column (clip-retrieval's names).
+    Values that are not scalars are written as JSON text."""
+    import json
+
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BadInput("store export needs pyarrow: pip install 'vlmtools[parquet]'") from None
+    reader = open_store(path)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out}: is a file; -o names a directory for the Parquet files")
+    if out.exists() and any(out.glob("meta-*.parquet")):
+        raise BadInput(f"{out}: already holds Parquet metadata; use an empty directory")
+    written = []
+    alias = {"image": ("image_path", "path"), "text": ("caption", "text")}[reader.kind]
+    for stem, _, _ in reader._shards:
+        meta = [rec for _, rec in formats.iter_jsonl(reader.path / formats.meta_name(stem), strict=False)]
+        columns: dict[str, list] = {}
+        for rec in meta:
+            for key in rec:
+                columns.setdefault(key, [])
+        if alias[1] in columns and alias[0] not in columns:
+            columns[alias[0]] = []
+        for rec in meta:
+            for key, values in columns.items():
+                value = rec.get(alias[1] if key == alias[0] and key not in rec else key)
+                values.append(json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value)
+        table = pa.table({k: pa.array(v) if _scalar_column(v) else pa.array([None if x is None else str(x) for x in v])
+                          for k, v in columns.items()})
+        target = out / f"meta-{stem}.parquet"
+        with formats.atomic_path(target) as tmp:
+            pq.write_table(table, tmp)
+        written.append(target)
+    return written
+
+
+def _scalar_column(values: list) -> bool:
+    kinds = {type(v) for v in values if v is not None}
+    return len(kinds) <= 1 or kinds <= {int, float}

@@ -18,7 +18,8 @@ app = typer.Typer(
 
 # Each module defines register(app). Modules that are not written yet are skipped, so the app grows
 # as command groups land.
-COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "train", "synth", "demo"]
+COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "train", "synth", "demo",
+                   "store"]
 
 
 def _register_all() -> None:
@@ -56,4 +57,8 @@ _register_all()
 
 
 def main() -> None:
-    app()
+    from vlmtools.cli.common import guard_std_streams, handle_errors
+
+    guard_std_streams()
+    # What escapes the commands' own handlers (option parsing, group callbacks) gets the same treatment.
+    handle_errors(app)()

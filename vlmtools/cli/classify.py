@@ -7,7 +7,11 @@ from typing import List, Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors, subgroup
+from vlmtools.cli.common import (DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, choices, handle_errors,
+                                 plain, require_stdout, subgroup)
+from vlmtools.prompts import EMPTY_RULES
+
+Empty = choices("Empty", EMPTY_RULES)
 
 
 def _check_choice(value: Optional[str], choices, option: str) -> None:
@@ -27,18 +31,23 @@ def register(app: typer.Typer) -> None:
         classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Class list: one per line, a manifest "
                                               "(its labels) or descriptor JSONL (clip default: the store's "
                                               "labels; cbd default: the descriptors' classes)"),
-        templates: Optional[str] = typer.Option(None, "--templates", "-t", help="clip: bare | photo | openai80 | "
-                                                "FILE (one template per line, {} = class) (default: photo)"),
+        templates: Optional[str] = typer.Option(None, "--templates", "-t", help="clip: bare | photo | birds "
+                                                "(\"a photo of a {}, a type of bird.\") | openai80 | FILE (one "
+                                                "template per line, {} = class) (default: photo)"),
         descriptors: Optional[str] = typer.Option(None, "--descriptors", "-d", help="cbd: descriptor JSONL "
                                                   "(from `vlmtools describe`), or - for stdin"),
         wrap: Optional[str] = typer.Option(None, "--wrap", help="cbd: 'cbd' embeds \"{class}, which is/has "
-                                           "{descriptor}\", 'none' the descriptor as written (default: cbd)"),
+                                           "{descriptor}\", 'waffle' \"A photo of a {class}, which is/has "
+                                           "{descriptor}.\" (WaffleCLIP's form), 'none' the descriptor as written "
+                                           "(default: cbd, or the text store's)"),
         aggregate: str = typer.Option("mean", "--aggregate", help="cbd: class score over its descriptors: "
                                       "mean | max | sum"),
         background: str = typer.Option("include", "--background", help="cbd: descriptors of kind background: "
                                        "include | exclude | only"),
         allow_empty: bool = typer.Option(False, "--allow-empty", help="cbd: score classes with no descriptors "
-                                         "by their name instead of refusing them"),
+                                         "(missing, empty list) by their name instead of refusing them"),
+        empty: Empty = typer.Option("menon", "--empty", callback=plain, help="cbd: how a class with no descriptors is scored: "
+                                  "menon (\"{class}, which has \", as Menon & Vondrick) | name (the bare name)"),
         text_store: Optional[Path] = typer.Option(None, "--text-store", help="Text store from `vlmtools embed "
                                                   "text` to take text embeddings from (others are encoded)"),
         k: int = typer.Option(5, "-k", "--top-k", help="Classes listed per image in \"topk\"."),
@@ -57,6 +66,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,
+        precision: Precision = PrecisionOpt,
     ) -> None:
         """Classify stored image embeddings zero-shot: CLIP prompts or descriptors (CBD); NDJSON per image.
 
@@ -65,6 +75,7 @@ def register(app: typer.Typer) -> None:
         the mean over its descriptors, whose similarities are written as the explanation. With --head,
         a head trained by `vlmtools train` scores them (same output contract, no explanation)."""
         from vlmtools.classify import AGGREGATES, BACKGROUND, METHODS, classify_store
+        from vlmtools.prompts import WRAPS
 
         if head is not None:
             from vlmtools.errors import BadInput
@@ -81,15 +92,16 @@ def register(app: typer.Typer) -> None:
             return
 
         _check_choice(method, METHODS, "--method")
-        _check_choice(wrap, ("cbd", "none"), "--wrap")
+        _check_choice(wrap, WRAPS, "--wrap")
         _check_choice(aggregate, AGGREGATES, "--aggregate")
         _check_choice(background, BACKGROUND, "--background")
+        require_stdout(output)
         # the model is the image store's; --model/--pretrained may name it, and must match it
         classify_store(image_store, output, model=model, pretrained=pretrained, method=method, classes=classes,
                        templates=templates, descriptors=descriptors, wrap=wrap, aggregate=aggregate,
-                       background=background, allow_empty=allow_empty, text_store=text_store, k=k,
+                       background=background, allow_empty=allow_empty, empty=empty, text_store=text_store, k=k,
                        explain=explain, explain_true=explain_true, where=where, device=device,
-                       use_cache=not no_cache)
+                       use_cache=not no_cache, precision=precision)
 
     eval_app = subgroup(app, "eval", "Evaluate predictions: `vlmtools eval PRED.jsonl` (accuracy tables), "
                         "`vlmtools eval compare A.jsonl B.jsonl` (paired, with McNemar's test). Options of the first "
@@ -150,7 +162,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Per-descriptor scores of the predicted (and, with classify --explain-true, the true) class."""
         from rich.console import Console
-        from rich.markup import escape
 
         from vlmtools import formats
         from vlmtools.console import info
@@ -172,4 +183,4 @@ def register(app: typer.Typer) -> None:
             out.print()
         if png is not None:
             paths = save_figures(chosen, png, max_descriptors=top)
-            info(f"wrote {len(paths)} figure(s) to {escape(str(png))}")
+            info(f"wrote {len(paths)} figure(s) to {png}")

@@ -6,45 +6,129 @@ import functools
 import sys
 from typing import Callable, Optional
 
+from enum import Enum
+
 import typer
 
 from vlmtools.errors import VlmError
+from vlmtools.models import DEFAULT_PRECISION, PRECISIONS
+
+
+DEBUG_ENV = "VLMTOOLS_DEBUG"
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout went away (`vlmtools search ... | head`): point fd 1 at /dev/null so that
+    Python's final flush does not complain, and end quietly."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def handle_errors(func: Callable) -> Callable:
-    """Turn library errors into a one-line message on stderr and an exit code (2 for bad input)."""
+    """Turn what escapes a command into a one-line message on stderr and an exit code: 2 for bad input,
+    1 for a partial failure, 3 for an internal error (a bug: VLMTOOLS_DEBUG=1 shows the traceback),
+    130 when interrupted; a closed pipe on stdout ends quietly with 0."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        import click
+
+        from vlmtools.console import error
+
         try:
             return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except VlmError as exc:
-            from vlmtools.console import error
-
             error(str(exc))
             raise typer.Exit(exc.exit_code)
         except UnicodeDecodeError as exc:
-            from vlmtools.console import error
-
             error(f"input is not UTF-8 text ({exc.reason} at byte {exc.start})")
             raise typer.Exit(2)
         except BrokenPipeError:
-            # `vlmtools search ... | head`: the reader went away; that is not an error.
-            sys.stderr.close()
+            _quiet_stdout()
             raise typer.Exit(0)
         except OSError as exc:  # permission denied, disk full, ...: say so in one line
-            from vlmtools.console import error
-
             where = f"{exc.filename}: " if exc.filename else ""
             error(f"{where}{exc.strerror or exc}")
             raise typer.Exit(1)
         except KeyboardInterrupt:
-            from vlmtools.console import error
-
             error("interrupted")
             raise typer.Exit(130)
+        except Exception as exc:  # a bug: one line, not a traceback (unless asked for)
+            import os
+
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            what = " ".join(str(exc).split())[:200]
+            error(f"internal error: {type(exc).__name__}{': ' + what if what else ''} -- please report it; "
+                  f"rerun with {DEBUG_ENV}=1 for the traceback")
+            raise typer.Exit(3)
 
     return wrapper
+
+
+class ClosedStream:
+    """Stands in for a standard stream that was closed at startup (`>&-`, `0<&-`): reading or writing
+    it is bad input (exit 2) instead of an AttributeError on None."""
+
+    def __init__(self, name: str, hint: str):
+        self.name, self.hint = name, hint
+        self.closed = False
+        self.encoding = "utf-8"
+        self.errors = "strict"
+
+    def _refuse(self, *args, **kwargs):
+        from vlmtools.errors import BadInput
+
+        raise BadInput(f"{self.name} is closed; {self.hint}")
+
+    write = writelines = read = readline = readlines = fileno = _refuse
+
+    def __iter__(self):
+        self._refuse()
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return self.name == "stdin"
+
+    def writable(self) -> bool:
+        return self.name == "stdout"
+
+
+def require_stdout(output: str | None = "-") -> None:
+    """Refuse before any work when results would go to a closed stdout (they would be lost)."""
+    if output in (None, "-") and isinstance(sys.stdout, ClosedStream):
+        sys.stdout.write("")
+
+
+def guard_std_streams() -> None:
+    """Replace closed standard streams, and make SIGTERM end a run like Ctrl-C (exit 130, workers
+    stopped, stores resumable)."""
+    import signal
+
+    if sys.stdout is None:
+        sys.stdout = ClosedStream("stdout", "pass -o FILE, or leave stdout open")
+    if sys.stdin is None:
+        sys.stdin = ClosedStream("stdin", "pass a file instead of '-'")
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread (tests running the app in a thread)
+        pass
 
 
 ModelOpt = typer.Option(None, "--model", "-m", help="open_clip model: ViT-B-32, hf-hub:org/repo, "
@@ -53,6 +137,25 @@ PretrainedOpt = typer.Option(None, "--pretrained", "-p", help="pretrained tag (o
                              "a checkpoint path, or 'none' for random weights (default: openai; 'vlmtools' "
                              "for packaged models)")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N")
+
+
+
+def choices(name: str, values) -> type[Enum]:
+    """An Enum of ``values``, as an option's type, so that --help shows a|b|c; give the option
+    ``callback=plain`` and the command gets the plain string."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+def plain(value):
+    return value.value if isinstance(value, Enum) else value
+
+
+# For every command that encodes; the values are vlmtools.models.PRECISIONS (a light module).
+Precision = choices("Precision", PRECISIONS)
+PrecisionOpt = typer.Option(DEFAULT_PRECISION, "--precision", callback=plain,
+                            help="Encoder precision: fp32; fp16 (half weights, as OpenAI CLIP on CUDA and the "
+                                 "CBD paper); bf16 (bfloat16 autocast); amp (autocast on CUDA: bf16, else "
+                                 "fp16; fp32 on CPU).")
 
 
 def model_spec(model: Optional[str], pretrained: Optional[str]):

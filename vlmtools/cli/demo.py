@@ -47,15 +47,18 @@ def register(app: typer.Typer) -> None:
         No network or GPU needed. Every step is a real `vlmtools` command, written to OUT/pipeline.sh."""
         import time
 
+        from rich.markup import escape
+
         from vlmtools import console, demo, formats
 
         demo.prepare_out(out, force, classes, per_class)
         steps = demo.pipeline(classes, per_class, seed, device)
         script = demo.write_script(out, steps)
-        console.info(f"[bold]vlmtools demo[/bold]: the pipeline below is also in {script}")
+        console.info(f"[bold]vlmtools demo[/bold]: the pipeline below is also in {escape(str(script))}", markup=True)
         start = time.perf_counter()
         for n, step in enumerate(steps, 1):
-            console.info(f"[bold cyan]{n}/{len(steps)} {step.title}[/bold cyan]\n  $ {step.shell()}")
+            console.info(f"[bold cyan]{n}/{len(steps)} {escape(step.title)}[/bold cyan]\n  $ {escape(step.shell())}",
+                         markup=True)
             for d in ("predictions", "eval", "explanations", "descriptors"):
                 (out / d).mkdir(exist_ok=True)
             _run_step(app, step, out)

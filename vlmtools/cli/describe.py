@@ -6,10 +6,14 @@ from typing import Optional
 
 import typer
 
-from vlmtools.cli.common import handle_errors
+from vlmtools.cli.common import choices, handle_errors, plain
 
-STYLE_HELP = ("cbd (Menon & Vondrick's exact prompt), domain (worked examples from the target domain), "
-              "background (also surroundings/habitat, marked in \"kinds\"), structured (named fields), "
+# vlmtools.describe.llm.APIS, spelled out here: importing it would load vlmtools.describe for every
+# `vlmtools --help` (a test keeps the two in step).
+Api = choices("Api", ("chat", "completions"))
+STYLE_HELP = ("cbd (Menon & Vondrick's exact prompt), domain (worked examples from the target domain; "
+              "--exemplars cub: study 000's Sooty Albatross), background (also surroundings/habitat, marked in "
+              "\"kinds\"; --exemplars cub: study 000's prompt with the habitat bullet), structured (named fields), "
               "sentences (caption-like sentences), waffle (random words/characters, no LLM)")
 
 
@@ -26,7 +30,10 @@ def register(app: typer.Typer) -> None:
         # None means the library's DEFAULT_MODEL, named here only for --help: importing it would load
         # vlmtools.describe for every `vlmtools --help` (a test keeps the two in step).
         model: Optional[str] = typer.Option(None, "--model", "-m", envvar="VLMTOOLS_LLM_MODEL",
-                                            show_default="gpt-4o-mini", help="Chat model name on the server."),
+                                            show_default="gpt-4o-mini", help="Model name on the server."),
+        api: Api = typer.Option("chat", "--api", callback=plain, help="chat (/v1/chat/completions, the prompt as a user message) "
+                                "| completions (/v1/completions, the prompt as is, as the CBD paper's GPT-3; "
+                                "instruct models, servers that only offer completions)"),
         base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL",
                                                show_default="OpenAI", help="OpenAI-compatible server (vLLM, "
                                                "Ollama, llama.cpp), e.g. http://localhost:8000/v1"),
@@ -38,8 +45,11 @@ def register(app: typer.Typer) -> None:
         concurrency: int = typer.Option(4, "--concurrency", "-j", help="Requests in flight."),
         timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request attempt."),
         max_retries: int = typer.Option(4, "--max-retries", help="Retries on 429/5xx/timeouts, with backoff."),
-        exemplars: Optional[str] = typer.Option(None, "--exemplars", help="Worked examples (domain/background): "
-                                                "text blocks 'name' + '- ' lines, or a descriptor JSON/JSONL."),
+        exemplars: Optional[str] = typer.Option(None, "--exemplars", "--exemplar", help="Worked examples "
+                                                "(domain/background): a shipped set (cub: study 000's Sooty "
+                                                "Albatross; cbd; background) or a file: text blocks 'name' + "
+                                                "'- ' lines (`vlmtools descriptors exemplars cub > my.txt` "
+                                                "copies one to edit), or a descriptor JSON/JSONL."),
         domain: Optional[str] = typer.Option(None, "--domain", help="Ask the LLM once for a worked example "
                                              "from this domain, e.g. 'bird species'."),
         fields: Optional[str] = typer.Option(None, "--fields", help="structured: comma-separated fields.",
@@ -50,6 +60,9 @@ def register(app: typer.Typer) -> None:
         prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="Own template with {class} "
                                                   "(also {exemplars}, {domain}, {fields}, {count})."),
         keep_raw: bool = typer.Option(False, "--keep-raw", help="Also store the raw answers (\"raw\": [...])."),
+        strict_parse: bool = typer.Option(False, "--strict-parse", help="Keep only '- ' lines, as Menon's parser "
+                                          "(an answer without any gives an empty list); by default such answers "
+                                          "fall back to a loose parser (numbered lists, JSON), counted at the end."),
         resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip classes already in the output; "
                                     "--no-resume starts it over (the old file is replaced at the first new "
                                     "class, so a run that gets none keeps it)."),
@@ -63,8 +76,13 @@ def register(app: typer.Typer) -> None:
         print_prompts: bool = typer.Option(False, "--print-prompts", help="Print {\"class\", \"prompt\"} lines "
                                            "and exit without asking for descriptors."),
         waffle_count: int = typer.Option(15, "--waffle-count", help="waffle: random descriptor pairs per class."),
-        seed: int = typer.Option(0, "--seed", help="waffle: random seed."),
+        seed: int = typer.Option(0, "--seed", help="waffle: random seed (the first, with --draws)."),
         waffle_words: Optional[str] = typer.Option(None, "--waffle-words", help="waffle: word list file."),
+        waffle_chars: Optional[str] = typer.Option(None, "--waffle-chars", help="waffle: draw characters from "
+                                                   "this descriptor file's (as WaffleCLIP does from the GPT "
+                                                   "descriptors)", show_default="a-z0-9"),
+        draws: int = typer.Option(1, "--draws", help="waffle: this many draws (seeds SEED, SEED+1, ...), one file "
+                                  "each, draw-SEED.jsonl in the -o directory; WaffleCLIP reports their mean."),
     ) -> None:
         """Ask an LLM which visual features identify each class; write one JSONL line per class."""
         from vlmtools.describe.styles import STYLES
@@ -77,8 +95,12 @@ def register(app: typer.Typer) -> None:
         if style == "waffle":
             from vlmtools.describe.run import run_waffle
 
-            run_waffle(names, output=output, count=waffle_count, seed=seed, words=waffle_words)
+            run_waffle(names, output=output, count=waffle_count, seed=seed, words=waffle_words, chars=waffle_chars,
+                       draws=draws)
             return
+        for flag, value in (("--draws", draws != 1), ("--waffle-chars", waffle_chars)):
+            if value:
+                raise BadInput(f"{flag} applies to --style waffle")
 
         from vlmtools.describe.cache import ResponseCache, default_cache_dir
         from vlmtools.describe.llm import LLMClient
@@ -92,9 +114,10 @@ def register(app: typer.Typer) -> None:
         if fields is not None and not field_list:
             raise BadInput("--fields: give at least one field name")
         cache = None if no_cache else ResponseCache(cache_dir or default_cache_dir())
-        client = LLMClient(model, base_url, timeout=timeout, max_retries=max_retries, cache=cache)
+        client = LLMClient(model, base_url, timeout=timeout, max_retries=max_retries, cache=cache, api=api)
         plan = make_plan(style, client, prompt_file=prompt_file, exemplars=exemplars, domain=domain,
-                         fields=field_list, count=count, temperature=temperature, max_tokens=max_tokens)
+                         fields=field_list, count=count, temperature=temperature, max_tokens=max_tokens,
+                         strict=strict_parse)
         if print_prompts:
             for name in names:
                 typer.echo(dumps_line({"class": name, "prompt": plan.prompt(name)}), nl=False)
@@ -145,6 +168,25 @@ def register(app: typer.Typer) -> None:
         obj = export_dict(read_any_descriptors(file), kind)
         with open_output(output) as fh:
             fh.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+    @group.command("exemplars")
+    @handle_errors
+    def exemplars_cmd(
+        name: Optional[str] = typer.Argument(None, help="A shipped set to print (cub, cbd, background)."),
+    ) -> None:
+        """List the shipped worked-example sets for `describe --exemplars`, or print one (to copy and edit)."""
+        from vlmtools.describe.styles import exemplar_path, exemplar_sets
+        from vlmtools.errors import BadInput
+        from vlmtools.formats import read_text
+
+        sets = exemplar_sets()
+        if name is None:
+            for set_name, path in sets.items():
+                typer.echo(f"{set_name}\t{path}")
+            return
+        if name not in sets:
+            raise BadInput(f"no shipped exemplar set {name!r} (known: {', '.join(sets)})")
+        typer.echo(read_text(exemplar_path(name)), nl=False)
 
     @group.command("stats")
     @handle_errors

@@ -7,16 +7,19 @@ from typing import Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors
+from vlmtools.cli.common import DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, handle_errors
 
 embed_app = typer.Typer(help="Embed images or texts into a store (sharded NPY + JSONL meta + info.json).",
                         no_args_is_help=True)
 
 OutOpt = typer.Option(..., "--output", "-o", help="Store directory to write (resumed if it exists).")
 ShardOpt = typer.Option(10000, "--shard-size", help="Rows per shard (the unit of resume).")
-DtypeOpt = typer.Option("float16", "--dtype", help="float16 or float32.")
+DtypeOpt = typer.Option("float16", "--dtype", help="Stored as float16 (half the disk) or float32 (as "
+                        "computed; what the reproduction scripts use).")
 RankOpt = typer.Option(None, "--rank", help="This worker's rank (default: $RANK or $SLURM_PROCID or 0).")
 WorldOpt = typer.Option(None, "--world-size", help="Number of workers (default: $WORLD_SIZE or $SLURM_NTASKS or 1).")
+ForceOpt = typer.Option(False, "--force", help="Rebuild an existing store from scratch (e.g. after the input "
+                        "changed); only a store's own files are removed.")
 JsonOpt = typer.Option(False, "--json", help="Also print the run summary as one JSON line on stdout.")
 
 
@@ -42,6 +45,7 @@ def images_cmd(
     model: Optional[str] = ModelOpt,
     pretrained: Optional[str] = PretrainedOpt,
     device: str = DeviceOpt,
+    precision: Precision = PrecisionOpt,
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0,
                                           help="DataLoader worker processes that read and decode images "
@@ -55,6 +59,7 @@ def images_cmd(
     world_size: Optional[int] = WorldOpt,
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Try the inputs that failed before again "
                                       "(after fixing them); their shards are redone."),
+    force: bool = ForceOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """Embed the images of a manifest or of webdataset tars (one store shard per tar; a tar sample's .json
@@ -64,10 +69,11 @@ def images_cmd(
     from vlmtools.models import load_model
 
     check_options(dtype=dtype, shard_size=shard_size, rank=rank, world_size=world_size)
-    spec = output_spec(output, model, pretrained)
-    summary = embed_image_input(manifest, output, lambda: load_model(spec, device), batch_size=batch_size,
-                                workers=workers, shard_size=shard_size, dtype=dtype, rank=rank,
-                                world_size=world_size, retry_errors=retry_errors, decode=decode.value)
+    spec = output_spec(output, model, pretrained, force)
+    summary = embed_image_input(manifest, output, lambda: load_model(spec, device, precision),
+                                batch_size=batch_size, workers=workers, shard_size=shard_size, dtype=dtype,
+                                rank=rank, world_size=world_size, retry_errors=retry_errors, force=force,
+                                decode=decode.value)
     _emit(summary, json_)
 
 
@@ -80,13 +86,16 @@ def text_cmd(
     model: Optional[str] = ModelOpt,
     pretrained: Optional[str] = PretrainedOpt,
     device: str = DeviceOpt,
+    precision: Precision = PrecisionOpt,
     wrap: str = typer.Option("cbd", "--wrap", help="For descriptors: 'cbd' embeds \"{class}, which has "
-                             "{descriptor}\" (the CBD paper's rule); 'none' embeds the descriptor as written."),
+                             "{descriptor}\" (the CBD paper's rule); 'waffle' \"A photo of a {class}, which has "
+                             "{descriptor}.\" (WaffleCLIP's); 'none' embeds the descriptor as written."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
     shard_size: int = ShardOpt,
     dtype: str = DtypeOpt,
     rank: Optional[int] = RankOpt,
     world_size: Optional[int] = WorldOpt,
+    force: bool = ForceOpt,
     json_: bool = JsonOpt,
 ) -> None:
     """Embed texts. Descriptor JSONL keeps class, descriptor and kind in each row's meta."""
@@ -95,9 +104,9 @@ def text_cmd(
 
     rows, extras = text_records(source, wrap)
     check_options(dtype=dtype, shard_size=shard_size, rank=rank, world_size=world_size)
-    encoder = load_model(output_spec(output, model, pretrained), device)
+    encoder = load_model(output_spec(output, model, pretrained, force), device, precision)
     summary = embed_texts(rows, output, encoder, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
-                          extra_info=extras, rank=rank, world_size=world_size)
+                          extra_info=extras, rank=rank, world_size=world_size, force=force)
     _emit(summary, json_)
 
 

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from vlmtools.cli.common import DeviceOpt, ModelOpt, PretrainedOpt, handle_errors
+from vlmtools.cli.common import DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, handle_errors, require_stdout
 
 
 def register(app: typer.Typer) -> None:
@@ -29,15 +29,17 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,
+        precision: Precision = PrecisionOpt,
     ) -> None:
         """Search a store; rows {rank, score, id, path|text, label, ...} (+ query when there are several)."""
         from vlmtools.errors import BadInput
         from vlmtools.formats import dumps_line
         from vlmtools.search import search
 
+        require_stdout()
         hits = search(store, texts=text or (), images=image or (), query_store=query_store, k=k, model=model,
                       pretrained=pretrained, device=device, exact=exact,
-                      nprobe=nprobe, rerank=rerank)
+                      precision=precision, nprobe=nprobe, rerank=rerank)
         if files:
             if any("path" not in h for h in hits):
                 raise BadInput(f"{store}: its rows have no paths (a text store?); drop -f/--files")

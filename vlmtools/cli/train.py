@@ -6,6 +6,7 @@ typer options, and turned into a FitOptions by ``fit_options``: every `train X` 
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -31,6 +32,16 @@ ValFractionOpt = typer.Option(None, "--val-fraction", help="Share of each class'
 HeadOutOpt = typer.Option(..., "--output", "-o", help="The head to write: NAME (writes NAME.json and "
                           "NAME.safetensors).")
 JsonOpt = typer.Option(False, "--json", help="Print the training summary as one JSON line on stdout.")
+
+
+class Balance(str, Enum):
+    class_ = "class"
+    global_ = "global"
+
+
+class Arch(str, Enum):
+    mlp = "mlp"
+    qformer = "qformer"
 
 
 def fit_options(epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int, patience: int,
@@ -84,3 +95,112 @@ def register(app: typer.Typer) -> None:
         options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
         emit(train_probe(image_store, output, options=options, where=where, val_where=val_where,
                          val_fraction=val_fraction, model=model, pretrained=pretrained), json_)
+
+    @train.command("t2i")
+    @handle_errors
+    def t2i_cmd(
+        text_store: Path = typer.Argument(..., help="Text store of captions whose rows carry the \"image_id\" "
+                                          "of an image (`vlmtools embed text` of {\"id\", \"image_id\", "
+                                          "\"text\"} JSONL)."),
+        images: Path = typer.Option(..., "--images", help="The image store the captions' image_id refer to."),
+        output: str = HeadOutOpt,
+        arch: Arch = typer.Option(Arch.mlp, "--arch", help="mlp: residual 2-layer MLP on the pooled text "
+                                  "embedding; qformer: learned queries cross-attending to the text tower's "
+                                  "token features (needs the model)."),
+        contrastive_weight: float = typer.Option(0.5, "--contrastive-weight", help="Weight of the in-batch "
+                                                 "text->image InfoNCE term (temperature 0.05) beside the "
+                                                 "cosine loss (weight 1)."),
+        where: List[str] = typer.Option([], "--where", help="Train only on images whose manifest KEY=VALUE "
+                                        "(repeatable)."),
+        val_where: List[str] = typer.Option([], "--val-where", help="Val images: those whose KEY=VALUE, "
+                                            "instead of --val-fraction."),
+        val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of the images (with "
+                                                     "all their captions) held out, seeded (default 0.1)."),
+        epochs: int = EpochsOpt,
+        lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
+        weight_decay: float = WeightDecayOpt,
+        batch_size: int = BatchSizeOpt,
+        seed: int = SeedOpt,
+        patience: int = PatienceOpt,
+        device: str = DeviceOpt,
+        model: Optional[str] = ModelOpt,
+        pretrained: Optional[str] = PretrainedOpt,
+        json_: bool = JsonOpt,
+    ) -> None:
+        """Text -> image translator on caption/image pairs (study 001's Q-Former step).
+
+        Loss: (1 - cosine to the paired image embedding) + 0.5 x in-batch contrastive; early stopping on val
+        text->image recall@1. Reports val recall@1/5 before (raw text embeddings) and after translation."""
+        from vlmtools.heads.t2i import train_t2i
+
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        emit(train_t2i(text_store, output, images=images, options=options, arch=arch.value, where=where,
+                       val_where=val_where, val_fraction=val_fraction, contrastive_weight=contrastive_weight,
+                       model=model, pretrained=pretrained), json_)
+
+    @train.command("adapter")
+    @handle_errors
+    def adapter_cmd(
+        image_store: Path = typer.Argument(..., help="Image store with labels (`vlmtools embed images`)."),
+        text: Path = typer.Option(..., "--text", help="Text store of text samples: descriptor JSONL embedded "
+                                  "with `embed text` (one sample per sentence, its \"class\"), or captions "
+                                  "with \"image_id\" (the image's label)."),
+        output: Optional[str] = typer.Option(None, "--output", "-o", help="The head NAME (NAME.json + "
+                                             "NAME.safetensors); with --sweep, a directory for all heads "
+                                             "(optional there)."),
+        image_ratio: float = typer.Option(1.0, "--image-ratio", help="Share R of each class's training "
+                                          "images kept (round half up, at least 1 when R > 0); the other "
+                                          "slots are that class's text samples."),
+        balance: Balance = typer.Option(Balance.class_, "--balance", help="class: R per class (the study's "
+                                        "fix); global: R of all images at random, texts at random (the "
+                                        "earlier, imbalanced protocol)."),
+        t2i: Optional[Path] = typer.Option(None, "--t2i", help="A t2i head (`train t2i`) to translate the "
+                                           "text samples into the image space first."),
+        image_only: bool = typer.Option(False, "--image-only", help="Train on the kept images alone (no "
+                                        "text samples)."),
+        sweep: Optional[str] = typer.Option(None, "--sweep", help="Comma-separated image ratios, e.g. "
+                                            "1.0,0.9,...,0.0: one image-only and one image+text head per "
+                                            "ratio; the table goes to stdout (TSV, or NDJSON with --json)."),
+        plots: Optional[Path] = typer.Option(None, "--plots", help="With --sweep: write adapter_sweep.png "
+                                             "(accuracy vs image ratio) here."),
+        test_where: List[str] = typer.Option([], "--test-where", help="Report accuracy on rows whose "
+                                             "KEY=VALUE (e.g. split=test); --sweep's table uses them, else "
+                                             "the val rows."),
+        where: List[str] = WhereOpt,
+        val_where: List[str] = ValWhereOpt,
+        val_fraction: Optional[float] = ValFractionOpt,
+        epochs: int = EpochsOpt,
+        lr: float = LrOpt,
+        weight_decay: float = WeightDecayOpt,
+        batch_size: int = BatchSizeOpt,
+        seed: int = SeedOpt,
+        patience: int = PatienceOpt,
+        device: str = DeviceOpt,
+        model: Optional[str] = ModelOpt,
+        pretrained: Optional[str] = PretrainedOpt,
+        json_: bool = typer.Option(False, "--json", help="The training summary (or --sweep's rows) as "
+                                   "NDJSON on stdout."),
+    ) -> None:
+        """Study 001's adapter: one FC layer on image embeddings mixed with text embeddings as images.
+
+        Each class keeps its number of training slots: R of them real images, the rest its text samples
+        (raw text embeddings, or translated by --t2i). --sweep trains the study's whole table."""
+        from vlmtools.errors import BadInput
+        from vlmtools.heads.adapter import check_ratio, parse_ratios, sweep_adapter, train_adapter
+
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        check_ratio(image_ratio)
+        if sweep is not None:
+            if image_only:
+                raise BadInput("--image-only and --sweep: a sweep trains both kinds already")
+            sweep_adapter(image_store, text_store=text, options=options, ratios=parse_ratios(sweep),
+                          balance=balance.value, t2i=t2i, where=where, val_where=val_where,
+                          val_fraction=val_fraction, test_where=test_where, out_dir=output, json_lines=json_,
+                          plots=plots, model=model, pretrained=pretrained)
+            return
+        if plots is not None:
+            raise BadInput("--plots applies to --sweep")
+        emit(train_adapter(image_store, output, text_store=text, options=options, image_ratio=image_ratio,
+                           balance=balance.value, t2i=t2i, image_only=image_only, where=where,
+                           val_where=val_where, val_fraction=val_fraction, test_where=test_where, model=model,
+                           pretrained=pretrained), json_)

@@ -12,7 +12,8 @@ from statistics import mean
 
 from vlmtools.console import warn
 from vlmtools.errors import BadInput
-from vlmtools.formats import descriptor_kinds, descriptor_record, read_descriptors, read_text, source_name
+from vlmtools.formats import (JsonProblem, descriptor_kinds, descriptor_record, parse_json, read_descriptors,
+                              read_text, source_name)
 
 IMPORT_FORMATS = ("cbd", "cupl")
 EXPORT_FORMATS = ("cbd",)
@@ -42,9 +43,11 @@ def read_any_descriptors(path: str | Path, style: str | None = None) -> list[dic
     where = source_name(path)
     text = read_text(path)
     try:
-        obj = json.loads(text)
+        obj = parse_json(text)
     except json.JSONDecodeError:
-        obj = None
+        obj = None  # maybe JSONL
+    except JsonProblem as exc:
+        raise BadInput(f"{where}: {exc}") from None
     if obj is not None and not _looks_like_record(obj):
         return records_from_dict(obj, where, style)
     if str(path) == "-":
@@ -56,11 +59,12 @@ def import_descriptors(path: str | Path, fmt: str = "cbd") -> list[dict]:
     if fmt not in IMPORT_FORMATS:
         raise BadInput(f"--format {fmt!r}: expected one of {', '.join(IMPORT_FORMATS)}")
     where = source_name(path)
-    text = read_text(path)
     try:
-        obj = json.loads(text)
+        obj = parse_json(read_text(path))
     except json.JSONDecodeError as exc:
         raise BadInput(f"{where}: not a JSON object ({exc.msg} at line {exc.lineno})") from None
+    except JsonProblem as exc:
+        raise BadInput(f"{where}: {exc}") from None
     return records_from_dict(obj, where, style=fmt)
 
 

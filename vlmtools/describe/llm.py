@@ -1,4 +1,6 @@
-"""A thin wrapper over the openai client: one chat request in, one answer (text) out.
+"""A thin wrapper over the openai client: one request in, one answer (text) out. ``api="chat"`` (the
+default) sends the prompt as a user message to /v1/chat/completions; ``api="completions"`` sends it as is
+to /v1/completions, as Menon & Vondrick did (instruct models, local servers that only offer completions).
 
 Retries with backoff on 408/409/429/5xx, connection errors and timeouts are the openai client's own
 (`max_retries`, `timeout`; it honours the server's retry-after / retry-after-ms headers). A request that
@@ -23,6 +25,7 @@ DEFAULT_MAX_RETRIES = 4
 LOCAL_PLACEHOLDER_KEY = "sk-local-no-key"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+APIS = ("chat", "completions")
 
 
 class LLMError(VlmError):
@@ -53,17 +56,39 @@ def resolve_api_key(base_url: str | None) -> str:
                    "(a server on localhost/127.0.0.1 via --base-url works without one)")
 
 
-def redact(text: str, secret: str | None) -> str:
-    """Replace the secret wherever it appears (short secrets are left alone: too likely to be words)."""
-    if secret and len(secret) >= 8:
-        return text.replace(secret, "[redacted]")
+def redact(text: str, *secrets: str | None) -> str:
+    """Replace each secret wherever it appears (short secrets are left alone: too likely to be words)."""
+    for secret in secrets:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "[redacted]")
     return text
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The credentials inside a URL (``https://user:pass@host/``), longest first."""
+    parts = urlparse(url or "")
+    found = [v for v in (parts.password, parts.username) if v]
+    if parts.username and parts.password:
+        found.insert(0, f"{parts.username}:{parts.password}")
+    return found
+
+
+def public_url(url: str) -> str:
+    """The URL without credentials: what may be printed, cached or written."""
+    parts = urlparse(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"[redacted]@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
 
 
 class LLMClient:
     def __init__(self, model: str | None = None, base_url: str | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES,
-                 cache: ResponseCache | None = None):
+                 cache: ResponseCache | None = None, api: str = "chat"):
+        if api not in APIS:
+            raise BadInput(f"--api {api!r}: expected one of {'|'.join(APIS)}")
         if timeout <= 0:
             raise BadInput(f"--timeout {timeout}: must be positive")
         if max_retries < 0:
@@ -71,6 +96,8 @@ class LLMClient:
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         self._given_url = base_url
         self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._url_secrets = url_secrets(self.base_url)
+        self.shown_url = public_url(self.base_url)  # never the credentials: in messages, cache, output
         self._key = os.environ.get("OPENAI_API_KEY", "").strip() or None
         self._client = None  # built on first use: printing prompts needs no key
         self._lock = threading.Lock()
@@ -78,6 +105,7 @@ class LLMClient:
         self.timeout = timeout
         self.max_retries = max_retries
         self.cache = cache
+        self.api = api
 
     def check_key(self) -> None:
         """BadInput now, before anything is written, if no key can be used for this server."""
@@ -88,17 +116,21 @@ class LLMClient:
             if self._client is None:
                 from openai import OpenAI
 
-                self._key = resolve_api_key(self._given_url)
+                self._key = resolve_api_key(self._given_url and public_url(self._given_url))
                 self._client = OpenAI(api_key=self._key, base_url=self.base_url, timeout=self.timeout,
                                       max_retries=self.max_retries)
             return self._client
 
     def redact(self, text: str) -> str:
-        return redact(text, self._key)
+        """``text`` without the API key or the base URL's credentials (answers may echo them)."""
+        return redact(text.replace(self.base_url, self.shown_url), self._key, *self._url_secrets)
 
     def request(self, prompt: str, *, temperature: float, max_tokens: int, sample: int = 0) -> dict:
         """The request's identity: what the cache is keyed on (no key, no timeouts)."""
-        return {"base_url": self.base_url, "model": self.model,
+        if self.api == "completions":
+            return {"base_url": self.shown_url, "model": self.model, "api": "completions", "prompt": prompt,
+                    "temperature": temperature, "max_tokens": max_tokens, "sample": sample}
+        return {"base_url": self.shown_url, "model": self.model,
                 "messages": [{"role": "user", "content": prompt}],
                 "temperature": temperature, "max_tokens": max_tokens, "sample": sample}
 
@@ -108,8 +140,9 @@ class LLMClient:
         if self.cache is not None:
             hit = self.cache.get(request)
             if hit is not None:
-                return Answer(hit["text"], hit.get("finish_reason"), cached=True)
+                return Answer(self.redact(hit["text"]), hit.get("finish_reason"), cached=True)
         text, finish_reason = self._ask(request)
+        text = self.redact(text)  # a server may echo the key or the URL's credentials
         if self.cache is not None and text.strip():
             self.cache.put(request, text, finish_reason)
         return Answer(text, finish_reason, cached=False)
@@ -119,35 +152,44 @@ class LLMClient:
 
         tries = f"after {self.max_retries} retries" if self.max_retries else "(no retries)"
         try:
-            response = self._openai().chat.completions.create(
-                model=request["model"], messages=request["messages"],
-                temperature=request["temperature"], max_tokens=request["max_tokens"])
+            if self.api == "completions":
+                response = self._openai().completions.create(
+                    model=request["model"], prompt=request["prompt"],
+                    temperature=request["temperature"], max_tokens=request["max_tokens"])
+            else:
+                response = self._openai().chat.completions.create(
+                    model=request["model"], messages=request["messages"],
+                    temperature=request["temperature"], max_tokens=request["max_tokens"])
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             # Every other class would fail the same way: stop the run (exit 2).
-            raise BadInput(self.redact(f"{self.base_url} refused the API key (HTTP {exc.status_code}): "
+            raise BadInput(self.redact(f"{self.shown_url} refused the API key (HTTP {exc.status_code}): "
                                        f"{_message(exc)}")) from None
         except openai.NotFoundError as exc:
-            raise ModelUnavailable(self.redact(f"model {self.model!r} or endpoint not found at {self.base_url} "
+            raise ModelUnavailable(self.redact(f"model {self.model!r} or endpoint not found at {self.shown_url} "
                                                f"(HTTP 404): {_message(exc)}")) from None
         except openai.APITimeoutError:
             raise LLMError(f"timed out after {self.timeout:g}s {tries}") from None
         except openai.APIConnectionError as exc:
-            raise LLMError(self.redact(f"cannot reach {self.base_url} {tries}: {_message(exc)}")) from None
+            raise LLMError(self.redact(f"cannot reach {self.shown_url} {tries}: {_message(exc)}")) from None
         except openai.RateLimitError as exc:
             raise LLMError(self.redact(f"rate limited (HTTP 429) {tries}: {_message(exc)}")) from None
         except openai.APIStatusError as exc:
             raise LLMError(self.redact(f"HTTP {exc.status_code} {tries}: {_message(exc)}")) from None
         except (ValueError, openai.APIResponseValidationError) as exc:
             # JSONDecodeError is a ValueError: the server did not answer with JSON.
-            raise LLMError(self.redact(f"malformed response from {self.base_url} "
-                                       f"(not chat-completions JSON: {type(exc).__name__})")) from None
+            protocol = "chat-completions" if self.api == "chat" else "completions"
+            raise LLMError(self.redact(f"malformed response from {self.shown_url} "
+                                       f"(not {protocol} JSON: {type(exc).__name__})")) from None
         choices = getattr(response, "choices", None)
         if not isinstance(choices, list) or not choices:
-            raise LLMError(f"malformed response from {self.base_url} (no choices)")
-        message = getattr(choices[0], "message", None)
-        text = getattr(message, "content", None)
+            raise LLMError(f"malformed response from {self.shown_url} (no choices)")
+        if self.api == "completions":
+            text = getattr(choices[0], "text", None)
+        else:
+            text = getattr(getattr(choices[0], "message", None), "content", None)
         if not isinstance(text, str):
-            raise LLMError(f"malformed response from {self.base_url} (no message content)")
+            raise LLMError(f"malformed response from {self.shown_url} (no "
+                           f"{'text' if self.api == 'completions' else 'message content'})")
         return text, getattr(choices[0], "finish_reason", None)
 
 

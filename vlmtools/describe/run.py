@@ -19,14 +19,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.markup import escape
 
 from vlmtools.console import info, progress, warn
 from vlmtools.describe.llm import LLMClient, LLMError
 from vlmtools.describe.styles import (Plan, build_plan, builtin_template, domain_exemplar_prompt,
-                                      exemplar_from_answer, read_exemplars, read_template, template_fields)
+                                      exemplar_from_answer, inline_background, read_exemplars, read_template,
+                                      template_fields)
 from vlmtools.errors import BadInput, VlmError
-from vlmtools.formats import (atomic_path, descriptor_record, dumps_line, iter_descriptors, iter_jsonl,
+from vlmtools.formats import (atomic_path, output_lock, descriptor_record, dumps_line, iter_descriptors, iter_jsonl,
                               validate_descriptor_record, write_jsonl)
 
 DOMAIN_EXEMPLAR_MAX_TOKENS = 400
@@ -47,6 +47,7 @@ class Report:
     skipped: int = 0         # already in the output
     truncated: int = 0       # answers cut off at max_tokens
     loose: int = 0           # cbd/domain answers without "- " lines, parsed by the loose parser
+    strict_empty: int = 0    # under --strict-parse, answers without "- " lines: written with no descriptors
     failed: list[dict] = field(default_factory=list)
 
 
@@ -54,17 +55,21 @@ class Report:
 
 def make_plan(style: str, client: LLMClient, *, prompt_file: str | None = None, exemplars: str | None = None,
               domain: str | None = None, fields: list[str] | None = None, count: int | None = None,
-              temperature: float | None = None, max_tokens: int | None = None) -> Plan:
+              temperature: float | None = None, max_tokens: int | None = None, strict: bool = False) -> Plan:
     """Everything a run sends except the class name. With --domain (and no --exemplars) this asks the LLM
-    once for a worked example from that domain; the answer is cached like any other."""
-    template = read_template(prompt_file) if prompt_file else builtin_template(style)
+    once for a worked example from that domain; the answer is cached like any other. The background style
+    with inline exemplars (--exemplars cub) asks Menon's question, as study 000 does."""
+    examples = read_exemplars(exemplars) if exemplars else None
+    if prompt_file:
+        template = read_template(prompt_file)
+    else:
+        template = builtin_template("domain" if style == "background" and inline_background(examples) else style)
     used = template_fields(template)
     for given, slot, flag in ((exemplars or domain, "exemplars", "--exemplars/--domain"),
                               (fields, "fields", "--fields"), (count, "count", "--count")):
         if given and slot not in used and not (slot == "exemplars" and "domain" in used):
             raise BadInput(f"{flag} has no effect: the {style} prompt has no {{{slot}}} slot"
                            + (" (did you mean --style domain?)" if slot == "exemplars" else ""))
-    examples = read_exemplars(exemplars) if exemplars else None
     if examples is None and domain and "exemplars" in used:
         prompt = domain_exemplar_prompt(domain, background=(style == "background"))
         try:
@@ -72,11 +77,12 @@ def make_plan(style: str, client: LLMClient, *, prompt_file: str | None = None, 
         except LLMError as exc:
             raise VlmError(f"--domain {domain!r}: could not get a worked example: {exc}") from None
         example = exemplar_from_answer(answer.text, domain)
-        info(escape(f"worked example for {domain!r}: {example.name} ({len(example.descriptors)} descriptors"
-                    f"{', cached' if answer.cached else ''})"))
+        info(f"worked example for {domain!r}: {example.name} ({len(example.descriptors)} descriptors"
+             f"{', cached' if answer.cached else ''})")
         examples = [example]
     return build_plan(style, template, exemplars=examples, domain=domain, fields=fields,
-                      count=10 if count is None else count, temperature=temperature, max_tokens=max_tokens)
+                      count=10 if count is None else count, temperature=temperature, max_tokens=max_tokens,
+                      strict=strict)
 
 
 # ----------------------------------------------------------------------------- one class
@@ -94,7 +100,8 @@ def describe_class(cls: str, plan: Plan, client: LLMClient, n: int = 1,
         all_cached &= answer.cached
         counts.truncated += answer.finish_reason == "length"
         got, got_kinds, loose = plan.parse(answer.text)
-        counts.loose += loose
+        counts.loose += loose and not plan.strict
+        counts.strict_empty += loose and plan.strict and bool(answer.text.strip())
         got_kinds = got_kinds or ["object"] * len(got)
         if sample == 0:
             descs, kinds = list(got), list(got_kinds)
@@ -105,7 +112,9 @@ def describe_class(cls: str, plan: Plan, client: LLMClient, n: int = 1,
                 seen.add(d)
                 descs.append(d)
                 kinds.append(k)
-    if not descs:
+    if not descs and not (plan.strict and counts.strict_empty):
+        # (under --strict-parse a non-empty answer without "- " lines is an empty list, as Menon's parser
+        # makes it; classify --allow-empty scores such a class as "{class}, which has ")
         reason = "empty answer" if not any(r.strip() for r in raws) else "no descriptors found in the answer"
         raise NoDescriptors(reason, raws)
     counts.cached = int(all_cached)
@@ -265,6 +274,15 @@ def run_describe(classes: list[str], plan: Plan, client: LLMClient, *, output: s
     if n > 1 and plan.temperature == 0:
         warn(f"--n {n} at temperature 0: the samples will mostly repeat each other; raise --temperature")
     client.check_key()
+    if output in (None, "-"):
+        return _run_describe(classes, plan, client, output=output, errors=errors, resume=resume,
+                             concurrency=concurrency, n=n, keep_raw=keep_raw)
+    with output_lock(output):  # two runs appending to one file would duplicate and lose lines
+        return _run_describe(classes, plan, client, output=output, errors=errors, resume=resume,
+                             concurrency=concurrency, n=n, keep_raw=keep_raw)
+
+
+def _run_describe(classes, plan, client, *, output, errors, resume, concurrency, n, keep_raw) -> Report:
     out_path = None if output in (None, "-") else Path(output)
     err_path = Path(errors) if errors else default_errors_path(output)
     report = Report()
@@ -279,7 +297,7 @@ def run_describe(classes: list[str], plan: Plan, client: LLMClient, *, output: s
     todo = [c for c in classes if c not in existing]
     report.skipped = len(classes) - len(todo)
     if report.skipped:
-        info(escape(f"{report.skipped} of {len(classes)} classes already in {out_path}; asking for {len(todo)}"))
+        info(f"{report.skipped} of {len(classes)} classes already in {out_path}; asking for {len(todo)}")
 
     writer = LineWriter(out_path, todo, replace=not resume)
     try:
@@ -391,6 +409,7 @@ def _collect(cls, fut, plan, client, writer, report) -> None:
     report.cached += counts.cached
     report.truncated += counts.truncated
     report.loose += counts.loose
+    report.strict_empty += counts.strict_empty
 
 
 def _failure(cls: str, reason: str, plan: Plan, client: LLMClient, raw: list[str] | None = None) -> dict:
@@ -403,10 +422,15 @@ def _failure(cls: str, reason: str, plan: Plan, client: LLMClient, raw: list[str
 def _summarize(report: Report, out_path: Path | None, err_path: Path | None) -> None:
     where = out_path or "stdout"
     if report.written or report.skipped:
-        info(escape(f"wrote {report.written} classes to {where} ({report.cached} from cache, "
-                    f"{report.skipped} already there)"))
+        info(f"wrote {report.written} classes to {where} ({report.cached} from cache, "
+             f"{report.skipped} already there)")
     if report.loose:
-        warn(f"{report.loose} answers had no '- ' lines and were parsed loosely (numbered lists, JSON, ...)")
+        warn(f"{report.loose} answers had no '- ' lines and were parsed loosely (numbered lists, JSON, ...); "
+             f"--strict-parse keeps only '- ' lines, as Menon's parser")
+    if report.strict_empty:
+        warn(f"{report.strict_empty} answers had no '- ' lines: with --strict-parse they gave no descriptors "
+             f"(written as empty lists, as Menon's parser; classify --allow-empty scores them as "
+             f"\"{{class}}, which has \")")
     if report.truncated:
         warn(f"{report.truncated} answers were cut off at --max-tokens; their last descriptor may be partial")
     # Without an errors file (stdout output, no --errors) stderr is the only record: list every failure.
@@ -422,12 +446,32 @@ def _summarize(report: Report, out_path: Path | None, err_path: Path | None) -> 
 # ----------------------------------------------------------------------------- waffle
 
 def run_waffle(classes: list[str], *, output: str | None = "-", count: int = 15, seed: int = 0,
-               words: str | None = None) -> int:
-    """The no-LLM control: one shared set of random descriptors for every class, written atomically."""
-    from vlmtools.describe.waffle import read_words, waffle_descriptors
+               words: str | None = None, chars: str | None = None, draws: int = 1) -> list[str]:
+    """The no-LLM control: one shared set of random descriptors for every class, written atomically.
+    ``chars``: a descriptor file whose characters are drawn from (WaffleCLIP's way), else a-z0-9. With
+    ``draws`` > 1, ``output`` is a directory that gets draw-<seed>.jsonl for seeds seed .. seed+draws-1
+    (WaffleCLIP averages its accuracy over such draws). Returns the files written."""
+    from vlmtools.describe.interchange import read_any_descriptors
+    from vlmtools.describe.waffle import CHARACTERS, characters_of, read_words, waffle_descriptors
 
-    descs = waffle_descriptors(classes, count=count, seed=seed, words=read_words(words))
-    records = [descriptor_record(c, descs, style="waffle", seed=seed) for c in classes]
-    n = write_jsonl(output, records)
-    info(f"wrote {n} classes with {len(descs)} waffle descriptors each (seed {seed})")
-    return n
+    if draws < 1:
+        raise BadInput(f"--draws {draws}: must be at least 1")
+    if draws > 1 and output in (None, "-"):
+        raise BadInput(f"--draws {draws} writes one file per draw: pass a directory as -o")
+    if draws > 1 and Path(output).is_file():
+        raise BadInput(f"{output}: is a file; --draws {draws} needs a directory (one file per draw)")
+    word_list = read_words(words)
+    characters = characters_of(read_any_descriptors(chars)) if chars else CHARACTERS
+    written = []
+    for s in range(seed, seed + draws):
+        descs = waffle_descriptors(classes, count=count, seed=s, words=word_list, characters=characters)
+        records = [descriptor_record(c, descs, style="waffle", seed=s) for c in classes]
+        path = output if draws == 1 else str(Path(output) / f"draw-{s}.jsonl")
+        if draws > 1:
+            Path(output).mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, records)
+        written.append(path)
+    where = f"{draws} draws (seeds {seed}..{seed + draws - 1}) in {output}" if draws > 1 else f"seed {seed}"
+    info(escape(f"wrote {len(classes)} classes with {len(descs)} waffle descriptors each, {where}; "
+                f"characters from {chars or 'a-z0-9'}"))
+    return written

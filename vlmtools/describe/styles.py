@@ -103,6 +103,9 @@ class Exemplar:
     name: str
     descriptors: list[str]
     kinds: list[str] = field(default_factory=list)
+    # "@background: inline" in its file: background lines are shown as ordinary bullets under Menon's
+    # question (study 000's improvement 2), not under a surroundings header
+    inline_background: bool = False
 
     def of_kind(self, kind: str) -> list[str]:
         kinds = self.kinds or ["object"] * len(self.descriptors)
@@ -110,7 +113,11 @@ class Exemplar:
 
 
 def exemplar_block(ex: Exemplar, background: bool) -> str:
-    """One worked example in the paper's Q/A shape; the background style adds a surroundings section."""
+    """One worked example in the paper's Q/A shape; the background style adds a surroundings section, or
+    for inline exemplars shows every line, in file order, as a bullet under the paper's question."""
+    if background and ex.inline_background:
+        lines = [EXEMPLAR_QUESTION.format(name=ex.name), EXEMPLAR_ANSWER.format(name=ex.name)]
+        return "\n".join(lines + [f"- {d}" for d in ex.descriptors])
     question = BACKGROUND_QUESTION if background else EXEMPLAR_QUESTION
     lines = [question.format(name=ex.name), EXEMPLAR_ANSWER.format(name=ex.name)]
     lines += [f"- {d}" for d in ex.of_kind("object")]
@@ -120,15 +127,28 @@ def exemplar_block(ex: Exemplar, background: bool) -> str:
     return "\n".join(lines)
 
 
+EXEMPLAR_OPTIONS = {"background": ("section", "inline")}
+
+
 def parse_exemplar_text(text: str, where: str) -> list[Exemplar]:
     """Blocks separated by blank lines: a name line, then "- " descriptor lines; a "background:" line
-    marks the rest of the block as background. '#' lines are comments."""
+    marks the rest of the block as background. '#' lines are comments. Before the first block, option
+    lines "@background: section|inline" (how the background style shows background lines)."""
     exemplars: list[Exemplar] = []
     current: Exemplar | None = None
     kind = "object"
+    options = {key: values[0] for key, values in EXEMPLAR_OPTIONS.items()}
     for lineno, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
         if line.startswith("#"):
+            continue
+        if line.startswith("@"):
+            key, _, value = (part.strip() for part in line[1:].partition(":"))
+            if exemplars or key not in EXEMPLAR_OPTIONS or value not in EXEMPLAR_OPTIONS[key]:
+                known = "; ".join(f"@{k}: {'|'.join(v)}" for k, v in EXEMPLAR_OPTIONS.items())
+                raise BadInput(f"{where}:{lineno}: {line!r}: expected an option line before the first "
+                               f"example ({known})")
+            options[key] = value
             continue
         if not line:
             current = None
@@ -136,7 +156,8 @@ def parse_exemplar_text(text: str, where: str) -> list[Exemplar]:
         if current is None:
             if line.startswith("-"):
                 raise BadInput(f"{where}:{lineno}: expected a class name before the '- ' lines")
-            current = Exemplar(line.rstrip(":").strip(), [], [])
+            current = Exemplar(line.rstrip(":").strip(), [], [],
+                               inline_background=options["background"] == "inline")
             exemplars.append(current)
             kind = "object"
         elif line.lower().rstrip(":") == "background":
@@ -154,11 +175,27 @@ def parse_exemplar_text(text: str, where: str) -> list[Exemplar]:
     return exemplars
 
 
+def exemplar_sets() -> dict[str, Path]:
+    """The shipped exemplar files by name (templates/exemplars_NAME.txt): cbd (Menon & Vondrick's lemur
+    and television), background (the same with surroundings), cub (study 000's Sooty Albatross)."""
+    return {f.stem[len("exemplars_"):]: f for f in sorted(TEMPLATE_DIR.glob("exemplars_*.txt"))}
+
+
+def exemplar_path(spec: str | Path) -> Path:
+    """--exemplars: a file, else the name of a shipped set."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    sets = exemplar_sets()
+    if str(spec) in sets:
+        return sets[str(spec)]
+    raise BadInput(f"--exemplars {spec}: no such file, nor a shipped set ({', '.join(sets)})")
+
+
 def read_exemplars(path: str | Path) -> list[Exemplar]:
-    """Exemplars from the text format above, a descriptor JSONL, or a CBD-style JSON dict."""
-    p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"--exemplars {p}: no such file")
+    """Exemplars from the text format above (a file or a shipped set's name), a descriptor JSONL, or a
+    CBD-style JSON dict."""
+    p = exemplar_path(path)
     text = read_text(p)
     if text.lstrip().startswith("{"):
         from vlmtools.describe.interchange import read_any_descriptors
@@ -174,9 +211,14 @@ def read_exemplars(path: str | Path) -> list[Exemplar]:
 
 
 def default_exemplars(style: str) -> list[Exemplar]:
-    name = "exemplars_background.txt" if style == "background" else "exemplars_cbd.txt"
-    path = TEMPLATE_DIR / name
+    path = exemplar_sets()["background" if style == "background" else "cbd"]
     return parse_exemplar_text(path.read_text(encoding="utf-8"), str(path))
+
+
+def inline_background(exemplars: list[Exemplar] | None) -> bool:
+    """Whether the background style with these exemplars is study 000's prompt: Menon's question and
+    parser, the background lines as ordinary bullets."""
+    return bool(exemplars) and all(ex.inline_background for ex in exemplars)
 
 
 def domain_exemplar_prompt(domain: str, background: bool) -> str:
@@ -209,6 +251,16 @@ class Plan:
     temperature: float
     max_tokens: int
     fields: list[str] = field(default_factory=list)
+    # "cbd" ("- " lines, the loose parser when there are none), "background", "structured", "lines"
+    parser: str = ""
+    strict: bool = False  # cbd parser only: Menon's "- " lines, never the loose parser
+
+    def __post_init__(self):
+        if not self.parser:
+            self.parser = PARSERS.get(self.style, "lines")
+        if self.strict and self.parser != "cbd":
+            raise BadInput("--strict-parse applies to the '- ' list prompts: cbd, domain, and background with "
+                           "inline exemplars (--exemplars cub)")
 
     def prompt(self, cls: str) -> str:
         name = wordify(cls)  # as the paper does: category.replace('_', ' ')
@@ -220,18 +272,22 @@ class Plan:
         return hashlib.sha256(self.template.encode("utf-8")).hexdigest()[:16]
 
     def parse(self, text: str) -> tuple[list[str], list[str] | None, bool]:
-        """(descriptors, kinds or None, whether the loose fallback parser was needed)."""
-        if self.style in ("cbd", "domain"):
+        """(descriptors, kinds or None, whether the answer had no "- " lines: the loose parser read it, or
+        under ``strict`` nothing did)."""
+        if self.parser == "cbd":
             descs = parse_cbd(text)
-            if descs:
-                return descs, None, False
+            if descs or self.strict:
+                return descs, None, not descs
             return parse_lines(text), None, True
-        if self.style == "background":
+        if self.parser == "background":
             descs, kinds = parse_background(text)
             return descs, kinds, False
-        if self.style == "structured":
+        if self.parser == "structured":
             return parse_structured(text, self.fields), None, False
         return parse_lines(text), None, False
+
+
+PARSERS = {"cbd": "cbd", "domain": "cbd", "background": "background", "structured": "structured"}
 
 
 def needs_exemplars(template: str) -> bool:
@@ -240,9 +296,9 @@ def needs_exemplars(template: str) -> bool:
 
 def build_plan(style: str, template: str, *, exemplars: list[Exemplar] | None = None, domain: str | None = None,
                fields: list[str] | None = None, count: int = 10, temperature: float | None = None,
-               max_tokens: int | None = None) -> Plan:
+               max_tokens: int | None = None, strict: bool = False) -> Plan:
     """Fill a template's run-wide fields. ``exemplars`` is required when the template uses {exemplars} and
-    the style has no defaults (domain)."""
+    the style has no defaults (domain). Background with inline exemplars is read with the cbd parser."""
     if style not in LLM_STYLES:
         raise BadInput(f"--style {style!r}: expected one of {', '.join(STYLES)}")
     used = template_fields(template)
@@ -268,5 +324,6 @@ def build_plan(style: str, template: str, *, exemplars: list[Exemplar] | None = 
     return Plan(style=style, template=render(template, values),
                 temperature=defaults.temperature if temperature is None else temperature,
                 max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
-                fields=fields)
+                fields=fields, parser="cbd" if style == "background" and inline_background(exemplars) else "",
+                strict=strict)
 

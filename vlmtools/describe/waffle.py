@@ -3,8 +3,10 @@
 If these score as well as LLM descriptors, the descriptors' content is not what helps. Following the
 WaffleCLIP 'waffle' mode: ``count`` pairs of (random-word, random-character) descriptors, shaped like the
 class names (words per name, word length, character groups), and one shared set for every class.
-Differences: names are measured after '_' -> ' '; characters come from a-z0-9 (they sample characters of
-the GPT descriptors); words from a packaged list (theirs is a pickled English word list).
+Characters come from a-z0-9, or, as theirs, from the characters of a descriptor file's words
+(``characters_of``: split on spaces, ',' and '.' removed). Differences: names are measured after
+'_' -> ' '; words come from a packaged list (theirs is a pickled English word list). WaffleCLIP reports the
+mean over several draws (--reps, seeds 0..reps-1): ``draws`` writes one file per seed for that.
 """
 
 from __future__ import annotations
@@ -35,8 +37,18 @@ def read_words(path: str | Path | None = None) -> list[str]:
     return words
 
 
+def characters_of(records: list[dict]) -> str:
+    """WaffleCLIP's character set: the distinct characters of the descriptors' words, without ',' and '.'
+    (and without spaces), sorted."""
+    words = {w.replace(",", "").replace(".", "") for r in records for d in r["descriptors"] for w in d.split(" ")}
+    chars = "".join(sorted(set("".join(words))))
+    if not chars:
+        raise BadInput("--waffle-chars: the descriptors have no characters to draw from")
+    return chars
+
+
 def waffle_descriptors(classes: list[str], count: int = DEFAULT_COUNT, seed: int = 0,
-                       words: list[str] | None = None) -> list[str]:
+                       words: list[str] | None = None, characters: str = CHARACTERS) -> list[str]:
     """2 * ``count`` descriptors shared by all classes, reproducible from ``seed``."""
     if count < 1:
         raise BadInput(f"--waffle-count {count}: must be at least 1")
@@ -52,5 +64,5 @@ def waffle_descriptors(classes: list[str], count: int = DEFAULT_COUNT, seed: int
     out = []
     for _ in range(count):
         out.append(" ".join(rng.choice(pool) for _ in range(words_per_name)))
-        out.append(", ".join("".join(rng.choice(CHARACTERS) for _ in range(per_group)) for _ in range(groups)))
+        out.append(", ".join("".join(rng.choice(characters) for _ in range(per_group)) for _ in range(groups)))
     return out

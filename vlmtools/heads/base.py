@@ -138,35 +138,59 @@ def _shapes(shapes: dict) -> str:
     return ", ".join(items) + (" ..." if len(shapes) > 4 else "")
 
 
-def train_and_save(kind: str, config: dict, data, output, options, *, training: dict, inputs: dict,
-                   train_arrays: Sequence | None = None, val_arrays: Sequence | None = None,
-                   description: str = "train", extra: dict | None = None, **fit_kwargs) -> dict:
-    """Build a ``kind`` head under the options' seed, fit it on ``data`` (heads.data.TrainData: its
-    train/val rows as (x, y), unless ``train_arrays``/``val_arrays`` are given), save it to ``output``
-    and return the summary (what `--json` prints). ``fit_kwargs`` go to loop.fit (loss_fn, ...)."""
-    from vlmtools.heads.loop import fit, seeded
-
+def check_head_output(output) -> None:
+    """Refuse an unusable -o before any training."""
     if output is None or str(output) in ("", "-"):
         raise BadInput("-o/--output: a head is two files, NAME.json and NAME.safetensors; give NAME")
-    formats.head_paths(output)  # a bad path fails here, before training
-    json_path, st_path = formats.head_paths(output)
-    for p in (json_path, st_path):
+    for p in formats.head_paths(output):
         if p.is_dir():
             raise BadInput(f"{p}: is a directory; -o names the head files NAME.json + NAME.safetensors")
-    with seeded(options.seed):
-        head = build_head(kind, config)
+
+
+def train_and_save(kind: str, config: dict, data, output, options, *, training: dict, inputs: dict,
+                   classes=..., train_arrays: Sequence | None = None, val_arrays: Sequence | None = None,
+                   description: str = "train", extra: dict | None = None, extra_fn=None,
+                   **fit_kwargs) -> dict:
+    """Build a ``kind`` head under the options' seed, fit it on ``data`` (heads.data.TrainData: its
+    train/val rows as (x, y), unless ``train_arrays``/``val_arrays`` are given), save it to ``output``
+    and return the summary (what `--json` prints). ``classes`` defaults to data.classes (None for heads that do not
+    classify); ``extra_fn(head) -> dict`` adds keys, computed on the kept weights, to the head file and
+    summary. ``fit_kwargs`` go to loop.fit (loss_fn, metric_fn, on_epoch, metric, ...)."""
+    check_head_output(output)
+    if classes is ...:
+        classes = data.classes
     if train_arrays is None:
         train_arrays = (data.train.x, data.train.y)
         if data.val is not None:
             val_arrays = (data.val.x, data.val.y)
-    result = fit(head, train_arrays, val_arrays, options, description=description, **fit_kwargs)
-    info = formats.head_info(
-        kind=kind, config=head.config, tensors={}, classes=data.classes, input_dim=config["input_dim"],
-        model=data.spec.as_dict(), training={**options.as_dict(), **training}, seed=options.seed,
-        inputs=inputs, curve=result.curve, best_epoch=result.best_epoch, metrics=result.metrics,
-        extra={"device": result.device, "stopped_early": result.stopped_early, **(extra or {})})
-    json_path, st_path = save_head(output, head, info)
-    return {"head": str(json_path), "weights": str(st_path), "kind": kind, "classes": len(data.classes),
+    head, result = train_head(kind, config, train_arrays, val_arrays, options, description=description,
+                              **fit_kwargs)
+    extra = {**(extra or {}), **(extra_fn(head) if extra_fn is not None else {})}
+    json_path, st_path = save_trained(output, kind, head, result, classes=classes, spec=data.spec,
+                                      options=options, training=training, inputs=inputs, extra=extra)
+    return {"head": str(json_path), "weights": str(st_path), "kind": kind,
+            "classes": len(classes) if classes is not None else None,
             "train_rows": len(train_arrays[0]), "val_rows": len(val_arrays[0]) if val_arrays is not None else 0,
             "epochs": len(result.curve), "best_epoch": result.best_epoch, "metrics": result.metrics,
-            "seconds": result.seconds, "device": result.device, **(extra or {})}
+            "seconds": result.seconds, "device": result.device, **extra}
+
+
+def save_trained(output, kind: str, head: Head, result, *, classes, spec, options, training: dict,
+                 inputs: dict, extra: dict | None = None) -> tuple[Path, Path]:
+    """Save a head trained by loop.fit (``result``: its FitResult) with the whole head JSON."""
+    info = formats.head_info(
+        kind=kind, config=head.config, tensors={}, classes=classes, input_dim=head.config["input_dim"],
+        model=spec.as_dict(), training={**options.as_dict(), **training}, seed=options.seed,
+        inputs=inputs, curve=result.curve, best_epoch=result.best_epoch, metrics=result.metrics,
+        extra={"device": result.device, "stopped_early": result.stopped_early, **(extra or {})})
+    return save_head(output, head, info)
+
+
+def train_head(kind: str, config: dict, train_arrays: Sequence, val_arrays: Sequence | None, options,
+               **fit_kwargs):
+    """Build a ``kind`` head from ``config`` under the options' seed and fit it: (head, loop.FitResult)."""
+    from vlmtools.heads.loop import fit, seeded
+
+    with seeded(options.seed):
+        head = build_head(kind, config)
+    return head, fit(head, train_arrays, val_arrays, options, **fit_kwargs)

@@ -33,11 +33,6 @@ class Labelled:
     def digest(self) -> str:
         return digest(self.x, self.y, [str(r.get("id")) for r in self.meta])
 
-    def counts(self):
-        import numpy as np
-
-        return np.bincount(self.y, minlength=len(self.classes))
-
 
 @dataclass
 class TrainData:
@@ -83,22 +78,31 @@ def open_store_for(path, kind: str, model: str | None = None, pretrained: str | 
     return reader, store_spec(reader, model, pretrained)
 
 
+def select(reader, where: Sequence[str] = ()) -> list[int]:
+    """Row indices of a store matching ``where`` (all rows without it); BadInput when none match."""
+    from vlmtools.classify import parse_where, select_rows, str_labels
+
+    if not where:
+        return list(range(len(reader)))
+    rows = select_rows(str_labels(reader.meta), parse_where(where))
+    if not rows:
+        raise BadInput(f"{reader.path}: no row matches --where {' '.join(where)}")
+    return rows
+
+
 def labelled_rows(reader, where: Sequence[str] = (), classes: Sequence[str] | None = None,
                   exclude: Sequence[int] = ()) -> tuple[list[int], list[dict]]:
     """Row indices and meta (labels as strings) of the labelled rows matching ``where``, minus ``exclude``.
     BadInput if nothing matches or nothing has a label."""
-    from vlmtools.classify import parse_where, select_rows, str_labels
+    from vlmtools.classify import str_labels
 
     meta = str_labels(reader.meta)
     if not meta:
         raise BadInput(f"{reader.path}: the store holds no rows")
-    rows = select_rows(meta, parse_where(where)) if where else list(range(len(meta)))
-    if exclude:
-        skip = set(exclude)
-        rows = [i for i in rows if i not in skip]
+    skip = set(exclude)
+    rows = [i for i in select(reader, where) if i not in skip]
     if not rows:
-        raise BadInput(f"{reader.path}: no row matches --where {' '.join(where)}" if where
-                       else f"{reader.path}: no rows left to train on")
+        raise BadInput(f"{reader.path}: no rows left to train on (all are val rows)")
     labelled = [i for i in rows if meta[i].get("label") is not None]
     if not labelled:
         raise BadInput(f"{reader.path}: no selected row has a \"label\"; training a head needs labelled "
@@ -143,16 +147,20 @@ def stratified_split(y, n_classes: int, fraction: float, seed: int):
     return train_idx, val_idx
 
 
+def check_val_options(val_where: Sequence[str], val_fraction: float | None) -> None:
+    if val_where and val_fraction:
+        raise BadInput("--val-where and --val-fraction exclude each other: pick one way to choose val rows")
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        raise BadInput(f"--val-fraction {val_fraction}: expected a number in [0, 1)")
+
+
 def load_train_val(store, *, where: Sequence[str] = (), val_where: Sequence[str] = (),
                    val_fraction: float | None = None, seed: int = 0, model: str | None = None,
                    pretrained: str | None = None) -> TrainData:
     """Train and val rows of an image store. Val rows are those matching ``val_where`` (taken out of the
     train selection), else a class-stratified ``val_fraction`` of it (default 0.1; 0: no val rows, so
     no early stopping). Classes are the train labels in first-seen order."""
-    if val_where and val_fraction:
-        raise BadInput("--val-where and --val-fraction exclude each other: pick one way to choose val rows")
-    if val_fraction is not None and not 0 <= val_fraction < 1:
-        raise BadInput(f"--val-fraction {val_fraction}: expected a number in [0, 1)")
+    check_val_options(val_where, val_fraction)
     reader, spec = open_store_for(store, "image", model, pretrained)
     val_rows: list[int] = []
     if val_where:

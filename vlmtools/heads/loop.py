@@ -8,6 +8,8 @@ on_epoch=...)``.
   val rows after every epoch (default: top-1 accuracy of ``model(x).argmax(1)`` against ``y``). Early
   stopping watches it: training stops after ``patience`` epochs without a new best, and the best epoch's
   weights are kept (loaded into ``model`` and returned). Without val rows the last epoch is kept.
+- ``train_eval``: the train rows in the layout ``metric_fn`` reads, when it differs from ``train``'s
+  (default: ``train``, at most TRAIN_METRIC_ROWS of its rows): the "train" entry of the final metrics.
 - ``on_epoch(epoch, model) -> dict | None`` runs before each epoch (1-based): freeze or unfreeze
   parameters there (the optimizer skips parameters without gradients); a dict it returns is added to
   that epoch's curve entry.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from vlmtools.console import info, progress
@@ -68,7 +70,6 @@ class FitResult:
     stopped_early: bool
     seconds: float
     device: str
-    extras: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -131,7 +132,7 @@ def _fits_on(device: str, tensors: Sequence) -> bool:
 def fit(model, train: Sequence, val: Sequence | None = None, options: FitOptions | None = None, *,
         loss_fn: Callable | None = None, metric_fn: Callable | None = None,
         on_epoch: Callable | None = None, params=None, metric: str = "acc",
-        description: str = "train") -> FitResult:
+        train_eval: Sequence | None = None, description: str = "train") -> FitResult:
     """Train ``model`` (see the module docstring); returns the curve and the kept weights."""
     import torch
 
@@ -199,8 +200,8 @@ def fit(model, train: Sequence, val: Sequence | None = None, options: FitOptions
     else:
         model.load_state_dict(best_state)
     model.eval()
-    metrics = {"train": {metric: round(float(metric_fn(model, *_sample(train_t, opts.seed, device))), 6),
-                         "rows": n}}
+    train_rows = _sample(train_t, opts.seed, device) if train_eval is None else to_tensors(train_eval, device)
+    metrics = {"train": {metric: round(float(metric_fn(model, *train_rows)), 6), "rows": n}}
     if val_dev is not None:
         metrics["val"] = {metric: round(best_val, 6), "rows": len(val_dev[0])}
     seconds = time.perf_counter() - t0

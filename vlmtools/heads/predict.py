@@ -27,15 +27,20 @@ def head_scores(head, x, device: str = "cpu", chunk: int = CHUNK):
     return np.concatenate(out) if out else np.zeros((0, head.n_classes), np.float32)
 
 
-def check_store_fits_head(reader, info: dict, head_path) -> None:
-    """A store embedded with another model (or of another width) than the head's is refused."""
+def check_model(info: dict, recorded: dict, head_path, what: str) -> None:
+    """Refuse embeddings (``recorded``: a store's info["model"]) of another model than the head's."""
     from vlmtools.models import ModelSpec
 
     m = info["model"]
     try:
-        ModelSpec(m["name"], m.get("pretrained")).check_matches(reader.info["model"], f"store {reader.path}")
+        ModelSpec(m["name"], m.get("pretrained")).check_matches(recorded, what)
     except StoreMismatch as exc:
         raise StoreMismatch(f"{exc} (head {head_path} was trained on that model's embeddings)") from None
+
+
+def check_store_fits_head(reader, info: dict, head_path) -> None:
+    """A store embedded with another model (or of another width) than the head's is refused."""
+    check_model(info, reader.info["model"], head_path, f"store {reader.path}")
     if reader.dim != info["input_dim"]:
         raise BadInput(f"{reader.path}: {reader.dim}-d embeddings, but head {head_path} takes "
                        f"{info['input_dim']}-d inputs")
@@ -45,7 +50,7 @@ def classify_with_head(image_store, head_path, output="-", *, k: int = 5, where:
                        device: str = "auto") -> dict:
     import numpy as np
 
-    from vlmtools.classify import DIGITS, check_labels, parse_where, select_rows, str_labels, top_k
+    from vlmtools.classify import DIGITS, check_labels, selected_images, top_k
     from vlmtools.heads.base import load_head
     from vlmtools.models import resolve_device
     from vlmtools.store import open_store
@@ -60,13 +65,7 @@ def classify_with_head(image_store, head_path, output="-", *, k: int = 5, where:
         raise BadInput(f"{head_path}: a {hinfo['kind']} head does not classify (it has no classes)")
     images = open_store(image_store, kind="image")
     check_store_fits_head(images, hinfo, head_path)
-    meta = str_labels(images.meta)
-    rows = select_rows(meta, parse_where(where)) if where else None
-    if rows is not None and not rows:
-        raise BadInput(f"{image_store}: no image matches --where {' '.join(where)}")
-    meta = [meta[i] for i in rows] if rows is not None else meta
-    if not meta:
-        raise BadInput(f"{image_store}: the store holds no images")
+    meta, rows = selected_images(images, where, image_store)
     check_labels(meta, classes, image_store)
     emb = images.row_view(rows)  # read chunk by chunk from the memory-mapped shards: bounded memory
     correct = labelled = 0

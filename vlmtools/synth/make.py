@@ -18,7 +18,7 @@ import numpy as np
 from vlmtools.console import progress
 from vlmtools.errors import BadInput
 from vlmtools.formats import descriptor_record, dumps_line, iter_jsonl, manifest_record, read_json
-from vlmtools.synth.world import (DOMAINS, VOCAB, WORLD_VERSION, class_captions, make_classes,
+from vlmtools.synth.world import (DOMAINS, VOCAB, WORLD_VERSION, caption, class_captions, make_classes,
                                   oracle_descriptors, sample_attributes)
 from vlmtools.synth.render import render
 
@@ -63,6 +63,34 @@ def _prepare_target(out: Path, force: bool) -> None:
             raise BadInput(f"{out}: not a synth world (no world.json); refusing to replace it even with --force")
 
 
+IMAGE_CAPTIONS = 3  # captions per image in image_captions.jsonl
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Remove the temporary folders (.OUT.PID.xxx.tmp, .OUT.old-PID) of killed runs whose process is gone."""
+    import re
+
+    from vlmtools.formats import pid_alive
+
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:(\d+)\..+\.tmp|old-(\d+))$")
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not pid_alive(int(m.group(1) or m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _keep_unchanged_times(old: Path, new: Path) -> None:
+    """Files the rebuild wrote byte for byte as before keep their old modification time, so stores
+    embedded from the old world (whose input digest covers size and mtime) stay valid."""
+    import filecmp
+
+    for f in new.rglob("*"):
+        before = old / f.relative_to(new)
+        if f.is_file() and before.is_file() and filecmp.cmp(f, before, shallow=False):
+            st = before.stat()
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def make_world(out_dir: str | os.PathLike, classes: int = 20, per_class: int = 50, domain: str = "photo",
                seed: int = 0, image_size: int = 64, test_fraction: float = 0.3, force: bool = False) -> dict:
     """Generate a world into ``out_dir``; returns a summary dict. See the module docstring for the files."""
@@ -70,11 +98,13 @@ def make_world(out_dir: str | os.PathLike, classes: int = 20, per_class: int = 5
     out = Path(out_dir)
     _prepare_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    _remove_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     try:
         summary = _generate(tmp, classes, per_class, domain, seed, image_size, test_fraction)
         tmp.chmod(0o755)
         if out.exists():  # empty dir, or a world we may replace (--force): swap, then delete the old one
+            _keep_unchanged_times(out, tmp)
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
             os.replace(tmp, out)
@@ -121,6 +151,12 @@ def _generate(root: Path, n_classes: int, per_class: int, domain: str, seed: int
     _write_lines(root / "descriptors.jsonl", descriptor_lines)
     _write_lines(root / "captions.jsonl",
                  ({"class": c["name"], "sentences": class_captions(c)} for c in defs))
+    # per-image captions (text -> image pairs, e.g. for `train t2i`), from their own generator so the
+    # other files do not change with them
+    caption_rng = np.random.default_rng([seed, 7])
+    _write_lines(root / "image_captions.jsonl",
+                 ({"id": f"{a['id']}:{k}", "image_id": a["id"], "text": caption(caption_rng, a)}
+                  for a in attributes for k in range(IMAGE_CAPTIONS)))
     world = {
         "format": WORLD_VERSION,
         "seed": seed,
