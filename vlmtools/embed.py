@@ -181,7 +181,9 @@ class _ImageDataset:
                 raise OSError("empty file (0 bytes)")
             if self.raw_jpeg and is_jpeg(data):
                 return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), None
-            return i, ("tensor", self.preprocess(load_rgb(io.BytesIO(data), self.draft_side))), None
+            src = self.sources[i]
+            name = src if isinstance(src, str) else src[0]
+            return i, ("tensor", self.preprocess(load_rgb(io.BytesIO(data), self.draft_side, name=name))), None
         except FileNotFoundError:
             return i, None, "file not found"
         except Exception as exc:  # any decoder failure is recorded, never fatal
