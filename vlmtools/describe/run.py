@@ -472,6 +472,6 @@ def run_waffle(classes: list[str], *, output: str | None = "-", count: int = 15,
         write_jsonl(path, records)
         written.append(path)
     where = f"{draws} draws (seeds {seed}..{seed + draws - 1}) in {output}" if draws > 1 else f"seed {seed}"
-    info(escape(f"wrote {len(classes)} classes with {len(descs)} waffle descriptors each, {where}; "
-                f"characters from {chars or 'a-z0-9'}"))
+    info(f"wrote {len(classes)} classes with {len(descs)} waffle descriptors each, {where}; "
+         f"characters from {chars or 'a-z0-9'}")  # info prints text as is (no markup)
     return written
