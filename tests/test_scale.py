@@ -176,6 +176,9 @@ def test_embed_webdataset_tars_and_resume_per_shard(tmp_path, shards):
     assert first["label"] == "0" and first["path"].endswith("00000.tar#000000000.jpg")
     assert [len(m) for _, m in store.shards()] == [4, 4, 4]  # store shard k = tar k
     assert [e["id"] for e in store.errors()] == ["000000015"]
+    from vlmtools.store import check_store
+
+    assert check_store(out)["ok"] and check_store(out)["missing_shards"] == []
     before = store.embeddings.copy()
     (out / "emb-00001.npy").unlink()  # lose one shard: a rerun redoes that tar only
     result = runner.invoke(app, args)

@@ -329,7 +329,9 @@ def check_store(path: str | Path, deep: bool = True) -> dict:
         import math
 
         have = {int(stem) for stem, _, _ in shards if stem.isdigit()}
-        report["missing_shards"] = [k for k in range(math.ceil(expected[0] / expected[1])) if k not in have]
+        # webdataset input: one shard per input tar, whatever its size
+        n_shards = info.get("input_shards") or math.ceil(expected[0] / expected[1])
+        report["missing_shards"] = [k for k in range(n_shards) if k not in have]
     if info.get("count") is None:
         missing = report["missing_shards"]
         problems.append(f"{path}: incomplete (an embed run did not finish"
