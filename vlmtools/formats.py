@@ -9,6 +9,8 @@ Documented for users in man/vlmtools-formats.5; keep the two in step.
 - store         directory of emb-*.npy + meta-*.jsonl shards, info.json ("format": STORE_FORMAT)
 - index         index.faiss + index.json ("format": INDEX_FORMAT) inside a store
 - predictions   JSONL, one image per line (see PREDICTION_KEYS)
+- maps          directory written by `vlmtools explain visual`: info.json ("format": MAPS_FORMAT),
+                maps.jsonl (one line per map), NAME.npy (float16 in [0, 1], image resolution), NAME.png
 - synth world   directory written by `vlmtools synth make` (world.json "format": WORLD_FORMAT): images/,
                 masks/, manifest.jsonl, attributes.jsonl, classes.txt, descriptors.jsonl, captions.jsonl,
                 image_captions.jsonl
@@ -35,6 +37,8 @@ PREDICTIONS_FORMAT = "vlmtools.predictions/1"
 DESCRIPTORS_FORMAT = "vlmtools.descriptors/1"
 MANIFEST_FORMAT = "vlmtools.manifest/1"
 WORLD_FORMAT = "vlmtools.synth/1"
+MAPS_FORMAT = "vlmtools.maps/1"
+EXPLAIN_EVAL_FORMAT = "vlmtools.explain-eval/1"
 HEAD_FORMAT = "vlmtools.head/1"
 
 MANIFEST_KEYS = ("id", "path", "label", "split", "mask", "domain")
@@ -86,9 +90,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise BadInput(f"{path}: permission denied") from None
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield tmp_path
+        # mkstemp makes 0600 files, and some writers (safetensors) replace the temp file: set the usual
+        # permissions on whatever is there now
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -530,6 +536,27 @@ def read_predictions(path: str | os.PathLike, *, require_label: bool = False) ->
 def write_predictions(path: str | os.PathLike | None, records: Iterable[dict]) -> int:
     """Write predictions JSONL (atomically to a file, or ``-`` for stdout); returns the count."""
     return write_jsonl(path, records)
+
+
+# ----------------------------------------------------------------------------- saliency maps
+# A maps directory (`vlmtools explain visual -o DIR`): info.json = maps_info(...); maps.jsonl, one line
+# per map: {"id", "path", "label"?, "class", "score" (cosine), "prob", "method", "map": "NAME.npy",
+# "png"?: "NAME.png", and for per-descriptor maps "descriptor", "kind", "descriptor_score"};
+# errors.jsonl lists the images that could not be read.
+
+def maps_info(*, method: str, model: dict, classes: list[str], templates: list[str], settings: dict,
+              head: str | None = None, descriptors: str | None = None, cbd: str | None = None) -> dict:
+    import vlmtools
+
+    info = {"format": MAPS_FORMAT, "method": method, "model": model, "classes": list(classes),
+            "templates": list(templates), "settings": settings, "vlmtools_version": vlmtools.__version__}
+    if head is not None:
+        info["head"] = head
+    if descriptors is not None:
+        info["descriptors"] = descriptors
+    if cbd is not None:
+        info["cbd"] = cbd
+    return info
 
 
 # ----------------------------------------------------------------------------- output locks

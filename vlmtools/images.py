@@ -158,3 +158,27 @@ def decode_jpegs(datas, device: str):
             except Exception:
                 out.append(None)
         return out
+
+
+def normalize_params(preprocess):
+    """(mean, std) tensors (1, 3, 1, 1) of an open_clip preprocess transform (OpenAI's when it has none)."""
+    import torch
+
+    for t in getattr(preprocess, "transforms", []):
+        if type(t).__name__ == "Normalize":
+            return torch.tensor(t.mean).view(1, 3, 1, 1), torch.tensor(t.std).view(1, 3, 1, 1)
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+
+def square_tensor(image, size: int, mean, std):
+    """A PIL image -> normalised (1, 3, size, size) float tensor, resized without cropping, so that a map
+    computed on it lines up with the whole image (saliency maps, ALA features)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    img = image.resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return (x - mean.to(x.device)) / std.to(x.device)

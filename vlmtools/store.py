@@ -19,6 +19,7 @@ INFO = "info.json"
 ERRORS = "errors.jsonl"
 _SHARD_RE = re.compile(r"^emb-(.+)\.npy$")
 DTYPES = ("float16", "float32")
+KINDS = ("image", "text", "features")  # features: a frozen tower's feature maps per image (train ala's cache)
 
 
 def check_layout(dtype: str, shard_size: int) -> None:
@@ -238,8 +239,8 @@ def check_info(info, where: str) -> dict:
     if not isinstance(info, dict):
         raise StoreProblem(f"{where}: expected a JSON object, found a {type(info).__name__}")
     formats.check_format(info, formats.STORE_FORMAT, where)
-    if info.get("kind") not in ("image", "text"):
-        raise StoreProblem(f"{where}: \"kind\" must be \"image\" or \"text\", not {info.get('kind')!r}")
+    if info.get("kind") not in KINDS:
+        raise StoreProblem(f"{where}: \"kind\" must be one of {', '.join(KINDS)}, not {info.get('kind')!r}")
     model = info.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("name"), str):
         raise StoreProblem(f"{where}: \"model\" must be an object with a \"name\" (the model that wrote the store)")
@@ -575,7 +576,7 @@ def export_parquet(path: str | Path, out: str | Path) -> list[Path]:
     if out.exists() and any(out.glob("meta-*.parquet")):
         raise BadInput(f"{out}: already holds Parquet metadata; use an empty directory")
     written = []
-    alias = {"image": ("image_path", "path"), "text": ("caption", "text")}[reader.kind]
+    alias = {"image": ("image_path", "path"), "text": ("caption", "text")}.get(reader.kind, ("image_path", "path"))
     for stem, _, _ in reader._shards:
         meta = [rec for _, rec in formats.iter_jsonl(reader.path / formats.meta_name(stem), strict=False)]
         columns: dict[str, list] = {}

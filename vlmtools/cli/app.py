@@ -18,8 +18,8 @@ app = typer.Typer(
 
 # Each module defines register(app). Modules that are not written yet are skipped, so the app grows
 # as command groups land.
-COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "train", "synth", "demo",
-                   "store"]
+COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "train", "explain", "synth",
+                   "demo", "store"]
 
 
 def _register_all() -> None:

@@ -156,12 +156,12 @@ def check_val_options(val_where: Sequence[str], val_fraction: float | None) -> N
 
 def load_train_val(store, *, where: Sequence[str] = (), val_where: Sequence[str] = (),
                    val_fraction: float | None = None, seed: int = 0, model: str | None = None,
-                   pretrained: str | None = None) -> TrainData:
-    """Train and val rows of an image store. Val rows are those matching ``val_where`` (taken out of the
-    train selection), else a class-stratified ``val_fraction`` of it (default 0.1; 0: no val rows, so
-    no early stopping). Classes are the train labels in first-seen order."""
+                   pretrained: str | None = None, kind: str = "image") -> TrainData:
+    """Train and val rows of an image store (or of another ``kind`` of store: ALA's "features"). Val rows
+    are those matching ``val_where`` (taken out of the train selection), else a class-stratified
+    ``val_fraction`` of it (default 0.1; 0: no val rows, so no early stopping). Classes are the train labels in first-seen order."""
     check_val_options(val_where, val_fraction)
-    reader, spec = open_store_for(store, "image", model, pretrained)
+    reader, spec = open_store_for(store, kind, model, pretrained)
     val_rows: list[int] = []
     if val_where:
         val_rows, val_meta = labelled_rows(reader, val_where)

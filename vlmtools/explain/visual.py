@@ -1,0 +1,476 @@
+"""`explain visual` and `eval explanations`: saliency maps for images, written as a maps directory, and
+their evaluation against the manifest's object masks (mIoU) and by the causal metrics (insertion,
+deletion, ID score).
+
+A maps directory (formats.MAPS_FORMAT) holds info.json (model, method, classes, templates, method
+settings), maps.jsonl (one line per map) and per map NAME.npy (float16 in [0, 1] at the image's
+resolution) and NAME.png (the image with the map overlaid; class and score in the title).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from vlmtools import formats
+from vlmtools.console import progress, warn
+from vlmtools.errors import BadInput
+from vlmtools.explain.saliency import METHODS
+
+MAPS_INFO = "info.json"
+MAPS_INDEX = "maps.jsonl"
+MAPS_ERRORS = "errors.jsonl"
+
+
+def _safe_stem(text: str, used: set[str]) -> str:
+    """A file stem for ``text`` (an image id) not in ``used``: unsafe characters replaced, -2, -3 ... added."""
+    from vlmtools.explain.textual import _safe_name
+
+    name = _safe_name(text)
+    stem, n = name, 1
+    while stem in used:
+        n += 1
+        stem = f"{name}-{n}"
+    used.add(stem)
+    return stem
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def read_inputs(path: str) -> tuple[list[dict], bool]:
+    """Image records from a predictions file (records with "pred") or a manifest; (records, is_predictions)."""
+    if str(path) == "-":
+        raise BadInput("explain visual reads a file (it needs the images' paths); - is not supported")
+    first = next((rec for _, rec in formats.iter_jsonl(path, allow_plain=True)), None)
+    if first is None:
+        raise BadInput(f"{path}: no images listed")
+    if isinstance(first, dict) and "pred" in first:
+        return formats.read_predictions(path), True
+    return formats.read_manifest(path), False
+
+
+def class_list(records: Sequence[dict], classes: str | None, descriptors: dict | None,
+               chosen: str | None) -> list[str]:
+    """--classes, else the descriptor file's classes, else the labels and predictions of the input."""
+    if classes is not None:
+        out = formats.read_class_list(classes)
+    elif descriptors is not None:
+        out = list(descriptors)
+    else:
+        out = list(dict.fromkeys([c for r in records for c in (r.get("label"), r.get("pred")) if c is not None]))
+    if chosen is not None and chosen not in out:
+        out.append(chosen)
+    if len(out) < 1:
+        raise BadInput("no classes: the input has no labels or predictions; pass --classes")
+    return out
+
+
+# ----------------------------------------------------------------------------- model side
+
+@dataclass
+class Judge:
+    """A CLIP model as the saliency methods see it: image tensors, class text embeddings, scores."""
+    encoder: object
+    tower: object
+    classes: list[str]
+    class_emb: object                       # torch (C, d)
+    logit_scale: float
+    mean: object = None
+    std: object = None
+    size: int = 224
+    templates: list[str] = field(default_factory=list)
+    rise_cache: dict = field(default_factory=dict)
+
+    def tensor(self, image):
+        """A PIL image -> (1, 3, S, S), resized without cropping so the map lines up with the image."""
+        from vlmtools.images import square_tensor
+
+        return square_tensor(image, self.size, self.mean, self.std).to(self.encoder.device)
+
+    def cosine_fn(self, target):
+        return lambda x: self.tower.embed(x) @ target
+
+    def prob_fn(self, c: int):
+        import torch
+
+        def fn(x):
+            return torch.softmax(self.logit_scale * self.tower.embed(x) @ self.class_emb.T, dim=-1)[:, c]
+        return fn
+
+    def text_embeddings(self, texts: Sequence[str]):
+        import torch
+
+        return torch.from_numpy(self.encoder.encode_texts(list(texts))).to(self.encoder.device)
+
+
+def make_judge(spec, classes: list[str], templates: list[str], device: str = "auto",
+               cam_layer: int | None = None, cbd: dict | None = None) -> Judge:
+    """The model, its tower and the class embeddings: class-name prompts (``templates``), or with ``cbd``
+    ({class: descriptor record}) the mean of the class's descriptor sentence embeddings, whose dot
+    product with an image is the CBD class score (mean similarity to the descriptors)."""
+    import numpy as np
+    import torch
+
+    from vlmtools.classify import build_descriptor_set, clip_class_embeddings, clip_texts
+    from vlmtools.explain.saliency import ClipTower
+    from vlmtools.images import normalize_params
+    from vlmtools.models import load_model
+
+    encoder = load_model(spec, device)
+    for p in encoder.model.parameters():
+        p.requires_grad_(False)
+    tower = ClipTower(encoder.model, cam_layer)
+    if cbd is not None:
+        dset = build_descriptor_set(classes, cbd)
+        desc = encoder.encode_texts(dset.texts)
+        emb = np.stack([desc[a:b].mean(axis=0) for a, b in zip(dset.offsets[:-1], dset.offsets[1:])])
+    else:
+        emb = clip_class_embeddings(encoder.encode_texts(clip_texts(classes, templates)), len(classes), len(templates))
+    mean, std = normalize_params(encoder.preprocess)
+    scale = float(encoder.model.logit_scale.exp()) if hasattr(encoder.model, "logit_scale") else 100.0
+    return Judge(encoder, tower, list(classes), torch.from_numpy(emb.astype(np.float32)).to(encoder.device), scale,
+                 mean.to(encoder.device), std.to(encoder.device), encoder.image_size, list(templates))
+
+
+# ----------------------------------------------------------------------------- explain visual
+
+@dataclass
+class VisualOptions:
+    method: str = "gradcam"
+    masks: int = 4000
+    cell: int = 7
+    p: float = 0.5
+    seed: int = 0
+    batch: int = 64
+    layer: int | None = None   # gradcam: block (ViT) or stage (ResNet) to hook; default the last
+
+
+def _check_options(opts: VisualOptions, descriptors: str | None, head: str | None) -> None:
+    from vlmtools.explain.saliency import check_rise
+
+    if opts.method not in METHODS:
+        raise BadInput(f"--method {opts.method!r}: expected one of {', '.join(METHODS)}")
+    if opts.method == "rise":
+        check_rise(opts.masks, opts.cell, opts.p, opts.batch)
+    if descriptors is not None and opts.method not in ("gradcam", "rise"):
+        raise BadInput(f"--descriptors needs --method gradcam or rise (a map per descriptor sentence); "
+                       f"{opts.method} maps do not depend on a text")
+    if opts.method == "ala" and head is None:
+        raise BadInput("--method ala needs --head HEAD (from `vlmtools train ala`)")
+    if head is not None and opts.method != "ala":
+        raise BadInput("--head is for --method ala")
+    if opts.layer is not None and opts.method != "gradcam":
+        raise BadInput("--layer is for --method gradcam")
+
+
+def _prepare_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out}: is a file; -o takes a directory for the maps")
+    if out.exists() and any(out.iterdir()) and not (out / MAPS_INFO).exists():
+        raise BadInput(f"{out}: exists, is not empty and is not a maps directory; pass a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def overlay_png(path: Path, image, saliency, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    w, h = image.size
+    fig = Figure(figsize=(3.2, 3.2 * h / w + 0.4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(image)
+    ax.imshow(saliency, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=8, parse_math=False)
+    with formats.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+
+
+def save_map(out: Path, stem: str, image, saliency, title: str, png: bool = True) -> dict:
+    import numpy as np
+
+    with formats.atomic_path(out / f"{stem}.npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, saliency.astype(np.float16))
+    names = {"map": f"{stem}.npy"}
+    if png:
+        overlay_png(out / f"{stem}.png", image, saliency, title)
+        names["png"] = f"{stem}.png"
+    return names
+
+
+def to_image_size(saliency, image):
+    """A model-resolution map (S, S) -> the image's (H, W), in [0, 1]."""
+    import torch
+
+    from vlmtools.explain.saliency import unit_range, upsample
+
+    w, h = image.size
+    return unit_range(upsample(torch.from_numpy(saliency), (h, w)).numpy())
+
+
+def compute_maps(judge: Judge, x, c: int, opts: VisualOptions, targets=None, head=None) -> list:
+    """The maps (S, S) for one image: one for the class, or one per target text embedding."""
+    from vlmtools.explain import saliency as sal
+
+    m = opts.method
+    if m == "rollout":
+        return sal.rollout(judge.tower.attentions(x), size=tuple(x.shape[-2:]))
+    if m == "ala":
+        return [head.attention_map(x)]
+    fns = [judge.cosine_fn(t) for t in targets] if targets is not None else None
+    if m == "gradcam":
+        fns = fns or [judge.cosine_fn(judge.class_emb[c])]
+        return [sal.gradcam(x, fn, judge.tower.cam_layer, judge.tower.to_grid)[0] for fn in fns]
+    # rise: the class probability, or each descriptor sentence's similarity; the same masks for all
+    fns = fns or [judge.prob_fn(c)]
+    key = (opts.masks, opts.cell, opts.p, opts.seed, tuple(x.shape[-2:]))
+    if judge.rise_cache.get("key") != key:  # the same seeded masks for every image: draw them once
+        judge.rise_cache.update(key=key, masks=sal.rise_masks(opts.masks, opts.cell, opts.p, key[-1], opts.seed,
+                                                              x.device))
+    masks = judge.rise_cache["masks"]
+    return [sal.rise(x, fn, opts.masks, opts.cell, opts.p, opts.seed, opts.batch, mask_tensor=masks) for fn in fns]
+
+
+def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str | None = None,
+                   pretrained: str | None = None, classes: str | None = None, templates: str = "photo",
+                   cls: str | None = None, descriptors: str | None = None, head: str | None = None,
+                   cbd: str | None = None, where: Sequence[str] = (), limit: int | None = None, png: bool = True,
+                   device: str = "auto") -> dict:
+    """Write maps for the images of a predictions file or manifest into ``out_dir``; returns a summary
+    {"maps", "images", "failed"}. Unreadable images are listed in errors.jsonl and skipped."""
+    from vlmtools.classify import parse_where
+    from vlmtools.images import load_rgb
+    from vlmtools.models import ModelSpec
+    from vlmtools.prompts import descriptor_sentence, load_templates
+
+    _check_options(opts, descriptors, head)
+    if limit is not None and limit < 0:
+        raise BadInput("--limit must be >= 0")
+    conditions = parse_where(where)
+    records, is_pred = read_inputs(input_path)
+    records = [r for r in records if all(str(r.get(k)) == v for k, v in conditions)]
+    if limit:
+        records = records[:limit]
+    if not records:
+        raise BadInput(f"{input_path}: no images to explain" + (" (after --where)" if conditions else ""))
+    desc_records = formats.read_descriptors(descriptors) if descriptors is not None else None
+    cbd_records = formats.read_descriptors(cbd) if cbd is not None else None
+    names = class_list(records, classes, desc_records or cbd_records, cls)
+    template_list = load_templates(templates)
+    out = Path(out_dir)
+    _prepare_out_dir(out)
+
+    head_obj = None
+    if head is not None:
+        from vlmtools.heads.ala import load_ala_for_explain
+
+        head_obj, spec = load_ala_for_explain(head, model, pretrained, device)
+    else:
+        spec = ModelSpec.parse(model, pretrained)
+    judge = make_judge(spec, names, template_list, device, cam_layer=opts.layer, cbd=cbd_records)
+    if head_obj is not None:
+        head_obj.attach(judge)
+    index = {c: i for i, c in enumerate(names)}
+
+    import torch
+
+    rows, errors, used = [], [], set()
+    with progress(f"{opts.method} maps", total=len(records), unit="images") as bar:
+        for rec in records:
+            try:
+                image = load_rgb(rec["path"])
+            except Exception as exc:  # PIL raises many kinds for missing, truncated or unknown files
+                errors.append({"id": rec["id"], "path": rec["path"], "error": f"{type(exc).__name__}: {exc}"})
+                warn(f"{rec['path']}: cannot read the image ({type(exc).__name__}); skipped")
+                bar.advance(1)
+                continue
+            x = judge.tensor(image)
+            with torch.no_grad():
+                cos = (judge.tower.embed(x) @ judge.class_emb.T)[0]
+                probs = torch.softmax(judge.logit_scale * cos, dim=-1)
+            target = cls or (rec["pred"] if is_pred else names[int(probs.argmax())])
+            c = index[target]
+            base = {k: rec[k] for k in ("id", "path", "label") if rec.get(k) is not None}
+            base.update({"class": target, "score": round(float(cos[c]), 6), "prob": round(float(probs[c]), 6),
+                         "method": opts.method})
+            if desc_records is not None:
+                drec = desc_records.get(target)
+                if drec is None or not drec["descriptors"]:
+                    warn(f"{rec['id']}: class {target!r} has no descriptors in {descriptors}; skipped")
+                    bar.advance(1)
+                    continue
+                sentences = [descriptor_sentence(target, d) for d in drec["descriptors"]]
+                emb = judge.text_embeddings(sentences)
+                maps = compute_maps(judge, x, c, opts, targets=list(emb))
+                with torch.no_grad():
+                    dsims = (judge.tower.embed(x) @ emb.T)[0]
+                kinds = formats.descriptor_kinds(drec)
+                for j, (d, m) in enumerate(zip(drec["descriptors"], maps)):
+                    stem = _safe_stem(f"{rec['id']}.d{j:02d}", used)
+                    full = to_image_size(m, image)
+                    files = save_map(out, stem, image, full, f"{target}: {d} ({float(dsims[j]):.3f})", png)
+                    rows.append({**base, "descriptor": d, "kind": kinds[j], "descriptor_score":
+                                 round(float(dsims[j]), 6), **files})
+            else:
+                (m,) = compute_maps(judge, x, c, opts, head=head_obj)
+                stem = _safe_stem(rec["id"], used)
+                full = to_image_size(m, image)
+                title = f"{rec['id']} · {opts.method}\n{target} (cos {float(cos[c]):.3f}, p {float(probs[c]):.2f})"
+                rows.append({**base, **save_map(out, stem, image, full, title, png)})
+            bar.advance(1)
+    settings = {"masks": opts.masks, "cell": opts.cell, "p": opts.p, "seed": opts.seed} \
+        if opts.method == "rise" else ({"layer": opts.layer} if opts.layer is not None else {})
+    formats.write_json(out / MAPS_INFO, formats.maps_info(
+        method=opts.method, model=spec.as_dict(), classes=names, templates=template_list,
+        settings=settings, head=str(Path(head).resolve()) if head else None,
+        descriptors=str(Path(descriptors).resolve()) if descriptors else None,
+        cbd=str(Path(cbd).resolve()) if cbd else None))
+    formats.write_jsonl(out / MAPS_INDEX, rows)
+    if errors:
+        formats.write_jsonl(out / MAPS_ERRORS, errors)
+    else:
+        (out / MAPS_ERRORS).unlink(missing_ok=True)
+    return {"maps": len(rows), "images": len(records), "failed": len(errors), "out": str(out)}
+
+
+# ----------------------------------------------------------------------------- eval explanations
+
+def read_maps_dir(path) -> tuple[dict, list[dict]]:
+    d = Path(path)
+    if not d.is_dir():
+        raise BadInput(f"{d}: not a directory (expected the -o directory of `vlmtools explain visual`)")
+    meta = formats.read_json(d / MAPS_INFO) if (d / MAPS_INFO).exists() else None
+    if meta is None:
+        raise BadInput(f"{d}: no {MAPS_INFO}; not a maps directory from `vlmtools explain visual`")
+    formats.check_format(meta, formats.MAPS_FORMAT, str(d / MAPS_INFO))
+    rows = [rec for _, rec in formats.iter_jsonl(d / MAPS_INDEX)]
+    return meta, rows
+
+
+def _load_mask(path: str):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as m:
+        return np.asarray(m.convert("L")) > 127
+
+
+def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, causal: bool = True,
+                  output: str = "-", summary_out: str | None = None, batch: int = 64,
+                  device: str = "auto", blur: float = 1.0) -> dict:
+    """mIoU (and insertion, deletion, ID with ``causal``) of the class maps of each directory; per-map
+    JSONL to ``output``; returns (and writes to ``summary_out``) per-directory means and, per method,
+    mean ± std over the directories (seeds)."""
+    import numpy as np
+    import torch
+
+    from vlmtools.explain.metrics import auc, causal_curve, iou
+    from vlmtools.explain.saliency import upsample
+    from vlmtools.images import load_rgb
+    from vlmtools.models import ModelSpec
+
+    if steps < 1:
+        raise BadInput("--steps must be at least 1")
+    if blur < 0:
+        raise BadInput("--blur must be >= 0 (0: insert into the unblurred image)")
+    if not maps_dirs:
+        raise BadInput("give at least one maps directory")
+    by_id = {r["id"]: r for r in formats.read_manifest(manifest)}
+    loaded = [(str(d), *read_maps_dir(d)) for d in maps_dirs]
+    # check everything before the (slow) evaluation: masks present, maps of the masks' size
+    todo = []
+    for d, meta, rows in loaded:
+        class_rows = [r for r in rows if "descriptor" not in r]
+        if not class_rows:
+            raise BadInput(f"{d}: no class maps to evaluate (per-descriptor maps are not evaluated)")
+        for r in class_rows:
+            rec = by_id.get(str(r["id"]))
+            if rec is None:
+                raise BadInput(f"{d}: image {r['id']!r} is not in {manifest}")
+            if not rec.get("mask"):
+                n = sum(1 for rr in class_rows if not by_id.get(str(rr["id"]), {}).get("mask"))
+                raise BadInput(f"{manifest}: image {r['id']!r} (and {n - 1} more) has no \"mask\"; eval "
+                               f"explanations needs an object mask per image (a \"mask\" path in the manifest)")
+            todo.append((d, meta, r, rec))
+    results, per_dir = [], {}
+    judges: dict = {}
+    with progress("evaluating maps", total=len(todo), unit="maps") as bar:
+        for d, meta, r, rec in todo:
+            sal = np.load(Path(d) / r["map"]).astype(np.float32)
+            try:
+                mask = _load_mask(rec["mask"])
+            except Exception as exc:
+                raise BadInput(f"{rec['mask']}: cannot read the mask ({type(exc).__name__})") from None
+            if sal.shape != mask.shape:
+                raise BadInput(f"{Path(d) / r['map']}: map is {sal.shape[1]}x{sal.shape[0]} but the mask "
+                               f"{rec['mask']} is {mask.shape[1]}x{mask.shape[0]}: maps of another size (made "
+                               f"from other images?)")
+            row = {"id": r["id"], "method": meta["method"], "maps": d, "class": r["class"],
+                   "iou": round(iou(sal, mask), 6)}
+            if causal:
+                key = (json_key(meta["model"]), tuple(meta["classes"]), tuple(meta["templates"]), meta.get("cbd"))
+                if key not in judges:
+                    spec = ModelSpec(meta["model"]["name"], meta["model"].get("pretrained"))
+                    cbd = formats.read_descriptors(meta["cbd"]) if meta.get("cbd") else None
+                    judges[key] = make_judge(spec, meta["classes"], meta["templates"], device, cbd=cbd)
+                judge = judges[key]
+                image = load_rgb(rec["path"])
+                x = judge.tensor(image)
+                s = upsample(torch.from_numpy(sal), tuple(x.shape[-2:])).numpy()
+                fn = judge.prob_fn(judge.classes.index(r["class"]))
+                ins = auc(*causal_curve(x, s, fn, "insertion", steps, batch, sigma=blur))
+                dele = auc(*causal_curve(x, s, fn, "deletion", steps, batch))
+                row.update({"insertion": round(ins, 6), "deletion": round(dele, 6), "id_score": round(ins - dele, 6)})
+            results.append(row)
+            per_dir.setdefault(d, []).append(row)
+            bar.advance(1)
+    formats.write_jsonl(output, results)
+    keys = ["iou", "insertion", "deletion", "id_score"] if causal else ["iou"]
+    dirs = []
+    for d, meta, _ in loaded:
+        rs = per_dir[d]
+        dirs.append({"maps": d, "method": meta["method"], "seed": meta.get("settings", {}).get("seed"),
+                     "n": len(rs), **{k: float(np.mean([x[k] for x in rs])) for k in keys}})
+    methods = {}
+    for row in dirs:
+        methods.setdefault(row["method"], []).append(row)
+    summary = {"format": formats.EXPLAIN_EVAL_FORMAT, "threshold": "mean + std of each map", "steps": steps,
+               "blur": blur if causal else None,
+               "directories": dirs, "methods": [
+                   {"method": m, "runs": len(rs), **{k: float(np.mean([r[k] for r in rs])) for k in keys},
+                    **{f"{k}_std": float(np.std([r[k] for r in rs])) for k in keys}}
+                   for m, rs in methods.items()]}
+    if summary_out is not None:
+        formats.write_json(summary_out, summary)
+    return summary
+
+
+def json_key(obj) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True)
+
+
+def summary_table(summary: dict) -> None:
+    """The per-method table on stderr (mIoU, Ins, Del, ID as mean ± std over runs)."""
+    from rich.table import Table
+
+    keys = [k for k in ("iou", "insertion", "deletion", "id_score") if k in summary["methods"][0]]
+    heads = {"iou": "mIoU ↑", "insertion": "Ins ↑", "deletion": "Del ↓", "id_score": "ID ↑"}
+    table = Table(title=f"explanations (threshold: mean + std; steps {summary['steps']})")
+    table.add_column("method")
+    table.add_column("runs", justify="right")
+    for k in keys:
+        table.add_column(heads[k], justify="right")
+    for m in summary["methods"]:
+        cells = [f"{m[k]:.3f}" + (f" ± {m[k + '_std']:.3f}" if m["runs"] > 1 else "") for k in keys]
+        table.add_row(m["method"], str(m["runs"]), *cells)
+    info_table(table)
+
+
+def info_table(table) -> None:
+    from vlmtools import console as c
+
+    if not c._quiet:
+        c.console.print(table)
