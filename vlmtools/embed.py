@@ -525,24 +525,9 @@ def read_image_input(arg: str):
 
 
 def embed_image_input(arg: str, out: str, load_encoder: Callable, **options) -> EmbedSummary:
-    """`embed images`: read the input while the model loads (in a daemon thread: both are mostly I/O and C
-    code; a bad input fails at once without waiting for the model), then embed. ``load_encoder()``
-    returns a models.Encoder."""
-    import threading
-
-    result: dict = {}
-
-    def load() -> None:
-        try:
-            result["encoder"] = load_encoder()
-        except BaseException as exc:  # re-raised in the caller's thread
-            result["error"] = exc
-
-    loader = threading.Thread(target=load, name="vlmtools-model-load", daemon=True)
-    loader.start()
+    """`embed images`: read the input (a bad one fails before the model loads), then load the model with
+    ``load_encoder()`` (returns a models.Encoder) and embed. Loading the model in a thread meanwhile was
+    tried and dropped: Ctrl-C during the load then aborted the process inside torch (SIGABRT)."""
     records, sources, bounds, extras = read_image_input(arg)
-    loader.join()
-    if "error" in result:
-        raise result["error"]
-    return embed_images(records, out, result["encoder"], sources=sources, shard_bounds=bounds,
-                        extra_info=extras, **options)
+    return embed_images(records, out, load_encoder(), sources=sources, shard_bounds=bounds, extra_info=extras,
+                        **options)
