@@ -7,8 +7,8 @@ ROWS.tsv (tab-separated, '#' lines are comments) has one line per (table, model,
 
     table   model   row   metric   study   results
 
-metric is top1 or top5 (keys of `vlmtools eval --json` output, fractions); study is the study's figure
-in percent, or '-' when it has none; results is one `vlmtools eval --json` file, or several separated by
+metric is acc1 or acc5 (keys of the summary row of `vlmtools eval -o FILE`, fractions); study is the
+study's figure in percent, or '-' when it has none; results is one `vlmtools eval -o` file, or several separated by
 ',' (draws of a random control: ours is their mean, and the spread is their standard deviation).
 Missing result files leave the row's ours empty. Prints each table (ours, study, ours - study) on
 stdout and writes them all as one TSV. Standard library only: runs wherever the scripts run.
@@ -31,7 +31,7 @@ def ours(results: str, metric: str) -> tuple[float | None, float | None, int]:
     for path in filter(None, results.split(",")):
         if os.path.exists(path):
             with open(path, encoding="utf-8") as fh:
-                value = json.load(fh).get(metric)
+                value = json.loads(fh.readline()).get(metric)  # the summary row of eval's NDJSON
             if value is not None:
                 values.append(100 * value)
     if not values:

@@ -320,7 +320,7 @@ def test_int_labels_from_a_manifest(image_dir, tmp_path):
     assert len(preds) == len(files) and "label" not in preds[0]
     assert {r["label"] for r in preds[1:]} == {"0", "1"} and {r["pred"] for r in preds} <= {"0", "1"}
     labelled = [r for r in preds if "label" in r]
-    res = invoke("eval", out, "--json", tmp_path / "r.json")
+    res = invoke("eval", out, "-o", tmp_path / "r.json")
     assert res.exit_code == 2 and f"{out}:1" in res.stderr  # the unlabelled image: eval needs every label
     (tmp_path / "l.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labelled))
     res = invoke("eval", tmp_path / "l.jsonl")

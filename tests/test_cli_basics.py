@@ -24,7 +24,7 @@ def test_help_imports_no_heavy_modules():
             "r = CliRunner()\n"
             "for args in (['--help'], ['embed', '--help'], ['embed', 'images', '--help'], ['index', '--help'],"
             " ['search', '--help'], ['data', '--help'], ['describe', '--help'], ['classify', '--help'],"
-            " ['eval', '--help'], ['synth', '--help'], ['demo', '--help'], ['models', '--help']):\n"
+            " ['eval', '--help'], ['report', '--help'], ['serve', '--help'], ['synth', '--help'], ['demo', '--help'], ['models', '--help']):\n"
             "    r.invoke(app, args)\n")
     loaded = _modules_after(code)
     heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)

@@ -24,11 +24,11 @@ def test_demo_runs_the_pipeline_and_prints_the_table(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [r["n"] for r in results["rows"]] == [40, 40, 40, 40]
     for r in results["rows"]:
-        assert 0.0 <= r["top1"] <= 1.0 and r["photo"] is not None and r["painting"] is not None
+        assert 0.0 <= r["acc1"] <= 1.0 and r["photo"] is not None and r["painting"] is not None
     for name in ("clip", "cbd", "cbd-object", "waffle"):
         preds = [json.loads(line) for line in (out / "predictions" / f"{name}.jsonl").read_text().splitlines()]
         assert len(preds) == 40 and all("pred" in p for p in preds)
-    assert (out / "eval" / "compare.json").exists()
+    assert (out / "eval" / "compare.jsonl").exists()
     cbd = [json.loads(line) for line in (out / "predictions" / "cbd.jsonl").read_text().splitlines()]
     wrong_view = (out / "explanations" / "wrong.txt").read_text()
     if any(p["pred"] != p["label"] for p in cbd):

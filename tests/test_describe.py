@@ -895,7 +895,7 @@ def test_waffle_needs_no_llm_and_is_seeded(tmp_path, llm, monkeypatch):
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("extra, message", [
-    (["--style", "poetic"], "--style 'poetic'"),
+    (["--style", "poetic"], "'poetic' is not one of"),
     (["--style", "domain"], "--exemplars FILE or --domain"),
     (["--fields", "size"], "--fields has no effect"),
     (["--exemplars", "EX"], "did you mean --style domain"),

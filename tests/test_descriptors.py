@@ -91,9 +91,30 @@ def test_stats_counts_duplicates_background_and_shared(tmp_path):
     assert total["shared_across_classes"] == 1  # "long tail" is in both
     table = runner.invoke(app, ["descriptors", "stats", str(src)])
     assert table.exit_code == 0
-    header, first = table.stdout.splitlines()[:2]
-    assert header.split("\t")[:3] == ["class", "descriptors", "duplicates"]
-    assert first.split("\t")[:4] == ["a", "3", "1", "1"]
+    tsv = table.stdout.splitlines()
+    assert len(tsv) == 3 and all(len(line.split("\t")) == 6 for line in tsv)  # a header and data rows only
+    assert tsv[0].split("\t")[:3] == ["class", "descriptors", "duplicates"]
+    assert tsv[1].split("\t")[:4] == ["a", "3", "1", "1"]
+    assert "2 classes, 5 descriptors" in " ".join(table.stderr.split())
+
+
+def test_export_import_round_trips_kinds_and_style(tmp_path):
+    recs = [{"class": "Horned Puffin", "descriptors": ["orange feet", "rocky cliffs"],
+             "kinds": ["object", "background"], "style": "background"},
+            {"class": "Crested Auklet", "descriptors": [], "style": "background"}]
+    src = write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+    exported = runner.invoke(app, ["descriptors", "export", str(src), "--format", "vlmtools"])
+    assert exported.exit_code == 0, exported.output
+    assert len(exported.stdout.splitlines()) == 1  # one compact line, never indented JSON on stdout
+    back = runner.invoke(app, ["descriptors", "import", "-"], input=exported.stdout)
+    assert back.exit_code == 0, back.output
+    assert [json.loads(line) for line in back.stdout.splitlines()] == recs
+    lossy = runner.invoke(app, ["descriptors", "export", str(src)])
+    assert lossy.exit_code == 0 and json.loads(lossy.stdout) == {"Horned Puffin": ["orange feet", "rocky cliffs"],
+                                                                 "Crested Auklet": []}
+    assert "--format vlmtools keeps them" in " ".join(lossy.stderr.split())
+    refused = runner.invoke(app, ["descriptors", "export", str(src), "--format", "vlmtools", "--kind", "object"])
+    assert refused.exit_code == 2
 
 
 def test_stats_reads_a_cbd_dict_directly(tmp_path):

@@ -52,18 +52,18 @@ def test_metrics_match_numpy():
     preds = np.array([r["pred"] for r in recs])
     in5 = np.array([r["label"] in [t["class"] for t in r["topk"][:5]] for r in recs])
     assert res["n"] == len(recs) and res["correct"] == int((labels == preds).sum())
-    assert math.isclose(res["top1"], (labels == preds).mean())
-    assert math.isclose(res["top5"], in5.mean())
+    assert math.isclose(res["acc1"], (labels == preds).mean())
+    assert math.isclose(res["acc5"], in5.mean())
     recalls = [(preds[labels == c] == c).mean() for c in np.unique(labels)]
     assert math.isclose(res["mean_per_class_recall"], np.mean(recalls))
     for row in res["per_class"]:
         mask = labels == row["class"]
-        assert row["n"] == mask.sum() and math.isclose(row["accuracy"], (preds[mask] == row["class"]).mean())
-        assert math.isclose(row["top5_accuracy"], in5[mask].mean())
+        assert row["n"] == mask.sum() and math.isclose(row["acc1"], (preds[mask] == row["class"]).mean())
+        assert math.isclose(row["acc5"], in5[mask].mean())
     dom = np.array([r["domain"] for r in recs])
     for value, g in res["groups"]["domain"].items():
         mask = dom == value
-        assert g["n"] == mask.sum() and math.isclose(g["top1"], (labels[mask] == preds[mask]).mean())
+        assert g["n"] == mask.sum() and math.isclose(g["acc1"], (labels[mask] == preds[mask]).mean())
         assert "per_class" not in g
 
 
@@ -71,8 +71,8 @@ def test_top5_omitted_with_fewer_than_five_classes():
     recs = fake_predictions(n_classes=4, k=5)
     assert all(len(r["topk"]) == 4 for r in recs)
     res = E.evaluate(recs)
-    assert res["top5"] is None and "top5_note" in res
-    assert all(row["top5_accuracy"] is None for row in res["per_class"])
+    assert res["acc5"] is None and "acc5_note" in res
+    assert all(row["acc5"] is None for row in res["per_class"])
 
 
 def test_confusion_matrix_counts():
@@ -101,13 +101,24 @@ def test_mcnemar_exact_is_the_binomial_tail(b, c):
 def test_cli_eval_json_csv_plots(tmp_path):
     recs = fake_predictions()
     pred = write(tmp_path / "p.jsonl", recs)
-    res = invoke("eval", pred, "--by", "domain", "--csv", tmp_path / "pc.csv", "--plot", tmp_path / "plots")
+    res = invoke("eval", pred, "--by", "domain", "--csv", tmp_path / "pc.csv", "--plots", tmp_path / "plots",
+                 "--per-class")
     assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
-    assert out == json.loads(json.dumps(E.evaluate(recs, by=["domain"])))
+    lines = res.stdout.splitlines()
+    rows_out = [json.loads(line) for line in lines]
+    expected = E.evaluate(recs, by=["domain"])
+    head = rows_out[0]
+    assert head["format"] == E.EVAL_FORMAT and head["kind"] == "summary" and head["predictions"] == str(pred)
+    assert head["n"] == expected["n"] and head["acc1"] == round(expected["acc1"], 4)
+    assert head["mean_per_class_recall"] == round(expected["mean_per_class_recall"], 4)
+    groups = [r for r in rows_out if r["kind"] == "group"]
+    assert {(g["by"], g["value"]) for g in groups} == {("domain", v) for v in expected["groups"]["domain"]}
+    per_class = [r for r in rows_out if r["kind"] == "class"]
+    assert [r["class"] for r in per_class] == [r["class"] for r in expected["per_class"]]
+    assert all(len(line) == len(line.strip()) and "\n" not in line for line in lines)  # NDJSON, not indented
     assert "top-1 %" in res.stderr and "by domain" in res.stderr
     rows = list(csv.DictReader(io.StringIO((tmp_path / "pc.csv").read_text())))
-    assert [r["class"] for r in rows] == [r["class"] for r in out["per_class"]]
+    assert [r["class"] for r in rows] == [r["class"] for r in per_class]
     from PIL import Image
 
     for name in ("confusion.png", "per_class.png"):
@@ -121,9 +132,10 @@ def test_cli_eval_default_and_explicit_subcommand_and_stdin(tmp_path):
     a = invoke("eval", pred)
     b = invoke("eval", "predictions", pred)
     c = invoke("eval", "-", input=pred.read_text())
-    d = invoke("eval", "--json", tmp_path / "r.json", pred)
+    d = invoke("eval", "-o", tmp_path / "r.jsonl", pred)
     assert a.exit_code == b.exit_code == c.exit_code == d.exit_code == 0
-    assert a.stdout == b.stdout == c.stdout == (tmp_path / "r.json").read_text()
+    assert a.stdout == b.stdout == (tmp_path / "r.jsonl").read_text()
+    assert c.stdout == a.stdout.replace(str(pred), "<stdin>")
 
 
 def test_cli_compare(tmp_path):
@@ -138,12 +150,13 @@ def test_cli_compare(tmp_path):
     res = invoke("eval", "compare", pa, pb, "--diff", tmp_path / "diff.jsonl")
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
+    assert out["format"] == E.COMPARE_FORMAT and out["a"]["predictions"] == str(pa)
     ca = np.array([r["pred"] == r["label"] for r in a])
     cb = np.array([r["pred"] == r["label"] for r in b])
     assert out["a"]["name"] == "clip" and out["b"]["name"] == "cbd"
-    assert math.isclose(out["a"]["top1"], ca.mean()) and math.isclose(out["b"]["top1"], cb.mean())
+    assert out["a"]["acc1"] == round(ca.mean(), 4) and out["b"]["acc1"] == round(cb.mean(), 4)
     assert out["only_b_correct"] == int((cb & ~ca).sum()) and out["only_a_correct"] == int((ca & ~cb).sum())
-    assert out["mcnemar"] == E.mcnemar(out["only_a_correct"], out["only_b_correct"])
+    assert out["mcnemar"] == E.rounded(E.mcnemar(out["only_a_correct"], out["only_b_correct"]))
     diff = [json.loads(line) for line in (tmp_path / "diff.jsonl").read_text().splitlines()]
     assert len(diff) == out["predictions_differ"] == sum(x["pred"] != y["pred"] for x, y in zip(a, b))
     assert all(d["pred_a"] != d["pred_b"] for d in diff)
@@ -166,7 +179,7 @@ def test_predictions_without_labels(tmp_path):
     recs = fake_predictions(n=5)
     del recs[3]["label"]
     pred = write(tmp_path / "p.jsonl", recs)
-    res = invoke("eval", pred, "--json", tmp_path / "r.json", "--csv", tmp_path / "c.csv")
+    res = invoke("eval", pred, "-o", tmp_path / "r.json", "--csv", tmp_path / "c.csv")
     assert res.exit_code == 2 and f"{pred}:4" in res.stderr and "label" in res.stderr
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "c.csv").exists()
 
@@ -193,7 +206,7 @@ def test_bad_group_key_and_disjoint_compare(tmp_path):
     other = fake_predictions(n=10)
     for r in other:
         r["id"] = "x" + r["id"]
-    res = invoke("eval", "compare", pred, write(tmp_path / "q.jsonl", other), "--json", tmp_path / "s.json")
+    res = invoke("eval", "compare", pred, write(tmp_path / "q.jsonl", other), "-o", tmp_path / "s.json")
     assert res.exit_code == 2 and "share no image id" in res.stderr and not (tmp_path / "s.json").exists()
     res = invoke("eval", tmp_path / "missing.jsonl")
     assert res.exit_code == 2 and "no such file" in res.stderr
@@ -209,11 +222,11 @@ def test_markup_in_names_is_shown_as_written(tmp_path):
                                    rename[r["pred"]], [(rename[t["class"]], t["score"]) for t in r["topk"]]))
         r["id"] = f"[/b]{r['id']}"
     pred = write(tmp_path / "p[x].jsonl", recs)
-    res = invoke("eval", pred, "--by", "domain", "--plot", tmp_path / "plots")
+    res = invoke("eval", pred, "--by", "domain", "--plots", tmp_path / "plots", "--per-class")
     assert res.exit_code == 0, res.output
     err = " ".join(res.stderr.split())
     assert "p[x].jsonl" in err and "[i]photo" in err and "[i]painting" in err
-    assert {r["class"] for r in json.loads(res.stdout)["per_class"]} == set(names)
+    assert {r["class"] for r in map(json.loads, res.stdout.splitlines()) if r["kind"] == "class"} == set(names)
     other = [dict(r, pred=r["label"], topk=[{"class": r["label"], "score": 1.0}]) for r in recs]
     res = invoke("eval", "compare", pred, write(tmp_path / "q.jsonl", other), "--names", "[/x],img[draft]")
     assert res.exit_code == 0, res.output
@@ -228,8 +241,8 @@ def test_integer_labels_of_older_files_are_class_names(tmp_path):
         r["label"] = int(r["label"].split()[1])
         r["pred"] = r["pred"].split()[1]
         r["topk"] = [{"class": t["class"].split()[1], "score": t["score"]} for t in r["topk"]]
-    res = invoke("eval", write(tmp_path / "p.jsonl", recs))
+    res = invoke("eval", write(tmp_path / "p.jsonl", recs), "--per-class")
     assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
-    assert out["correct"] == sum(r["pred"] == str(r["label"]) for r in recs) > 0
-    assert {r["class"] for r in out["per_class"]} <= {"0", "1", "2"}
+    out = [json.loads(line) for line in res.stdout.splitlines()]
+    assert out[0]["correct"] == sum(r["pred"] == str(r["label"]) for r in recs) > 0
+    assert {r["class"] for r in out[1:]} <= {"0", "1", "2"}

@@ -86,7 +86,7 @@ def test_top_limits_descriptors(preds):
 def test_png_figures(preds, tmp_path):
     path, recs = preds
     out = tmp_path / "figs"
-    res = invoke("explain", "text", path, "--png", out)
+    res = invoke("explain", "text", path, "--plots", out)
     assert res.exit_code == 0, res.output
     files = sorted(out.glob("*.png"))
     assert [f.stem for f in files] == sorted(r["id"] for r in recs)  # im3's image is missing: still drawn
@@ -113,7 +113,7 @@ def test_bad_input(preds, tmp_path):
     plain = tmp_path / "clip.jsonl"
     plain.write_text("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("explanation")}) + "\n"
                              for r in recs))
-    res = invoke("explain", "text", plain, "--png", tmp_path / "none")
+    res = invoke("explain", "text", plain, "--plots", tmp_path / "none")
     assert res.exit_code == 2 and "--method cbd" in res.stderr and not (tmp_path / "none").exists()
     nolabel = tmp_path / "nolabel.jsonl"
     nolabel.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "label"}) + "\n" for r in recs))
@@ -132,7 +132,7 @@ def test_markup_in_ids_and_classes_is_shown_as_written(tmp_path):
     rec["explanation"][0]["descriptor"] = "a [red]tail[/red] worth $5"
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps(rec) + "\n")
-    res = invoke("explain", "text", path, "--png", tmp_path / "figs")
+    res = invoke("explain", "text", path, "--plots", tmp_path / "figs")
     assert res.exit_code == 0, res.output
     for text in (rec["id"], "predicted: Mallard [/bold]", "true: Snowy [bold]Owl", "a [red]tail[/red] worth $5"):
         assert text in res.stdout, text
@@ -162,3 +162,45 @@ def test_wrong_with_nothing_wrong_is_not_an_error(tmp_path):
     result = CliRunner().invoke(app, ["explain", "text", str(pred), "--wrong"])
     assert result.exit_code == 0, result.output
     assert result.stdout == "" and "no misclassified image" in result.stderr
+
+
+def test_bars_start_at_zero_and_names_drop_image_suffixes(tmp_path):
+    """A descriptor at 0.45 is drawn as 0.45 from the origin 0, not as nothing above the lowest score;
+    an unlabelled image's id "x.png" gives x.png, not x.png.png; the terminal legend names the kinds the
+    figure's legend names."""
+    rng = np.random.default_rng(3)
+    rec = explained(0, "Cardinal", "Cardinal", tmp_path / "none.png", rng)
+    rec.pop("label")
+    rec["id"] = "photo01.JPG"
+    rec["explanation"] = [{"descriptor": "low", "kind": "object", "score": 0.45},
+                          {"descriptor": "high", "kind": "background", "score": 0.5}]
+    view = T.terminal_view(rec, width=20)
+    from rich.console import Console
+
+    console = Console(width=120, record=True)
+    console.print(view)
+    text = console.export_text()
+    low_bar = next(line for line in text.splitlines() if line.startswith("low"))
+    assert low_bar.count("█") >= 17  # 0.45 of 0.5 on a 20-character bar starting at 0
+    assert "bars from 0 to" in text and "object descriptor" in text and "background descriptor" in text
+    fig = T.figure(rec)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["class score", "object descriptor", "background descriptor"]
+    bars_ax = fig.axes[1]
+    assert bars_ax.get_xlim()[0] == 0.0 and all(p.get_x() == 0.0 for p in bars_ax.patches)
+    assert {"0.450", "0.500"} <= {t.get_text() for t in bars_ax.texts}  # the value on each bar
+    [path] = T.save_figures([rec], tmp_path / "f")
+    assert path.name == "photo01.png"
+
+
+def test_confusion_plot_of_many_classes_has_a_key(tmp_path):
+    from vlmtools import evaluate as E
+
+    classes = [f"class {i}" for i in range(E.KEY_ABOVE + 5)]
+    recs = [{"label": c, "pred": c} for c in classes]
+    names, matrix = E.confusion_matrix(recs)
+    key = "\n".join(t.get_text() for t in E.confusion_figure(names, matrix).texts)
+    assert all(f"{i:>4}  {name}" in key for i, name in enumerate(names))
+    E.plot_confusion(tmp_path / "c.png", names, matrix)
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.format == "PNG"

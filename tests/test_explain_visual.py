@@ -184,7 +184,7 @@ def test_eval_explanations_per_image_and_summary(gradcam_maps, world, tmp_path):
 def test_rise_and_per_descriptor_maps(world, tmp_path):
     out = tmp_path / "rise"
     r = invoke("explain", "visual", world / "manifest.jsonl", "-o", out, "-m", "vlmtools-micro", "--method",
-               "rise", "--masks", "16", "--batch-size", "8", "--limit", "1", "--no-png",
+               "rise", "--masks", "16", "--batch-size", "8", "--limit", "1", "--no-overlays",
                "--descriptors", world / "descriptors.jsonl")
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in (out / "maps.jsonl").read_text().splitlines()]
@@ -202,7 +202,7 @@ def test_unreadable_image_is_listed_and_the_run_goes_on(world, tmp_path):
     recs[1] = {**recs[1], "path": str(tmp_path / "broken.png")}
     (tmp_path / "broken.png").write_bytes(b"not a png")
     manifest.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    r = invoke("explain", "visual", manifest, "-o", tmp_path / "out", "-m", "vlmtools-micro", "--no-png")
+    r = invoke("explain", "visual", manifest, "-o", tmp_path / "out", "-m", "vlmtools-micro", "--no-overlays")
     assert r.exit_code == 1
     assert "broken.png" in r.output
     assert len((tmp_path / "out" / "maps.jsonl").read_text().splitlines()) == 1
@@ -267,7 +267,7 @@ def test_train_ala_caches_features_resumably_and_explains(world, tmp_path):
     assert shard.stat().st_mtime_ns == before
     out = tmp_path / "maps"
     r = invoke("explain", "visual", world / "manifest.jsonl", "-o", out, "--method", "ala", "--head", head,
-               "--where", "split=test", "--no-png")
+               "--where", "split=test", "--no-overlays")
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in (out / "maps.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and np.load(out / rows[0]["map"]).shape == (64, 64)

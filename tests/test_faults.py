@@ -139,7 +139,9 @@ READERS = {
 def _check(result, code: int, fragment: str, outputs=()):
     stderr = result.stderr
     assert result.exit_code == code, (result.exit_code, stderr)
-    first = stderr.strip().splitlines()[0] if stderr.strip() else ""
+    # the error is the first line after the "loading MODEL ..." notice a command gives before a slow load
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("loading ")]
+    first = lines[0] if lines else ""
     assert fragment in first, (fragment, stderr)
     assert "Traceback" not in stderr and "Traceback" not in result.stdout
     for out in outputs:

@@ -72,3 +72,19 @@ def test_offline_real_weights_fail_fast_and_clearly(tmp_path, image_dir, offline
     assert "--pretrained /path/to" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
     assert time.perf_counter() - start < 60
     assert not (tmp_path / "store").exists()
+
+
+def test_cached_weights_are_found_in_the_hub_cache(tmp_path, monkeypatch):
+    """A tag counts as available offline when its hub repo's weight file is in the cache (huggingface_hub's
+    own lookup), not when a snapshot holds a config only."""
+    from vlmtools.models import _is_cached
+
+    repo = tmp_path / "models--timm--vit_base_patch32_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "open_clip_config.json").write_text("{}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    assert not _is_cached("ViT-B-32", "openai")
+    (repo / "snapshots" / "abc" / "open_clip_model.safetensors").write_bytes(b"")
+    assert _is_cached("ViT-B-32", "openai") and not _is_cached("ViT-B-16", "openai")

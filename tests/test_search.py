@@ -72,7 +72,7 @@ def test_image_query_with_and_without_index(image_store, image_dir):
     build_index(image_store, index_key="Flat", force=True)
     indexed = search(image_store, images=[str(query)], k=5)
     assert [h["id"] for h in indexed] == [h["id"] for h in exact]
-    result = runner.invoke(app, ["search", str(image_store), "--image", str(query), "-k", "4", "-f"])
+    result = runner.invoke(app, ["search", str(image_store), "--image", str(query), "-k", "4", "--files"])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [h["path"] for h in exact[:4]]
 
@@ -110,7 +110,7 @@ def test_bad_inputs_exit_2(text_store, image_store, tmp_path, image_dir):
         (["search", str(text_store), "--text", "x", "--model", "ViT-B-32"], "was embedded with vlmtools-tiny"),
         (["search", str(text_store), "--text", "x", "--pretrained", "openai"], "was embedded with vlmtools-tiny"),
         (["search", str(image_store), "--image", str(tmp_path / "nope.png")], "no such file"),
-        (["search", str(text_store), "--text", TEXTS[0], "-f"], "no paths"),
+        (["search", str(text_store), "--text", TEXTS[0], "--files"], "no paths"),
     ]
     (tmp_path / "fake.png").write_bytes(b"not a png at all")
     cases.append((["search", str(image_store), "--image", str(tmp_path / "fake.png")], "cannot read it as an image"))
@@ -147,3 +147,41 @@ def test_model_name_alone_means_the_stores_weights(tmp_path):
                                  "--model", "ViT-B-32", "--pretrained", "openai"])
     assert result.exit_code == 2 and str(tmp_path / "s") in flat(result.output)
     assert "laion2b_s34b_b79k" in flat(result.output) and result.stdout == ""
+
+
+# ----------------------------------------------------------------------------- many queries, --id, --where
+
+def test_text_queries_from_stdin_and_file_in_one_run(text_store, tmp_path):
+    queries = tmp_path / "q.txt"
+    queries.write_text(f"{TEXTS[1]}\n\n{TEXTS[3]}\n")
+    result = runner.invoke(app, ["search", str(text_store), "--text", "-", "--text-file", str(queries), "-k", "1"],
+                           input=f"{TEXTS[0]}\n")
+    assert result.exit_code == 0, result.output
+    hits = lines(result.stdout)
+    assert [h["query"] for h in hits] == [TEXTS[0], TEXTS[1], TEXTS[3]]
+    assert [h["id"] for h in hits] == ["t0", "t1", "t3"]
+    assert flat(result.stderr).count("loading model") == 1  # one model load for all queries
+    empty = runner.invoke(app, ["search", str(text_store), "--text", "-"], input="\n")
+    assert empty.exit_code == 2 and "no queries" in empty.output
+
+
+def test_query_by_stored_id_needs_no_model(text_store):
+    result = runner.invoke(app, ["search", str(text_store), "--id", "t4", "-k", "2", "--exact"])
+    assert result.exit_code == 0, result.output
+    hits = lines(result.stdout)
+    assert hits[0]["id"] == "t4" and hits[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert "loading model" not in result.stderr
+    bad = runner.invoke(app, ["search", str(text_store), "--id", "nope"])
+    assert bad.exit_code == 2 and "--id nope" in bad.output
+
+
+def test_where_filters_hits(image_store):
+    result = runner.invoke(app, ["search", str(image_store), "--id", "img03", "--where", "label=even", "-k", "20"])
+    assert result.exit_code == 0, result.output
+    hits = lines(result.stdout)
+    assert len(hits) == 10 and {h["label"] for h in hits} == {"even"}
+    assert [h["rank"] for h in hits] == list(range(1, 11))
+    assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:]))
+    for bad, message in ((["--where", "label=none"], "no row"), (["--where", "label"], "KEY=VALUE")):
+        res = runner.invoke(app, ["search", str(image_store), "--id", "img03", *bad])
+        assert res.exit_code == 2 and message in res.output

@@ -244,13 +244,14 @@ def test_compare_prints_ours_study_and_difference_and_writes_tsv(tmp_path):
 
     evals = {}
     for name, top1 in (("cbd", 0.5), ("w0", 0.50), ("w1", 0.52)):
-        evals[name] = tmp_path / f"{name}.eval.json"
-        evals[name].write_text(json.dumps({"top1": top1, "top5": None}))
+        evals[name] = tmp_path / f"{name}.eval.jsonl"  # eval's NDJSON: the summary row, then group rows
+        evals[name].write_text(json.dumps({"kind": "summary", "acc1": top1, "acc5": None}) + "\n"
+                               + json.dumps({"kind": "group", "acc1": 0.9}) + "\n")
     rows = tmp_path / "rows.tsv"
     rows.write_text("# table\tmodel\trow\tmetric\tstudy\tresults\n"
-                    f"CUB\tViT-B-32\tCBD\ttop1\t53.14\t{evals['cbd']}\n"
-                    f"CUB\tViT-B-32\tWaffle\ttop1\t-\t{evals['w0']},{evals['w1']}\n"
-                    f"CUB\tViT-B-32\tmissing\ttop1\t54.04\t{tmp_path / 'nope.json'}\n")
+                    f"CUB\tViT-B-32\tCBD\tacc1\t53.14\t{evals['cbd']}\n"
+                    f"CUB\tViT-B-32\tWaffle\tacc1\t-\t{evals['w0']},{evals['w1']}\n"
+                    f"CUB\tViT-B-32\tmissing\tacc1\t54.04\t{tmp_path / 'nope.json'}\n")
     out = tmp_path / "table.tsv"
     script = Path(__file__).parent.parent / "examples" / "compare.py"
     res = subprocess.run([sys.executable, str(script), str(rows), "-o", str(out)], capture_output=True, text=True)

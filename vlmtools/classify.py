@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 from vlmtools import formats
 from vlmtools.console import info, progress, warn
+from vlmtools.store import parse_where, select_rows  # noqa: F401  (re-exported for heads)
 from vlmtools.errors import BadInput, StoreMismatch
 from vlmtools.paths import cache_dir
 
@@ -457,21 +458,6 @@ def match_classes(classes: list[str], records: dict, *, classes_from: str, descr
                        + "; add them, or pass --allow-empty to score such classes by their name")
 
 
-def parse_where(where: Sequence[str]) -> list[tuple[str, str]]:
-    out = []
-    for w in where:
-        key, sep, value = w.partition("=")
-        if not sep or not key:
-            raise BadInput(f"--where {w!r}: expected KEY=VALUE (e.g. split=test)")
-        out.append((key, value))
-    return out
-
-
-def select_rows(meta: list[dict], where: Sequence[tuple[str, str]]) -> list[int]:
-    return [i for i, rec in enumerate(meta)
-            if all(str(rec.get(k)) == v for k, v in where)]
-
-
 def check_labels(meta: Sequence[dict], classes: Sequence[str], store) -> None:
     """Labels outside the class list are always wrong: say so (and refuse when no label is a class,
     which is a naming mismatch, e.g. "Black_footed_Albatross" vs "Black-footed Albatross")."""
@@ -631,8 +617,10 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
     emb = images.row_view(rows)  # read chunk by chunk from the memory-mapped shards: bounded memory
     t1 = time.perf_counter()
     correct = labelled = 0
+    run = dict(zip(formats.RUN_KEYS, (method, str(spec), str(image_store))))
     with formats.open_output(output) as fh:
         for rec in clf.predict(emb, meta, k=k, explain=explain, explain_true=explain_true):
+            rec.update(run)
             if rec.get("label") is not None:
                 labelled += 1
                 correct += rec["pred"] == rec["label"]

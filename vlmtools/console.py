@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import sys
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -14,6 +14,7 @@ from rich.markup import escape
 console = Console(stderr=True, highlight=False)
 
 _quiet = os.environ.get("VLMTOOLS_QUIET", "") not in ("", "0")
+_verbose = os.environ.get("VLMTOOLS_VERBOSE", "") not in ("", "0")
 
 
 def set_quiet(value: bool) -> None:
@@ -21,11 +22,26 @@ def set_quiet(value: bool) -> None:
     _quiet = value
 
 
+def set_verbose(value: bool) -> None:
+    global _verbose
+    _verbose = value
+
+
+def is_verbose() -> bool:
+    return _verbose
+
+
 def info(message, *, markup: bool = False) -> None:
     """A progress/summary line (or a rich renderable such as a Table). Text is printed as is: user-supplied
     strings (paths with ``[``, class names) never reach rich's markup parser unless ``markup=True``."""
     if not _quiet:
         console.print(message, soft_wrap=True, markup=markup)
+
+
+def debug(message: str) -> None:
+    """A detail shown only with -v/--verbose (plain text, not markup)."""
+    if _verbose:
+        console.print(f"[dim]{escape(message)}[/dim]", soft_wrap=True)
 
 
 def warn(message: str) -> None:
@@ -36,27 +52,121 @@ def error(message: str) -> None:
     console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
 
 
+def loading(what: str) -> None:
+    """Say what is about to load before a slow load (a model, an index), so a silent pause has a reason."""
+    info(f"loading {what} ...")
+
+
+def stderr_is_terminal() -> bool:
+    return console.is_terminal
+
+
+# ----------------------------------------------------------------------------- progress
+
+def _interval() -> float:
+    """Seconds between plain progress lines when stderr is no terminal ($VLMTOOLS_PROGRESS_INTERVAL)."""
+    try:
+        return max(0.0, float(os.environ.get("VLMTOOLS_PROGRESS_INTERVAL", "30")))
+    except ValueError:
+        return 30.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class _Task:
-    """A handle on one progress bar; a no-op when quiet or stderr is not a terminal-like sink."""
+    """A handle on one progress display; a no-op when quiet."""
 
-    def __init__(self, progress, task_id):
-        self._progress = progress
-        self._task_id = task_id
+    def __init__(self, description: str = "", total: int | None = None, unit: str = "items"):
+        self.description = description
+        self.total = total
+        self.unit = unit
+        self.completed = 0
+        self.errors = 0
+        self.start = time.monotonic()
 
-    def advance(self, n: int = 1, **fields) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task_id, advance=n, **fields)
+    def advance(self, n: int = 1, errors: int = 0, **fields) -> None:
+        self.completed += n
+        self.errors += errors
+        self.update(**fields)
 
-    def update(self, **fields) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task_id, **fields)
+    def update(self, description: str | None = None, **fields) -> None:
+        if description is not None:
+            self.description = description
+
+    def rate(self) -> float | None:
+        elapsed = time.monotonic() - self.start
+        # Average rate since the start: a windowed speed jumps wildly when work arrives in bursts.
+        return self.completed / elapsed if elapsed > 0.5 else None
+
+    def status(self) -> str:
+        """'1,200/5,000 (24%), 35.2 img/s, ETA 1m48s, 3 errors' — the plain line's text."""
+        done = f"{self.completed:,}" + (f"/{self.total:,} ({100 * self.completed / self.total:.0f}%)"
+                                        if self.total else "")
+        parts = [done]
+        rate = self.rate()
+        if rate:
+            parts.append(f"{rate:,.1f} {self.unit}/s")
+            if self.total and self.completed < self.total:
+                parts.append(f"ETA {_duration((self.total - self.completed) / rate)}")
+        parts.append(f"elapsed {_duration(time.monotonic() - self.start)}")
+        if self.errors:
+            parts.append(f"{self.errors:,} error{'s' if self.errors != 1 else ''}")
+        return ", ".join(parts)
+
+
+class _LineTask(_Task):
+    """Where stderr is no terminal (nohup, SLURM, CI logs): one plain line every few seconds, and at the end."""
+
+    def __init__(self, description, total, unit, interval):
+        super().__init__(description, total, unit)
+        self._interval = interval
+        self._last = self.start
+
+    def update(self, description: str | None = None, **fields) -> None:
+        super().update(description)
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self.emit()
+
+    def emit(self) -> None:
+        console.print(f"{escape(self.description)}: {self.status()}", soft_wrap=True, markup=True)
+
+
+class _RichTask(_Task):
+    def __init__(self, bar, description, total, unit):
+        super().__init__(description, total, unit)
+        self._bar = bar
+        self._id = bar.add_task(escape(description), total=total, rate="")
+
+    def update(self, description: str | None = None, **fields) -> None:
+        super().update(description)
+        rate = self.rate()
+        errors = f", {self.errors:,} errors" if self.errors else ""
+        self._bar.update(self._id, completed=self.completed, description=escape(self.description),
+                         rate=(f"{rate:,.1f} {self.unit}/s" if rate else "") + errors)
 
 
 @contextmanager
 def progress(description: str, total: int | None = None, unit: str = "items") -> Iterator[_Task]:
-    """A rich progress bar on stderr showing count, rate (``unit``/s) and ETA."""
+    """Progress of long work on stderr: a rich bar (count, rate in ``unit``/s, ETA) on a terminal; plain
+    lines every $VLMTOOLS_PROGRESS_INTERVAL seconds (default 30) and one at the end elsewhere, so logs
+    of nohup/SLURM/CI jobs show how far a run got. ``advance(n, errors=k)`` counts failures too."""
     if _quiet:
-        yield _Task(None, None)
+        yield _Task(description, total, unit)
+        return
+    if not stderr_is_terminal() and os.environ.get("VLMTOOLS_PROGRESS") != "1":
+        task = _LineTask(description, total, unit, _interval())
+        yield task
+        if task.completed and time.monotonic() - task.start >= 2:  # a final line, but not for quick work
+            task.emit()
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
                                TextColumn, TimeElapsedColumn, TimeRemainingColumn)
@@ -70,22 +180,5 @@ def progress(description: str, total: int | None = None, unit: str = "items") ->
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, transient=False,
-                  disable=not sys.stderr.isatty() and os.environ.get("VLMTOOLS_PROGRESS") != "1") as bar:
-        task_id = bar.add_task(escape(description), total=total, rate="")
-        handle = _RateTask(bar, task_id, unit)
-        yield handle
-
-
-class _RateTask(_Task):
-    def __init__(self, progress, task_id, unit):
-        super().__init__(progress, task_id)
-        self._unit = unit
-
-    def advance(self, n: int = 1, **fields) -> None:
-        self._progress.update(self._task_id, advance=n, **fields)
-        task = self._progress.tasks[self._task_id]
-        # Average rate since the start: rich's windowed speed jumps wildly when work arrives in bursts.
-        elapsed = task.elapsed or 0.0
-        rate = f"{task.completed / elapsed:,.1f} {self._unit}/s" if elapsed > 0.5 else ""
-        self._progress.update(self._task_id, rate=rate)
+    with Progress(*columns, console=console, transient=False) as bar:
+        yield _RichTask(bar, description, total, unit)

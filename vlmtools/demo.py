@@ -35,7 +35,8 @@ class Step:
 METHODS = [
     ("clip (class name)", "clip.jsonl", ["--method", "clip", "--classes", "world/classes.txt", "--templates", "photo"]),
     ("cbd (oracle descriptors)", "cbd.jsonl",
-     ["--method", "cbd", "--descriptors", "world/descriptors.jsonl", "--text-store", "store/descriptors"]),
+     ["--method", "cbd", "--descriptors", "world/descriptors.jsonl", "--text-store", "store/descriptors",
+      "--explain-true"]),  # the wrong answers are explained beside the true class's descriptors
     ("cbd, object descriptors only", "cbd-object.jsonl",
      ["--method", "cbd", "--descriptors", "world/descriptors.jsonl", "--text-store", "store/descriptors",
       "--background", "exclude"]),
@@ -61,11 +62,11 @@ def pipeline(classes: int, per_class: int, seed: int, device: str) -> list[Step]
         steps.append(Step(f"classify: {name}", ["classify", "store/images", *args], stdout=f"predictions/{out}"))
     for _, out, _ in METHODS:
         steps.append(Step(f"evaluate {out}", ["eval", f"predictions/{out}", "--by", "domain",
-                                              "--json", f"eval/{out.replace('.jsonl', '.json')}"]))
+                                              "-o", f"eval/{out}"]))
     steps.append(Step("compare clip with cbd", ["eval", "compare", "predictions/clip.jsonl", "predictions/cbd.jsonl",
-                                                "--json", "eval/compare.json"]))
+                                                "-o", "eval/compare.jsonl"]))
     steps.append(Step("explain three wrong answers", ["explain", "text", "predictions/cbd.jsonl", "--wrong",
-                                                      "--limit", "3", "--png", "explanations"],
+                                                      "--limit", "3", "--plots", "explanations"],
                       stdout="explanations/wrong.txt"))
     return steps
 
@@ -111,21 +112,22 @@ def write_script(out: Path, steps: list[Step]) -> Path:
 
 
 def results_table(out: Path) -> tuple[list[dict], str]:
-    """Rows (method, top-1, top-5, per domain) from the eval JSON files, and a plain-text table."""
+    """Rows (method, acc1, acc5, per domain) from the eval NDJSON files, and a plain-text table."""
     rows = []
     for name, pred, _ in METHODS:
-        report = formats.read_json(out / "eval" / pred.replace(".jsonl", ".json"))
-        domains = report.get("groups", {}).get("domain", {})
-        rows.append({"method": name, "n": report["n"], "top1": report["top1"], "top5": report.get("top5"),
-                     "photo": domains.get("photo", {}).get("top1"),
-                     "painting": domains.get("painting", {}).get("top1")})
-    compare = formats.read_json(out / "eval" / "compare.json")
+        lines = [rec for _, rec in formats.iter_jsonl(out / "eval" / pred)]
+        report = lines[0]
+        domains = {r["value"]: r for r in lines if r.get("kind") == "group" and r.get("by") == "domain"}
+        rows.append({"method": name, "n": report["n"], "acc1": report["acc1"], "acc5": report.get("acc5"),
+                     "photo": domains.get("photo", {}).get("acc1"),
+                     "painting": domains.get("painting", {}).get("acc1")})
+    compare = next(rec for _, rec in formats.iter_jsonl(out / "eval" / "compare.jsonl"))
 
     def pct(v):
         return "   -  " if v is None else f"{100 * v:6.1f}"
 
     lines = [f"{'method':<30} {'n':>5} {'top-1':>6} {'top-5':>6} {'photo':>6} {'paint':>6}"]
-    lines += [f"{r['method']:<30} {r['n']:>5} {pct(r['top1'])} {pct(r['top5'])} {pct(r['photo'])} {pct(r['painting'])}"
+    lines += [f"{r['method']:<30} {r['n']:>5} {pct(r['acc1'])} {pct(r['acc5'])} {pct(r['photo'])} {pct(r['painting'])}"
               for r in rows]
     mc = compare["mcnemar"]
     lines.append(f"clip vs cbd: {compare['only_b_correct']} images right only with cbd, {compare['only_a_correct']} "

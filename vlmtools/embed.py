@@ -385,7 +385,7 @@ def _embed_images(records, out, encoder, *, batch_size, workers, shard_size, dty
             errs.extend({"id": records[i]["id"], "path": records[i]["path"], "reason": reason} for i, reason in failed)
             embedded += len(indices)
             skipped += len(failed)
-            bar.advance(len(indices) + len(failed))
+            bar.advance(len(indices) + len(failed), errors=len(failed))
             if last in shard_of:  # batches arrive in order: the shard is complete
                 embs, metas, errs = pending.pop(shard)
                 matrix = np.concatenate(embs) if embs else np.zeros((0, writer.dim), np.float32)

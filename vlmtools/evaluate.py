@@ -1,13 +1,15 @@
 """Scores of a predictions file: top-1/top-5, mean per-class recall, per-class accuracy, grouped tables;
 paired comparison of two files with McNemar's test; confusion-matrix and per-class plots.
 
-Accuracies are fractions (0..1) in JSON and percentages in the tables on stderr.
+Accuracies are fractions (0..1) in the NDJSON output, named as CLIP_benchmark names them (acc1, acc5,
+mean_per_class_recall) and rounded to 4 decimals (0.01 %), and percentages in the tables on stderr.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -24,8 +26,13 @@ def hit_at(rec: dict, k: int) -> bool:
     return any(t["class"] == rec["label"] for t in rec["topk"][:k])
 
 
+EVAL_FORMAT = formats.EVAL_FORMAT
+COMPARE_FORMAT = formats.COMPARE_FORMAT
+DIGITS = 4  # fractions in the output: 0.01 % steps, finer than any test set this tool meets resolves
+
+
 def summarize(records: Sequence[dict], *, per_class: bool = True) -> dict:
-    """Counts and accuracies of labelled predictions. top5 is None when some prediction lists fewer
+    """Counts and accuracies of labelled predictions. acc5 is None when some prediction lists fewer
     than 5 classes (fewer than 5 classes, or classify -k below 5)."""
     n = len(records)
     correct = sum(r["pred"] == r["label"] for r in records)
@@ -42,13 +49,13 @@ def summarize(records: Sequence[dict], *, per_class: bool = True) -> dict:
         "n": n,
         "correct": correct,
         "classes": len(by_class),
-        "top1": correct / n if n else None,
-        "top5": top5,
+        "acc1": correct / n if n else None,
+        "acc5": top5,
         "mean_per_class_recall": sum(recalls) / len(recalls) if recalls else None,
     }
     if per_class:
         out["per_class"] = [
-            {"class": cls, "n": m, "correct": c, "accuracy": c / m, "top5_accuracy": c5 / m if has_top5 else None}
+            {"class": cls, "n": m, "correct": c, "acc1": c / m, "acc5": c5 / m if has_top5 else None}
             for cls, (m, c, c5) in sorted(by_class.items())]
     return out
 
@@ -56,8 +63,8 @@ def summarize(records: Sequence[dict], *, per_class: bool = True) -> dict:
 def evaluate(records: Sequence[dict], by: Sequence[str] = ()) -> dict:
     """The summary of all records, plus one (per-class-free) summary per value of each ``by`` key."""
     result = summarize(records)
-    if result["top5"] is None:
-        result["top5_note"] = "omitted: some predictions list fewer than 5 classes"
+    if result["acc5"] is None:
+        result["acc5_note"] = "omitted: some predictions list fewer than 5 classes"
     groups: dict[str, dict] = {}
     for key in by:
         if not any(key in r for r in records):
@@ -88,6 +95,7 @@ def confusion_matrix(records: Sequence[dict]):
 # ----------------------------------------------------------------------------- paired comparison
 
 def mcnemar(only_a: int, only_b: int) -> dict:
+    # scipy.stats.binomtest would do the exact p in one call, but scipy is no dependency and this is exact
     """McNemar's test on the discordant pairs: exact two-sided binomial p (valid for any count) and the
     continuity-corrected chi-square (the usual large-sample form)."""
     n = only_a + only_b
@@ -122,11 +130,11 @@ def compare(a: Sequence[dict], b: Sequence[dict], names: tuple[str, str] = ("A",
             diff.append({k: v for k, v in row.items() if v is not None})
     n = len(pairs)
     only_a, only_b = counts[(True, False)], counts[(False, True)]
-    top1_a = (counts[(True, True)] + only_a) / n
-    top1_b = (counts[(True, True)] + only_b) / n
+    acc_a = (counts[(True, True)] + only_a) / n
+    acc_b = (counts[(True, True)] + only_b) / n
     summary = {
-        "n": n, "a": {"name": names[0], "top1": top1_a}, "b": {"name": names[1], "top1": top1_b},
-        "difference": top1_b - top1_a,
+        "n": n, "a": {"name": names[0], "acc1": acc_a}, "b": {"name": names[1], "acc1": acc_b},
+        "difference": acc_b - acc_a,
         "both_correct": counts[(True, True)], "only_a_correct": only_a, "only_b_correct": only_b,
         "both_wrong": counts[(False, False)], "predictions_differ": len(diff),
         "mcnemar": mcnemar(only_a, only_b),
@@ -136,12 +144,43 @@ def compare(a: Sequence[dict], b: Sequence[dict], names: tuple[str, str] = ("A",
 
 # ----------------------------------------------------------------------------- reports
 
-def write_result(path, obj: dict) -> None:
-    """One JSON document, indented (stdout by default; a file is written atomically)."""
-    import json
+def rounded(obj, digits: int = DIGITS):
+    """Floats rounded for output (counts stay exact; p-values keep 3 significant digits)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: (float(f"{v:.3g}") if k.startswith("p_") and isinstance(v, float) else rounded(v, digits))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v, digits) for v in obj]
+    return obj
 
-    with formats.open_output(path) as fh:
-        fh.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+def provenance(path, records: Sequence[dict]) -> dict:
+    """Where a result comes from: the predictions file, and the method, model and store that classify
+    recorded in every line (omitted when the lines disagree or lack them), and this vlmtools."""
+    import vlmtools
+
+    out = {"predictions": formats.source_name(path)}
+    for key in formats.RUN_KEYS:
+        values = {str(r.get(key)) for r in records}
+        if len(values) == 1 and records and records[0].get(key) is not None:
+            out[key] = records[0][key]
+    out["vlmtools_version"] = vlmtools.__version__
+    return out
+
+
+def result_lines(result: dict, origin: dict, per_class: bool = False) -> list[dict]:
+    """The NDJSON rows of `vlmtools eval`: the summary with its provenance, one row per group value of
+    each --by key, and with ``per_class`` one row per class."""
+    head = {"format": EVAL_FORMAT, "kind": "summary", **{k: v for k, v in result.items()
+                                                          if k not in ("per_class", "groups")}, **origin}
+    rows = [head]
+    for key, groups in result.get("groups", {}).items():
+        rows += [{"kind": "group", "by": key, "value": value, **g} for value, g in groups.items()]
+    if per_class:
+        rows += [{"kind": "class", **row} for row in result["per_class"]]
+    return [rounded(r) for r in rows]
 
 
 def _pct(x) -> str:
@@ -159,7 +198,7 @@ def report(result: dict, title: str = "") -> None:
     table = Table(title=Text(title) if title else None, title_justify="left")
     for col in ("images", "classes", "top-1 %", "top-5 %", "mean per-class recall %"):
         table.add_column(col, justify="right")
-    table.add_row(str(result["n"]), str(result["classes"]), _pct(result["top1"]), _pct(result["top5"]),
+    table.add_row(str(result["n"]), str(result["classes"]), _pct(result["acc1"]), _pct(result["acc5"]),
                   _pct(result["mean_per_class_recall"]))
     info(table)
     for key, groups in result.get("groups", {}).items():
@@ -168,7 +207,7 @@ def report(result: dict, title: str = "") -> None:
         for col in ("images", "classes", "top-1 %", "top-5 %", "mean per-class recall %"):
             gt.add_column(col, justify="right")
         for value, g in groups.items():
-            gt.add_row(Text(value), str(g["n"]), str(g["classes"]), _pct(g["top1"]), _pct(g["top5"]),
+            gt.add_row(Text(value), str(g["n"]), str(g["classes"]), _pct(g["acc1"]), _pct(g["acc5"]),
                        _pct(g["mean_per_class_recall"]))
         info(gt)
 
@@ -183,11 +222,11 @@ def report_compare(summary: dict, diff: Sequence[dict], show: int = 10) -> None:
                 "McNemar p (exact)"):
         t.add_column(Text(col), justify="right")
     m = summary["mcnemar"]
-    t.add_row(_pct(summary["a"]["top1"]), _pct(summary["b"]["top1"]), f"{100 * summary['difference']:+.2f}",
+    t.add_row(_pct(summary["a"]["acc1"]), _pct(summary["b"]["acc1"]), f"{100 * summary['difference']:+.2f}",
               str(summary["only_a_correct"]), str(summary["only_b_correct"]), f"{m['p_exact']:.3g}")
     info(t)
-    verdict = "unlikely to be chance (p < 0.05)" if m["p_exact"] < 0.05 else "could well be chance (p >= 0.05)"
-    info(f"the difference is {verdict}; {summary['predictions_differ']} images get different predictions")
+    verdict = "is unlikely to be chance (p < 0.05)" if m["p_exact"] < 0.05 else "could well be chance (p >= 0.05)"
+    info(f"the difference {verdict}; {summary['predictions_differ']} images get different predictions")
     if diff and show > 0:
         d = Table(title=f"first {min(show, len(diff))} disagreements", title_justify="left")
         for col in ("id", "label", a, b):
@@ -202,11 +241,11 @@ def report_compare(summary: dict, diff: Sequence[dict], show: int = 10) -> None:
 def write_per_class_csv(path, result: dict) -> None:
     with formats.open_output(path) as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["class", "n", "correct", "accuracy", "top5_accuracy"])
+        writer.writerow(["class", "n", "correct", "acc1", "acc5"])
         for row in result["per_class"]:
-            top5 = row["top5_accuracy"]
-            writer.writerow([row["class"], row["n"], row["correct"], f"{row['accuracy']:.6f}",
-                             "" if top5 is None else f"{top5:.6f}"])
+            top5 = row["acc5"]
+            writer.writerow([row["class"], row["n"], row["correct"], f"{row['acc1']:.{DIGITS}f}",
+                             "" if top5 is None else f"{top5:.{DIGITS}f}"])
 
 
 # ----------------------------------------------------------------------------- plots
@@ -216,8 +255,16 @@ def _save(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=fig.dpi, bbox_inches="tight")
 
 
+KEY_ABOVE = 60  # classes beyond which the confusion plot numbers its axes and adds a class key
+
+
 def plot_confusion(path, classes: Sequence[str], matrix) -> None:
-    """Row-normalized confusion matrix (each row: where the images of one true class went)."""
+    _save(confusion_figure(classes, matrix), Path(path))
+
+
+def confusion_figure(classes: Sequence[str], matrix):
+    """Row-normalized confusion matrix (each row: where the images of one true class went); above
+    KEY_ABOVE classes the axes are numbered and a class key stands beside the matrix."""
     import numpy as np
     from matplotlib.figure import Figure  # Figure alone renders with Agg: no pyplot, no display needed
 
@@ -230,23 +277,37 @@ def plot_confusion(path, classes: Sequence[str], matrix) -> None:
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    if n <= 60:  # beyond that the names are unreadable; the CSV has them
+    if n <= KEY_ABOVE:
         # parse_math=False: a "$" in a class name is text, not matplotlib mathtext
         ax.set_xticks(range(n), labels=classes, rotation=90, fontsize=7, parse_math=False)
         ax.set_yticks(range(n), labels=classes, fontsize=7, parse_math=False)
+    else:  # names would be unreadable on the axes: numbers there, and a class key beside the matrix
+        step = max(1, n // 40)
+        ticks = list(range(0, n, step))
+        ax.set_xticks(ticks, labels=[str(i) for i in ticks], rotation=90, fontsize=6)
+        ax.set_yticks(ticks, labels=[str(i) for i in ticks], fontsize=6)
+        per_column = int(side * 72 / 11)  # lines of 8 pt text that fit the figure's height
+        columns = [classes[i:i + per_column] for i in range(0, n, per_column)]
+        for c, names in enumerate(columns):
+            fig.text(0.98 + c * 3.2 / (side + 1), 0.95, "\n".join(
+                f"{c * per_column + i:>4}  {textwrap.shorten(name, 40, placeholder='…')}"
+                for i, name in enumerate(names)), va="top", ha="left", fontsize=8, family="monospace",
+                transform=fig.transFigure, parse_math=False)
+        ax.set_xlabel("predicted class (number: see the key)")
+        ax.set_ylabel("true class (number: see the key)")
     ax.set_title("confusion matrix (rows normalized)")
-    _save(fig, Path(path))
+    return fig
 
 
 def plot_per_class(path, per_class: Sequence[dict]) -> None:
     """Horizontal bars of per-class top-1 accuracy, best at the top."""
     from matplotlib.figure import Figure
 
-    rows = sorted(per_class, key=lambda r: (r["accuracy"], r["class"]))
+    rows = sorted(per_class, key=lambda r: (r["acc1"], r["class"]))
     n = len(rows)
     fig = Figure(figsize=(7, min(max(2.5, 0.18 * n + 1), 40)), dpi=100)
     ax = fig.subplots()
-    ax.barh(range(n), [100 * r["accuracy"] for r in rows], color="#4c72b0")
+    ax.barh(range(n), [100 * r["acc1"] for r in rows], color="#4c72b0")
     ax.set_yticks(range(n), labels=[f"{r['class']} ({r['n']})" for r in rows], fontsize=6 if n > 40 else 8,
                   parse_math=False)
     ax.set_xlim(0, 100)
@@ -276,21 +337,23 @@ def read_labelled(path) -> list[dict]:
     return records
 
 
-def evaluate_file(path, *, by: Sequence[str] = (), json_out="-", csv_out=None, plot_dir=None) -> dict:
-    """`vlmtools eval`: read, evaluate, report on stderr, write JSON (stdout by default), CSV and plots."""
+def evaluate_file(path, *, by: Sequence[str] = (), output="-", csv_out=None, plot_dir=None,
+                  per_class: bool = False) -> list[dict]:
+    """`vlmtools eval`: read, evaluate, tables on stderr, NDJSON rows (stdout by default), CSV and plots."""
     records = read_labelled(path)
     result = evaluate(records, by)
     report(result, title=formats.source_name(path))
+    rows = result_lines(result, provenance(path, records), per_class=per_class)
     if csv_out is not None:
         write_per_class_csv(csv_out, result)
     if plot_dir is not None:
         for p in write_plots(plot_dir, records, result):
             info(f"wrote {p}")
-    write_result(json_out, result)
-    return result
+    formats.write_jsonl(output, rows)
+    return rows
 
 
-def compare_files(path_a, path_b, *, json_out="-", diff_out=None, show: int = 10,
+def compare_files(path_a, path_b, *, output="-", diff_out=None, show: int = 10,
                   names: tuple[str, str] | None = None) -> dict:
     """`vlmtools eval compare A B`."""
     if str(path_a) == "-" and str(path_b) == "-":
@@ -301,7 +364,10 @@ def compare_files(path_a, path_b, *, json_out="-", diff_out=None, show: int = 10
         names = (f"A:{names[0]}", f"B:{names[1]}")
     summary, diff = compare(a, b, names)
     report_compare(summary, diff, show)
+    summary["a"].update(provenance(path_a, a))
+    summary["b"].update(provenance(path_b, b))
+    summary = rounded({"format": COMPARE_FORMAT, **summary})
     if diff_out is not None:
         formats.write_jsonl(diff_out, diff)
-    write_result(json_out, summary)
+    formats.write_jsonl(output, [summary])
     return summary

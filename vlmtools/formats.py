@@ -40,10 +40,15 @@ WORLD_FORMAT = "vlmtools.synth/1"
 MAPS_FORMAT = "vlmtools.maps/1"
 EXPLAIN_EVAL_FORMAT = "vlmtools.explain-eval/1"
 HEAD_FORMAT = "vlmtools.head/1"
+EVAL_FORMAT = "vlmtools.eval/1"  # eval NDJSON rows (the first, "kind": "summary", carries it)
+COMPARE_FORMAT = "vlmtools.compare/1"  # eval compare's summary row
+SERVE_FORMAT = "vlmtools.serve/1"  # GET / of vlmtools serve
 
 MANIFEST_KEYS = ("id", "path", "label", "split", "mask", "domain")
 DESCRIPTOR_KINDS = ("object", "background")
-PREDICTION_KEYS = ("id", "path", "label", "pred", "topk", "explanation", "explanation_true", "precision")
+# Which run wrote a predictions line (classify adds them to every line; eval reports them as provenance).
+RUN_KEYS = ("method", "model", "store", "precision")
+PREDICTION_KEYS = ("id", "path", "label", "pred", "topk", "explanation", "explanation_true", *RUN_KEYS)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 

@@ -55,6 +55,7 @@ class ModelSpec:
         name = name or DEFAULT_MODEL
         if name.startswith(("hf-hub:", "local-dir:")):
             return cls(name, None)
+        check_model_name(name)
         if pretrained is None:
             if name in packaged_configs():
                 pretrained = PACKAGED_TAG if packaged_weights(name) else "none"
@@ -81,6 +82,34 @@ class ModelSpec:
                 f"different spaces; pass --model {other.name}"
                 + (f" --pretrained {other.pretrained}" if other.pretrained else "")
                 + " or re-embed with this model.")
+
+
+def known_model_names() -> list[str]:
+    """Packaged and open_clip architecture names, read from the config files without importing open_clip
+    (which takes seconds): the completer and the did-you-mean check use them before any load."""
+    import importlib.util
+
+    names = list(packaged_configs())
+    found = importlib.util.find_spec("open_clip")
+    if found is not None and found.origin:
+        names += sorted(p.stem for p in (Path(found.origin).parent / "model_configs").glob("*.json"))
+    return names
+
+
+def check_model_name(name: str) -> None:
+    """Refuse an unknown architecture at once, with the closest known names."""
+    if spec_is_schema(name):
+        return
+    known = known_model_names()
+    if name in known or not known:
+        return
+    import difflib
+
+    lower = {k.lower(): k for k in known}
+    close = [lower[c] for c in difflib.get_close_matches(name.lower(), list(lower), n=3, cutoff=0.6)]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise BadInput(f"unknown model {name!r}{hint} (`vlmtools models --all` lists them; hf-hub:ORG/REPO and "
+                   f"local-dir:PATH name others)")
 
 
 def spec_for_store(recorded: dict, model: str | None = None, pretrained: str | None = None) -> ModelSpec:
@@ -250,6 +279,9 @@ class Encoder:
 def load_model(spec: ModelSpec, device: str = "auto", precision: str = DEFAULT_PRECISION) -> Encoder:
     """Build the model for ``spec`` at ``precision`` (PRECISIONS); raise ModelUnavailable with an
     actionable message on failure."""
+    from vlmtools.console import loading
+
+    loading(f"model {spec}")
     import torch
 
     _register_packaged_configs()
@@ -257,6 +289,10 @@ def load_model(spec: ModelSpec, device: str = "auto", precision: str = DEFAULT_P
 
     device = resolve_device(device)
     compute_precision(precision, device)  # BadInput before any loading
+    from vlmtools.console import debug
+
+    debug(f"model {spec.name}: pretrained {spec.pretrained or 'from its schema'}, device {device}, "
+          f"precision {precision}")
     schema = spec.name.split(":", 1)[0] + ":" if spec.name.startswith(("hf-hub:", "local-dir:")) else None
     if schema is None and spec.name not in open_clip.list_models():
         raise BadInput(f"unknown model {spec.name!r}; `vlmtools models` lists the available ones")
@@ -374,7 +410,7 @@ def available_models() -> list[dict[str, Any]]:
 
 
 def _is_cached(name: str, tag: str | None) -> bool:
-    """Whether the Hugging Face cache holds files for this spec (an hf-hub: repo, or a tag's hub repo)."""
+    """Whether the Hugging Face cache holds the weights of this spec (an hf-hub: repo, or a tag's hub repo)."""
     if name.startswith("hf-hub:"):
         hub_id = name[len("hf-hub:"):].split("@")[0]
     elif spec_is_schema(name) or not tag:
@@ -385,8 +421,11 @@ def _is_cached(name: str, tag: str | None) -> bool:
         hub_id = open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "").rstrip("/")
     if hub_id.count("/") != 1:
         return False
-    repo_dir = Path(_hf_cache_dir()) / ("models--" + hub_id.replace("/", "--"))
-    return repo_dir.is_dir() and any(repo_dir.glob("snapshots/*/*"))
+    from huggingface_hub import try_to_load_from_cache
+
+    # the weight files open_clip fetches from a hub repo; a snapshot with only a config is not enough
+    return any(isinstance(try_to_load_from_cache(hub_id, name, cache_dir=_hf_cache_dir()), str)
+               for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
 
 
 def spec_is_schema(name: str) -> bool:

@@ -61,9 +61,17 @@ def rerank_exact(reader, queries, rows, k: int):
     return best_s, best_r
 
 
-def search_vectors(reader, queries, k: int, exact: bool = False, nprobe: int | None = None,
-                   rerank: int | None = None):
+def check_search_params(nprobe: int | None, rerank: int | None) -> None:
+    for name, value, low in (("--nprobe", nprobe, 1), ("--rerank", rerank, 0)):
+        if value is not None and value < low:
+            raise BadInput(f"{name} must be at least {low} (got {value})")
+
+
+def search_vectors(reader, queries, k: int, exact: bool = False, rows=None, loaded=False,
+                   nprobe: int | None = None, rerank: int | None = None):
     """Top-k store rows for each query vector: (scores, rows, method), method "exact" or the index key.
+    ``rows``: search only these store rows (exactly). ``loaded``: an index already loaded by the caller
+    (a (index, record) pair, or None for none); by default the store's index is loaded here.
     Rows missing from an approximate result (faiss pads with -1) are dropped by the caller. ``nprobe`` and
     ``rerank`` override the index's saved search parameters: rerank R fetches R*k candidates from the index
     and rescores them exactly from the store (what makes compressed (PQ) indexes accurate)."""
@@ -76,11 +84,20 @@ def search_vectors(reader, queries, k: int, exact: bool = False, nprobe: int | N
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != reader.dim:
         raise BadInput(f"query vectors have dim {queries.shape[-1]}, the store {reader.path} has {reader.dim}")
+    if rows is not None:  # a subset (--where): exact over its rows, mapped back to store rows
+        rows = np.asarray(rows, dtype=np.int64)
+        k = min(k, len(rows))
+        if k == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), "exact"
+        scores = queries @ np.asarray(reader.embeddings[rows], dtype=np.float32).T
+        best_s, best_r = _merge_topk(scores, np.broadcast_to(rows, scores.shape), k)
+        return best_s, best_r, "exact"
     k = min(k, len(reader))
     if k == 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), "exact"
-    loaded = None if exact else load_index(reader)
-    if loaded is None:
+    if loaded is False:
+        loaded = None if exact else load_index(reader)
+    if loaded is None or exact:
         return (*exact_search(reader, queries, k), "exact")
     index, record = loaded
     params = dict(record.get("params", {}))
@@ -129,42 +146,103 @@ def _load_images(paths: Sequence[str]):
     return images
 
 
-def encode_queries(reader, texts: Sequence[str] = (), images: Sequence[str] = (), query_store: str | None = None,
-                   model: str | None = None, pretrained: str | None = None, device: str = "auto",
-                   precision: str = "amp"):
-    """Query vectors (Q, dim) and a name for each (the text, the image path, or the query store row's id).
-    The model is loaded only for text and image queries; a query store must share the store's model."""
-    import numpy as np
+def read_query_lines(path: str, what: str = "--text-file") -> list[str]:
+    """Queries one per line from a file or ``-`` (stdin); blank lines are skipped."""
+    from vlmtools.formats import read_text, source_name
 
-    from vlmtools.store import open_store
+    lines = [line.strip() for line in read_text(path).splitlines() if line.strip()]
+    if not lines:
+        raise BadInput(f"{what} {source_name(path)}: no queries in it")
+    return lines
 
-    if not (texts or images or query_store):
-        raise BadInput("no query: give --text TEXT, --image PATH or --store QUERY_STORE")
-    if any(not t.strip() for t in texts):
-        raise BadInput("--text: empty query text")
-    spec = query_spec(reader, model, pretrained)
-    pil_images = _load_images(images)  # check the files before loading a model
-    vectors, names = [], []
-    if texts or images:
-        from vlmtools.models import load_model
 
-        enc = load_model(spec, device, precision)
+class Searcher:
+    """One store, its index and its query model, loaded once and used for many queries (`search` with
+    several queries, and `vlmtools serve`)."""
+
+    def __init__(self, store, model: str | None = None, pretrained: str | None = None, device: str = "auto",
+                 exact: bool = False, precision: str = "amp", nprobe: int | None = None,
+                 rerank: int | None = None):
+        from vlmtools.index import load_index
+        from vlmtools.store import open_store
+
+        self.reader = open_store(store)
+        self.spec = query_spec(self.reader, model, pretrained)
+        self.device, self.precision = device, precision
+        self.exact = exact
+        check_search_params(nprobe, rerank)
+        self.nprobe, self.rerank = nprobe, rerank
+        self._loaded = None if exact else load_index(self.reader)
+        self._encoder = None
+        self._ids = None
+
+    @property
+    def method(self) -> str:
+        return "exact" if self._loaded is None else self._loaded[1]["index_key"]
+
+    def encoder(self):
+        if self._encoder is None:
+            from vlmtools.models import load_model
+
+            self._encoder = load_model(self.spec, self.device, self.precision)
+        return self._encoder
+
+    def row_of(self, row_id: str) -> int:
+        if self._ids is None:
+            self._ids = {str(m.get("id", i)): i for i, m in enumerate(self.reader.meta)}
+        if str(row_id) not in self._ids:
+            raise BadInput(f"--id {row_id}: no row of {self.reader.path} has this id")
+        return self._ids[str(row_id)]
+
+    def vectors(self, texts: Sequence[str] = (), images: Sequence = (), ids: Sequence[str] = ()):
+        """Query vectors (Q, dim) and their names: texts, image paths (or PIL images), stored row ids.
+        The model is loaded (once) only for texts and images."""
+        import numpy as np
+
+        if any(not t.strip() for t in texts):
+            raise BadInput("--text: empty query text")
+        pil_images = _load_images([p for p in images if isinstance(p, (str, Path))])
+        pil_images += [p for p in images if not isinstance(p, (str, Path))]
+        rows = [self.row_of(i) for i in ids]  # check every id before loading a model
+        vectors, names = [], []
         if texts:
-            vectors.append(enc.encode_texts(list(texts)))
+            vectors.append(self.encoder().encode_texts(list(texts)))
             names += list(texts)
-        if images:
+        if pil_images:
             import torch
 
+            enc = self.encoder()
             batch = torch.stack([enc.preprocess(img) for img in pil_images])
             vectors.append(enc.encode_image_tensor(batch).numpy().astype(np.float32))
-            names += [str(p) for p in images]
-    if query_store:
-        queries = open_store(query_store, spec=spec)
-        if len(queries) == 0:
-            raise BadInput(f"--store {query_store}: the query store is empty")
-        vectors.append(queries.embeddings)
-        names += [str(m.get("id", i)) for i, m in enumerate(queries.meta)]
-    return np.concatenate(vectors).astype(np.float32), names
+            names += [str(p) if isinstance(p, (str, Path)) else f"image {i + 1}" for i, p in enumerate(images)]
+        if rows:
+            vectors.append(np.asarray(self.reader.embeddings[np.asarray(rows)], dtype=np.float32))
+            names += [str(i) for i in ids]
+        if not vectors:
+            return np.zeros((0, self.reader.dim), np.float32), []
+        return np.concatenate(vectors).astype(np.float32), names
+
+    def search(self, vectors, names: Sequence[str], k: int = 10, where: Sequence[str] = ()) -> list[dict]:
+        from vlmtools.store import parse_where, select_rows
+
+        rows = None
+        if where:
+            rows = select_rows(self.reader.meta, parse_where(where))
+            if not rows:
+                raise BadInput(f"--where {' '.join(where)}: no row of {self.reader.path} matches")
+        scores, hit_rows, _ = search_vectors(self.reader, vectors, k, rows=rows, loaded=self._loaded,
+                                             nprobe=self.nprobe, rerank=self.rerank)
+        return hit_records(self.reader, scores, hit_rows, names)
+
+
+def store_queries(query_store: str, spec):
+    """Every row of another store (same model) as a query: (vectors, row ids)."""
+    from vlmtools.store import open_store
+
+    queries = open_store(query_store, spec=spec)
+    if len(queries) == 0:
+        raise BadInput(f"--store {query_store}: the query store is empty")
+    return queries.embeddings, [str(m.get("id", i)) for i, m in enumerate(queries.meta)]
 
 
 # ----------------------------------------------------------------------------- results
@@ -189,20 +267,28 @@ def hit_records(reader, scores, rows, names: Sequence[str]) -> list[dict]:
 
 def search(store: str | Path, texts: Sequence[str] = (), images: Sequence[str] = (),
            query_store: str | None = None, k: int = 10, model: str | None = None, pretrained: str | None = None,
-           device: str = "auto", exact: bool = False, precision: str = "amp", nprobe: int | None = None,
-           rerank: int | None = None) -> list[dict]:
-    """Search a store: encode the queries with its model, find the k nearest rows for each, return hits."""
+           device: str = "auto", exact: bool = False, ids: Sequence[str] = (), where: Sequence[str] = (),
+           precision: str = "amp", nprobe: int | None = None, rerank: int | None = None) -> list[dict]:
+    """Search a store: encode the queries with its model (loaded once for all of them), find the k nearest
+    rows for each (among the rows matching ``where``), return hits."""
+    import numpy as np
+
     from vlmtools.console import info
-    from vlmtools.store import open_store
 
     if k < 1:
         raise BadInput(f"-k must be at least 1 (got {k})")
-    for name, value in (("--nprobe", nprobe), ("--rerank", rerank)):
-        if value is not None and value < (1 if name == "--nprobe" else 0):
-            raise BadInput(f"{name} must be at least {1 if name == '--nprobe' else 0} (got {value})")
-    reader = open_store(store)
-    vectors, names = encode_queries(reader, texts, images, query_store, model, pretrained, device, precision)
-    scores, rows, method = search_vectors(reader, vectors, k, exact=exact, nprobe=nprobe, rerank=rerank)
-    info(f"{len(names)} quer{'y' if len(names) == 1 else 'ies'}, top {min(k, len(reader))} of {len(reader)} rows "
-         f"({method})")
-    return hit_records(reader, scores, rows, names)
+    if not (texts or images or query_store or ids):
+        raise BadInput("no query: give --text TEXT (or - for lines on stdin), --text-file FILE, --image PATH, "
+                       "--id ID or --store QUERY_STORE")
+    check_search_params(nprobe, rerank)
+    searcher = Searcher(store, model, pretrained, device, exact=exact, precision=precision, nprobe=nprobe,
+                        rerank=rerank)
+    vectors, names = searcher.vectors(texts, images, ids)
+    if query_store:
+        more, more_names = store_queries(query_store, searcher.spec)
+        vectors, names = np.concatenate([vectors, np.asarray(more, np.float32)]), names + more_names
+    hits = searcher.search(vectors, names, k, where)
+    n = len(searcher.reader)
+    info(f"{len(names)} quer{'y' if len(names) == 1 else 'ies'}, top {min(k, n)} of {n} rows "
+         f"({'exact' if where else searcher.method})")
+    return hits

@@ -499,8 +499,10 @@ def open_store(path: str | Path, spec=None, kind: str | None = None) -> StoreRea
     or if ``kind`` ("image"/"text") differs."""
     reader = StoreReader(path)
     if kind is not None and reader.kind != kind:
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise BadInput(f"{path}: is a {reader.kind} store, expected {article} {kind} store")
+        def a(word: str) -> str:
+            return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+        raise BadInput(f"{path}: is {a(reader.kind)} store, expected {a(kind)} store")
     reader.check_model(spec)
     return reader
 
@@ -601,3 +603,22 @@ def export_parquet(path: str | Path, out: str | Path) -> list[Path]:
 def _scalar_column(values: list) -> bool:
     kinds = {type(v) for v in values if v is not None}
     return len(kinds) <= 1 or kinds <= {int, float}
+
+
+# ----------------------------------------------------------------------------- row selection
+
+def parse_where(where: Sequence[str]) -> list[tuple[str, str]]:
+    """``--where KEY=VALUE`` options as (key, value) pairs."""
+    out = []
+    for w in where:
+        key, sep, value = w.partition("=")
+        if not sep or not key:
+            raise BadInput(f"--where {w!r}: expected KEY=VALUE (e.g. split=test)")
+        out.append((key, value))
+    return out
+
+
+def select_rows(meta: list[dict], where: Sequence[tuple[str, str]]) -> list[int]:
+    """Rows whose metadata has every KEY=VALUE (values compared as text)."""
+    return [i for i, rec in enumerate(meta)
+            if all(str(rec.get(k)) == v for k, v in where)]

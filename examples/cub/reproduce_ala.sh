@@ -44,14 +44,14 @@ done
 # 3. maps of the test images, each for the class the CLIP model predicts among CUB's 200 (the input is a
 #    manifest, so the classes are its labels and the explained class is the model's own top class)
 for s in $SEEDS; do
-  [ -s "$OUT/maps/ala-s$s/maps.jsonl" ] || $VLM explain visual "$OUT/cub.jsonl" --where split=test --no-png \
+  [ -s "$OUT/maps/ala-s$s/maps.jsonl" ] || $VLM explain visual "$OUT/cub.jsonl" --where split=test --no-overlays \
       --method ala --head "$OUT/ala-s$s" --device "$DEVICE" -o "$OUT/maps/ala-s$s"
-  [ -s "$OUT/maps/rise-s$s/maps.jsonl" ] || $VLM explain visual "$OUT/cub.jsonl" --where split=test --no-png \
+  [ -s "$OUT/maps/rise-s$s/maps.jsonl" ] || $VLM explain visual "$OUT/cub.jsonl" --where split=test --no-overlays \
       --method rise --masks "$MASKS" --seed "$s" --batch-size 250 "${spec[@]}" -o "$OUT/maps/rise-s$s"
 done
-[ -s "$OUT/maps/gradcam/maps.jsonl" ] || $VLM explain visual "$OUT/cub.jsonl" --where split=test --no-png \
+[ -s "$OUT/maps/gradcam/maps.jsonl" ] || $VLM explain visual "$OUT/cub.jsonl" --where split=test --no-overlays \
     --method gradcam "${spec[@]}" -o "$OUT/maps/gradcam"
-[ -s "$OUT/maps/rollout/maps.jsonl" ] || $VLM explain visual "$OUT/cub.jsonl" --where split=test --no-png \
+[ -s "$OUT/maps/rollout/maps.jsonl" ] || $VLM explain visual "$OUT/cub.jsonl" --where split=test --no-overlays \
     --method rollout "${spec[@]}" -o "$OUT/maps/rollout"
 
 # 4. evaluate: mIoU (mean + std threshold), insertion, deletion, ID; mean ± std over seeds

@@ -97,9 +97,9 @@ for M in $MODELS; do
   runs="clip-bare clip-photo clip-birds $STYLES"
   for ((i = 0; i < DRAWS; i++)); do runs="$runs waffle-$i"; done
   for run in $runs; do
-    $VLM -q eval "$S/$run.jsonl" --json "$S/$run.eval.json" --csv "$S/$run.per_class.csv"
+    $VLM -q eval "$S/$run.jsonl" -o "$S/$run.eval.jsonl" --csv "$S/$run.per_class.csv"
   done
-  $VLM eval compare "$S/clip-bare.jsonl" "$S/released.jsonl" --names CLIP,CBD --json "$S/compare-clip-cbd.json" --show 0
+  $VLM eval compare "$S/clip-bare.jsonl" "$S/released.jsonl" --names CLIP,CBD -o "$S/compare-clip-cbd.jsonl" --show 0
 done
 
 # 6. ours beside the study's. The study's figures (slides 000, CUB test, top-1 / top-5 %): CLIP, CBD
@@ -121,14 +121,14 @@ rows = [("clip-bare", "CLIP (class name)", "clip"), ("clip-photo", 'CLIP "a phot
         ("cbd", f"CBD (regenerated with {llm})", "cbd"), ("domain", "exemplar only (--exemplars cub)", "domain"),
         ("background", "exemplar + habitat (--exemplars cub)", "background")]
 print("# table\tmodel\trow\tmetric\tstudy\tresults")
-for pos, metric in enumerate(("top1", "top5")):
+for pos, metric in enumerate(("acc1", "acc5")):
     for m in models:
         for run, label, key in rows:
             if run.startswith("clip") or run in styles:
                 ref = study.get(m, {}).get(key) if key else None
-                print(f"CUB test\t{m}\t{label}\t{metric}\t{'-' if ref is None else ref[pos]}\t{out}/{m}/{run}.eval.json")
+                print(f"CUB test\t{m}\t{label}\t{metric}\t{'-' if ref is None else ref[pos]}\t{out}/{m}/{run}.eval.jsonl")
         ref = waffle.get(m, (None, None))[pos]
-        files = ",".join(f"{out}/{m}/waffle-{i}.eval.json" for i in range(draws))
+        files = ",".join(f"{out}/{m}/waffle-{i}.eval.jsonl" for i in range(draws))
         print(f"CUB test\t{m}\tWaffleCLIP ({draws} draws)\t{metric}\t{'-' if ref is None else ref}\t{files}")
 PY
 python3 "$HERE/../compare.py" "$OUT/rows.tsv" -o "$OUT/table.tsv"
@@ -136,7 +136,7 @@ python3 - "$OUT" $MODELS <<'PY'
 import json, sys
 
 for m in sys.argv[2:]:
-    c = json.load(open(f"{sys.argv[1]}/{m}/compare-clip-cbd.json"))
+    c = json.loads(open(f"{sys.argv[1]}/{m}/compare-clip-cbd.jsonl").readline())
     print(f"{m}: CBD (released) - CLIP = {100 * c['difference']:+.2f} points, "
           f"McNemar exact p = {c['mcnemar']['p_exact']:.3g}")
 PY

@@ -5,21 +5,78 @@ from __future__ import annotations
 import importlib
 
 import typer
+from typer.core import TyperGroup, TyperOption
+
+# -q/--quiet and -v/--verbose are accepted anywhere on the line (`vlmtools embed images M -o S -q`).
+GLOBAL_FLAGS = {"-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose"}
+
+
+def _takes_value(command, token: str) -> bool:
+    """Whether ``token`` is an option of ``command`` that consumes the next argument."""
+    for param in getattr(command, "params", ()):
+        if token in (*getattr(param, "opts", ()), *getattr(param, "secondary_opts", ())):
+            return not getattr(param, "is_flag", False) and not getattr(param, "count", False) \
+                and getattr(param, "param_type_name", "") == "option"
+    return False
+
+
+def split_global_flags(root, args: list[str]) -> tuple[list[str], set[str]]:
+    """Take -q/-v out of ``args`` wherever they stand, except as another option's value or after `--`."""
+    kept, found, command, i = [], set(), root, 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            kept.extend(args[i:])
+            break
+        if token in GLOBAL_FLAGS:
+            found.add(GLOBAL_FLAGS[token])
+        else:
+            kept.append(token)
+            commands = getattr(command, "commands", None)
+            if commands is not None and not token.startswith("-"):
+                default = getattr(command, "default_command", "")
+                command = commands.get(token) or commands.get(default) or command
+            elif "=" not in token and _takes_value(command, token) and i + 1 < len(args):
+                kept.append(args[i + 1])
+                i += 1
+        i += 1
+    return kept, found
+
+
+# Flags take no value, so their help shows no `<bool>`: typer prints a type for every option (the help
+# option too, which is made at help time), so the one place to say it is typer's option class.
+_display_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
+
+
+class RootGroup(TyperGroup):
+    def parse_args(self, ctx, args):
+        args, found = split_global_flags(self, list(args))
+        from vlmtools.console import set_quiet, set_verbose
+
+        if "quiet" in found:
+            set_quiet(True)
+        if "verbose" in found:
+            set_verbose(True)
+        return super().parse_args(ctx, args)
+
 
 app = typer.Typer(
     name="vlmtools",
     help="Composable commands for explainable fine-grained image classification with CLIP-style "
-         "models and LLM-written class descriptions. Data goes to stdout, messages to stderr.",
+         "models and LLM-written class descriptions. Data goes to stdout, messages to stderr. "
+         "-q/--quiet and -v/--verbose work anywhere on the line; conventions: man vlmtools.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    cls=RootGroup,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 # Each module defines register(app). Modules that are not written yet are skipped, so the app grows
 # as command groups land.
 COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "train", "explain", "synth",
-                   "demo", "store"]
+                   "demo", "store", "report"]
 
 
 def _register_all() -> None:
@@ -43,14 +100,15 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries on stderr."),
+    # RootGroup.parse_args takes these out of the line wherever they are; they are declared here for --help.
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summaries on stderr (anywhere "
+                               "on the line; also VLMTOOLS_QUIET=1)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail on stderr, and a traceback "
+                                 "with internal errors (anywhere on the line)."),
     version: bool = typer.Option(False, "--version", help="Print the version and exit.",
                                  callback=_print_version, is_eager=True),
 ) -> None:
-    if quiet:
-        from vlmtools.console import set_quiet
-
-        set_quiet(True)
+    pass
 
 
 _register_all()
@@ -61,4 +119,4 @@ def main() -> None:
 
     guard_std_streams()
     # What escapes the commands' own handlers (option parsing, group callbacks) gets the same treatment.
-    handle_errors(app)()
+    handle_errors(lambda: app(prog_name="vlmtools"))()

@@ -3,52 +3,46 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
 from vlmtools.cli.common import (DeviceOpt, ModelOpt, Precision, PrecisionOpt, PretrainedOpt, choices, handle_errors,
-                                 plain, require_stdout, subgroup)
-from vlmtools.prompts import EMPTY_RULES
+                                 plain, require_stdout, store_argument, store_option, subgroup)
+from vlmtools.prompts import EMPTY_RULES, WRAPS
 
 Empty = choices("Empty", EMPTY_RULES)
-
-
-def _check_choice(value: Optional[str], choices, option: str) -> None:
-    if value is not None and value not in choices:
-        from vlmtools.errors import BadInput
-
-        raise BadInput(f"{option} {value!r}: expected one of {', '.join(choices)}")
+Wrap = choices("Wrap", WRAPS)
 
 
 def register(app: typer.Typer) -> None:
     @app.command("classify")
     @handle_errors
     def classify_cmd(
-        image_store: Path = typer.Argument(..., help="Image store written by `vlmtools embed images`."),
-        method: Optional[str] = typer.Option(None, "--method", help="clip (class names in templates) or cbd "
+        image_store: Path = store_argument("Image store written by `vlmtools embed images`."),
+        method: Optional[Literal["clip", "cbd"]] = typer.Option(None, "--method", help="clip (class names in templates) or cbd "
                                              "(descriptors) (default: cbd with --descriptors, else clip)"),
         classes: Optional[str] = typer.Option(None, "--classes", "-c", help="Class list: one per line, a manifest "
                                               "(its labels) or descriptor JSONL (clip default: the store's "
                                               "labels; cbd default: the descriptors' classes)"),
-        templates: Optional[str] = typer.Option(None, "--templates", "-t", help="clip: bare | photo | birds "
+        templates: Optional[str] = typer.Option(None, "--templates", help="clip: bare | photo | birds "
                                                 "(\"a photo of a {}, a type of bird.\") | openai80 | FILE (one "
                                                 "template per line, {} = class) (default: photo)"),
         descriptors: Optional[str] = typer.Option(None, "--descriptors", "-d", help="cbd: descriptor JSONL "
                                                   "(from `vlmtools describe`), or - for stdin"),
-        wrap: Optional[str] = typer.Option(None, "--wrap", help="cbd: 'cbd' embeds \"{class}, which is/has "
-                                           "{descriptor}\", 'waffle' \"A photo of a {class}, which is/has "
-                                           "{descriptor}.\" (WaffleCLIP's form), 'none' the descriptor as written "
-                                           "(default: cbd, or the text store's)"),
-        aggregate: str = typer.Option("mean", "--aggregate", help="cbd: class score over its descriptors: "
+        wrap: Optional[Wrap] = typer.Option(None, "--wrap", callback=plain, help="cbd: 'cbd' embeds \"{class}, "
+                                            "which is/has {descriptor}\", 'waffle' \"A photo of a {class}, which "
+                                            "is/has {descriptor}.\" (WaffleCLIP's form), 'none' the descriptor as "
+                                            "written (default: cbd, or the text store's)"),
+        aggregate: Literal["mean", "max", "sum"] = typer.Option("mean", "--aggregate", help="cbd: class score over its descriptors: "
                                       "mean | max | sum"),
-        background: str = typer.Option("include", "--background", help="cbd: descriptors of kind background: "
+        background: Literal["include", "exclude", "only"] = typer.Option("include", "--background", help="cbd: descriptors of kind background: "
                                        "include | exclude | only"),
         allow_empty: bool = typer.Option(False, "--allow-empty", help="cbd: score classes with no descriptors "
                                          "(missing, empty list) by their name instead of refusing them"),
         empty: Empty = typer.Option("menon", "--empty", callback=plain, help="cbd: how a class with no descriptors is scored: "
                                   "menon (\"{class}, which has \", as Menon & Vondrick) | name (the bare name)"),
-        text_store: Optional[Path] = typer.Option(None, "--text-store", help="Text store from `vlmtools embed "
+        text_store: Optional[Path] = store_option("--text-store", help="Text store from `vlmtools embed "
                                                   "text` to take text embeddings from (others are encoded)"),
         k: int = typer.Option(5, "-k", "--top-k", help="Classes listed per image in \"topk\"."),
         explain: bool = typer.Option(True, "--explain/--no-explain", help="cbd: write the predicted class's "
@@ -74,8 +68,7 @@ def register(app: typer.Typer) -> None:
         does); --method cbd against "{class}, which has {descriptor}" sentences, the class score being
         the mean over its descriptors, whose similarities are written as the explanation. With --head,
         a head trained by `vlmtools train` scores them (same output contract, no explanation)."""
-        from vlmtools.classify import AGGREGATES, BACKGROUND, METHODS, classify_store
-        from vlmtools.prompts import WRAPS
+        from vlmtools.classify import classify_store
 
         if head is not None:
             from vlmtools.errors import BadInput
@@ -91,10 +84,6 @@ def register(app: typer.Typer) -> None:
             classify_with_head(image_store, head, output, k=k, where=where, device=device)
             return
 
-        _check_choice(method, METHODS, "--method")
-        _check_choice(wrap, WRAPS, "--wrap")
-        _check_choice(aggregate, AGGREGATES, "--aggregate")
-        _check_choice(background, BACKGROUND, "--background")
         require_stdout(output)
         # the model is the image store's; --model/--pretrained may name it, and must match it
         classify_store(image_store, output, model=model, pretrained=pretrained, method=method, classes=classes,
@@ -105,7 +94,7 @@ def register(app: typer.Typer) -> None:
 
     eval_app = subgroup(app, "eval", "Evaluate predictions: `vlmtools eval PRED.jsonl` (accuracy tables), "
                         "`vlmtools eval compare A.jsonl B.jsonl` (paired, with McNemar's test). Options of the first "
-                        "(--by, --json, --csv, --plot): `vlmtools eval predictions --help`.",
+                        "(--by, -o, --per-class, --csv, --plots): `vlmtools eval predictions --help`.",
                         default_command="predictions")
 
     @eval_app.command("predictions")
@@ -114,21 +103,25 @@ def register(app: typer.Typer) -> None:
         predictions: str = typer.Argument(..., help="Predictions JSONL from `vlmtools classify` (or -)."),
         by: List[str] = typer.Option([], "--by", help="Also tabulate by this manifest key (domain, split, "
                                      "...); repeatable."),
-        json_out: str = typer.Option("-", "--json", help="Write the JSON result here (default stdout)."),
+        output: str = typer.Option("-", "--output", "-o", help="NDJSON rows: the summary (acc1, acc5, "
+                                   "mean_per_class_recall, provenance), then one per --by group ('-' is stdout)."),
+        per_class: bool = typer.Option(False, "--per-class", help="Also one NDJSON row per class."),
         csv_out: Optional[str] = typer.Option(None, "--csv", help="Write per-class accuracy as CSV."),
-        plot: Optional[Path] = typer.Option(None, "--plot", help="Write confusion.png and per_class.png here."),
+        plots: Optional[Path] = typer.Option(None, "--plots", metavar="DIR",
+                                             help="Write confusion.png and per_class.png here."),
     ) -> None:
-        """Top-1, top-5, mean per-class recall and per-class accuracy (the default eval command)."""
+        """Top-1 (acc1), top-5 (acc5), mean per-class recall and per-class accuracy (the default eval
+        command): tables on stderr, NDJSON on stdout or -o FILE."""
         from vlmtools.evaluate import evaluate_file
 
-        evaluate_file(predictions, by=by, json_out=json_out, csv_out=csv_out, plot_dir=plot)
+        evaluate_file(predictions, by=by, output=output, csv_out=csv_out, plot_dir=plots, per_class=per_class)
 
     @eval_app.command("compare")
     @handle_errors
     def compare_cmd(
         a: str = typer.Argument(..., help="Predictions A (e.g. clip)."),
         b: str = typer.Argument(..., help="Predictions B (e.g. cbd)."),
-        json_out: str = typer.Option("-", "--json", help="Write the JSON summary here (default stdout)."),
+        output: str = typer.Option("-", "--output", "-o", help="The summary as one NDJSON row ('-' is stdout)."),
         diff_out: Optional[str] = typer.Option(None, "--diff", help="Write the images where the predictions "
                                                "differ as JSONL."),
         show: int = typer.Option(10, "--show", help="Disagreements listed on stderr."),
@@ -144,7 +137,7 @@ def register(app: typer.Typer) -> None:
             if len(parts) != 2 or not all(parts):
                 raise BadInput(f"--names {names!r}: expected two names, 'A,B'")
             pair = (parts[0], parts[1])
-        compare_files(a, b, json_out=json_out, diff_out=diff_out, show=show, names=pair)
+        compare_files(a, b, output=output, diff_out=diff_out, show=show, names=pair)
 
     explain_app = subgroup(app, "explain", "Explain predictions.")
 
@@ -154,10 +147,10 @@ def register(app: typer.Typer) -> None:
         predictions: str = typer.Argument(..., help="Predictions JSONL from `vlmtools classify --method cbd`."),
         ids: List[str] = typer.Option([], "--id", help="Image id to explain (repeatable)."),
         wrong: bool = typer.Option(False, "--wrong", help="Only misclassified images."),
-        limit: int = typer.Option(10, "--limit", "-n", help="At most this many images (0: all)."),
+        limit: int = typer.Option(10, "--limit", help="At most this many images (0: all)."),
         top: Optional[int] = typer.Option(None, "--top", help="At most this many descriptors per class."),
-        png: Optional[Path] = typer.Option(None, "--png", help="Also write one PNG per image here: the image "
-                                           "beside bars of descriptor scores."),
+        plots: Optional[Path] = typer.Option(None, "--plots", metavar="DIR", help="Also write one PNG per image "
+                                             "here: the image beside bars of descriptor scores."),
         width: int = typer.Option(30, "--width", help="Bar width in characters."),
     ) -> None:
         """Per-descriptor scores of the predicted (and, with classify --explain-true, the true) class."""
@@ -181,6 +174,6 @@ def register(app: typer.Typer) -> None:
         for rec in chosen:
             out.print(terminal_view(rec, width=width, max_descriptors=top, total_width=out.width))
             out.print()
-        if png is not None:
-            paths = save_figures(chosen, png, max_descriptors=top)
-            info(f"wrote {len(paths)} figure(s) to {png}")
+        if plots is not None:
+            paths = save_figures(chosen, plots, max_descriptors=top)
+            info(f"wrote {len(paths)} figure(s) to {plots}")

@@ -63,13 +63,20 @@ def handle_errors(func: Callable) -> Callable:
         except Exception as exc:  # a bug: one line, not a traceback (unless asked for)
             import os
 
+            if type(exc).__module__.startswith("typer"):  # typer's own Exit/Abort/usage errors
+                raise
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
+            from vlmtools.console import console, is_verbose
+
+            if is_verbose():
+                console.print_exception()
             what = " ".join(str(exc).split())[:200]
-            error(f"internal error: {type(exc).__name__}{': ' + what if what else ''} -- please report it; "
-                  f"rerun with {DEBUG_ENV}=1 for the traceback")
+            error(f"internal error: {type(exc).__name__}{': ' + what if what else ''} -- please report it"
+                  + ("" if is_verbose() else f"; rerun with -v (or {DEBUG_ENV}=1) for the traceback"))
             raise typer.Exit(3)
 
+    wrapper.handles_errors = True  # the conventions test checks that every command has this wrapper
     return wrapper
 
 
@@ -131,12 +138,49 @@ def guard_std_streams() -> None:
         pass
 
 
-ModelOpt = typer.Option(None, "--model", "-m", help="open_clip model: ViT-B-32, hf-hub:org/repo, "
+# ----------------------------------------------------------------------------- shell completion
+# Completers run in the shell's completion call: keep them cheap (no torch/open_clip imports).
+
+def complete_models(incomplete: str) -> list[str]:
+    from vlmtools.models import known_model_names
+
+    return [n for n in known_model_names() if n.lower().startswith(incomplete.lower())] + \
+        [s for s in ("hf-hub:", "local-dir:") if s.startswith(incomplete)]
+
+
+def complete_stores(incomplete: str) -> list[str]:
+    """Directories holding a store (an info.json) under the path typed so far, then other directories."""
+    import glob
+    import os
+
+    dirs = [d.rstrip("/") for d in glob.glob(os.path.expanduser(incomplete) + "*/")]
+    stores = [d for d in dirs if os.path.exists(os.path.join(d, "info.json"))]
+    return sorted(stores) + sorted(d + "/" for d in dirs if d not in stores)
+
+
+def complete_styles(incomplete: str) -> list[str]:
+    from vlmtools.describe.styles import STYLES
+
+    return [s for s in STYLES if s.startswith(incomplete)]
+
+
+def store_argument(help: str):
+    """A STORE directory argument with store-path completion."""
+    return typer.Argument(..., metavar="STORE", help=help, autocompletion=complete_stores)
+
+
+def store_option(*names: str, help: str):
+    return typer.Option(None, *names, metavar="STORE", help=help, autocompletion=complete_stores)
+
+
+ModelOpt = typer.Option(None, "--model", "-m", autocompletion=complete_models, help="open_clip model: ViT-B-32, hf-hub:org/repo, "
                         "local-dir:/path, vlmtools-micro, ... (default: ViT-B-32, or the store's model)")
 PretrainedOpt = typer.Option(None, "--pretrained", "-p", help="pretrained tag (openai, laion2b_s34b_b79k, ...), "
                              "a checkpoint path, or 'none' for random weights (default: openai; 'vlmtools' "
                              "for packaged models)")
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N")
+DeviceOpt = typer.Option("auto", "--device", metavar="auto|cpu|cuda[:N]", help="Where to run the model.",
+                         autocompletion=lambda incomplete: [d for d in ("auto", "cpu", "cuda") if
+                                                            d.startswith(incomplete)])
 
 
 

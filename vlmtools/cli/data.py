@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
     def folder_cmd(
         root: str = typer.Argument(..., help="ImageFolder root: ROOT/<class>/<image>."),
         split: Optional[str] = typer.Option(None, "--split", help="Record this split name on every line."),
-        names: str = typer.Option("raw", "--names", help="Class names: raw (folder names) or cub "
+        names: Literal["raw", "cub"] = typer.Option("raw", "--names", help="Class names: raw (folder names) or cub "
                                   "(clean '001.Black_footed_Albatross' as `data cub` does)."),
         domain: Optional[str] = DomainOpt,
         output: Optional[str] = OutputOpt,
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         root: str = typer.Argument(..., help="CUB_200_2011 directory (or the folder holding it)."),
         segmentations: Optional[str] = typer.Option(None, "--segmentations", help="Segmentation root; "
                                                     "each mask is DIR/<image path with .png>."),
-        only: Optional[str] = typer.Option(None, "--only", help="Keep one split: train or test."),
+        only: Optional[Literal["train", "test"]] = typer.Option(None, "--only", help="Keep one split: train or test."),
         domain: Optional[str] = DomainOpt,
         no_check: bool = NoCheckOpt,
         output: Optional[str] = OutputOpt,

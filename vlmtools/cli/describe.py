@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -18,6 +18,11 @@ STYLE_HELP = ("cbd (Menon & Vondrick's exact prompt), domain (worked examples fr
 
 
 
+# The styles of vlmtools.describe.styles.STYLES, spelled out so that --help needs no import (a test keeps
+# the two in step).
+Style = Literal["cbd", "domain", "background", "structured", "sentences", "waffle"]
+
+
 # Typer renders help text as rich markup, which swallows "[default: ...]": defaults go in show_default.
 def register(app: typer.Typer) -> None:
     @app.command("describe")
@@ -26,7 +31,7 @@ def register(app: typer.Typer) -> None:
         classes: str = typer.Argument(..., help="Class list (one per line), a manifest (its labels) or '-'."),
         output: str = typer.Option("-", "--output", "-o", help="Descriptor JSONL; appended to and resumed. "
                                    "'-' is stdout (failed classes are then listed on stderr, or go to --errors)."),
-        style: str = typer.Option("cbd", "--style", "-s", help=STYLE_HELP),
+        style: Style = typer.Option("cbd", "--style", "-s", help=STYLE_HELP),
         # None means the library's DEFAULT_MODEL, named here only for --help: importing it would load
         # vlmtools.describe for every `vlmtools --help` (a test keeps the two in step).
         model: Optional[str] = typer.Option(None, "--model", "-m", envvar="VLMTOOLS_LLM_MODEL",
@@ -37,12 +42,12 @@ def register(app: typer.Typer) -> None:
         base_url: Optional[str] = typer.Option(None, "--base-url", envvar="OPENAI_BASE_URL",
                                                show_default="OpenAI", help="OpenAI-compatible server (vLLM, "
                                                "Ollama, llama.cpp), e.g. http://localhost:8000/v1"),
-        temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sampling temperature.",
+        temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature.",
                                                     show_default="0 as in the paper; 0.7 for sentences"),
         max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer length limit.",
                                                  show_default="100 for cbd as in the paper, more for others"),
-        n: int = typer.Option(1, "--n", "-n", help="Samples per class, merged and de-duplicated."),
-        concurrency: int = typer.Option(4, "--concurrency", "-j", help="Requests in flight."),
+        n: int = typer.Option(1, "--n", help="Samples per class, merged and de-duplicated."),
+        concurrency: int = typer.Option(4, "--workers", "--concurrency", "-j", help="Requests in flight."),
         timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request attempt."),
         max_retries: int = typer.Option(4, "--max-retries", help="Retries on 429/5xx/timeouts, with backoff."),
         exemplars: Optional[str] = typer.Option(None, "--exemplars", "--exemplar", help="Worked examples "
@@ -85,12 +90,9 @@ def register(app: typer.Typer) -> None:
                                   "each, draw-SEED.jsonl in the -o directory; WaffleCLIP reports their mean."),
     ) -> None:
         """Ask an LLM which visual features identify each class; write one JSONL line per class."""
-        from vlmtools.describe.styles import STYLES
         from vlmtools.errors import BadInput, VlmError
         from vlmtools.formats import dumps_line, read_class_list
 
-        if style not in STYLES:
-            raise BadInput(f"--style {style!r}: expected one of {', '.join(STYLES)}")
         names = read_class_list(classes)
         if style == "waffle":
             from vlmtools.describe.run import run_waffle
@@ -133,9 +135,10 @@ def register(app: typer.Typer) -> None:
     @group.command("import")
     @handle_errors
     def import_cmd(
-        file: str = typer.Argument(..., help="JSON object {class: \\[descriptors]} (CBD, WaffleCLIP, CuPL), or '-'."),
+        file: str = typer.Argument(..., help="JSON object {class: \\[descriptors]} (CBD, WaffleCLIP, CuPL) or "
+                                   "`descriptors export --format vlmtools` output, or '-'."),
         output: str = typer.Option("-", "--output", "-o", help="Descriptor JSONL ('-' is stdout)."),
-        fmt: str = typer.Option("cbd", "--format", "-f", help="cbd (descriptors) or cupl (full sentences); "
+        fmt: Literal["cbd", "cupl"] = typer.Option("cbd", "--format", help="cbd (descriptors) or cupl (full sentences); "
                                 "stored as \"style\"."),
     ) -> None:
         """Convert a {class: \\[descriptors]} JSON dict to descriptor JSONL, keeping the class order."""
@@ -152,22 +155,21 @@ def register(app: typer.Typer) -> None:
     def export_cmd(
         file: str = typer.Argument(..., help="Descriptor JSONL (or a JSON dict)."),
         output: str = typer.Option("-", "--output", "-o", help="JSON file ('-' is stdout)."),
-        fmt: str = typer.Option("cbd", "--format", "-f", help="cbd: {class: \\[descriptors]}, as CBD, "
-                                "WaffleCLIP and CuPL read it."),
-        kind: str = typer.Option("all", "--kind", help="all, object (drop background descriptors) or background."),
+        fmt: Literal["cbd", "vlmtools"] = typer.Option("cbd", "--format", help="cbd: {class: \\[descriptors]}, as "
+                                                       "CBD, WaffleCLIP and CuPL read it (no kinds or style); "
+                                                       "vlmtools: every field, for `descriptors import`."),
+        kind: Literal["all", "object", "background"] = typer.Option("all", "--kind", help="all, object (drop background descriptors) or background."),
     ) -> None:
-        """Write descriptor JSONL as the CBD JSON dict, in file order."""
+        """Write descriptor JSONL as one JSON object, in file order: the CBD dict, or (--format vlmtools)
+        everything, which `descriptors import` reads back unchanged."""
         import json
 
-        from vlmtools.describe.interchange import EXPORT_FORMATS, export_dict, read_any_descriptors
-        from vlmtools.errors import BadInput
+        from vlmtools.describe.interchange import export_object, read_any_descriptors
         from vlmtools.formats import open_output
 
-        if fmt not in EXPORT_FORMATS:
-            raise BadInput(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
-        obj = export_dict(read_any_descriptors(file), kind)
-        with open_output(output) as fh:
-            fh.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        obj = export_object(read_any_descriptors(file), fmt, kind)
+        with open_output(output) as fh:  # one line: stdout never gets indented JSON
+            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
     @group.command("exemplars")
     @handle_errors
@@ -194,7 +196,8 @@ def register(app: typer.Typer) -> None:
         file: str = typer.Argument(..., help="Descriptor JSONL (or a JSON dict)."),
         json_: bool = typer.Option(False, "--json", help="NDJSON: one line per class, then {\"total\": {...}}."),
     ) -> None:
-        """Descriptors per class, duplicates, background share, lengths, descriptors shared across classes."""
+        """Descriptors per class, duplicates, background share, lengths, descriptors shared across classes:
+        TSV rows (a header, then one row per class) on stdout, the totals on stderr."""
         from vlmtools.describe.interchange import descriptor_stats, read_any_descriptors
         from vlmtools.formats import dumps_line
 
@@ -208,10 +211,12 @@ def register(app: typer.Typer) -> None:
         for r in rows:
             typer.echo(f"{r['class']}\t{r['descriptors']}\t{r['duplicates']}\t{r['background']}\t"
                        f"{r['mean_chars']}\t{r['mean_words']}")
-        typer.echo(f"(all {total['classes']} classes)\t{total['descriptors']}\t{total['duplicates']}\t"
-                   f"{total['background']}\t{total['mean_chars']}\t{total['mean_words']}")
-        typer.echo(f"# per class: min {total['min_per_class']}, mean {total['mean_per_class']}, "
-                   f"max {total['max_per_class']}; empty classes: {total['empty_classes']}; "
-                   f"descriptors shared by several classes: {total['shared_across_classes']}")
+        from vlmtools.console import info
+
+        info(f"{total['classes']} classes, {total['descriptors']} descriptors ({total['duplicates']} duplicates, "
+             f"{total['background']} background, {total['mean_chars']} characters and {total['mean_words']} "
+             f"words on average); per class: min {total['min_per_class']}, mean {total['mean_per_class']}, "
+             f"max {total['max_per_class']}; empty classes: {total['empty_classes']}; descriptors shared by "
+             f"several classes: {total['shared_across_classes']}")
 
     app.add_typer(group, name="descriptors")

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -21,12 +20,6 @@ WorldOpt = typer.Option(None, "--world-size", help="Number of workers (default: 
 ForceOpt = typer.Option(False, "--force", help="Rebuild an existing store from scratch (e.g. after the input "
                         "changed); only a store's own files are removed.")
 JsonOpt = typer.Option(False, "--json", help="Also print the run summary as one JSON line on stdout.")
-
-
-class Decode(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    gpu = "gpu"
 
 
 def _emit(summary, as_json: bool) -> None:
@@ -50,11 +43,11 @@ def images_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0,
                                           help="DataLoader worker processes that read and decode images "
                                           "(default: from the core count; 0 = in the main process)."),
-    decode: Decode = typer.Option(Decode.auto, "--decode", help="Where JPEGs are decoded: gpu = batched "
+    decode: Literal["auto", "cpu", "gpu"] = typer.Option("auto", "--decode", help="Where JPEGs are decoded: gpu = batched "
                                   "nvJPEG + tensor preprocessing on the device (other formats per file on the "
                                   "CPU); cpu = PIL in the workers; auto = gpu on a CUDA device."),
     shard_size: int = ShardOpt,
-    dtype: str = DtypeOpt,
+    dtype: Literal["float16", "float32"] = DtypeOpt,
     rank: Optional[int] = RankOpt,
     world_size: Optional[int] = WorldOpt,
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Try the inputs that failed before again "
@@ -73,7 +66,7 @@ def images_cmd(
     summary = embed_image_input(manifest, output, lambda: load_model(spec, device, precision),
                                 batch_size=batch_size, workers=workers, shard_size=shard_size, dtype=dtype,
                                 rank=rank, world_size=world_size, retry_errors=retry_errors, force=force,
-                                decode=decode.value)
+                                decode=decode)
     _emit(summary, json_)
 
 
@@ -87,12 +80,14 @@ def text_cmd(
     pretrained: Optional[str] = PretrainedOpt,
     device: str = DeviceOpt,
     precision: Precision = PrecisionOpt,
-    wrap: str = typer.Option("cbd", "--wrap", help="For descriptors: 'cbd' embeds \"{class}, which has "
-                             "{descriptor}\" (the CBD paper's rule); 'waffle' \"A photo of a {class}, which has "
-                             "{descriptor}.\" (WaffleCLIP's); 'none' embeds the descriptor as written."),
+    wrap: Literal["cbd", "waffle", "none"] = typer.Option("cbd", "--wrap", help="For descriptors: 'cbd' embeds "
+                                                          "\"{class}, which has {descriptor}\" (the CBD paper's "
+                                                          "rule); 'waffle' \"A photo of a {class}, which has "
+                                                          "{descriptor}.\" (WaffleCLIP's); 'none' embeds the "
+                                                          "descriptor as written."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
     shard_size: int = ShardOpt,
-    dtype: str = DtypeOpt,
+    dtype: Literal["float16", "float32"] = DtypeOpt,
     rank: Optional[int] = RankOpt,
     world_size: Optional[int] = WorldOpt,
     force: bool = ForceOpt,

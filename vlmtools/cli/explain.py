@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", help="rise: masked images per forward pass."),
         where: List[str] = typer.Option([], "--where", help="Only images whose KEY=VALUE (repeatable)."),
         limit: int = typer.Option(0, "--limit", help="At most this many images (0: all)."),
-        png: bool = typer.Option(True, "--png/--no-png", help="Also write the overlay PNGs."),
+        png: bool = typer.Option(True, "--overlays/--no-overlays", help="Also write the overlay PNGs (NAME.png beside NAME.npy)."),
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,

@@ -6,14 +6,14 @@ from typing import Optional
 
 import typer
 
-from vlmtools.cli.common import handle_errors
+from vlmtools.cli.common import handle_errors, store_argument
 
 
 def register(app: typer.Typer) -> None:
     @app.command("index")
     @handle_errors
     def index_cmd(
-        store: str = typer.Argument(..., help="Store directory (from `vlmtools embed`)."),
+        store: str = store_argument("Store directory (from `vlmtools embed`)."),
         index_key: str = typer.Option("auto", "--index-key", help="faiss factory key (Flat, HNSW32, "
                                       "IVF4096,PQ64, IVF16384_HNSW32,PQ64, ...) or auto: chosen by row count "
                                       "and --max-memory."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -19,12 +20,12 @@ def register(app: typer.Typer) -> None:
     def make_cmd(
         out: Path = typer.Argument(..., help="Directory to create (must not exist or be empty)."),
         classes: int = typer.Option(20, "--classes", "-c", help="Number of made-up classes."),
-        per_class: int = typer.Option(50, "--per-class", "-n", help="Images per class."),
-        domain: str = typer.Option("photo", "--domain", help="photo, painting, or both (random per image)."),
+        per_class: int = typer.Option(50, "--per-class", help="Images per class."),
+        domain: Literal["photo", "painting", "both"] = typer.Option("photo", "--domain", help="photo, painting, or both (random per image)."),
         seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
         image_size: int = typer.Option(64, "--image-size", help="Image side in pixels."),
         test_fraction: float = typer.Option(0.3, "--test-fraction", help="Share of each class in split test."),
-        force: bool = typer.Option(False, "--force", "-f", help="Replace OUT if it holds a previous world."),
+        force: bool = typer.Option(False, "--force", help="Replace OUT if it holds a previous world."),
     ) -> None:
         """Generate a world of made-up classes with known attributes, masks and oracle descriptors.
 

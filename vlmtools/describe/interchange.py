@@ -1,7 +1,10 @@
 """Descriptor files in other projects' shapes, and summary statistics.
 
 CBD (Menon & Vondrick), WaffleCLIP and CuPL publish one JSON object {class: [descriptor, ...]}. Their
-code iterates that object in key order to number the classes, so order is kept both ways.
+code iterates that object in key order to number the classes, so order is kept both ways. That shape
+has no room for descriptor kinds (background marks) or the style, so `export --format cbd` warns when it
+drops them; `export --format vlmtools` writes one JSON object {"format": "vlmtools.descriptors/1",
+"classes": [descriptor records]} that `import` reads back exactly.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ from statistics import mean
 
 from vlmtools.console import warn
 from vlmtools.errors import BadInput
-from vlmtools.formats import (JsonProblem, descriptor_kinds, descriptor_record, parse_json, read_descriptors,
-                              read_text, source_name)
+from vlmtools.formats import (DESCRIPTORS_FORMAT, DescriptorLines, JsonProblem, descriptor_kinds, descriptor_record,
+                              parse_json, read_descriptors, read_text, source_name)
 
 IMPORT_FORMATS = ("cbd", "cupl")
-EXPORT_FORMATS = ("cbd",)
+EXPORT_FORMATS = ("cbd", "vlmtools")
 KIND_FILTERS = ("all", "object", "background")
 
 
@@ -38,6 +41,16 @@ def _looks_like_record(obj: object) -> bool:
     return isinstance(obj, dict) and "class" in obj and isinstance(obj.get("descriptors"), list)
 
 
+def _is_export(obj: object) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == DESCRIPTORS_FORMAT and isinstance(obj.get("classes"), list)
+
+
+def records_from_export(obj: dict, where: str) -> list[dict]:
+    """The records of an `export --format vlmtools` object, checked as descriptor lines are."""
+    lines = DescriptorLines(where, allow_empty=True)
+    return [lines.check(i, rec) for i, rec in enumerate(obj["classes"], 1)]
+
+
 def read_any_descriptors(path: str | Path, style: str | None = None) -> list[dict]:
     """A JSON dict ({class: [descriptors]}) or a vlmtools descriptor JSONL, as records in file order."""
     where = source_name(path)
@@ -48,6 +61,8 @@ def read_any_descriptors(path: str | Path, style: str | None = None) -> list[dic
         obj = None  # maybe JSONL
     except JsonProblem as exc:
         raise BadInput(f"{where}: {exc}") from None
+    if _is_export(obj):
+        return records_from_export(obj, where)
     if obj is not None and not _looks_like_record(obj):
         return records_from_dict(obj, where, style)
     if str(path) == "-":
@@ -65,6 +80,8 @@ def import_descriptors(path: str | Path, fmt: str = "cbd") -> list[dict]:
         raise BadInput(f"{where}: not a JSON object ({exc.msg} at line {exc.lineno})") from None
     except JsonProblem as exc:
         raise BadInput(f"{where}: {exc}") from None
+    if _is_export(obj):  # our own lossless export: kinds, style and every other field come back as written
+        return records_from_export(obj, where)
     return records_from_dict(obj, where, style=fmt)
 
 
@@ -77,6 +94,26 @@ def export_dict(records: list[dict], kind: str = "all") -> dict[str, list[str]]:
         pairs = zip(rec["descriptors"], descriptor_kinds(rec))
         out[rec["class"]] = [d for d, k in pairs if kind == "all" or k == kind]
     return out
+
+
+def export_object(records: list[dict], fmt: str = "cbd", kind: str = "all") -> dict:
+    """What `descriptors export` writes: the CBD dict (warning about what that shape drops), or with
+    ``fmt="vlmtools"`` the records themselves, which `descriptors import` restores exactly."""
+    if fmt not in EXPORT_FORMATS:
+        raise BadInput(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    if fmt == "vlmtools":
+        if kind != "all":
+            raise BadInput("--kind applies to --format cbd; --format vlmtools keeps every descriptor and its kind")
+        return {"format": DESCRIPTORS_FORMAT, "classes": records}
+    lost = []
+    if kind == "all" and any("background" in descriptor_kinds(r) for r in records):
+        lost.append("which descriptors are background (use --kind object|background to split them)")
+    extra = sorted({k for r in records for k in r} - {"class", "descriptors", "kinds"})
+    if extra:
+        lost.append(f"the field(s) {', '.join(extra)}")
+    if lost:
+        warn(f"the CBD dict has no room for {' and '.join(lost)}; --format vlmtools keeps them")
+    return export_dict(records, kind)
 
 
 def descriptor_stats(records: list[dict]) -> tuple[list[dict], dict]:

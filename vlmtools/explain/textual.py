@@ -15,9 +15,13 @@ from typing import Sequence
 from vlmtools import formats
 from vlmtools.errors import BadInput
 
-KIND_STYLE = {"object": "green", "background": "magenta", "name": "bright_black"}  # terminal
+# One colour meaning in both views: the kind of descriptor (the legend says which). Right/wrong is said
+# in words, never by colour.
+KIND_COLOR = {"object": "#4c72b0", "background": "#dd8452", "name": "#8c8c8c"}
+KIND_LABEL = {"object": "object descriptor", "background": "background descriptor", "name": "class name"}
 KIND_TAG = {"background": "bg", "name": "name"}
-KIND_COLOR = {"object": "#4c72b0", "background": "#c44e52", "name": "#8c8c8c"}     # figures
+SCORE_COLOR = "#333333"  # the class score bar
+ORIGIN = 0.0  # bars start at cosine similarity 0, so their lengths compare as the scores do
 BLOCKS = " ▏▎▍▌▋▊▉█"  # eighths, for sub-character bar ends
 
 
@@ -73,7 +77,7 @@ def _bar(value: float, lo: float, hi: float, width: int) -> str:
 
 def terminal_view(rec: dict, *, width: int = 30, max_descriptors: int | None = None, total_width: int = 80):
     """A rich renderable: header line, then per panel one bar per descriptor (plus the class score).
-    Bars of all panels share one scale, from a little below the lowest score to the highest."""
+    Bars of all panels share one scale, from 0 (stated below them) to the highest score."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -91,8 +95,7 @@ def terminal_view(rec: dict, *, width: int = 30, max_descriptors: int | None = N
     scores = [e["score"] for _, _, s, ex in shown for e in ex] + [s for _, _, s, _ in shown]
     if not scores:
         return Group(header, Text("  (no descriptor explanation in this record)"))
-    lo, hi = min(scores), max(scores)
-    lo -= 0.1 * (hi - lo) or 0.01  # keep the weakest bar visible
+    lo, hi = ORIGIN, max(max(scores), ORIGIN + 1e-6)
     # one descriptor column width for all panels, so that their bars line up
     longest = max(len(e["descriptor"]) for _, _, _, ex in shown for e in ex)
     name_width = max(min(longest, total_width - width - 18), len("class score"))  # 18: kind, score, gaps
@@ -107,14 +110,22 @@ def terminal_view(rec: dict, *, width: int = 30, max_descriptors: int | None = N
         for e in explanation:
             kind = e.get("kind", "object")
             table.add_row(Text(e["descriptor"]), KIND_TAG.get(kind, ""),
-                          Text(_bar(e["score"], lo, hi, width), style=KIND_STYLE.get(kind, "")), f"{e['score']:.4f}")
+                          Text(_bar(e["score"], lo, hi, width), style=KIND_COLOR.get(kind, "")), f"{e['score']:.4f}")
         parts.append(table)
-    parts.append(Text(f"  bars from {lo:.3f} to {hi:.3f}; green: object, magenta: background (bg)", style="dim"))
+    kinds = {e.get("kind", "object") for _, _, _, ex in shown for e in ex}
+    key = Text(f"  bars from {lo:g} to {hi:.3f} (cosine similarity); ", style="dim")
+    for n, kind in enumerate(k for k in KIND_LABEL if k in kinds):
+        key.append(("; " if n else "") + "█ ", style=KIND_COLOR[kind])
+        key.append(KIND_LABEL[kind] + (f" ({KIND_TAG[kind]})" if kind in KIND_TAG else ""), style="dim")
+    parts.append(key)
     return Group(*parts)
 
 
 def _safe_name(id_: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", id_).strip("._")[:100] or "image"
+    """A file stem for an id; an image suffix in the id (unlabelled images' ids are file names) is
+    dropped, so that the figure is img01.png, not img01.png.png."""
+    stem = id_[: -len(Path(id_).suffix)] if Path(id_).suffix.lower() in formats.IMAGE_SUFFIXES else id_
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:100] or "image"
 
 
 def _load_image(path):
@@ -144,28 +155,41 @@ def figure(rec: dict, *, max_descriptors: int | None = None):
     ax.set_axis_off()
     label = rec.get("label")
     # parse_math=False: a "$" in an id, class or descriptor is text, not matplotlib mathtext
-    ax.set_title(f"{rec['id']}\ntrue: {label if label is not None else '?'}", fontsize=9, parse_math=False)
+    ax.set_title(f"{rec['id']}\ntrue: {label if label is not None else 'unknown (no label)'}", fontsize=9,
+                 parse_math=False)
     scores = [e["score"] for _, _, s, ex in shown for e in ex] + [s for _, _, s, _ in shown]
-    lo, hi = (min(scores), max(scores)) if scores else (0.0, 1.0)
-    pad = 0.1 * (hi - lo) or 0.01
+    lo, hi = min(scores + [ORIGIN]), max(scores + [ORIGIN])
+    span = (hi - lo) or 1.0
+    kinds = []
     for n, (title, cls, score, explanation) in enumerate(shown, 1):
         bx = fig.add_subplot(grid[0, n])
-        names = ["Average" if len(explanation) > 1 else "score"] + [
+        names = ["class score (mean)" if len(explanation) > 1 else "class score"] + [
             textwrap.shorten(e["descriptor"], 70, placeholder="…") for e in explanation]
         values = [score] + [e["score"] for e in explanation]
-        colors = ["#333333"] + [KIND_COLOR.get(e.get("kind", "object"), "#4c72b0") for e in explanation]
+        kinds += [e.get("kind", "object") for e in explanation]
+        colors = [SCORE_COLOR] + [KIND_COLOR.get(e.get("kind", "object"), KIND_COLOR["object"]) for e in explanation]
         y = list(range(len(values)))
-        bx.barh(y, values, color=colors)
+        bx.barh(y, values, left=ORIGIN, color=colors)
+        for yi, v in zip(y, values):  # the value on each bar, just past its end
+            bx.text(v + 0.01 * span if v >= ORIGIN else v - 0.01 * span, yi, f"{v:.3f}", va="center",
+                    ha="left" if v >= ORIGIN else "right", fontsize=6)
+        bx.axvline(ORIGIN, color="black", linewidth=0.8)
         bx.set_yticks(y, labels=["\n".join(textwrap.wrap(s, 38)) or s for s in names], fontsize=7,
                       parse_math=False)
         bx.invert_yaxis()
-        bx.set_xlim(lo - pad, hi + pad)
-        bx.set_xlabel("cosine similarity", fontsize=8)
+        bx.set_xlim(min(lo, ORIGIN) - (0.12 * span if lo < ORIGIN else 0), hi + 0.18 * span)
+        bx.set_xlabel(f"cosine similarity (bars start at {ORIGIN:g})", fontsize=8)
         bx.tick_params(axis="x", labelsize=7)
-        bx.set_title(f"{title}: {cls}", fontsize=9, color="#2a7d2a" if cls == label else "#b22222",
-                     parse_math=False)
-    if any(e.get("kind") == "background" for _, _, _, ex in shown for e in ex):
-        fig.text(0.99, 0.01, "red bars: background descriptors", ha="right", fontsize=7, color=KIND_COLOR["background"])
+        verdict = "" if label is None else (" (right)" if cls == label else " (wrong)") if title == "predicted" else ""
+        bx.set_title(f"{title}: {cls}{verdict}", fontsize=9, parse_math=False)
+    if shown:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color=SCORE_COLOR, label="class score")] + [
+            Patch(color=KIND_COLOR[k], label=KIND_LABEL[k]) for k in KIND_LABEL if k in kinds]
+        # below the panels, outside every axis: nothing overlaps the axis labels
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(handles),
+                   fontsize=7, frameon=False)
     return fig
 
 
