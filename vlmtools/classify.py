@@ -614,9 +614,7 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
     # all texts without one, are encoded or cached at this run's)
     clf.precision = {"image": images.info.get("compute"),
                      "text": texts.info.get("compute") if texts is not None else compute}
-    emb = images.embeddings
-    if rows is not None:
-        emb = emb[np.asarray(rows)]
+    emb = images.row_view(rows)  # read chunk by chunk from the memory-mapped shards: bounded memory
     t1 = time.perf_counter()
     correct = labelled = 0
     run = dict(zip(formats.RUN_KEYS, (method, str(spec), str(image_store))))

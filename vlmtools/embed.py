@@ -6,6 +6,7 @@ exactly which shards are left: finished shards are kept, an interrupted one is r
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import os
@@ -49,12 +50,14 @@ def input_digest(rows: Sequence[dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def files_digest(records: Sequence[dict]) -> str:
-    """Size and modification time of every image: a file replaced under the same name changes it."""
+def files_digest(records: Sequence[dict], sources: Sequence | None = None) -> str:
+    """Size and modification time of every image (of its tar, for tar members: wds.read_source's
+    locations): a file replaced under the same name changes it."""
     h = hashlib.sha256()
-    for rec in records:
+    for n, rec in enumerate(records):
+        src = rec["path"] if sources is None else sources[n]
         try:
-            st = os.stat(rec["path"])
+            st = os.stat(src if isinstance(src, str) else src[0])
             h.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(b"-\n")
@@ -125,22 +128,62 @@ def output_spec(out: str, model: str | None, pretrained: str | None, force: bool
 
 # ----------------------------------------------------------------------------- images
 
-class _ImageDataset:
-    """Map-style dataset: index -> (index, tensor or None, error reason)."""
+DECODES = ("auto", "cpu", "gpu")
 
-    def __init__(self, records: Sequence[dict], preprocess: Callable):
-        self.records = records
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers(device: str) -> int:
+    """Decode workers from the core count: on CUDA every core but the main process's (up to 16); on the
+    CPU half of them, since the model's forward pass needs the other half."""
+    cpus = available_cpus()
+    if device.startswith("cuda"):
+        return max(1, min(16, cpus - 1))
+    return max(1, cpus // 2)
+
+
+def prefetch_for(workers: int) -> int:
+    """Batches each worker keeps ready: enough for ~8 batches in flight, 2 to 4 per worker."""
+    return max(2, min(4, -(-8 // max(workers, 1))))
+
+
+class _ImageDataset:
+    """Map-style dataset: index -> (index, payload, error reason). The payload is a preprocessed tensor
+    (PIL path) or, with ``raw_jpeg``, a JPEG's bytes as a uint8 tensor for the batched tensor pipeline
+    (other formats still take the PIL path here, per file)."""
+
+    def __init__(self, sources: Sequence, preprocess: Callable, draft_side: int | None = None,
+                 raw_jpeg: bool = False):
+        self.sources = sources
         self.preprocess = preprocess
+        self.draft_side = draft_side
+        self.raw_jpeg = raw_jpeg
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.sources)
 
     def __getitem__(self, i: int):
-        path = self.records[i]["path"]
+        import io
+
+        import torch
+
+        from vlmtools.images import is_jpeg
+        from vlmtools.wds import read_source
+
         try:
-            if os.path.getsize(path) == 0:
+            data = read_source(self.sources[i])
+            if not data:
                 raise OSError("empty file (0 bytes)")
-            return i, self.preprocess(load_rgb(path)), None
+            if self.raw_jpeg and is_jpeg(data):
+                return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), None
+            src = self.sources[i]
+            name = src if isinstance(src, str) else src[0]
+            return i, ("tensor", self.preprocess(load_rgb(io.BytesIO(data), self.draft_side, name=name))), None
         except FileNotFoundError:
             return i, None, "file not found"
         except Exception as exc:  # any decoder failure is recorded, never fatal
@@ -157,37 +200,118 @@ def _quiet_worker(_: int) -> None:
 
 
 def _collate(items):
+    """-> (indices, preprocessed tensor batch or None, [(index, jpeg bytes)], [(index, reason)]); the
+    tensor batch holds the PIL-path images, in the order of their indices."""
     import torch
 
-    ok = [(i, t) for i, t, _ in items if t is not None]
-    failed = [(i, reason) for i, t, reason in items if t is None]
+    ok = [(i, p[1]) for i, p, _ in items if p is not None and p[0] == "tensor"]
+    raw = [(i, p[1]) for i, p, _ in items if p is not None and p[0] == "jpeg"]
+    failed = [(i, reason) for i, p, reason in items if p is None]
     tensor = torch.stack([t for _, t in ok]) if ok else None
-    return [i for i, _ in ok], tensor, failed
+    return [i for i, _ in ok], tensor, raw, failed
 
 
-def _shard_batches(shards: Sequence[int], shard_size: int, n: int, batch_size: int) -> list[list[int]]:
+def _shard_ranges(n: int, shard_size: int, bounds: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """(start, stop) input rows of every store shard: fixed-size ranges, or ``bounds`` (row where each
+    input shard starts, then the end) when the input comes in shards of its own (webdataset tars)."""
+    if bounds is not None:
+        return list(zip(bounds[:-1], bounds[1:]))
+    return [(b, min(b + shard_size, n)) for b in range(0, max(n, 1), shard_size)]
+
+
+def _shard_batches(shards: Sequence[int], ranges: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
     """Batches of input indices that never cross a shard boundary, in shard order."""
     batches = []
     for k in shards:
-        start, stop = k * shard_size, min((k + 1) * shard_size, n)
+        start, stop = ranges[k]
         batches.extend(list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size))
     return batches
 
 
-def _plan(writer: StoreWriter, n: int, shard_size: int, rank: int, world_size: int) -> tuple[int, list[int], list[int]]:
-    n_shards = max(1, math.ceil(n / shard_size))
+def _plan(writer: StoreWriter, n_shards: int, rank: int, world_size: int) -> tuple[list[int], list[int]]:
     mine = [k for k in range(n_shards) if k % world_size == rank]
     todo = [k for k in mine if not writer.shard_done(k)]
     writer.clean_partial(todo)
-    return n_shards, mine, todo
+    return mine, todo
 
 
-def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int = 64, workers: int = 2,
+def resolve_decode(decode: str, encoder) -> tuple[str, object]:
+    """The decode path a run uses ("cpu" or "gpu") and, for "gpu", the tensor preprocessing. ``auto`` is
+    gpu on a CUDA device when the model's transform can be reproduced on tensors; ``gpu`` without CUDA runs
+    the same tensor pipeline on the CPU (torchvision's libjpeg decoder), which is what the tests check."""
+    from vlmtools.images import TensorPreprocess
+
+    if decode not in DECODES:
+        raise BadInput(f"--decode {decode!r}: expected one of {'|'.join(DECODES)}")
+    if decode == "cpu" or (decode == "auto" and not encoder.device.startswith("cuda")):
+        return "cpu", None
+    tensor_pre = TensorPreprocess.from_transform(encoder.preprocess)
+    if tensor_pre is None:
+        if decode == "gpu":
+            console.warn(f"--decode gpu: the model's preprocessing ({encoder.preprocess_description()}) has a "
+                         f"step the tensor pipeline does not reproduce; decoding on the CPU with PIL")
+        return "cpu", None
+    if decode == "gpu" and not encoder.device.startswith("cuda"):
+        console.info("--decode gpu without a CUDA device: decoding JPEGs with torchvision on the CPU")
+    return "gpu", tensor_pre
+
+
+class _BatchDecoder:
+    """Turns a collated batch into (input indices, model-ready tensor on the device, failures): JPEG bytes
+    are decoded together on the device and preprocessed as tensors; a file that fails there takes the
+    PIL path (and is recorded as failed only if that fails too)."""
+
+    def __init__(self, encoder, tensor_pre, draft_side):
+        self.encoder, self.tensor_pre, self.draft_side = encoder, tensor_pre, draft_side
+
+    def __call__(self, indices, tensor, raw, failed):
+        import io
+
+        import torch
+
+        from vlmtools.images import decode_jpegs
+
+        if not raw:
+            return indices, tensor, failed
+        device = self.encoder.device
+        decoded = decode_jpegs([data for _, data in raw], device)
+        good = [(i, img) for (i, _), img in zip(raw, decoded) if img is not None]
+        parts, order = [], list(indices)
+        if tensor is not None:
+            parts.append(tensor.to(device, non_blocking=True))
+        if good:
+            parts.append(self.tensor_pre([img for _, img in good]))
+            order += [i for i, _ in good]
+        retry = [(i, data) for (i, data), img in zip(raw, decoded) if img is None]
+        failed = list(failed)
+        for i, data in retry:  # the decoder refused it: the PIL path decides
+            try:
+                img = load_rgb(io.BytesIO(data.numpy().tobytes()), self.draft_side)
+                parts.append(self.encoder.preprocess(img).unsqueeze(0).to(device))
+                order.append(i)
+            except Exception as exc:
+                failed.append((i, f"{type(exc).__name__}: {exc}".strip()))
+        if not parts:
+            return [], None, failed
+        batch = torch.cat(parts) if len(parts) > 1 else parts[0]
+        perm = sorted(range(len(order)), key=order.__getitem__)
+        if perm != list(range(len(order))):
+            batch = batch[torch.as_tensor(perm, device=batch.device)]
+            order = [order[p] for p in perm]
+        return order, batch, sorted(failed)
+
+
+def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int = 64, workers: int | None = None,
                  shard_size: int = 10000, dtype: str = "float16", rank: int | None = None,
-                 world_size: int | None = None, retry_errors: bool = False, force: bool = False) -> EmbedSummary:
+                 world_size: int | None = None, retry_errors: bool = False, force: bool = False,
+                 decode: str = "auto", draft: bool = True, sources: Sequence | None = None,
+                 shard_bounds: Sequence[int] | None = None, extra_info: dict | None = None) -> EmbedSummary:
     """Embed manifest ``records`` with ``encoder`` (a models.Encoder) into the store ``out``.
     ``retry_errors`` redoes the shards whose inputs failed before (e.g. after fixing the files);
-    ``force`` empties an existing store first."""
+    ``force`` empties an existing store first.
+    ``decode``: auto|cpu|gpu (see resolve_decode); ``draft``: JPEG draft decoding on the PIL path.
+    ``sources`` (default: each record's path) says where each input's bytes are (wds.read_source);
+    ``shard_bounds`` makes store shard k hold input rows [bounds[k], bounds[k+1]) (one per input tar)."""
     if not records:
         raise BadInput("no images to embed (empty input)")
     worker_slot(rank, world_size)
@@ -195,25 +319,32 @@ def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int 
         _prepare(out, force)
         return _embed_images(records, out, encoder, batch_size=batch_size, workers=workers,
                              shard_size=shard_size, dtype=dtype, rank=rank, world_size=world_size,
-                             retry_errors=retry_errors)
+                             retry_errors=retry_errors, decode=decode, draft=draft, sources=sources,
+                             shard_bounds=shard_bounds, extra_info=extra_info)
 
 
 def _embed_images(records, out, encoder, *, batch_size, workers, shard_size, dtype, rank, world_size,
-                  retry_errors) -> EmbedSummary:
+                  retry_errors, decode, draft, sources, shard_bounds, extra_info) -> EmbedSummary:
     import numpy as np
     import torch
 
     rank, world_size = worker_slot(rank, world_size)
+    path, tensor_pre = resolve_decode(decode, encoder)
+    if workers is None:
+        workers = default_workers(encoder.device)
     writer = StoreWriter(out, kind="image", model=encoder.spec.as_dict(), dim=encoder.embed_dim, dtype=dtype,
                          shard_size=shard_size, preprocess=encoder.preprocess_description(),
-                         extra_info={"input_sha": input_digest(records), "input_count": len(records),
-                                     "files_sha": files_digest(records), **encoder.precision_info()},
+                         extra_info={**(extra_info or {}), "input_sha": input_digest(records),
+                                     "input_count": len(records), "files_sha": files_digest(records, sources),
+                                     **encoder.precision_info()},
                          renewable=("files_sha",) if retry_errors else ())
     if retry_errors:
         reopened = writer.reopen_failed()
         console.info(f"retrying {len(reopened)} shard(s) with failed inputs" if reopened else
                      "no failed inputs to retry")
-    n_shards, mine, todo = _plan(writer, len(records), shard_size, rank, world_size)
+    ranges = _shard_ranges(len(records), shard_size, shard_bounds)
+    n_shards = len(ranges)
+    mine, todo = _plan(writer, n_shards, rank, world_size)
     start = time.perf_counter()
     if not todo:
         info = writer.finalize(n_shards)
@@ -221,19 +352,32 @@ def _embed_images(records, out, encoder, *, batch_size, workers, shard_size, dty
         return EmbedSummary(out, (info or {}).get("count") or 0, 0, 0, 0, len(mine), 0.0, info is not None)
 
     on_cuda = encoder.device.startswith("cuda")
+    sources = sources if sources is not None else [r["path"] for r in records]
+    draft_side = encoder.image_size if draft else None
+    to_batch = _BatchDecoder(encoder, tensor_pre, draft_side)
     loader = torch.utils.data.DataLoader(
-        _ImageDataset(records, encoder.preprocess),
-        batch_sampler=_shard_batches(todo, shard_size, len(records), batch_size),
+        _ImageDataset(sources, encoder.preprocess, draft_side, raw_jpeg=path == "gpu"),
+        batch_sampler=_shard_batches(todo, ranges, batch_size),
         num_workers=workers, collate_fn=_collate, pin_memory=on_cuda, worker_init_fn=_quiet_worker,
-        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+        persistent_workers=False, prefetch_factor=prefetch_for(workers) if workers > 0 else None)
+    shard_of = {}  # last input row of a shard -> the shard
+    for k in todo:
+        if ranges[k][0] == ranges[k][1]:  # an input shard without images: an empty store shard
+            writer.write_shard(k, np.zeros((0, writer.dim), np.float32), [])
+        else:
+            shard_of[ranges[k][1] - 1] = k
+    starts = [ranges[k][0] for k in todo if ranges[k][0] < ranges[k][1]]
+    nonempty = [k for k in todo if ranges[k][0] < ranges[k][1]]
 
     embedded = skipped = 0
     pending: dict[int, tuple[list, list, list]] = {}  # shard -> (embeddings, meta, errors)
-    total = sum(min((k + 1) * shard_size, len(records)) - k * shard_size for k in todo)
+    total = sum(ranges[k][1] - ranges[k][0] for k in todo)
     with console.progress(f"embed images -> {out}", total=total, unit="img") as bar:
-        for indices, tensor, failed in loader:
-            first = indices[0] if indices else failed[0][0]
-            shard = first // shard_size
+        for batch in loader:
+            last = max(batch[0] + [i for i, _ in batch[2]] + [i for i, _ in batch[3]])
+            indices, tensor, failed = to_batch(*batch)
+            first = min(indices + [i for i, _ in failed])
+            shard = nonempty[bisect.bisect_right(starts, first) - 1]
             embs, metas, errs = pending.setdefault(shard, ([], [], []))
             if tensor is not None:
                 embs.append(encoder.encode_image_tensor(tensor).numpy())
@@ -242,9 +386,7 @@ def _embed_images(records, out, encoder, *, batch_size, workers, shard_size, dty
             embedded += len(indices)
             skipped += len(failed)
             bar.advance(len(indices) + len(failed), errors=len(failed))
-            shard_end = min((shard + 1) * shard_size, len(records))
-            last = max(indices + [i for i, _ in failed])
-            if last == shard_end - 1:  # batches arrive in order: the shard is complete
+            if last in shard_of:  # batches arrive in order: the shard is complete
                 embs, metas, errs = pending.pop(shard)
                 matrix = np.concatenate(embs) if embs else np.zeros((0, writer.dim), np.float32)
                 writer.write_shard(shard, matrix, metas, errs)
@@ -330,7 +472,8 @@ def _embed_texts(rows, out, encoder, *, batch_size, shard_size, dtype, extra_inf
              **encoder.precision_info()}
     writer = StoreWriter(out, kind="text", model=encoder.spec.as_dict(), dim=encoder.embed_dim, dtype=dtype,
                          shard_size=shard_size, extra_info=extra)
-    n_shards, mine, todo = _plan(writer, len(rows), shard_size, rank, world_size)
+    n_shards = max(1, math.ceil(len(rows) / shard_size))
+    mine, todo = _plan(writer, n_shards, rank, world_size)
     start = time.perf_counter()
     embedded = 0
     with console.progress(f"embed text -> {out}", total=sum(
@@ -364,3 +507,27 @@ def _report(s: EmbedSummary, unit: str) -> None:
     if s.skipped:
         line += f"; see {os.path.join(s.store, 'errors.jsonl')}"
     console.info(line)
+
+
+def read_image_input(arg: str):
+    """(records, sources, shard bounds, store info extras) for `embed images ARG`: a manifest (or bare
+    paths, or ``-``), or webdataset tars (``.tar`` names, brace-expanded)."""
+    from vlmtools.formats import read_manifest, source_name
+    from vlmtools.wds import is_tar_input, tar_inputs
+
+    if is_tar_input(arg):
+        tars = tar_inputs(arg)
+        return tars.records, tars.sources, tars.bounds, {"input_shards": len(tars.tars)}
+    records = read_manifest(arg)
+    if not records:
+        raise BadInput(f"{source_name(arg)}: no images listed")
+    return records, None, None, {}
+
+
+def embed_image_input(arg: str, out: str, load_encoder: Callable, **options) -> EmbedSummary:
+    """`embed images`: read the input (a bad one fails before the model loads), then load the model with
+    ``load_encoder()`` (returns a models.Encoder) and embed. Loading the model in a thread meanwhile was
+    tried and dropped: Ctrl-C during the load then aborted the process inside torch (SIGABRT)."""
+    records, sources, bounds, extras = read_image_input(arg)
+    return embed_images(records, out, load_encoder(), sources=sources, shard_bounds=bounds, extra_info=extras,
+                        **options)

@@ -110,11 +110,13 @@ def choose_index_key(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMOR
 
 # ----------------------------------------------------------------------------- search parameters
 
-def default_params(key: str, nprobe: int | None = None, ef_search: int | None = None) -> dict:
+def default_params(key: str, nprobe: int | None = None, ef_search: int | None = None,
+                   rerank: int | None = None) -> dict:
     """Search-time parameters saved in index.json: nprobe for IVF indexes (and the HNSW coarse quantizer's
-    efSearch), efSearch for HNSW indexes."""
+    efSearch), efSearch for HNSW indexes, rerank (exact rescoring of rerank*k candidates from the store)
+    when asked for."""
     ivf = re.search(r"IVF(\d+)", key)
-    params: dict = {}
+    params: dict = {"rerank": rerank} if rerank else {}
     if ivf:
         nlist = int(ivf.group(1))
         params["nprobe"] = min(nlist, nprobe or max(16, nlist // 16))
@@ -133,6 +135,8 @@ def apply_params(index, params: dict, k: int = 1) -> None:
 
     space = faiss.ParameterSpace()
     for name, value in params.items():
+        if name == "rerank":  # applied by search.search_vectors, not by faiss
+            continue
         if name in ("efSearch", "quantizer_efSearch"):
             value = max(int(value), 2 * k)
         space.set_index_parameter(index, name, value)
@@ -175,11 +179,29 @@ def _sample_rows(reader, size: int, seed: int):
     return np.ascontiguousarray(np.concatenate(out))
 
 
-def train_size(key: str, n: int) -> int:
+def _no_polysemous_training(index) -> None:
+    """index_factory turns on polysemous training for IVF-PQ, which is only for Hamming-distance filtering
+    (off by default at search time) and dominates training: 340 s of 341 for IVF256,PQ64 on 16k x 512
+    rows (2 shared cores). Turn it off."""
+    import faiss
+
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        return
+    if hasattr(ivf, "do_polysemous_training"):
+        ivf.do_polysemous_training = False
+
+
+def train_size(key: str, n: int, dim: int | None = None, max_memory: str | int | None = None) -> int:
     """Rows to train on: ~64 per IVF list (faiss wants >= 39), and >= 10k for anything that trains
-    (PQ codebooks have 256 centroids each; PCA/OPQ need a fair sample too); never more than the store."""
+    (PQ codebooks have 256 centroids each; PCA/OPQ need a fair sample too); never more than the store,
+    and (given dim and max_memory) a float32 sample of at most a quarter of the memory budget."""
     ivf = re.search(r"IVF(\d+)", key)
-    return min(n, max(64 * int(ivf.group(1)) if ivf else 0, QUANTIZE_FROM))
+    size = min(n, max(64 * int(ivf.group(1)) if ivf else 0, QUANTIZE_FROM))
+    if dim is not None and max_memory is not None:
+        size = min(size, max(QUANTIZE_FROM, parse_memory(max_memory) // 4 // (4 * dim)))
+    return size
 
 
 def index_paths(store: str | Path) -> tuple[Path, Path]:
@@ -189,7 +211,7 @@ def index_paths(store: str | Path) -> tuple[Path, Path]:
 
 def build_index(store: str | Path, index_key: str = "auto", max_memory: str | int = DEFAULT_MAX_MEMORY,
                 nprobe: int | None = None, ef_search: int | None = None, force: bool = False,
-                seed: int = 0, gpu: bool | None = None) -> dict:
+                seed: int = 0, gpu: bool | None = None, rerank: int | None = None) -> dict:
     """Build (or keep) the store's index; returns its index.json record.
 
     An up-to-date index (same key, or ``auto``) is kept unless ``force``; new nprobe/ef_search values are
@@ -205,9 +227,9 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
     n, dim = len(reader), reader.dim
     if n == 0:
         raise BadInput(f"{store}: the store is empty; nothing to index")
-    for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):
-        if value is not None and value < 1:
-            raise BadInput(f"{name} must be at least 1")
+    for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search), ("--rerank", rerank)):
+        if value is not None and value < (0 if name == "--rerank" else 1):
+            raise BadInput(f"{name} must be at least {0 if name == '--rerank' else 1}")
     key = choose_index_key(n, dim, max_memory) if index_key == "auto" else index_key.strip()
     faiss_path, info_path = index_paths(store)
 
@@ -215,11 +237,14 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
     if old is not None and not force:
         stale = stale_reasons(old, reader)
         if not stale and (index_key == "auto" or old.get("index_key") == key):
-            fresh = default_params(old["index_key"], nprobe, ef_search)
+            fresh = default_params(old["index_key"], nprobe, ef_search, rerank)
             given = {"nprobe"} if nprobe else set()
             given |= {"efSearch", "quantizer_efSearch"} if ef_search else set()
             params = {**old.get("params", {}), **{k: v for k, v in fresh.items() if k in given}}
-            if (nprobe or ef_search) and params != old.get("params"):
+            if rerank is not None:
+                params.pop("rerank", None)
+                params.update({"rerank": rerank} if rerank else {})
+            if (nprobe or ef_search or rerank is not None) and params != old.get("params"):
                 old = {**old, "params": params}  # new search parameters need no rebuild
                 formats.write_json(info_path, old)
                 info(f"{store}: index {old['index_key']} is up to date; search parameters now {params}")
@@ -241,7 +266,8 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
     except RuntimeError as exc:
         raise BadInput(f"--index-key {key!r}: faiss cannot build it for dim {dim} "
                        f"({str(exc).strip().splitlines()[-1]})") from None
-    params = default_params(key, nprobe, ef_search)
+    _no_polysemous_training(index)
+    params = default_params(key, nprobe, ef_search, rerank)
     on_gpu = False
     if _use_gpu(gpu):
         index, on_gpu = _to_gpu(index)
@@ -251,7 +277,11 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
     started = time.perf_counter()
     n_train = 0
     if not index.is_trained:
-        n_train = train_size(key, n)
+        n_train = train_size(key, n, dim, max_memory)
+        lists = re.search(r"IVF(\d+)", key)
+        if lists and n_train < 39 * int(lists.group(1)):
+            warn(f"training {key} on {n_train} rows (< 39 per list) to stay within --max-memory {max_memory}; "
+                 f"fewer lists (--index-key) or more memory train better")
         info(f"training {key} on {n_train} sampled rows (seed {seed})")
         index.train(_sample_rows(reader, n_train, seed))
     with progress(f"indexing {key}", total=n, unit="rows") as bar:

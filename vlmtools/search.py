@@ -46,11 +46,35 @@ def exact_search(reader, queries, k: int):
     return best_s, best_r
 
 
-def search_vectors(reader, queries, k: int, exact: bool = False, rows=None, loaded=False):
+def rerank_exact(reader, queries, rows, k: int):
+    """Rescore candidate ``rows`` (Q, C) exactly against the memory-mapped store rows; keep the best k.
+    Only the candidates' vectors are read (a few pages per row), so this works on stores beyond memory."""
+    import numpy as np
+
+    wanted = np.unique(rows[rows >= 0])
+    vectors = reader.row_view().take(wanted)
+    pos = np.searchsorted(wanted, np.maximum(rows, 0))
+    scores = np.einsum("qd,qcd->qc", queries, vectors[pos])
+    scores[rows < 0] = -np.inf
+    best_s, best_r = _merge_topk(scores, rows, k)
+    best_r = np.where(np.isfinite(best_s), best_r, -1)
+    return best_s, best_r
+
+
+def check_search_params(nprobe: int | None, rerank: int | None) -> None:
+    for name, value, low in (("--nprobe", nprobe, 1), ("--rerank", rerank, 0)):
+        if value is not None and value < low:
+            raise BadInput(f"{name} must be at least {low} (got {value})")
+
+
+def search_vectors(reader, queries, k: int, exact: bool = False, rows=None, loaded=False,
+                   nprobe: int | None = None, rerank: int | None = None):
     """Top-k store rows for each query vector: (scores, rows, method), method "exact" or the index key.
     ``rows``: search only these store rows (exactly). ``loaded``: an index already loaded by the caller
     (a (index, record) pair, or None for none); by default the store's index is loaded here.
-    Rows missing from an approximate result (faiss pads with -1) are dropped by the caller."""
+    Rows missing from an approximate result (faiss pads with -1) are dropped by the caller. ``nprobe`` and
+    ``rerank`` override the index's saved search parameters: rerank R fetches R*k candidates from the index
+    and rescores them exactly from the store (what makes compressed (PQ) indexes accurate)."""
     import numpy as np
 
     from vlmtools.index import apply_params, load_index
@@ -76,9 +100,23 @@ def search_vectors(reader, queries, k: int, exact: bool = False, rows=None, load
     if loaded is None or exact:
         return (*exact_search(reader, queries, k), "exact")
     index, record = loaded
-    apply_params(index, record.get("params", {}), k)
-    scores, rows = index.search(queries, k)
-    return scores, rows.astype(np.int64), record["index_key"]
+    params = dict(record.get("params", {}))
+    if nprobe is not None:
+        if "nprobe" not in params:
+            raise BadInput(f"--nprobe applies to IVF indexes; {reader.path} has {record['index_key']}")
+        params["nprobe"] = nprobe
+    if rerank is not None:
+        params["rerank"] = rerank
+    factor = int(params.pop("rerank", 0) or 0)
+    candidates = min(len(reader), k * factor) if factor > 1 else k
+    apply_params(index, params, candidates)
+    scores, rows = index.search(queries, candidates)
+    rows = rows.astype(np.int64)
+    method = record["index_key"]
+    if factor >= 1:
+        scores, rows = rerank_exact(reader, queries, rows, k)
+        method += f", reranked {candidates}"
+    return scores, rows, method
 
 
 # ----------------------------------------------------------------------------- queries
@@ -123,7 +161,8 @@ class Searcher:
     several queries, and `vlmtools serve`)."""
 
     def __init__(self, store, model: str | None = None, pretrained: str | None = None, device: str = "auto",
-                 exact: bool = False, precision: str = "amp"):
+                 exact: bool = False, precision: str = "amp", nprobe: int | None = None,
+                 rerank: int | None = None):
         from vlmtools.index import load_index
         from vlmtools.store import open_store
 
@@ -131,6 +170,8 @@ class Searcher:
         self.spec = query_spec(self.reader, model, pretrained)
         self.device, self.precision = device, precision
         self.exact = exact
+        check_search_params(nprobe, rerank)
+        self.nprobe, self.rerank = nprobe, rerank
         self._loaded = None if exact else load_index(self.reader)
         self._encoder = None
         self._ids = None
@@ -189,7 +230,8 @@ class Searcher:
             rows = select_rows(self.reader.meta, parse_where(where))
             if not rows:
                 raise BadInput(f"--where {' '.join(where)}: no row of {self.reader.path} matches")
-        scores, hit_rows, _ = search_vectors(self.reader, vectors, k, rows=rows, loaded=self._loaded)
+        scores, hit_rows, _ = search_vectors(self.reader, vectors, k, rows=rows, loaded=self._loaded,
+                                             nprobe=self.nprobe, rerank=self.rerank)
         return hit_records(self.reader, scores, hit_rows, names)
 
 
@@ -226,7 +268,7 @@ def hit_records(reader, scores, rows, names: Sequence[str]) -> list[dict]:
 def search(store: str | Path, texts: Sequence[str] = (), images: Sequence[str] = (),
            query_store: str | None = None, k: int = 10, model: str | None = None, pretrained: str | None = None,
            device: str = "auto", exact: bool = False, ids: Sequence[str] = (), where: Sequence[str] = (),
-           precision: str = "amp") -> list[dict]:
+           precision: str = "amp", nprobe: int | None = None, rerank: int | None = None) -> list[dict]:
     """Search a store: encode the queries with its model (loaded once for all of them), find the k nearest
     rows for each (among the rows matching ``where``), return hits."""
     import numpy as np
@@ -238,7 +280,9 @@ def search(store: str | Path, texts: Sequence[str] = (), images: Sequence[str] =
     if not (texts or images or query_store or ids):
         raise BadInput("no query: give --text TEXT (or - for lines on stdin), --text-file FILE, --image PATH, "
                        "--id ID or --store QUERY_STORE")
-    searcher = Searcher(store, model, pretrained, device, exact=exact, precision=precision)
+    check_search_params(nprobe, rerank)
+    searcher = Searcher(store, model, pretrained, device, exact=exact, precision=precision, nprobe=nprobe,
+                        rerank=rerank)
     vectors, names = searcher.vectors(texts, images, ids)
     if query_store:
         more, more_names = store_queries(query_store, searcher.spec)

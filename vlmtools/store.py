@@ -330,7 +330,9 @@ def check_store(path: str | Path, deep: bool = True) -> dict:
         import math
 
         have = {int(stem) for stem, _, _ in shards if stem.isdigit()}
-        report["missing_shards"] = [k for k in range(math.ceil(expected[0] / expected[1])) if k not in have]
+        # webdataset input: one shard per input tar, whatever its size
+        n_shards = info.get("input_shards") or math.ceil(expected[0] / expected[1])
+        report["missing_shards"] = [k for k in range(n_shards) if k not in have]
     if info.get("count") is None:
         missing = report["missing_shards"]
         problems.append(f"{path}: incomplete (an embed run did not finish"
@@ -421,6 +423,13 @@ class StoreReader:
             self._check_rows(len(self._emb), "embedding")
         return self._emb
 
+    def row_view(self, rows=None) -> "RowView":
+        """The embedding rows (all, or the store rows ``rows``) as a lazily read matrix: slicing it reads
+        only those rows from the memory-mapped shards, as float32 (bounded memory for stores of any size)."""
+        view = RowView([load_shard(f) for _, f, _ in self._shards], self.dim, rows)
+        self._check_rows(view.total, "embedding")
+        return view
+
     @property
     def meta(self) -> list[dict]:
         if self._meta is None:
@@ -441,6 +450,48 @@ class StoreReader:
         """Inputs that failed, in input order."""
         path = self.path / ERRORS
         return [rec for _, rec in formats.iter_jsonl(path)] if path.exists() else []
+
+
+class RowView:
+    """Rows of memory-mapped shards, read on slicing: ``view[a:b]`` -> (b-a, dim) float32 array."""
+
+    def __init__(self, parts, dim: int, rows=None):
+        import numpy as np
+
+        self.parts, self.dim = parts, dim
+        self.starts = np.cumsum([0] + [p.shape[0] for p in parts])
+        self.total = int(self.starts[-1])
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.total if self.rows is None else len(self.rows)
+
+    def __getitem__(self, item):
+        import numpy as np
+
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("RowView supports contiguous slices only")
+        start, stop, _ = item.indices(len(self))
+        if self.rows is not None:
+            return self.take(self.rows[start:stop])
+        out = []
+        for s in range(len(self.parts)):
+            lo, hi = max(start, self.starts[s]), min(stop, self.starts[s + 1])
+            if lo < hi:
+                out.append(np.asarray(self.parts[s][lo - self.starts[s]:hi - self.starts[s]], dtype=np.float32))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    def take(self, rows):
+        """Store rows (sorted or not) as float32."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        for s in np.unique(which):
+            sel = which == s
+            out[sel] = self.parts[s][rows[sel] - self.starts[s]]
+        return out
 
 
 def open_store(path: str | Path, spec=None, kind: str | None = None) -> StoreReader:

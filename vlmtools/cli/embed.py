@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Literal, Optional
 
 import typer
@@ -33,15 +32,20 @@ def _emit(summary, as_json: bool) -> None:
 @embed_app.command("images")
 @handle_errors
 def images_cmd(
-    manifest: str = typer.Argument(..., help="Manifest JSONL, or bare image paths one per line; '-' for stdin."),
+    manifest: str = typer.Argument(..., help="Manifest JSONL, or bare image paths one per line; '-' for stdin; "
+                                   "or webdataset tars, brace-expanded: 'shards/{00000..00099}.tar'."),
     output: str = OutOpt,
     model: Optional[str] = ModelOpt,
     pretrained: Optional[str] = PretrainedOpt,
     device: str = DeviceOpt,
     precision: Precision = PrecisionOpt,
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", "-j", min=0,
-                                help="DataLoader worker processes that decode images."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0,
+                                          help="DataLoader worker processes that read and decode images "
+                                          "(default: from the core count; 0 = in the main process)."),
+    decode: Literal["auto", "cpu", "gpu"] = typer.Option("auto", "--decode", help="Where JPEGs are decoded: gpu = batched "
+                                  "nvJPEG + tensor preprocessing on the device (other formats per file on the "
+                                  "CPU); cpu = PIL in the workers; auto = gpu on a CUDA device."),
     shard_size: int = ShardOpt,
     dtype: Literal["float16", "float32"] = DtypeOpt,
     rank: Optional[int] = RankOpt,
@@ -51,21 +55,18 @@ def images_cmd(
     force: bool = ForceOpt,
     json_: bool = JsonOpt,
 ) -> None:
-    """Embed the images of a manifest. Unreadable images go to STORE/errors.jsonl; the run goes on
-    (exit 1 if none could be read). Rerunning resumes; without --model an existing store keeps its own."""
-    from vlmtools.embed import check_options, embed_images, output_spec
-    from vlmtools.errors import BadInput
-    from vlmtools.formats import read_manifest, source_name
+    """Embed the images of a manifest or of webdataset tars (one store shard per tar; a tar sample's .json
+    is merged into its row). Unreadable images go to STORE/errors.jsonl; the run goes on (exit 1 if none
+    could be read). Rerunning resumes; without --model an existing store keeps its own."""
+    from vlmtools.embed import check_options, embed_image_input, output_spec
     from vlmtools.models import load_model
 
-    records = read_manifest(manifest)
-    if not records:
-        raise BadInput(f"{source_name(manifest)}: no images listed")
     check_options(dtype=dtype, shard_size=shard_size, rank=rank, world_size=world_size)
-    encoder = load_model(output_spec(output, model, pretrained, force), device, precision)
-    summary = embed_images(records, output, encoder, batch_size=batch_size, workers=workers,
-                           shard_size=shard_size, dtype=dtype, rank=rank, world_size=world_size,
-                           retry_errors=retry_errors, force=force)
+    spec = output_spec(output, model, pretrained, force)
+    summary = embed_image_input(manifest, output, lambda: load_model(spec, device, precision),
+                                batch_size=batch_size, workers=workers, shard_size=shard_size, dtype=dtype,
+                                rank=rank, world_size=world_size, retry_errors=retry_errors, force=force,
+                                decode=decode)
     _emit(summary, json_)
 
 

@@ -22,6 +22,9 @@ def register(app: typer.Typer) -> None:
                                              "(default: max(16, nlist/16))."),
         ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search depth (default: 64; "
                                                 "at least 2k at search time)."),
+        rerank: Optional[int] = typer.Option(None, "--rerank", help="Saved search parameter: fetch N*k "
+                                             "candidates and rescore them exactly from the store (for PQ "
+                                             "indexes; 0 = off)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the training sample (IVF/PQ)."),
         gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when "
                                            "faiss has GPU support and sees a CUDA device)."),
@@ -31,4 +34,4 @@ def register(app: typer.Typer) -> None:
         from vlmtools.index import build_index
 
         build_index(store, index_key=index_key, max_memory=max_memory, nprobe=nprobe, ef_search=ef_search,
-                    force=force, seed=seed, gpu=gpu)
+                    force=force, seed=seed, gpu=gpu, rerank=rerank)

@@ -30,6 +30,11 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(10, "-k", "--top-k", help="Hits per query."),
         files: bool = typer.Option(False, "--files", help="Print hit paths only, one per line."),
         exact: bool = typer.Option(False, "--exact", help="Ignore the index; score every row."),
+        nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists searched per query (default: "
+                                             "the one saved by `vlmtools index`)."),
+        rerank: Optional[int] = typer.Option(None, "--rerank", help="Fetch N*k candidates from the index and "
+                                             "rescore them exactly from the store (0 = off; default: saved "
+                                             "by `vlmtools index`)."),
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,
@@ -50,7 +55,7 @@ def register(app: typer.Typer) -> None:
             texts += read_query_lines(text_file)
         hits = search(store, texts=texts, images=image or (), query_store=query_store, k=k, model=model,
                       pretrained=pretrained, device=device, exact=exact, ids=ids or (), where=where,
-                      precision=precision)
+                      precision=precision, nprobe=nprobe, rerank=rerank)
         if files:
             if any("path" not in h for h in hits):
                 raise BadInput(f"{store}: its rows have no paths (a text store?); drop --files")

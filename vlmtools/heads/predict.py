@@ -67,9 +67,7 @@ def classify_with_head(image_store, head_path, output="-", *, k: int = 5, where:
     check_store_fits_head(images, hinfo, head_path)
     meta, rows = selected_images(images, where, image_store)
     check_labels(meta, classes, image_store)
-    emb = images.embeddings
-    if rows is not None:
-        emb = emb[np.asarray(rows)]
+    emb = images.row_view(rows)  # read chunk by chunk from the memory-mapped shards: bounded memory
     correct = labelled = 0
     with formats.open_output(output) as fh:
         for start in range(0, len(meta), CHUNK):

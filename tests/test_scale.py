@@ -1,0 +1,299 @@
+"""Issue 11: the tensor decode path, JPEG draft decoding, webdataset tars, ranks as processes, autofaiss-style
+shard reading, IVF-PQ within a memory budget, classify in bounded chunks."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+from typer.testing import CliRunner
+
+from vlmtools.cli.app import app
+from vlmtools.store import open_store
+
+runner = CliRunner()
+TINY = ["--model", "vlmtools-tiny", "--pretrained", "none", "--device", "cpu"]
+MICRO = ["--model", "vlmtools-micro", "--device", "cpu"]
+
+
+def photo(rng, w: int, h: int) -> Image.Image:
+    """A photo-like image: smooth colour field, a few soft-edged shapes, mild sensor grain (not noise)."""
+    img = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(w // 20 + 1, w // 5 + 2))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    arr = np.asarray(img.filter(ImageFilter.GaussianBlur(2))).astype(np.int16)
+    arr += rng.normal(0, 4, arr.shape).astype(np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+SIZES = [(500, 375), (375, 500), (300, 300), (640, 480), (90, 70), (500, 375)]
+
+
+@pytest.fixture(scope="module")
+def micro():
+    from vlmtools.models import ModelSpec, load_model
+
+    return load_model(ModelSpec.parse("vlmtools-micro"), "cpu")
+
+
+def _cos_min(a, b) -> float:
+    return float((np.asarray(a) * np.asarray(b)).sum(1).min())
+
+
+def test_tensor_pipeline_and_draft_match_pil(micro):
+    import torch
+
+    from vlmtools.images import TensorPreprocess, decode_jpegs, load_rgb
+
+    rng = np.random.default_rng(0)
+    datas = [jpeg_bytes(photo(rng, w, h)) for w, h in SIZES]
+    pil = torch.stack([micro.preprocess(load_rgb(io.BytesIO(d))) for d in datas])
+    tensor_pre = TensorPreprocess.from_transform(micro.preprocess)
+    assert tensor_pre is not None and tensor_pre.crop == (micro.image_size, micro.image_size)
+    decoded = decode_jpegs([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas], "cpu")
+    tensors = tensor_pre(decoded)
+    assert tensors.shape == pil.shape
+    drafted = torch.stack([micro.preprocess(load_rgb(io.BytesIO(d), micro.image_size)) for d in datas])
+    ref = micro.encode_image_tensor(pil)
+    assert _cos_min(ref, micro.encode_image_tensor(tensors)) >= 0.999
+    assert _cos_min(ref, micro.encode_image_tensor(drafted)) >= 0.999
+    # draft mode really decodes less: 500x375 at 1/2 scale keeps >= 2 x 64 px on the shorter side
+    small = load_rgb(io.BytesIO(datas[0]), micro.image_size)
+    assert small.size == (250, 188) and load_rgb(io.BytesIO(datas[4]), micro.image_size).size == (90, 70)
+    # a corrupt JPEG costs only itself in a batch
+    bad = torch.frombuffer(bytearray(datas[1][:3] + b"garbage" * 20), dtype=torch.uint8)
+    out = decode_jpegs([torch.frombuffer(bytearray(datas[0]), dtype=torch.uint8), bad], "cpu")
+    assert out[0] is not None and out[1] is None
+
+
+def test_embed_decode_gpu_path_on_cpu_matches_cpu_path(tmp_path):
+    rng = np.random.default_rng(1)
+    lines = []
+    for i, (w, h) in enumerate(SIZES):
+        (tmp_path / f"p{i}.jpg").write_bytes(jpeg_bytes(photo(rng, w, h)))
+        lines.append({"id": f"p{i}", "path": f"p{i}.jpg"})
+    photo(rng, 200, 150).save(tmp_path / "q.png")  # not a JPEG: the PIL path, per file
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff" + b"not really a jpeg" * 10)
+    lines += [{"id": "q", "path": "q.png"}, {"id": "bad", "path": "bad.jpg"}, {"id": "gone", "path": "gone.jpg"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    stores = {}
+    for decode in ("cpu", "gpu"):
+        out = tmp_path / decode
+        result = runner.invoke(app, ["embed", "images", str(manifest), "-o", str(out), "--decode", decode,
+                                     "--workers", "1", "-b", "4", "--shard-size", "5", "--dtype", "float32",
+                                     "--json", *MICRO])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["skipped"] == 2
+        stores[decode] = open_store(out)
+    a, b = stores["cpu"], stores["gpu"]
+    assert [m["id"] for m in a.meta] == [m["id"] for m in b.meta] == [f"p{i}" for i in range(6)] + ["q"]
+    assert _cos_min(a.embeddings, b.embeddings) >= 0.999
+    assert [e["id"] for e in b.errors()] == ["bad", "gone"]
+    result = runner.invoke(app, ["embed", "images", str(manifest), "-o", str(tmp_path / "x"), "--decode", "nvjpeg",
+                                 *MICRO])
+    assert result.exit_code == 2 and not (tmp_path / "x").exists()
+
+
+def test_brace_expansion():
+    from vlmtools.wds import expand_braces, is_tar_input
+
+    assert expand_braces("s/{00008..00011}.tar") == ["s/00008.tar", "s/00009.tar", "s/00010.tar", "s/00011.tar"]
+    assert expand_braces("{a,b}-{1..2}.tar") == ["a-1.tar", "a-2.tar", "b-1.tar", "b-2.tar"]
+    assert expand_braces("plain.tar") == ["plain.tar"] and expand_braces("{x}.tar") == ["{x}.tar"]
+    assert is_tar_input("shards/{000..009}.tar") and not is_tar_input("m.jsonl") and not is_tar_input("-")
+
+
+def _write_tar(path, samples):
+    with tarfile.open(path, "w") as tf:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture()
+def shards(tmp_path):
+    """Three img2dataset-style tars: jpg/png/webp images with .json (+ .txt) sidecars, a failed download
+    (json only), an unreadable image."""
+    rng = np.random.default_rng(2)
+    d = tmp_path / "shards"
+    d.mkdir()
+    key = 0
+    for s in range(3):
+        samples = []
+        for j in range(4):
+            k = f"{key:09d}"
+            img = photo(rng, 80, 60)
+            if j == 1:
+                buf = io.BytesIO()
+                img.save(buf, "PNG")
+                samples.append((f"{k}.png", buf.getvalue()))
+            elif j == 2:
+                buf = io.BytesIO()
+                img.save(buf, "WEBP")
+                samples.append((f"{k}.webp", buf.getvalue()))
+            else:
+                samples.append((f"{k}.jpg", jpeg_bytes(img)))
+            samples.append((f"{k}.txt", f"caption {key}".encode()))
+            samples.append((f"{k}.json", json.dumps({"url": f"http://x/{key}", "key": k, "status": "success",
+                                                     "label": s}).encode()))
+            key += 1
+        samples.append((f"{key:09d}.json", json.dumps({"status": "failed_to_download"}).encode()))
+        key += 1
+        if s == 2:
+            samples.append((f"{key:09d}.jpg", b"\xff\xd8\xffbroken"))
+            key += 1
+        _write_tar(d / f"{s:05d}.tar", samples)
+    return d
+
+
+def test_embed_webdataset_tars_and_resume_per_shard(tmp_path, shards):
+    out = tmp_path / "store"
+    pattern = str(shards / "{00000..00002}.tar")
+    args = ["embed", "images", pattern, "-o", str(out), "--workers", "0", "-b", "3", "--json", *TINY]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["embedded"] == 12 and summary["skipped"] == 1 and summary["shards_done"] == 3
+    store = open_store(out)
+    assert len(store) == 12 and store.info["input_shards"] == 3
+    first = store.meta[0]
+    assert first["id"] == "000000000" and first["caption"] == "caption 0" and first["url"] == "http://x/0"
+    assert first["label"] == "0" and first["path"].endswith("00000.tar#000000000.jpg")
+    assert [len(m) for _, m in store.shards()] == [4, 4, 4]  # store shard k = tar k
+    assert [e["id"] for e in store.errors()] == ["000000015"]
+    from vlmtools.store import check_store
+
+    assert check_store(out)["ok"] and check_store(out)["missing_shards"] == []
+    before = store.embeddings.copy()
+    (out / "emb-00001.npy").unlink()  # lose one shard: a rerun redoes that tar only
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    again = json.loads(result.stdout)
+    assert again["shards_done"] == 1 and again["shards_kept"] == 2 and again["embedded"] == 4
+    np.testing.assert_array_equal(open_store(out).embeddings, before)
+    result = runner.invoke(app, ["embed", "images", str(shards / "{00000..00003}.tar"), "-o", str(tmp_path / "y"),
+                                 *TINY])
+    assert result.exit_code == 2 and "00003.tar" in result.output and not (tmp_path / "y").exists()
+
+
+def test_three_ranks_as_processes_equal_one_process(tmp_path, image_dir):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"i{k}", "path": str(p)}) + "\n"
+                                for k, p in enumerate(sorted(image_dir.glob("*.png")))))
+    common = ["-m", "vlmtools", "embed", "images", str(manifest), "--shard-size", "3", "--workers", "0",
+              "--dtype", "float32", *TINY]
+    env = {**os.environ, "WORLD_SIZE": "3", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, *common, "-o", str(tmp_path / "multi")],
+                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in range(3)]
+    single = runner.invoke(app, [*common[2:], "-o", str(tmp_path / "single"), "--world-size", "1", "--rank", "0"])
+    assert single.exit_code == 0, single.output
+    errs = []
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        errs.append(err.decode())
+    multi = tmp_path / "multi"
+    # each rank writes its last shard before it looks for the others': the last to look finalizes
+    info = json.loads((multi / "info.json").read_text())
+    assert info["count"] == 20, (info, sorted(os.listdir(multi)), errs)
+    a, b = open_store(multi), open_store(tmp_path / "single")
+    assert len(a) == len(b) == 20 and a.meta == b.meta
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    assert len(list(multi.glob("emb-*.npy"))) == 7
+
+
+def test_store_shards_read_as_autofaiss_reads_them(tmp_path, image_dir):
+    """autofaiss (embedding_reader) takes every .npy file of a folder in name order, 2-d float16/float32,
+    and reads shapes from the .npy headers: a store's shards are exactly that, with nothing else named .npy."""
+    out = tmp_path / "s"
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("".join(f"{p}\n" for p in sorted(image_dir.glob("*.png"))))
+    result = runner.invoke(app, ["embed", "images", str(manifest), "-o", str(out), "--shard-size", "6",
+                                 "--workers", "0", *TINY])
+    assert result.exit_code == 0, result.output
+    runner.invoke(app, ["index", str(out)])
+    files = sorted(f for f in os.listdir(out) if f.endswith(".npy"))
+    assert files == [f"emb-{k:05d}.npy" for k in range(4)]
+    rows = 0
+    for f in files:
+        with open(out / f, "rb") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
+        assert len(shape) == 2 and not fortran and dtype in (np.float16, np.float32)
+        rows += shape[0]
+    whole = np.concatenate([np.load(out / f) for f in files]).astype(np.float32)
+    store = open_store(out)
+    assert rows == len(store) == 20
+    np.testing.assert_array_equal(whole, store.embeddings)
+
+
+def _clustered(rng, n, dim, centers):
+    x = centers[rng.integers(0, len(centers), n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_ivfpq_index_nprobe_and_rerank_from_store(tmp_path):
+    from vlmtools.index import train_size
+    from vlmtools.search import exact_search, search_vectors
+    from vlmtools.store import write_arrays
+
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((200, 32)).astype(np.float32)
+    x = _clustered(rng, 12000, 32, centers)
+    store = tmp_path / "s"
+    write_arrays(store, x, [{"id": str(i)} for i in range(len(x))], kind="image", model={"name": "m"},
+                 dtype="float16", shard_size=5000)
+    result = runner.invoke(app, ["index", str(store), "--index-key", "IVF64,PQ8", "--max-memory", "64M"])
+    assert result.exit_code == 0, result.output
+    index_info = json.loads((store / "index.json").read_text())
+    assert index_info["train_size"] == 10000  # max(64 per list, 10k), within a quarter of 64M and "rerank" not in index_info["params"]
+    reader = open_store(store)
+    queries = _clustered(rng, 100, 32, centers)
+    _, truth = exact_search(reader, queries, 10)
+
+    def recall(rows):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), truth.tolist())])
+
+    _, plain, method = search_vectors(reader, queries, 10, nprobe=64)
+    _, reranked, method_r = search_vectors(reader, queries, 10, nprobe=64, rerank=8)
+    assert method == "IVF64,PQ8" and method_r == "IVF64,PQ8, reranked 80"
+    assert recall(reranked) >= 0.95 and recall(reranked) > recall(plain)
+    # --rerank saved by `index` (no rebuild), used by `search`, overridden there
+    result = runner.invoke(app, ["index", str(store), "--rerank", "8"])
+    assert result.exit_code == 0 and json.loads((store / "index.json").read_text())["params"]["rerank"] == 8
+    np.testing.assert_array_equal(search_vectors(open_store(store), queries, 10, nprobe=64)[1], reranked)
+    result = runner.invoke(app, ["search", str(store), "--store", str(store), "-k", "3", "--nprobe", "0"])
+    assert result.exit_code == 2 and "--nprobe" in result.output
+    # the training sample stays within a quarter of the memory budget (but >= 10k rows)
+    assert train_size("IVF65536_HNSW32,PQ64", 10**7, 512, "4G") == 2**30 // 2048
+    assert train_size("IVF1024,PQ64", 10**6, 512, "64G") == 64 * 1024
+
+
+def test_row_view_reads_rows_lazily(tmp_path):
+    from vlmtools.store import write_arrays
+
+    x = np.random.default_rng(0).standard_normal((23, 8)).astype(np.float32)
+    reader = write_arrays(tmp_path / "s", x, [{"id": str(i)} for i in range(23)], kind="image",
+                          model={"name": "m"}, shard_size=5)
+    view = reader.row_view()
+    np.testing.assert_array_equal(view[3:17], reader.embeddings[3:17])
+    rows = [22, 0, 7, 8]
+    np.testing.assert_array_equal(reader.row_view(rows)[1:4], reader.embeddings[rows[1:4]])
+    assert len(view) == 23 and view[30:40].shape == (0, 8)
