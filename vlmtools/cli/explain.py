@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
         where: List[str] = typer.Option([], "--where", help="Only images whose KEY=VALUE (repeatable)."),
         limit: int = typer.Option(0, "--limit", help="At most this many images (0: all)."),
         png: bool = typer.Option(True, "--overlays/--no-overlays", help="Also write the overlay PNGs (NAME.png beside NAME.npy)."),
+        force: bool = typer.Option(False, "--force", help="Replace the maps of an earlier run in -o (its own "
+                                   "files only; default: -o must be new or empty)."),
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         device: str = DeviceOpt,
@@ -67,7 +69,7 @@ def register(app: typer.Typer) -> None:
         res = explain_visual(input, output, opts=opts, model=model, pretrained=pretrained, classes=classes,
                              templates=templates, cls=cls, descriptors=descriptors,
                              head=str(head) if head else None, cbd=cbd, where=where, limit=limit or None, png=png,
-                             device=device)
+                             device=device, force=force)
         info(f"wrote {res['maps']} map(s) for {res['images'] - res['failed']} image(s) to {res['out']}")
         if res["failed"]:
             info(f"{res['failed']} image(s) could not be read: see {res['out']}/errors.jsonl")

@@ -164,12 +164,49 @@ def _check_options(opts: VisualOptions, descriptors: str | None, head: str | Non
         raise BadInput("--layer is for --method gradcam")
 
 
-def _prepare_out_dir(out: Path) -> None:
+def _check_out_dir(out: Path, force: bool) -> None:
+    """-o must be new or an empty directory; with ``force``, an earlier maps directory (nothing else)."""
     if out.exists() and not out.is_dir():
         raise BadInput(f"{out}: is a file; -o takes a directory for the maps")
-    if out.exists() and any(out.iterdir()) and not (out / MAPS_INFO).exists():
-        raise BadInput(f"{out}: exists, is not empty and is not a maps directory; pass a new directory")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()):
+        if not (out / MAPS_INFO).is_file():
+            raise BadInput(f"{out}: exists, is not empty and is not a maps directory; pass a new directory")
+        if not force:
+            raise BadInput(f"{out}: exists and holds maps; pass --force to replace them, or name a new directory")
+
+
+def _maps_dir_files(out: Path) -> list[Path]:
+    """The files an earlier `explain visual` wrote into ``out``: info.json, maps.jsonl, errors.jsonl and
+    the maps and overlays maps.jsonl lists (only names inside ``out``)."""
+    own = [out / MAPS_INFO, out / MAPS_INDEX, out / MAPS_ERRORS]
+    if (out / MAPS_INDEX).is_file():
+        for _, rec in formats.iter_jsonl(out / MAPS_INDEX):
+            for key in ("map", "png"):
+                name = rec.get(key) if isinstance(rec, dict) else None
+                if isinstance(name, str) and name and Path(name).name == name:
+                    own.append(out / name)
+    return own
+
+
+def _install_maps(tmp: Path, out: Path) -> None:
+    """Move the finished maps from ``tmp`` to ``out``: a rename when ``out`` is absent or empty once an
+    earlier maps directory's own files are removed; else file by file, info.json and maps.jsonl last."""
+    import os
+    import shutil
+
+    if out.exists():
+        for f in _maps_dir_files(out):
+            if f.is_file() or f.is_symlink():
+                f.unlink()
+        if not any(out.iterdir()):
+            out.rmdir()
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    last = {MAPS_INDEX, MAPS_INFO}
+    for f in sorted(tmp.iterdir(), key=lambda f: (f.name in last, f.name == MAPS_INFO)):
+        os.replace(f, out / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def overlay_png(path: Path, image, saliency, title: str) -> None:
@@ -236,9 +273,10 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
                    pretrained: str | None = None, classes: str | None = None, templates: str = "photo",
                    cls: str | None = None, descriptors: str | None = None, head: str | None = None,
                    cbd: str | None = None, where: Sequence[str] = (), limit: int | None = None, png: bool = True,
-                   device: str = "auto") -> dict:
-    """Write maps for the images of a predictions file or manifest into ``out_dir``; returns a summary
-    {"maps", "images", "failed"}. Unreadable images are listed in errors.jsonl and skipped."""
+                   device: str = "auto", force: bool = False) -> dict:
+    """Write maps for the images of a predictions file or manifest into ``out_dir`` (new or empty; with
+    ``force`` an earlier maps directory, whose own files are replaced); returns a summary {"maps",
+    "images", "failed"}. Unreadable images are listed in errors.jsonl and skipped."""
     from vlmtools.classify import parse_where
     from vlmtools.images import load_rgb
     from vlmtools.models import ModelSpec
@@ -258,80 +296,90 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
     cbd_records = formats.read_descriptors(cbd) if cbd is not None else None
     names = class_list(records, classes, desc_records or cbd_records, cls)
     template_list = load_templates(templates)
-    out = Path(out_dir)
-    _prepare_out_dir(out)
+    final = Path(out_dir)
+    _check_out_dir(final, force)
 
-    head_obj = None
-    if head is not None:
-        from vlmtools.heads.ala import load_ala_for_explain
+    import shutil
+    import tempfile
 
-        head_obj, spec = load_ala_for_explain(head, model, pretrained, device)
-    else:
-        spec = ModelSpec.parse(model, pretrained)
-    judge = make_judge(spec, names, template_list, device, cam_layer=opts.layer, cbd=cbd_records)
-    if head_obj is not None:
-        head_obj.attach(judge)
-    index = {c: i for i, c in enumerate(names)}
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # written beside -o and renamed into place at the end: an interrupted run leaves nothing half-written
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        out.chmod(0o777 & ~formats._UMASK)  # mkdtemp makes it 0700
+        head_obj = None
+        if head is not None:
+            from vlmtools.heads.ala import load_ala_for_explain
 
-    import torch
+            head_obj, spec = load_ala_for_explain(head, model, pretrained, device)
+        else:
+            spec = ModelSpec.parse(model, pretrained)
+        judge = make_judge(spec, names, template_list, device, cam_layer=opts.layer, cbd=cbd_records)
+        if head_obj is not None:
+            head_obj.attach(judge)
+        index = {c: i for i, c in enumerate(names)}
 
-    rows, errors, used = [], [], set()
-    with progress(f"{opts.method} maps", total=len(records), unit="images") as bar:
-        for rec in records:
-            try:
-                image = load_rgb(rec["path"])
-            except Exception as exc:  # PIL raises many kinds for missing, truncated or unknown files
-                errors.append({"id": rec["id"], "path": rec["path"], "error": f"{type(exc).__name__}: {exc}"})
-                warn(f"{rec['path']}: cannot read the image ({type(exc).__name__}); skipped")
-                bar.advance(1)
-                continue
-            x = judge.tensor(image)
-            with torch.no_grad():
-                cos = (judge.tower.embed(x) @ judge.class_emb.T)[0]
-                probs = torch.softmax(judge.logit_scale * cos, dim=-1)
-            target = cls or (rec["pred"] if is_pred else names[int(probs.argmax())])
-            c = index[target]
-            base = {k: rec[k] for k in ("id", "path", "label") if rec.get(k) is not None}
-            base.update({"class": target, "score": round(float(cos[c]), 6), "prob": round(float(probs[c]), 6),
-                         "method": opts.method})
-            if desc_records is not None:
-                drec = desc_records.get(target)
-                if drec is None or not drec["descriptors"]:
-                    warn(f"{rec['id']}: class {target!r} has no descriptors in {descriptors}; skipped")
+        import torch
+
+        rows, errors, used = [], [], set()
+        with progress(f"{opts.method} maps", total=len(records), unit="images") as bar:
+            for rec in records:
+                try:
+                    image = load_rgb(rec["path"])
+                except Exception as exc:  # PIL raises many kinds for missing, truncated or unknown files
+                    errors.append({"id": rec["id"], "path": rec["path"], "error": f"{type(exc).__name__}: {exc}"})
+                    warn(f"{rec['path']}: cannot read the image ({type(exc).__name__}); skipped")
                     bar.advance(1)
                     continue
-                sentences = [descriptor_sentence(target, d) for d in drec["descriptors"]]
-                emb = judge.text_embeddings(sentences)
-                maps = compute_maps(judge, x, c, opts, targets=list(emb))
+                x = judge.tensor(image)
                 with torch.no_grad():
-                    dsims = (judge.tower.embed(x) @ emb.T)[0]
-                kinds = formats.descriptor_kinds(drec)
-                for j, (d, m) in enumerate(zip(drec["descriptors"], maps)):
-                    stem = _safe_stem(f"{rec['id']}.d{j:02d}", used)
+                    cos = (judge.tower.embed(x) @ judge.class_emb.T)[0]
+                    probs = torch.softmax(judge.logit_scale * cos, dim=-1)
+                target = cls or (rec["pred"] if is_pred else names[int(probs.argmax())])
+                c = index[target]
+                base = {k: rec[k] for k in ("id", "path", "label") if rec.get(k) is not None}
+                base.update({"class": target, "score": round(float(cos[c]), 6), "prob": round(float(probs[c]), 6),
+                             "method": opts.method})
+                if desc_records is not None:
+                    drec = desc_records.get(target)
+                    if drec is None or not drec["descriptors"]:
+                        warn(f"{rec['id']}: class {target!r} has no descriptors in {descriptors}; skipped")
+                        bar.advance(1)
+                        continue
+                    sentences = [descriptor_sentence(target, d) for d in drec["descriptors"]]
+                    emb = judge.text_embeddings(sentences)
+                    maps = compute_maps(judge, x, c, opts, targets=list(emb))
+                    with torch.no_grad():
+                        dsims = (judge.tower.embed(x) @ emb.T)[0]
+                    kinds = formats.descriptor_kinds(drec)
+                    for j, (d, m) in enumerate(zip(drec["descriptors"], maps)):
+                        stem = _safe_stem(f"{rec['id']}.d{j:02d}", used)
+                        full = to_image_size(m, image)
+                        files = save_map(out, stem, image, full, f"{target}: {d} ({float(dsims[j]):.3f})", png)
+                        rows.append({**base, "descriptor": d, "kind": kinds[j], "descriptor_score":
+                                     round(float(dsims[j]), 6), **files})
+                else:
+                    (m,) = compute_maps(judge, x, c, opts, head=head_obj)
+                    stem = _safe_stem(rec["id"], used)
                     full = to_image_size(m, image)
-                    files = save_map(out, stem, image, full, f"{target}: {d} ({float(dsims[j]):.3f})", png)
-                    rows.append({**base, "descriptor": d, "kind": kinds[j], "descriptor_score":
-                                 round(float(dsims[j]), 6), **files})
-            else:
-                (m,) = compute_maps(judge, x, c, opts, head=head_obj)
-                stem = _safe_stem(rec["id"], used)
-                full = to_image_size(m, image)
-                title = f"{rec['id']} · {opts.method}\n{target} (cos {float(cos[c]):.3f}, p {float(probs[c]):.2f})"
-                rows.append({**base, **save_map(out, stem, image, full, title, png)})
-            bar.advance(1)
-    settings = {"masks": opts.masks, "cell": opts.cell, "p": opts.p, "seed": opts.seed} \
-        if opts.method == "rise" else ({"layer": opts.layer} if opts.layer is not None else {})
-    formats.write_json(out / MAPS_INFO, formats.maps_info(
-        method=opts.method, model=spec.as_dict(), classes=names, templates=template_list,
-        settings=settings, head=str(Path(head).resolve()) if head else None,
-        descriptors=str(Path(descriptors).resolve()) if descriptors else None,
-        cbd=str(Path(cbd).resolve()) if cbd else None))
-    formats.write_jsonl(out / MAPS_INDEX, rows)
-    if errors:
-        formats.write_jsonl(out / MAPS_ERRORS, errors)
-    else:
-        (out / MAPS_ERRORS).unlink(missing_ok=True)
-    return {"maps": len(rows), "images": len(records), "failed": len(errors), "out": str(out)}
+                    title = f"{rec['id']} · {opts.method}\n{target} (cos {float(cos[c]):.3f}, p {float(probs[c]):.2f})"
+                    rows.append({**base, **save_map(out, stem, image, full, title, png)})
+                bar.advance(1)
+        settings = {"masks": opts.masks, "cell": opts.cell, "p": opts.p, "seed": opts.seed} \
+            if opts.method == "rise" else ({"layer": opts.layer} if opts.layer is not None else {})
+        formats.write_json(out / MAPS_INFO, formats.maps_info(
+            method=opts.method, model=spec.as_dict(), classes=names, templates=template_list,
+            settings=settings, head=str(Path(head).resolve()) if head else None,
+            descriptors=str(Path(descriptors).resolve()) if descriptors else None,
+            cbd=str(Path(cbd).resolve()) if cbd else None))
+        formats.write_jsonl(out / MAPS_INDEX, rows)
+        if errors:
+            formats.write_jsonl(out / MAPS_ERRORS, errors)
+        _install_maps(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return {"maps": len(rows), "images": len(records), "failed": len(errors), "out": str(final)}
 
 
 # ----------------------------------------------------------------------------- eval explanations
@@ -360,8 +408,8 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, c
                   output: str = "-", summary_out: str | None = None, batch: int = 64,
                   device: str = "auto", blur: float = 1.0) -> dict:
     """mIoU (and insertion, deletion, ID with ``causal``) of the class maps of each directory; per-map
-    JSONL to ``output``; returns (and writes to ``summary_out``) per-directory means and, per method,
-    mean ± std over the directories (seeds)."""
+    JSONL to ``output``; returns (and writes to ``summary_out``) per-directory means and, per row of
+    directories whose settings differ only in the seed (group_runs), mean ± std over them (seeds)."""
     import numpy as np
     import torch
 
@@ -378,6 +426,9 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, c
         raise BadInput("give at least one maps directory")
     by_id = {r["id"]: r for r in formats.read_manifest(manifest)}
     loaded = [(str(d), *read_maps_dir(d)) for d in maps_dirs]
+    labels = group_runs(loaded)
+    if causal:
+        _warn_mixed_scorers(loaded, labels)
     # check everything before the (slow) evaluation: masks present, maps of the masks' size
     todo = []
     for d, meta, rows in loaded:
@@ -406,10 +457,10 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, c
                 raise BadInput(f"{Path(d) / r['map']}: map is {sal.shape[1]}x{sal.shape[0]} but the mask "
                                f"{rec['mask']} is {mask.shape[1]}x{mask.shape[0]}: maps of another size (made "
                                f"from other images?)")
-            row = {"id": r["id"], "method": meta["method"], "maps": d, "class": r["class"],
+            row = {"id": r["id"], "method": meta["method"], "label": labels[d], "maps": d, "class": r["class"],
                    "iou": round(iou(sal, mask), 6)}
             if causal:
-                key = (json_key(meta["model"]), tuple(meta["classes"]), tuple(meta["templates"]), meta.get("cbd"))
+                key = _scorer(meta)
                 if key not in judges:
                     spec = ModelSpec(meta["model"]["name"], meta["model"].get("pretrained"))
                     cbd = formats.read_descriptors(meta["cbd"]) if meta.get("cbd") else None
@@ -430,20 +481,90 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, c
     dirs = []
     for d, meta, _ in loaded:
         rs = per_dir[d]
-        dirs.append({"maps": d, "method": meta["method"], "seed": meta.get("settings", {}).get("seed"),
+        dirs.append({"maps": d, "method": meta["method"], "label": labels[d],
+                     "seed": meta.get("settings", {}).get("seed"),
                      "n": len(rs), **{k: float(np.mean([x[k] for x in rs])) for k in keys}})
-    methods = {}
+    groups: dict = {}
     for row in dirs:
-        methods.setdefault(row["method"], []).append(row)
+        groups.setdefault(row["label"], []).append(row)
     summary = {"format": formats.EXPLAIN_EVAL_FORMAT, "threshold": "mean + std of each map", "steps": steps,
                "blur": blur if causal else None,
                "directories": dirs, "methods": [
-                   {"method": m, "runs": len(rs), **{k: float(np.mean([r[k] for r in rs])) for k in keys},
+                   {"method": rs[0]["method"], "label": label, "runs": len(rs), "maps": [r["maps"] for r in rs],
+                    **{k: float(np.mean([r[k] for r in rs])) for k in keys},
                     **{f"{k}_std": float(np.std([r[k] for r in rs])) for k in keys}}
-                   for m, rs in methods.items()]}
+                   for label, rs in groups.items()]}
     if summary_out is not None:
         formats.write_json(summary_out, summary)
     return summary
+
+
+def run_settings(meta: dict) -> dict:
+    """What made a maps directory, except the seed: runs equal in these are seeds of one row."""
+    settings = {k: v for k, v in (meta.get("settings") or {}).items() if k != "seed"}
+    out = {k: meta.get(k) for k in ("method", "model", "classes", "templates", "head", "descriptors", "cbd")}
+    return {**out, **settings}
+
+
+def _short(key: str, value) -> str:
+    import hashlib
+
+    if isinstance(value, dict):  # the model
+        return "/".join(str(v) for v in value.values() if v)
+    if key in ("head", "descriptors", "cbd") and value:
+        return Path(str(value)).name
+    if isinstance(value, list):
+        if len(value) <= 3:
+            return ",".join(map(str, value))
+        return f"{len(value)}:{hashlib.sha1(json_key(value).encode()).hexdigest()[:6]}"
+    return str(value)
+
+
+def _scorer(meta: dict) -> tuple:
+    """What insertion/deletion score with: the model and its class embeddings."""
+    return (json_key(meta["model"]), tuple(meta["classes"]), tuple(meta["templates"]), meta.get("cbd"))
+
+
+def group_runs(loaded: Sequence[tuple[str, dict, list]]) -> dict[str, str]:
+    """{directory: row label}. Directories whose info.json agree in everything but the seed share a row
+    (their class maps must be of the same images; else exit 2); a label is the method and the settings in
+    which its row differs from another row, e.g. "gradcam layer=2"."""
+    keys = {d: run_settings(meta) for d, meta, _ in loaded}
+    distinct: dict[str, dict] = {}
+    for d, _, _ in loaded:
+        distinct.setdefault(json_key(keys[d]), keys[d])
+    fields = list(dict.fromkeys(k for s in distinct.values() for k in s if k != "method"))
+    varying = [k for k in fields if len({json_key(s.get(k)) for s in distinct.values()}) > 1]
+    names: dict[str, str] = {}
+    for key, s in distinct.items():
+        parts = [f"{k}={_short(k, s.get(k))}" for k in varying if s.get(k) is not None]
+        label = " ".join([s["method"], *parts])
+        while label in names.values():  # differ only where the short form hides it: number them
+            label += "'"
+        names[key] = label
+    images: dict[str, tuple[str, set]] = {}
+    for d, _, rows in loaded:
+        ids = {str(r["id"]) for r in rows if "descriptor" not in r}
+        first = images.setdefault(json_key(keys[d]), (d, ids))
+        if first[1] != ids:
+            extra = sorted(first[1] ^ ids)
+            raise BadInput(f"{first[0]} and {d}: made with the same settings (one row, seeds) but of different "
+                           f"images ({len(first[1])} vs {len(ids)} maps; e.g. {extra[0]!r} in one only); "
+                           f"evaluate them in separate calls or make them from the same images")
+    return {d: names[json_key(keys[d])] for d, _, _ in loaded}
+
+
+def _warn_mixed_scorers(loaded, labels: dict[str, str]) -> None:
+    scorers: dict[tuple, tuple[str, list[str]]] = {}
+    for d, meta, _ in loaded:
+        how = "descriptors " + Path(meta["cbd"]).name if meta.get("cbd") else "class-name prompts"
+        _, rows = scorers.setdefault(_scorer(meta), (f"{_short('model', meta['model'])} with {how}", []))
+        if labels[d] not in rows:
+            rows.append(labels[d])
+    if len(scorers) > 1:
+        kinds = "; ".join(f"{how}: {', '.join(rows)}" for how, rows in scorers.values())
+        warn(f"insertion/deletion of these rows are scored by different models or class embeddings, so their "
+             f"Ins/Del/ID are not comparable ({kinds})")
 
 
 def json_key(obj) -> str:
@@ -459,13 +580,13 @@ def summary_table(summary: dict) -> None:
     keys = [k for k in ("iou", "insertion", "deletion", "id_score") if k in summary["methods"][0]]
     heads = {"iou": "mIoU ↑", "insertion": "Ins ↑", "deletion": "Del ↓", "id_score": "ID ↑"}
     table = Table(title=f"explanations (threshold: mean + std; steps {summary['steps']})")
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     table.add_column("runs", justify="right")
     for k in keys:
         table.add_column(heads[k], justify="right")
     for m in summary["methods"]:
         cells = [f"{m[k]:.3f}" + (f" ± {m[k + '_std']:.3f}" if m["runs"] > 1 else "") for k in keys]
-        table.add_row(m["method"], str(m["runs"]), *cells)
+        table.add_row(m["label"], str(m["runs"]), *cells)
     info_table(table)
 
 
