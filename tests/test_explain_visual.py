@@ -271,6 +271,17 @@ def test_train_ala_caches_features_resumably_and_explains(world, tmp_path):
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in (out / "maps.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and np.load(out / rows[0]["map"]).shape == (64, 64)
+    # a head trained with another seed: its maps are a second run (seed) of the same row
+    r = invoke(*[a if a != head else tmp_path / "ala1" for a in args], "--seed", "1")
+    assert r.exit_code == 0, r.output
+    r = invoke("explain", "visual", world / "manifest.jsonl", "-o", tmp_path / "maps1", "--method", "ala", "--head",
+               tmp_path / "ala1", "--where", "split=test", "--no-overlays")
+    assert r.exit_code == 0, r.output
+    summary = tmp_path / "s.json"
+    r = invoke("eval", "explanations", out, tmp_path / "maps1", "--manifest", world / "manifest.jsonl", "--no-causal",
+               "--summary", summary, "-o", tmp_path / "e.jsonl")
+    assert r.exit_code == 0, r.output
+    assert [(m["label"], m["runs"]) for m in json.loads(summary.read_text())["methods"]] == [("ala", 2)]
     r = invoke("explain", "visual", world / "manifest.jsonl", "-o", tmp_path / "x", "--method", "ala", "--head",
                head, "-m", "vlmtools-tiny", "--limit", "1")
     assert r.exit_code == 2 and "trained on the tower of vlmtools-micro" in r.output

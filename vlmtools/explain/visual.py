@@ -209,6 +209,15 @@ def _install_maps(tmp: Path, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _head_settings(info: dict) -> dict:
+    """An ALA head's training seed and what else made it (config, training options but the seed, device
+    and paths): heads that differ only in the seed make maps that eval explanations groups as seeds."""
+    skip = {"seed", "device", "cache", "manifest"}
+    training = {k: v for k, v in (info.get("training") or {}).items() if k not in skip}
+    return {"seed": info.get("seed"), "head_config": info.get("config"), "head_training": training,
+            "head_classes": info.get("classes")}
+
+
 def overlay_png(path: Path, image, saliency, title: str) -> None:
     from matplotlib.figure import Figure
 
@@ -367,6 +376,8 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
                 bar.advance(1)
         settings = {"masks": opts.masks, "cell": opts.cell, "p": opts.p, "seed": opts.seed} \
             if opts.method == "rise" else ({"layer": opts.layer} if opts.layer is not None else {})
+        if head_obj is not None:
+            settings = _head_settings(head_obj.info)
         formats.write_json(out / MAPS_INFO, formats.maps_info(
             method=opts.method, model=spec.as_dict(), classes=names, templates=template_list,
             settings=settings, head=str(Path(head).resolve()) if head else None,
@@ -502,19 +513,22 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, c
 def run_settings(meta: dict) -> dict:
     """What made a maps directory, except the seed: runs equal in these are seeds of one row."""
     settings = {k: v for k, v in (meta.get("settings") or {}).items() if k != "seed"}
-    out = {k: meta.get(k) for k in ("method", "model", "classes", "templates", "head", "descriptors", "cbd")}
+    # an ALA head that recorded its training settings is known by them (the path differs per seed)
+    fields = ("method", "model", "classes", "templates", "descriptors", "cbd") + \
+        (() if "head_config" in settings else ("head",))
+    out = {k: meta.get(k) for k in fields}
     return {**out, **settings}
 
 
 def _short(key: str, value) -> str:
     import hashlib
 
-    if isinstance(value, dict):  # the model
+    if key == "model" and isinstance(value, dict):
         return "/".join(str(v) for v in value.values() if v)
     if key in ("head", "descriptors", "cbd") and value:
         return Path(str(value)).name
-    if isinstance(value, list):
-        if len(value) <= 3:
+    if isinstance(value, (list, dict)):
+        if isinstance(value, list) and len(value) <= 3:
             return ",".join(map(str, value))
         return f"{len(value)}:{hashlib.sha1(json_key(value).encode()).hexdigest()[:6]}"
     return str(value)
