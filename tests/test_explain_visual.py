@@ -207,6 +207,42 @@ def test_unreadable_image_is_listed_and_the_run_goes_on(world, tmp_path):
     assert "broken.png" in r.output
     assert len((tmp_path / "out" / "maps.jsonl").read_text().splitlines()) == 1
     assert "broken.png" in (tmp_path / "out" / "errors.jsonl").read_text()
+    manifest.write_text(json.dumps(recs[1]) + "\n")  # nothing readable at all: exit 2
+    r = invoke("explain", "visual", manifest, "-o", tmp_path / "none", "-m", "vlmtools-micro", "--no-overlays")
+    assert r.exit_code == 2 and "wrote 0 map(s)" in r.output
+
+
+def test_tar_members_are_read_from_the_tar(world, tmp_path):
+    """A store embedded from a webdataset tar records TAR#MEMBER paths; explain visual reads them."""
+    import io
+    import tarfile
+
+    recs = [json.loads(x) for x in (world / "manifest.jsonl").read_text().splitlines()][:3]
+    tar = tmp_path / "shard.tar"
+    with tarfile.open(tar, "w") as tf:
+        for i, rec in enumerate(recs):
+            for name, data in ((f"{i:03d}.png", (world / rec["path"]).read_bytes()),
+                               (f"{i:03d}.json", json.dumps({"label": rec["label"]}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    r = invoke("embed", "images", tar, "-o", tmp_path / "store", "-m", "vlmtools-micro", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    r = invoke("classify", tmp_path / "store", "-o", tmp_path / "p.jsonl")
+    assert r.exit_code == 0, r.output
+    preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and all("#" in p["path"] for p in preds)
+    r = invoke("explain", "visual", tmp_path / "p.jsonl", "-o", tmp_path / "maps", "-m", "vlmtools-micro",
+               "--no-overlays")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "maps" / "maps.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and not (tmp_path / "maps" / "errors.jsonl").exists()
+    assert all(np.load(tmp_path / "maps" / row["map"]).shape == (64, 64) for row in rows)
+    from vlmtools.images import load_rgb
+
+    assert load_rgb(preds[0]["path"]).size == Image.open(world / recs[0]["path"]).size
+    with pytest.raises(FileNotFoundError):
+        load_rgb(f"{tar}#999.png")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -264,6 +300,9 @@ def test_train_ala_caches_features_resumably_and_explains(world, tmp_path):
     before = shard.stat().st_mtime_ns
     r = invoke(*args)  # the second run reuses the cached features
     assert r.exit_code == 0, r.output
+    assert shard.stat().st_mtime_ns == before
+    r = invoke(*args, "--layers", "2,4")  # other layers, same cache: the message says how to rebuild it
+    assert r.exit_code == 2 and f"delete {cache}" in r.output and "--force" not in r.output, r.output
     assert shard.stat().st_mtime_ns == before
     out = tmp_path / "maps"
     r = invoke("explain", "visual", world / "manifest.jsonl", "-o", out, "--method", "ala", "--head", head,

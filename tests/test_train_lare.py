@@ -152,6 +152,26 @@ def test_lads_bad_input(stores, tmp_path):
         res = invoke(*base, *extra)
         assert res.exit_code == 2 and message in res.output, res.output
         assert not (tmp_path / "h.json").exists()
+    # a template without {} is named by the option the user gave, not as a --templates value
+    for option in ("--source", "--target"):
+        res = invoke(*base, option, "a photo")
+        assert res.exit_code == 2 and f"{option}: template 'a photo'" in res.output, res.output
+        assert "--templates" not in res.output
+        assert not (tmp_path / "h.json").exists()
+
+
+def test_explain_box_warns_on_untrained_box(stores, tmp_path):
+    """--samples 0 never trains f_Box: explain box says so (and still prints the statistics)."""
+    res = lare(stores, tmp_path / "k0", "--samples", 0)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "k0.json").read_text())["training"]["samples"] == 0
+    res = invoke("explain", "box", tmp_path / "k0", stores / "images")
+    assert res.exit_code == 0, res.output
+    assert "--samples 0" in res.stderr and "never trained" in res.stderr
+    trained = lare(stores, tmp_path / "k4")
+    assert trained.exit_code == 0
+    res = invoke("explain", "box", tmp_path / "k4", stores / "images")
+    assert res.exit_code == 0 and "never trained" not in res.stderr
 
 
 def test_coca_through_embed_classify_train_eval(tmp_path):

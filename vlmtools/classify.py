@@ -209,13 +209,14 @@ def template_problem(template: str) -> str | None:
     return None
 
 
-def check_templates(templates: Sequence[str], source: str | None = None) -> None:
+def check_templates(templates: Sequence[str], source: str | None = None, option: str | None = None) -> None:
     """BadInput naming the first template that clip_texts cannot fill, and where it came from
-    (``source``: the --templates value; a file is named with the template's line)."""
+    (``source``: the --templates value; a file is named with the template's line; ``option``: the option
+    that gave the template itself, e.g. "--source")."""
     for t in templates:
         problem = template_problem(t)
         if problem is not None:
-            where = f"{_template_where(source, t)}: " if source is not None else ""
+            where = f"{option}: " if option else f"{_template_where(source, t)}: " if source is not None else ""
             raise BadInput(f"{where}template {t!r}: {problem}")
 
 

@@ -17,13 +17,20 @@ def load_rgb(path, draft_side: int | None = None, name: str | None = None):
     file; above twice that (a decompression bomb), ValueError. With ``draft_side``, a JPEG whose shorter
     side is at least 2x ``draft_side`` is decoded at a reduced scale (``Image.draft``: 1/2, 1/4 or 1/8 in
     the DCT) that keeps the shorter side >= 2x ``draft_side``; the bicubic resize that follows sees as many
-    pixels as it needs. Raises on unreadable files."""
-    import numpy as np
-    from PIL import Image
-
-    from PIL import ImageOps
-
+    pixels as it needs. ``TAR#MEMBER`` (a tar member, as `embed images` records them) is read from the
+    tar. Raises on unreadable files."""
+    import io
     import warnings
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from vlmtools.wds import member_source, read_source, split_member_path
+
+    member = split_member_path(path)
+    if member is not None:
+        name = name or str(path)
+        path = io.BytesIO(read_source(member_source(*member)))
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", Image.DecompressionBombWarning)

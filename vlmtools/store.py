@@ -34,9 +34,10 @@ class StoreWriter:
 
     def __init__(self, path: str | Path, *, kind: str, model: dict, dim: int, dtype: str = "float16",
                  shard_size: int = 10000, preprocess: str | None = None, extra_info: dict | None = None,
-                 renewable: Sequence[str] = ()):
+                 renewable: Sequence[str] = (), mismatch_fix: str | None = None):
         check_layout(dtype, shard_size)
         self.renewable = set(renewable)  # extra_info keys that may differ from the store's (then updated)
+        self.mismatch_fix = mismatch_fix  # what the mismatch message tells the user to do (default: -o / --force)
         self.path = Path(path)
         self.kind, self.model, self.dim, self.dtype = kind, model, dim, dtype
         self.shard_size, self.preprocess = shard_size, preprocess
@@ -64,6 +65,7 @@ class StoreWriter:
                 this_run = {**info, key: mine, "input_count": self.extra_info.get("input_count")}
                 fix = ("pass --retry-errors if you fixed images that had failed, or --force to rebuild it"
                        if key == "files_sha" else "use another output directory, or pass --force to rebuild it")
+                fix = self.mismatch_fix or fix
                 raise StoreMismatch(f"{self.path} already holds a store {_describe(key, info)}; this run has "
                                     f"{_describe(key, this_run)}: {fix}")
         return info

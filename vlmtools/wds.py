@@ -122,6 +122,38 @@ def tar_inputs(pattern: str) -> TarInput:
     return out
 
 
+def split_member_path(path) -> tuple[str, str] | None:
+    """``'TAR#MEMBER'`` (the path `embed images` records for a tar member) -> (tar path, member name), or
+    None for a plain path (also when a file of that exact name exists)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    path = os.fspath(path)
+    cut = path.find(".tar#")
+    if cut < 0 or os.path.exists(path):
+        return None
+    return path[:cut + 4], path[cut + 5:]
+
+
+_MEMBERS: dict[tuple[str, int, int], dict[str, tuple[int, int]]] = {}
+
+
+def member_source(tar_path: str, member: str) -> tuple[str, int, int]:
+    """Where the bytes of ``member`` lie in ``tar_path``: (tar path, data offset, size) for read_source.
+    A tar's headers are listed once per process (and again when the tar changes)."""
+    import tarfile
+
+    st = os.stat(tar_path)  # FileNotFoundError for a missing tar, as for a missing image
+    key = (os.path.abspath(tar_path), st.st_size, st.st_mtime_ns)
+    if key not in _MEMBERS:
+        with tarfile.open(tar_path, "r:") as tf:
+            _MEMBERS[key] = {m.name: (m.offset_data, m.size) for m in tf if m.isfile()}
+    try:
+        offset, size = _MEMBERS[key][member]
+    except KeyError:
+        raise FileNotFoundError(f"{tar_path}: no member {member!r}") from None
+    return tar_path, offset, size
+
+
 def read_source(source) -> bytes:
     """The bytes of one input: a file path, or a (tar path, offset, size) member location."""
     if isinstance(source, str):

@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         info(f"wrote {res['maps']} map(s) for {res['images'] - res['failed']} image(s) to {res['out']}")
         if res["failed"]:
             info(f"{res['failed']} image(s) could not be read: see {res['out']}/errors.jsonl")
-            raise typer.Exit(1)
+            raise typer.Exit(2 if res["failed"] == res["images"] else 1)  # 2: none could be read
 
     eval_app = subgroup(app, "eval", "Evaluate predictions.", default_command="predictions")
 

@@ -179,7 +179,9 @@ def cache_features(records: list[dict], cache_dir, encoder, layers: list[int], *
              "input_count": n, "inputs_sha": digest([r["id"] for r in records], [r["path"] for r in records])}
     writer = StoreWriter(cache_dir, kind="features", model=encoder.spec.as_dict(), dim=dim, dtype="float16",
                          shard_size=shard_size, preprocess="square resize (no crop), normalised",
-                         extra_info=extra)
+                         extra_info=extra,
+                         mismatch_fix=f"delete {cache_dir} to rebuild the feature cache, or pass --cache with "
+                                      "another directory")
     n_shards = max(1, math.ceil(n / shard_size))
     todo = [k for k in range(n_shards) if not writer.shard_done(k)]
     writer.clean_partial(todo)

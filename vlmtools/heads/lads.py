@@ -94,8 +94,8 @@ def train_lads(store, output, *, options, where=(), val_where=(), val_fraction=N
     A.check_common(None, alpha, hidden, shots)
     if aug_epochs < 1 or not logit_scale > 0:
         raise BadInput("--aug-epochs must be >= 1 and --logit-scale > 0")
-    check_templates([source], "--source")
-    check_templates([target], "--target")
+    check_templates([source], option="--source")
+    check_templates([target], option="--target")
     if source == target:
         raise BadInput("--source and --target are the same prompt: there is no domain shift to follow")
     A.check_output(output)
