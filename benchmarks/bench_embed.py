@@ -31,20 +31,14 @@ from pathlib import Path
 def make_images(directory: Path, n: int, w: int, h: int, distinct: int = 64) -> Path:
     """n photo-like JPEGs (``distinct`` different ones, repeated: generating is not what is measured)."""
     import numpy as np
-    from PIL import Image, ImageDraw, ImageFilter
+
+    from vlmtools.synth.render import photo_like
 
     rng = np.random.default_rng(0)
     blobs = []
     for _ in range(min(n, distinct)):
-        img = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-        draw = ImageDraw.Draw(img)
-        for _ in range(8):
-            x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(w // 20 + 1, w // 5 + 2))
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-        arr = np.asarray(img.filter(ImageFilter.GaussianBlur(2))).astype(np.int16)
-        arr += rng.normal(0, 4, arr.shape).astype(np.int16)
         buf = io.BytesIO()
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        photo_like(rng, w, h, shapes=8).save(buf, "JPEG", quality=90)
         blobs.append(buf.getvalue())
     lines = []
     for i in range(n):

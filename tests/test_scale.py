@@ -10,27 +10,16 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 from typer.testing import CliRunner
 
 from vlmtools.cli.app import app
 from vlmtools.store import open_store
+from vlmtools.synth.render import photo_like as photo
 
 runner = CliRunner()
 TINY = ["--model", "vlmtools-tiny", "--pretrained", "none", "--device", "cpu"]
 MICRO = ["--model", "vlmtools-micro", "--device", "cpu"]
-
-
-def photo(rng, w: int, h: int) -> Image.Image:
-    """A photo-like image: smooth colour field, a few soft-edged shapes, mild sensor grain (not noise)."""
-    img = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-    draw = ImageDraw.Draw(img)
-    for _ in range(6):
-        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(w // 20 + 1, w // 5 + 2))
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    arr = np.asarray(img.filter(ImageFilter.GaussianBlur(2))).astype(np.int16)
-    arr += rng.normal(0, 4, arr.shape).astype(np.int16)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
 def jpeg_bytes(img: Image.Image, **kw) -> bytes:

@@ -194,3 +194,18 @@ def render(rng: np.random.Generator, attrs: dict, size: int = 64) -> tuple[np.nd
     else:
         img = paint_finish(rng, img, attrs["style"])
     return (img * 255 + 0.5).astype(np.uint8), mask, geometry
+
+
+def photo_like(rng: np.random.Generator, w: int, h: int, shapes: int = 6):
+    """A photo-like PIL image (smooth colour field, soft-edged shapes, mild sensor grain; not noise): what
+    JPEG decoders and draft mode are checked and benchmarked on."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    img = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(shapes):
+        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(w // 20 + 1, w // 5 + 2))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    arr = np.asarray(img.filter(ImageFilter.GaussianBlur(2))).astype(np.int16)
+    arr += rng.normal(0, 4, arr.shape).astype(np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
