@@ -21,6 +21,8 @@ import argparse
 import io
 import json
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the vlmtools command sets it (before torch loads)
 import subprocess
 import sys
 import tempfile
@@ -51,25 +53,46 @@ def make_images(directory: Path, n: int, w: int, h: int, distinct: int = 64) -> 
 
 
 def decode_rate(records, encoder, decode: str, batch_size: int, workers: int) -> float:
+    """Images/s of decoding + preprocessing alone, through the run's own loader and decode stage."""
     import torch
 
-    from vlmtools.embed import _BatchDecoder, _collate, _ImageDataset, prefetch_for, resolve_decode
+    from vlmtools.embed import _BatchDecoder, _collate, _decoded_batches, _ImageDataset, prefetch_for, resolve_decode
 
     path, tensor_pre = resolve_decode(decode, encoder)
+    cuda = encoder.device.startswith("cuda")
     sources = [r["path"] for r in records]
     loader = torch.utils.data.DataLoader(
         _ImageDataset(sources, encoder.preprocess, encoder.image_size, raw_jpeg=path == "gpu"),
-        batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+        batch_size=batch_size, num_workers=workers, collate_fn=_collate, pin_memory=cuda,
         prefetch_factor=prefetch_for(workers) if workers else None)
     to_batch = _BatchDecoder(encoder, tensor_pre, encoder.image_size)
     start = time.perf_counter()
     n = 0
-    for batch in loader:  # worker start-up included, as in a run
-        _, tensor, _ = to_batch(*batch)
-        n += len(tensor)
-    if encoder.device.startswith("cuda"):
+    for _, indices, tensor, _ in _decoded_batches(loader, to_batch, path == "gpu" or cuda, encoder.device):
+        if tensor is not None and cuda:
+            tensor = tensor.to(encoder.device, non_blocking=True)  # the cpu path's copy is part of its cost
+        n += len(indices)
+    if cuda:
         torch.cuda.synchronize()
     return n / (time.perf_counter() - start)
+
+
+def import_seconds() -> float:
+    """Seconds a fresh interpreter takes to import what `embed images` imports (torch, open_clip, ...)."""
+    code = ("import time; t = time.perf_counter(); import torch, torchvision, open_clip, vlmtools.embed, "
+            "vlmtools.cli.app; print(time.perf_counter() - t)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip())
+
+
+def min_cosine(a: Path, b: Path) -> float:
+    import numpy as np
+
+    from vlmtools.store import open_store
+
+    x, y = open_store(a), open_store(b)
+    assert [m["id"] for m in x.meta] == [m["id"] for m in y.meta]
+    return float((np.asarray(x.embeddings, np.float32) * np.asarray(y.embeddings, np.float32)).sum(1).min())
 
 
 def model_rate(records, encoder, batch_size: int) -> float:
@@ -115,6 +138,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=375)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None, help="default: embed's own choice (core count)")
+    parser.add_argument("--distinct", type=int, default=64, help="distinct images among the n (repeated)")
+    parser.add_argument("--decodes", default="cpu,gpu", help="decode paths to run, comma-separated")
     parser.add_argument("--gpu-path-on-cpu", action="store_true", help="without CUDA, time the gpu path's "
                         "tensor pipeline on the CPU too")
     parser.add_argument("--json", help="also write the figures to this JSON file")
@@ -136,24 +161,33 @@ def main() -> None:
         device_name = torch.cuda.get_device_name(0)
     result = {"model": args.model, "device": encoder.device, "device_name": device_name, "n": args.n,
               "image": f"{args.width}x{args.height}", "batch_size": args.batch_size, "workers": workers,
-              "cpus": available_cpus(), "rows": []}
+              "cpus": available_cpus(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "rows": []}
+    result["import_s"] = round(import_seconds(), 2)
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = make_images(Path(tmp), args.n, args.width, args.height)
+        manifest = make_images(Path(tmp), args.n, args.width, args.height, args.distinct)
         records = read_manifest(manifest)
         model = model_rate(records, encoder, args.batch_size)
-        for decode in ("cpu", "gpu"):
+        stores = {}
+        for decode in args.decodes.split(","):
             if decode == "gpu" and not cuda and not args.gpu_path_on_cpu:
                 result["rows"].append({"decode": "gpu", "note": "unmeasured, no GPU lent"})
                 continue
-            wall, summary = whole_run(manifest, Path(tmp) / f"store-{decode}", args, decode)
+            stores[decode] = Path(tmp) / f"store-{decode}"
+            wall, summary = whole_run(manifest, stores[decode], args, decode)
             loop = summary["per_second"]
+            stages = summary.get("timings", {})
             row = {"decode": decode if cuda or decode == "cpu" else "gpu path on cpu",
                    "whole_per_s": round(args.n / wall, 1), "loop_per_s": loop,
                    "decode_per_s": round(decode_rate(records, encoder, decode, args.batch_size, workers), 1),
                    "model_per_s": round(model, 1), "whole_s": round(wall, 2), "loop_s": summary["seconds"],
                    "loop_share_of_wall": round(summary["seconds"] / wall, 3),
-                   "loop_vs_model": round(loop / model, 3)}
+                   "loop_vs_model": round(loop / model, 3), "timings": stages,
+                   # interpreter start, imports and argument checks: the wall time no stage accounts for
+                   "before_stages_s": round(wall - sum(v for k, v in stages.items() if k != "first_batch"), 2)}
             result["rows"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        if "cpu" in stores and "gpu" in stores:
+            result["min_cosine_cpu_vs_gpu"] = round(min_cosine(stores["cpu"], stores["gpu"]), 6)
     print(json.dumps(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

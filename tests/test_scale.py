@@ -86,7 +86,10 @@ def test_embed_decode_gpu_path_on_cpu_matches_cpu_path(tmp_path):
                                      "--workers", "1", "-b", "4", "--shard-size", "5", "--dtype", "float32",
                                      "--json", *MICRO])
         assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout)["skipped"] == 2
+        summary = json.loads(result.stdout)
+        assert summary["skipped"] == 2
+        assert set(summary["timings"]) == {"read_input", "load_model", "first_batch", "loop", "finalize"}
+        assert summary["timings"]["loop"] == pytest.approx(summary["seconds"], abs=1e-3)
         stores[decode] = open_store(out)
     a, b = stores["cpu"], stores["gpu"]
     assert [m["id"] for m in a.meta] == [m["id"] for m in b.meta] == [f"p{i}" for i in range(6)] + ["q"]
@@ -95,6 +98,56 @@ def test_embed_decode_gpu_path_on_cpu_matches_cpu_path(tmp_path):
     result = runner.invoke(app, ["embed", "images", str(manifest), "-o", str(tmp_path / "x"), "--decode", "nvjpeg",
                                  *MICRO])
     assert result.exit_code == 2 and not (tmp_path / "x").exists()
+
+
+def test_tensor_pipeline_takes_only_jpegs_it_decodes_like_pil(tmp_path):
+    from vlmtools.embed import _ImageDataset
+    from vlmtools.images import plain_jpeg
+
+    rng = np.random.default_rng(2)
+    img = photo(rng, 120, 80)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": nvJPEG would ignore it
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    datas = {"plain": jpeg_bytes(img), "grey": jpeg_bytes(img.convert("L")),
+             "rotated": jpeg_bytes(img, exif=exif.tobytes()), "cmyk": jpeg_bytes(img.convert("CMYK")),
+             "png": png.getvalue(), "upright": jpeg_bytes(img, exif=Image.Exif().tobytes())}
+    assert {k: plain_jpeg(v) for k, v in datas.items()} == {
+        "plain": True, "grey": True, "rotated": False, "cmyk": False, "png": False, "upright": True}
+    sources = []
+    for name, data in datas.items():
+        (tmp_path / name).write_bytes(data)
+        sources.append(str(tmp_path / name))
+    dataset = _ImageDataset(sources, lambda im: im.size, raw_jpeg=True)
+    items = [dataset[i][1] for i in range(len(sources))]
+    assert [kind for kind, _ in items] == ["jpeg", "jpeg", "tensor", "tensor", "tensor", "jpeg"]
+    assert items[2][1] == (80, 120)  # the rotated JPEG went through PIL, which turned it upright
+
+
+def test_decode_ahead_passes_errors_and_stops_its_thread():
+    from vlmtools.embed import _DecodeAhead
+
+    batches = [([0], None, ([], None, []), []), ([1], None, ([], None, []), [])]
+
+    def to_batch(indices, tensor, raw, failed):
+        if indices == [1]:
+            raise RuntimeError("decoder broke")
+        return indices, tensor, failed
+
+    ahead = _DecodeAhead(batches, to_batch, "cpu")
+    got = []
+    with pytest.raises(RuntimeError, match="decoder broke"):
+        for item in ahead:
+            got.append(item)
+    assert got == [(0, [0], None, [])] and not ahead.thread.is_alive()
+    # a consumer that stops early (an error in the loop, Ctrl-C) stops the thread too
+    many = [([i], None, ([], None, []), []) for i in range(50)]
+    ahead = _DecodeAhead(many, lambda *b: b[0::3][:1] + (None, []), "cpu")
+    iterator = iter(ahead)
+    assert next(iterator)[0] == 0
+    iterator.close()
+    assert not ahead.thread.is_alive()
 
 
 def test_brace_expansion():

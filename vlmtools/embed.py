@@ -7,11 +7,12 @@ exactly which shards are left: finished shards are kept, an interrupted one is r
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from vlmtools import console, formats
@@ -30,6 +31,7 @@ class EmbedSummary:
     shards_kept: int    # shards already on disk, kept
     seconds: float
     complete: bool
+    timings: dict = field(default_factory=dict)  # seconds per stage (read_input, load_model, first_batch, ...)
 
     @property
     def rate(self) -> float:
@@ -67,8 +69,6 @@ def files_digest(records: Sequence[dict], sources: Sequence | None = None) -> st
 def _exclusive(out: str, rank: int | None, world_size: int | None):
     """A rankless run locks its store (OUT.lock) for its whole length; ranked workers share one store
     by design (each writes only its own shards)."""
-    import contextlib
-
     return contextlib.nullcontext() if ranked(rank, world_size) else formats.output_lock(out)
 
 
@@ -155,7 +155,7 @@ def prefetch_for(workers: int) -> int:
 class _ImageDataset:
     """Map-style dataset: index -> (index, payload, error reason). The payload is a preprocessed tensor
     (PIL path) or, with ``raw_jpeg``, a JPEG's bytes as a uint8 tensor for the batched tensor pipeline
-    (other formats still take the PIL path here, per file)."""
+    (other formats, CMYK and EXIF-rotated JPEGs still take the PIL path here, per file)."""
 
     def __init__(self, sources: Sequence, preprocess: Callable, draft_side: int | None = None,
                  raw_jpeg: bool = False):
@@ -172,14 +172,14 @@ class _ImageDataset:
 
         import torch
 
-        from vlmtools.images import is_jpeg
+        from vlmtools.images import plain_jpeg
         from vlmtools.wds import read_source
 
         try:
             data = read_source(self.sources[i])
             if not data:
                 raise OSError("empty file (0 bytes)")
-            if self.raw_jpeg and is_jpeg(data):
+            if self.raw_jpeg and plain_jpeg(data):
                 return i, ("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)), None
             src = self.sources[i]
             name = src if isinstance(src, str) else src[0]
@@ -200,15 +200,17 @@ def _quiet_worker(_: int) -> None:
 
 
 def _collate(items):
-    """-> (indices, preprocessed tensor batch or None, [(index, jpeg bytes)], [(index, reason)]); the
-    tensor batch holds the PIL-path images, in the order of their indices."""
+    """-> (indices, preprocessed tensor batch or None, raw JPEGs, [(index, reason)]); the tensor batch holds
+    the PIL-path images, in the order of their indices. Raw JPEGs are (indices, one uint8 tensor of all
+    their bytes, sizes): one tensor crosses the process boundary per batch, not one per image."""
     import torch
 
     ok = [(i, p[1]) for i, p, _ in items if p is not None and p[0] == "tensor"]
     raw = [(i, p[1]) for i, p, _ in items if p is not None and p[0] == "jpeg"]
     failed = [(i, reason) for i, p, reason in items if p is None]
     tensor = torch.stack([t for _, t in ok]) if ok else None
-    return [i for i, _ in ok], tensor, raw, failed
+    blob = torch.cat([d for _, d in raw]) if raw else torch.zeros(0, dtype=torch.uint8)
+    return [i for i, _ in ok], tensor, ([i for i, _ in raw], blob, [len(d) for _, d in raw]), failed
 
 
 def _shard_ranges(n: int, shard_size: int, bounds: Sequence[int] | None = None) -> list[tuple[int, int]]:
@@ -271,18 +273,20 @@ class _BatchDecoder:
 
         from vlmtools.images import decode_jpegs
 
-        if not raw:
+        raw_indices, blob, sizes = raw
+        if not raw_indices:
             return indices, tensor, failed
+        datas = torch.split(blob, sizes)  # contiguous views, one per file
         device = self.encoder.device
-        decoded = decode_jpegs([data for _, data in raw], device)
-        good = [(i, img) for (i, _), img in zip(raw, decoded) if img is not None]
+        decoded = decode_jpegs(datas, device)
+        good = [(i, img) for i, img in zip(raw_indices, decoded) if img is not None]
         parts, order = [], list(indices)
         if tensor is not None:
             parts.append(tensor.to(device, non_blocking=True))
         if good:
             parts.append(self.tensor_pre([img for _, img in good]))
             order += [i for i, _ in good]
-        retry = [(i, data) for (i, data), img in zip(raw, decoded) if img is None]
+        retry = [(i, data) for i, data, img in zip(raw_indices, datas, decoded) if img is None]
         failed = list(failed)
         for i, data in retry:  # the decoder refused it: the PIL path decides
             try:
@@ -299,6 +303,93 @@ class _BatchDecoder:
             batch = batch[torch.as_tensor(perm, device=batch.device)]
             order = [order[p] for p in perm]
         return order, batch, sorted(failed)
+
+
+def _last_index(batch) -> int:
+    """The highest input index a collated batch covers (its images, raw JPEGs and failures)."""
+    indices, _, (raw_indices, _, _), failed = batch
+    return max(indices + raw_indices + [i for i, _ in failed])
+
+
+def _decoded_batches(loader, to_batch, ahead: bool, device: str):
+    """(last input index, input indices, model-ready tensor, failures) per loader batch. With ``ahead``, a
+    thread decodes the next batches (nvJPEG and the tensor preprocessing, on a stream of its own on CUDA)
+    while the model runs on the current one; otherwise batches are decoded in turn."""
+    if not ahead:
+        for batch in loader:
+            yield (_last_index(batch), *to_batch(*batch))
+        return
+    yield from _DecodeAhead(loader, to_batch, device)
+
+
+class _DecodeAhead:
+    """Runs ``to_batch`` over ``loader`` in a background thread, at most DEPTH batches ahead. The heavy
+    calls (file bytes from the workers, decode_jpeg, tensor kernels) release the GIL, so decoding overlaps
+    the model. Errors in the thread are raised in the consumer; closing stops the thread and the loader."""
+
+    DEPTH = 3
+
+    def __init__(self, loader, to_batch, device: str):
+        import queue
+        import threading
+
+        self.loader, self.to_batch, self.device = loader, to_batch, device
+        self.queue: "queue.Queue" = queue.Queue(maxsize=self.DEPTH)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="vlmtools-decode", daemon=True)
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        import torch
+
+        cuda = self.device.startswith("cuda")
+        stream = torch.cuda.Stream(device=self.device) if cuda else None
+        try:
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                iterator = iter(self.loader)
+                for batch in iterator:
+                    if self.stop.is_set():
+                        break
+                    item = (_last_index(batch), *self.to_batch(*batch))
+                    if cuda:
+                        stream.synchronize()  # the consumer's stream may use the tensor at once
+                    if not self._put(("batch", item)):
+                        break
+                del iterator  # shuts the loader's workers down from this thread
+            self._put(("end", None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put(("error", exc))
+
+    def __iter__(self):
+        self.thread.start()
+        try:
+            while True:
+                kind, item = self.queue.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise item
+                tensor = item[2]
+                if tensor is not None and tensor.is_cuda:
+                    import torch
+
+                    # made on the decode stream, used and freed on this one: keep the allocator from
+                    # handing its memory to the next decode before the model is done with it
+                    tensor.record_stream(torch.cuda.current_stream(tensor.device))
+                yield item
+        finally:
+            self.stop.set()
+            self.thread.join(timeout=10)
 
 
 def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int = 64, workers: int | None = None,
@@ -355,6 +446,7 @@ def _embed_images(records, out, encoder, *, batch_size, workers, shard_size, dty
     sources = sources if sources is not None else [r["path"] for r in records]
     draft_side = encoder.image_size if draft else None
     to_batch = _BatchDecoder(encoder, tensor_pre, draft_side)
+    ahead = path == "gpu" or on_cuda  # decoding or host-to-device copies to overlap with the model
     loader = torch.utils.data.DataLoader(
         _ImageDataset(sources, encoder.preprocess, draft_side, raw_jpeg=path == "gpu"),
         batch_sampler=_shard_batches(todo, ranges, batch_size),
@@ -372,10 +464,11 @@ def _embed_images(records, out, encoder, *, batch_size, workers, shard_size, dty
     embedded = skipped = 0
     pending: dict[int, tuple[list, list, list]] = {}  # shard -> (embeddings, meta, errors)
     total = sum(ranges[k][1] - ranges[k][0] for k in todo)
-    with console.progress(f"embed images -> {out}", total=total, unit="img") as bar:
-        for batch in loader:
-            last = max(batch[0] + [i for i, _ in batch[2]] + [i for i, _ in batch[3]])
-            indices, tensor, failed = to_batch(*batch)
+    first_batch = 0.0  # worker start-up and the first batch's decoding
+    batches = contextlib.closing(_decoded_batches(loader, to_batch, ahead, encoder.device))
+    with console.progress(f"embed images -> {out}", total=total, unit="img") as bar, batches as decoded:
+        for last, indices, tensor, failed in decoded:
+            first_batch = first_batch or time.perf_counter() - start
             first = min(indices + [i for i, _ in failed])
             shard = nonempty[bisect.bisect_right(starts, first) - 1]
             embs, metas, errs = pending.setdefault(shard, ([], [], []))
@@ -393,7 +486,9 @@ def _embed_images(records, out, encoder, *, batch_size, workers, shard_size, dty
     seconds = time.perf_counter() - start
     info = writer.finalize(n_shards)
     summary = EmbedSummary(out, (info or {}).get("count") or 0, embedded, skipped, len(todo),
-                           len(mine) - len(todo), seconds, info is not None)
+                           len(mine) - len(todo), seconds, info is not None,
+                           {"first_batch": round(first_batch, 3), "loop": round(seconds, 3),
+                            "finalize": round(time.perf_counter() - start - seconds, 3)})
     _report(summary, "images")
     if embedded == 0 and skipped:
         raise VlmError(f"none of the {skipped} images could be read (see {os.path.join(out, 'errors.jsonl')}); "
@@ -528,6 +623,13 @@ def embed_image_input(arg: str, out: str, load_encoder: Callable, **options) -> 
     """`embed images`: read the input (a bad one fails before the model loads), then load the model with
     ``load_encoder()`` (returns a models.Encoder) and embed. Loading the model in a thread meanwhile was
     tried and dropped: Ctrl-C during the load then aborted the process inside torch (SIGABRT)."""
+    start = time.perf_counter()
     records, sources, bounds, extras = read_image_input(arg)
-    return embed_images(records, out, load_encoder(), sources=sources, shard_bounds=bounds, extra_info=extras,
-                        **options)
+    read = time.perf_counter()
+    encoder = load_encoder()
+    loaded = time.perf_counter()
+    summary = embed_images(records, out, encoder, sources=sources, shard_bounds=bounds, extra_info=extras,
+                           **options)
+    summary.timings = {"read_input": round(read - start, 3), "load_model": round(loaded - read, 3),
+                       **summary.timings}
+    return summary

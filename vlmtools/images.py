@@ -72,6 +72,22 @@ def is_jpeg(data: bytes) -> bool:
     return data[:3] == JPEG_MAGIC
 
 
+def plain_jpeg(data: bytes) -> bool:
+    """Whether the tensor pipeline decodes this JPEG as the PIL path would: RGB or greyscale, no EXIF
+    rotation (nvJPEG ignores EXIF orientation and CMYK needs PIL's conversion). Reads the header only."""
+    import io
+
+    from PIL import Image
+
+    if not is_jpeg(data):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.mode in ("RGB", "L") and img.getexif().get(0x0112, 1) == 1
+    except Exception:  # let the decoder (and then PIL) say what is wrong with it
+        return True
+
+
 @dataclass(frozen=True)
 class TensorPreprocess:
     """An open_clip eval transform (Resize(shorter side, bicubic, antialias) -> CenterCrop -> ToTensor ->
