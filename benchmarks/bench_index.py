@@ -7,7 +7,7 @@ shard (memory stays at one shard), builds the index in a child process (so that 
 build's own) with `vlmtools.index.build_index`, then searches held-out queries exactly and through the
 index at several nprobe values, with and without exact reranking from the store.
 
-    python benchmarks/bench_index.py --n 1000000 --dim 512 --key IVF1024,PQ64 --max-memory 4G
+    python benchmarks/bench_index.py --n 1000000 --dim 512 --max-memory 4G          # the auto key
     python benchmarks/bench_index.py --n 100000 --store /tmp/s100k            # keeps the store for reruns
 """
 
@@ -64,8 +64,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--key", default="auto", help="faiss factory key (default: vlmtools' auto choice)")
     parser.add_argument("--max-memory", default="4G")
-    parser.add_argument("--nprobe", default="8,16,32,64")
-    parser.add_argument("--rerank", default="0,4", help="exact reranking factors to try (0 = off)")
+    parser.add_argument("--nprobe", default="8,16,32,64", help="nprobe values to try (default list)")
+    parser.add_argument("--rerank", default="0,10", help="exact reranking factors to try (0 = off; 10 is the PQ default)")
     parser.add_argument("--shard-size", type=int, default=100_000)
     parser.add_argument("--store", help="store directory to create or reuse (default: a temporary one)")
     parser.add_argument("--json", help="also write the figures to this JSON file")

@@ -66,13 +66,19 @@ def test_auto_key_by_size_and_budget():
     budget = 4 * 200_000 * (dim + 12)  # below an HNSW8 graph (dim + 16), above the IVF lists
     key = choose_index_key(200_000, dim, budget)
     assert key == f"IVF{nlist_for(200_000)},Flat" and estimate_bytes(key, 200_000, dim) <= budget
-    # large: IVF with an HNSW coarse quantizer and the largest PQ code that fits
+    # large: IVF with 4-bit fast-scan PQ of 8 dims per sub-quantizer, an HNSW coarse quantizer from 16k lists
+    assert choose_index_key(1_000_000, dim, "4G") == "IVF4096,PQ64x4fs"
     n = 20_000_000
     key = choose_index_key(n, dim, "4G")
-    assert key.startswith(f"IVF{nlist_for(n)}_HNSW32,PQ")
-    code = int(key.rsplit("PQ", 1)[1])
-    assert estimate_bytes(key, n, dim) <= parse_memory("4G") < estimate_bytes(key.replace(f"PQ{code}", f"PQ{2 * code}"), n, dim)
-    assert choose_index_key(n, dim, "64G").startswith("HNSW")  # more memory buys a graph
+    assert key == f"IVF{nlist_for(n)}_HNSW32,PQ64x4fs" and estimate_bytes(key, n, dim) <= parse_memory("4G")
+    # a tighter budget takes the largest smaller code that fits
+    tight = n * (8 + 8) + 4 * dim * nlist_for(n) + 2**20  # 8 bytes of code + 8 of id per row, centroids
+    key = choose_index_key(n, dim, tight)
+    assert key.endswith(",PQ16x4fs") and estimate_bytes(key, n, dim) <= tight
+    assert estimate_bytes(key.replace("PQ16", "PQ32"), n, dim) > tight
+    assert choose_index_key(100_000, 768, 100_000 * 60 + 2**22) == "IVF1024,PQ96x4fs"  # dim/8 sub-quantizers
+    assert choose_index_key(500_000, dim, "64G").startswith("HNSW")  # more memory buys a graph
+    assert choose_index_key(n, dim, "64G") == choose_index_key(n, dim, "4G")  # but not beyond 1M rows
     with pytest.raises(BadInput, match="raise --max-memory"):
         choose_index_key(n, dim, "100M")
 
@@ -119,7 +125,7 @@ def test_auto_hnsw_recall_at_10(tmp_path):
 def test_ivf_pq_trains_on_a_seeded_sample(tmp_path):
     reader = make_store(tmp_path / "s", 1500, dim=16)
     record = build_index(tmp_path / "s", index_key="IVF16,PQ4x4", nprobe=4, seed=3)
-    assert record["params"] == {"nprobe": 4} and 0 < record["train_size"] <= 1500 and record["seed"] == 3
+    assert record["params"] == {"nprobe": 4, "rerank": 10} and 0 < record["train_size"] <= 1500 and record["seed"] == 3
     queries = reader.embeddings[:20]
     scores, rows, _ = search_vectors(reader, queries, k=5)
     assert rows.shape == (20, 5) and (rows < 1500).all()

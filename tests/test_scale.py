@@ -125,6 +125,48 @@ def test_tensor_pipeline_takes_only_jpegs_it_decodes_like_pil(tmp_path):
     assert items[2][1] == (80, 120)  # the rotated JPEG went through PIL, which turned it upright
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA device (nvJPEG)")
+def test_nvjpeg_path_matches_pil_path_on_cuda(tmp_path):
+    """On a GPU: nvJPEG batches with the fallbacks a real collection has (progressive, EXIF-rotated, CMYK,
+    greyscale, PNG, corrupt, missing) give the PIL path's vectors and errors."""
+    rng = np.random.default_rng(3)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    files = {f"p{i}.jpg": jpeg_bytes(photo(rng, w, h)) for i, (w, h) in enumerate(SIZES * 6)}
+    files.update({"prog.jpg": jpeg_bytes(photo(rng, 500, 375), progressive=True),
+                  "rot.jpg": jpeg_bytes(photo(rng, 500, 375), exif=exif.tobytes()),
+                  "cmyk.jpg": jpeg_bytes(photo(rng, 300, 200).convert("CMYK")),
+                  "grey.jpg": jpeg_bytes(photo(rng, 300, 200).convert("L")),
+                  "bad.jpg": b"\xff\xd8\xff" + b"not really a jpeg" * 10})
+    png = io.BytesIO()
+    photo(rng, 200, 150).save(png, "PNG")
+    files["q.png"] = png.getvalue()
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    lines = [{"id": name, "path": name} for name in files] + [{"id": "gone", "path": "gone.jpg"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    stores = {}
+    for decode in ("cpu", "gpu"):
+        result = runner.invoke(app, ["embed", "images", str(tmp_path / "m.jsonl"), "-o", str(tmp_path / decode),
+                                     "--decode", decode, "--device", "cuda", "--model", "vlmtools-micro",
+                                     "-b", "16", "--workers", "2", "--dtype", "float32", "--json"])
+        assert result.exit_code == 0, result.output
+        stores[decode] = open_store(tmp_path / decode)
+    a, b = stores["cpu"], stores["gpu"]
+    assert [m["id"] for m in a.meta] == [m["id"] for m in b.meta] == [n for n in files if n != "bad.jpg"]
+    assert _cos_min(a.embeddings, b.embeddings) >= 0.999
+    assert sorted(e["id"] for e in b.errors()) == ["bad.jpg", "gone"]
+
+
 def test_decode_ahead_passes_errors_and_stops_its_thread():
     from vlmtools.embed import _DecodeAhead
 
@@ -305,7 +347,8 @@ def test_ivfpq_index_nprobe_and_rerank_from_store(tmp_path):
     result = runner.invoke(app, ["index", str(store), "--index-key", "IVF64,PQ8", "--max-memory", "64M"])
     assert result.exit_code == 0, result.output
     index_info = json.loads((store / "index.json").read_text())
-    assert index_info["train_size"] == 10000  # max(64 per list, 10k), within a quarter of 64M and "rerank" not in index_info["params"]
+    assert index_info["train_size"] == 10000  # max(64 per list, 10k), within half of 64M
+    assert index_info["params"]["rerank"] == 10  # PQ codes rank coarsely: reranked by default
     reader = open_store(store)
     queries = _clustered(rng, 100, 32, centers)
     _, truth = exact_search(reader, queries, 10)
@@ -313,19 +356,63 @@ def test_ivfpq_index_nprobe_and_rerank_from_store(tmp_path):
     def recall(rows):
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), truth.tolist())])
 
-    _, plain, method = search_vectors(reader, queries, 10, nprobe=64)
+    _, plain, method = search_vectors(reader, queries, 10, nprobe=64, rerank=0)
     _, reranked, method_r = search_vectors(reader, queries, 10, nprobe=64, rerank=8)
     assert method == "IVF64,PQ8" and method_r == "IVF64,PQ8, reranked 80"
     assert recall(reranked) >= 0.95 and recall(reranked) > recall(plain)
+    assert search_vectors(reader, queries, 10, nprobe=64)[2] == "IVF64,PQ8, reranked 100"  # the saved default
     # --rerank saved by `index` (no rebuild), used by `search`, overridden there
     result = runner.invoke(app, ["index", str(store), "--rerank", "8"])
     assert result.exit_code == 0 and json.loads((store / "index.json").read_text())["params"]["rerank"] == 8
     np.testing.assert_array_equal(search_vectors(open_store(store), queries, 10, nprobe=64)[1], reranked)
+    result = runner.invoke(app, ["index", str(store), "--rerank", "0"])
+    assert result.exit_code == 0 and "rerank" not in json.loads((store / "index.json").read_text())["params"]
     result = runner.invoke(app, ["search", str(store), "--store", str(store), "-k", "3", "--nprobe", "0"])
     assert result.exit_code == 2 and "--nprobe" in result.output
-    # the training sample stays within a quarter of the memory budget (but >= 10k rows)
-    assert train_size("IVF65536_HNSW32,PQ64", 10**7, 512, "4G") == 2**30 // 2048
+    # the training sample stays within half the memory budget (but >= 10k rows)
+    assert train_size("IVF65536_HNSW32,PQ64", 10**7, 512, "4G") == 2**31 // 2048
     assert train_size("IVF1024,PQ64", 10**6, 512, "64G") == 64 * 1024
+
+
+def test_auto_index_for_ten_million_rows_fits_4g():
+    """10^7 x 512 under --max-memory 4G: the key auto builds, what it holds, and the training sample."""
+    from vlmtools.index import choose_index_key, default_params, estimate_bytes, parse_memory, train_size
+
+    n, dim = 10**7, 512
+    key = choose_index_key(n, dim, "4G")
+    assert key == "IVF16384_HNSW32,PQ64x4fs"
+    held = estimate_bytes(key, n, dim)  # 32 bytes of codes + 8 of id per row, centroids, codebooks
+    assert held == n * 40 + 4 * dim * 16384 + 16 * 4 * dim and held < 0.5 * 2**30
+    sample = train_size(key, n, dim, "4G")
+    assert sample == 64 * 16384  # 64 rows per list, 2 GiB as float32: half the budget
+    assert sample * 4 * dim <= parse_memory("4G") // 2 and held + sample * 4 * dim < parse_memory("4G")
+    assert default_params(key) == {"rerank": 10, "nprobe": 128, "quantizer_efSearch": 256}
+
+
+def test_rerank_reads_and_checks_only_the_candidate_rows(tmp_path):
+    """search through a PQ index rescores candidates from the store without reading it all first, but a
+    NaN row among the candidates is still refused, naming its shard."""
+    from vlmtools.index import build_index
+    from vlmtools.search import search_vectors
+    from vlmtools.store import StoreProblem, write_arrays
+
+    rng = np.random.default_rng(0)
+    x = _clustered(rng, 12000, 32, rng.standard_normal((50, 32)).astype(np.float32))
+    store = tmp_path / "s"
+    write_arrays(store, x, [{"id": str(i)} for i in range(len(x))], kind="image", model={"name": "m"},
+                 dtype="float32", shard_size=5000)
+    build_index(store, index_key="IVF16,PQ8x4fs")
+    reader = open_store(store)
+    scores, rows, method = search_vectors(reader, x[:5], 3)
+    assert method.endswith("reranked 30") and (rows[:, 0] == np.arange(5)).all()
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)  # exact scores, not PQ estimates
+    assert reader._finite == set()  # no shard was read through
+    emb = np.load(store / "emb-00001.npy")
+    emb[7, 3] = np.nan  # store row 5007, after the index was built
+    np.save(store / "emb-00001.npy", emb)
+    with pytest.raises(StoreProblem, match=r"emb-00001.npy: 1 row\(s\) hold NaN"):
+        search_vectors(open_store(store), x[5007:5008], 3)
+    assert search_vectors(open_store(store), x[:5], 3)[1][:, 0].tolist() == list(range(5))  # elsewhere: fine
 
 
 def test_row_view_reads_rows_lazily(tmp_path):
@@ -339,3 +426,7 @@ def test_row_view_reads_rows_lazily(tmp_path):
     rows = [22, 0, 7, 8]
     np.testing.assert_array_equal(reader.row_view(rows)[1:4], reader.embeddings[rows[1:4]])
     assert len(view) == 23 and view[30:40].shape == (0, 8)
+    rows = [22, 0, 7, 8, 7, 14, 3]  # unsorted, repeated, across shards: returned in the order asked
+    np.testing.assert_array_equal(view.take(rows), reader.embeddings[rows])
+    with pytest.raises(IndexError):
+        view.take([0, 23])

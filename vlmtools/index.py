@@ -5,12 +5,18 @@ rows in order, so index row i is store row i. Stores are L2-normalized, so inner
 
 The automatic choice follows autofaiss's reasoning (criteo/autofaiss, get_optimal_index_keys_v2), simplified:
   - fewer than 1,000 rows: Flat (exact; nothing is faster at that size)
-  - HNSW with the largest M <= 32 whose graph fits the memory budget (M >= 8), else
+  - fewer than 1M rows: HNSW with the largest M <= 32 whose graph fits the memory budget (M >= 8), else
+    (beyond 1M rows a graph holds a float32 copy of the store and takes tens of minutes to build on a
+    few cores, where IVF-PQ with reranking builds in minutes to the same recall)
   - fewer than 10,000 rows: Flat (too few rows to train quantizers)
   - fewer than 1M rows: IVF<nlist>,Flat if the uncompressed lists fit
-  - otherwise IVF<nlist>[_HNSW32],PQ<m>: the largest PQ code (m bytes per row) that fits the budget,
-    with an HNSW coarse quantizer once there are 1,000+ lists
-with nlist ~ 4*sqrt(N) rounded to a power of two below 1M rows (16384 / 65536 / 131072 beyond).
+  - otherwise IVF<nlist>[_HNSW32],PQ<m>x4fs: 4-bit fast-scan PQ (m/2 bytes per row, scanned with SIMD
+    lookup tables), m = dim/8 or the largest smaller code that fits the budget, with an HNSW coarse
+    quantizer from 16,384 lists on; searches rescore rerank*k candidates exactly from the store
+    (DEFAULT_RERANK), so the codes only have to shortlist, not rank
+with nlist ~ 4*sqrt(N) rounded to a power of two (131072 from 300M rows on).
+Measured on 1M x 512 (README, benchmarks/bench_index.py): the fast-scan codes with reranking beat
+byte-coded PQ64 without it on both recall and speed.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ IVF_FLAT_BELOW = 1_000_000
 HNSW_MAX_M = 32
 DEFAULT_EF_SEARCH = 64  # recall@10 ~0.99 for HNSW32 on 5k random 32-d unit vectors (tests/test_index.py)
 PQ_CODE_SIZES = (256, 128, 96, 64, 48, 32, 24, 16, 8, 4)
+HNSW_COARSE_FROM = 16_384  # lists; below, a flat coarse quantizer costs less than the graph's detour
+NPROBE_SHARE_PQ = 128  # default nprobe for PQ indexes: max(16, nlist/128)
+DEFAULT_RERANK = 10  # PQ indexes: rescore 10*k candidates from the store (0 turns it off)
 ADD_CHUNK = 65_536  # rows converted to float32 and added at a time
 
 
@@ -53,13 +62,9 @@ def parse_memory(text: str | int) -> int:
 
 
 def nlist_for(n: int) -> int:
-    """Number of IVF lists for n rows: ~4*sqrt(n) as a power of two, fixed steps for very large n."""
-    if n < 1_000_000:
+    """Number of IVF lists for n rows: ~4*sqrt(n) as a power of two, 131072 for very large n."""
+    if n < 300_000_000:  # 16384 lists from ~4.2M rows, 65536 from ~67M
         return max(1, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))
-    if n < 10_000_000:
-        return 16_384
-    if n < 300_000_000:
-        return 65_536
     return 131_072
 
 
@@ -74,10 +79,12 @@ def estimate_bytes(key: str, n: int, dim: int) -> int:
     if m:
         return 4 * n * (dim + 2 * int(m.group(1)))
     ivf = re.search(r"IVF(\d+)", key)
-    pq = re.search(r"PQ(\d+)", key)
+    pq = re.search(r"PQ(\d+)(?:x(\d+))?", key)
     lists = 4 * dim * int(ivf.group(1)) if ivf else 0
     if pq:
-        return n * (int(pq.group(1)) + 8) + lists + 256 * 4 * dim  # codes + ids, centroids, PQ codebooks
+        bits = int(pq.group(2) or 8)
+        code = math.ceil(int(pq.group(1)) * bits / 8)
+        return n * (code + 8) + lists + 2 ** bits * 4 * dim  # codes + ids, centroids, PQ codebooks
     return n * (4 * dim + (8 if ivf else 0)) + lists
 
 
@@ -87,7 +94,7 @@ def choose_index_key(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMOR
     if n < FLAT_BELOW:
         return "Flat"
     m = _hnsw_m(n, dim, budget)
-    if m >= 8:
+    if m >= 8 and n < IVF_FLAT_BELOW:  # beyond, the graph's build time and float32 copy stop paying off
         return f"HNSW{min(m, HNSW_MAX_M)}"
     if n < QUANTIZE_FROM:
         return "Flat"
@@ -96,16 +103,18 @@ def choose_index_key(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMOR
         key = f"IVF{nlist},Flat"
         if estimate_bytes(key, n, dim) <= budget:
             return key
-    coarse = f"IVF{nlist}" if nlist < 1000 else f"IVF{nlist}_HNSW32"
+    coarse = f"IVF{nlist}" if nlist < HNSW_COARSE_FROM else f"IVF{nlist}_HNSW32"
     for code in PQ_CODE_SIZES:
-        if dim % code or code > dim // 2:  # PQ needs dim divisible by m; keep >= 2 dims per sub-quantizer
+        # PQ needs dim divisible by m; 8 dims per 4-bit sub-quantizer at most (finer codes scan slower
+        # and reranking makes up the difference), 2 at least
+        if dim % code or code > dim // 8 and code > 4:
             continue
-        key = f"{coarse},PQ{code}"
+        key = f"{coarse},PQ{code}x4fs"
         if estimate_bytes(key, n, dim) <= budget:
             return key
     raise BadInput(f"no index of {n} rows x {dim} dims fits in --max-memory {max_memory} "
-                   f"(the smallest, {coarse},PQ4, needs ~{estimate_bytes(coarse + ',PQ4', n, dim) / 2**30:.1f} GiB); "
-                   f"raise --max-memory")
+                   f"(the smallest, {coarse},PQ4x4fs, needs "
+                   f"~{estimate_bytes(coarse + ',PQ4x4fs', n, dim) / 2**30:.1f} GiB); raise --max-memory")
 
 
 # ----------------------------------------------------------------------------- search parameters
@@ -114,12 +123,16 @@ def default_params(key: str, nprobe: int | None = None, ef_search: int | None = 
                    rerank: int | None = None) -> dict:
     """Search-time parameters saved in index.json: nprobe for IVF indexes (and the HNSW coarse quantizer's
     efSearch), efSearch for HNSW indexes, rerank (exact rescoring of rerank*k candidates from the store)
-    when asked for."""
+    (by default DEFAULT_RERANK for PQ codes, which rank coarsely; 0 turns it off)."""
     ivf = re.search(r"IVF(\d+)", key)
+    if rerank is None and re.search(r"PQ\d", key):
+        rerank = DEFAULT_RERANK
     params: dict = {"rerank": rerank} if rerank else {}
     if ivf:
         nlist = int(ivf.group(1))
-        params["nprobe"] = min(nlist, nprobe or max(16, nlist // 16))
+        # PQ lists are scanned fast and reranked: fewer lists suffice; exact (Flat) lists probe more
+        share = NPROBE_SHARE_PQ if "PQ" in key else 16
+        params["nprobe"] = min(nlist, nprobe or max(16, nlist // share))
         if "_HNSW" in key:
             params["quantizer_efSearch"] = max(ef_search or DEFAULT_EF_SEARCH, 2 * params["nprobe"])
     elif "HNSW" in key:
@@ -196,11 +209,12 @@ def _no_polysemous_training(index) -> None:
 def train_size(key: str, n: int, dim: int | None = None, max_memory: str | int | None = None) -> int:
     """Rows to train on: ~64 per IVF list (faiss wants >= 39), and >= 10k for anything that trains
     (PQ codebooks have 256 centroids each; PCA/OPQ need a fair sample too); never more than the store,
-    and (given dim and max_memory) a float32 sample of at most a quarter of the memory budget."""
+    and (given dim and max_memory) a float32 sample of at most half the memory budget (the sample is
+    freed before rows are added; 10^7 x 512 in 4G: 2 GiB of sample, then ~0.4 GiB of codes)."""
     ivf = re.search(r"IVF(\d+)", key)
     size = min(n, max(64 * int(ivf.group(1)) if ivf else 0, QUANTIZE_FROM))
     if dim is not None and max_memory is not None:
-        size = min(size, max(QUANTIZE_FROM, parse_memory(max_memory) // 4 // (4 * dim)))
+        size = min(size, max(QUANTIZE_FROM, parse_memory(max_memory) // 2 // (4 * dim)))
     return size
 
 

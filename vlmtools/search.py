@@ -12,6 +12,7 @@ from typing import Sequence
 from vlmtools.errors import BadInput
 
 EXACT_CHUNK = 65_536  # store rows scored at a time in exact search
+RERANK_QUERIES = 256  # queries reranked at a time: 256 x 100 candidates x 512 dims = 50 MB of float32
 
 
 # ----------------------------------------------------------------------------- vector search
@@ -28,7 +29,10 @@ def _merge_topk(scores, rows, k: int):
 
 
 def exact_search(reader, queries, k: int):
-    """Brute-force top-k by inner product over every store row: (scores, rows), each (Q, min(k, N))."""
+    """Brute-force top-k by inner product over every store row: (scores, rows), each (Q, min(k, N)).
+    Each chunk of rows goes through faiss' blocked brute-force kNN (a GEMM plus a heap per query, no
+    (Q x chunk) score matrix to sort); the per-chunk winners are merged."""
+    import faiss
     import numpy as np
 
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -37,24 +41,27 @@ def exact_search(reader, queries, k: int):
     offset = 0
     for emb in reader.emb_shards():
         for start in range(0, emb.shape[0], EXACT_CHUNK):
-            chunk = np.asarray(emb[start:start + EXACT_CHUNK], dtype=np.float32)
-            scores = queries @ chunk.T
-            rows = np.broadcast_to(np.arange(offset + start, offset + start + chunk.shape[0]), scores.shape)
+            chunk = np.ascontiguousarray(emb[start:start + EXACT_CHUNK], dtype=np.float32)
+            scores, rows = faiss.knn(queries, chunk, min(k, chunk.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
             best_s, best_r = _merge_topk(np.concatenate([best_s, scores], 1),
-                                         np.concatenate([best_r, rows], 1), k)
+                                         np.concatenate([best_r, rows.astype(np.int64) + offset + start], 1), k)
         offset += emb.shape[0]
     return best_s, best_r
 
 
 def rerank_exact(reader, queries, rows, k: int):
     """Rescore candidate ``rows`` (Q, C) exactly against the memory-mapped store rows; keep the best k.
-    Only the candidates' vectors are read (a few pages per row), so this works on stores beyond memory."""
+    Only the candidates' vectors are read (sorted, a few pages per row; NaN/inf checked on those rows),
+    so this works on stores beyond memory. Queries go RERANK_QUERIES at a time to bound the gathered
+    (queries x candidates x dim) block."""
     import numpy as np
 
-    wanted = np.unique(rows[rows >= 0])
-    vectors = reader.row_view().take(wanted)
-    pos = np.searchsorted(wanted, np.maximum(rows, 0))
-    scores = np.einsum("qd,qcd->qc", queries, vectors[pos])
+    view = reader.row_view(check="rows")
+    scores = np.empty(rows.shape, dtype=np.float32)
+    for a in range(0, len(rows), RERANK_QUERIES):
+        block = rows[a:a + RERANK_QUERIES]
+        vectors = view.take(np.maximum(block, 0).ravel()).reshape(*block.shape, -1)
+        scores[a:a + RERANK_QUERIES] = np.matmul(vectors, queries[a:a + RERANK_QUERIES, :, None])[..., 0]
     scores[rows < 0] = -np.inf
     best_s, best_r = _merge_topk(scores, rows, k)
     best_r = np.where(np.isfinite(best_s), best_r, -1)

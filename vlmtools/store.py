@@ -376,6 +376,8 @@ class StoreReader:
         self._shards = validate_shards(self.path, self.info)
         self._emb = None
         self._meta = None
+        self._maps: dict[Path, object] = {}  # shard -> its memory map, reused
+        self._finite: set[Path] = set()  # shards already read through for NaN/inf (once per reader)
 
     @property
     def kind(self) -> str:
@@ -396,12 +398,24 @@ class StoreReader:
         if spec is not None:
             spec.check_matches(self.info["model"], f"store {self.path}")
 
-    def shards(self):
-        """(embeddings memmap, meta rows) per shard, in row order."""
+    def _load(self, f: Path, check: bool = True):
+        """A shard memory-mapped once per reader (a fresh mapping would page-fault again on every search);
+        its NaN/inf check (a full read) runs once per reader, and only when ``check``."""
         import numpy as np
 
+        emb = self._maps.get(f)
+        if emb is None:
+            shard_header(f)
+            emb = self._maps[f] = np.load(f, mmap_mode="r", allow_pickle=False)
+        if check and f not in self._finite:
+            check_finite(emb, f)
+            self._finite.add(f)
+        return emb
+
+    def shards(self):
+        """(embeddings memmap, meta rows) per shard, in row order."""
         for stem, f, _ in self._shards:
-            emb = load_shard(f)
+            emb = self._load(f)
             meta = [rec for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem), strict=False)]
             if len(meta) != emb.shape[0]:
                 raise BadInput(f"{f}: {emb.shape[0]} rows but {len(meta)} meta rows; the store is damaged")
@@ -411,7 +425,7 @@ class StoreReader:
         """Embedding shards only (memory-mapped), in row order: for index building and exact search
         over stores too large to parse every meta row."""
         for _, f, _ in self._shards:
-            yield load_shard(f)
+            yield self._load(f)
 
     @property
     def embeddings(self):
@@ -419,16 +433,20 @@ class StoreReader:
         import numpy as np
 
         if self._emb is None:
-            parts = [load_shard(f) for _, f, _ in self._shards]
+            parts = [self._load(f) for _, f, _ in self._shards]
             self._emb = (np.concatenate(parts).astype(np.float32, copy=False) if parts
                          else np.zeros((0, self.dim), dtype=np.float32))
             self._check_rows(len(self._emb), "embedding")
         return self._emb
 
-    def row_view(self, rows=None) -> "RowView":
+    def row_view(self, rows=None, check: str = "all") -> "RowView":
         """The embedding rows (all, or the store rows ``rows``) as a lazily read matrix: slicing it reads
-        only those rows from the memory-mapped shards, as float32 (bounded memory for stores of any size)."""
-        view = RowView([load_shard(f) for _, f, _ in self._shards], self.dim, rows)
+        only those rows from the memory-mapped shards, as float32 (bounded memory for stores of any size).
+        ``check="rows"`` checks for NaN/inf only the rows read (search's rerank reads a few rows of a store
+        that may be far larger than memory) instead of every shard up front."""
+        files = [f for _, f, _ in self._shards]
+        view = RowView([self._load(f, check == "all") for f in files], self.dim, rows,
+                       files=files if check == "rows" else None)
         self._check_rows(view.total, "embedding")
         return view
 
@@ -457,10 +475,11 @@ class StoreReader:
 class RowView:
     """Rows of memory-mapped shards, read on slicing: ``view[a:b]`` -> (b-a, dim) float32 array."""
 
-    def __init__(self, parts, dim: int, rows=None):
+    def __init__(self, parts, dim: int, rows=None, files=None):
         import numpy as np
 
         self.parts, self.dim = parts, dim
+        self.files = files  # given: check each row read for NaN/inf (names the shard)
         self.starts = np.cumsum([0] + [p.shape[0] for p in parts])
         self.total = int(self.starts[-1])
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
@@ -481,6 +500,8 @@ class RowView:
             lo, hi = max(start, self.starts[s]), min(stop, self.starts[s + 1])
             if lo < hi:
                 out.append(np.asarray(self.parts[s][lo - self.starts[s]:hi - self.starts[s]], dtype=np.float32))
+                if self.files is not None:
+                    check_finite(out[-1], self.files[s], lo - self.starts[s])
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     def take(self, rows):
@@ -488,11 +509,18 @@ class RowView:
         import numpy as np
 
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.zeros((len(rows), self.dim), dtype=np.float32)
-        which = np.searchsorted(self.starts, rows, side="right") - 1
-        for s in np.unique(which):
-            sel = which == s
-            out[sel] = self.parts[s][rows[sel] - self.starts[s]]
+        if rows.size and (rows.min() < 0 or rows.max() >= self.total):
+            raise IndexError(f"store rows out of range 0..{self.total - 1}")
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        order = np.argsort(rows, kind="stable")  # sorted reads: each shard's rows in one pass, in page order
+        ordered = rows[order]
+        bounds = np.searchsorted(ordered, self.starts)
+        for s, part in enumerate(self.parts):
+            lo, hi = bounds[s], bounds[s + 1]
+            if hi > lo:
+                out[order[lo:hi]] = part[ordered[lo:hi] - self.starts[s]]
+                if self.files is not None:
+                    check_finite(out[order[lo:hi]], self.files[s])
         return out
 
 

@@ -15,16 +15,16 @@ def register(app: typer.Typer) -> None:
     def index_cmd(
         store: str = store_argument("Store directory (from `vlmtools embed`)."),
         index_key: str = typer.Option("auto", "--index-key", help="faiss factory key (Flat, HNSW32, "
-                                      "IVF4096,PQ64, IVF16384_HNSW32,PQ64, ...) or auto: chosen by row count "
-                                      "and --max-memory."),
+                                      "IVF4096,PQ64x4fs, IVF16384_HNSW32,PQ64, ...) or auto: chosen by row "
+                                      "count and --max-memory."),
         max_memory: str = typer.Option("4G", "--max-memory", help="Memory budget for the index (auto)."),
         nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists searched per query "
-                                             "(default: max(16, nlist/16))."),
+                                             "(default: max(16, nlist/16); PQ indexes max(16, nlist/128))."),
         ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search depth (default: 64; "
                                                 "at least 2k at search time)."),
         rerank: Optional[int] = typer.Option(None, "--rerank", help="Saved search parameter: fetch N*k "
-                                             "candidates and rescore them exactly from the store (for PQ "
-                                             "indexes; 0 = off)."),
+                                             "candidates and rescore them exactly from the store (default: "
+                                             "10 for PQ indexes, else off; 0 = off)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the training sample (IVF/PQ)."),
         gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when "
                                            "faiss has GPU support and sees a CUDA device)."),
