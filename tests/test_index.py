@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from vlmtools import formats
 from vlmtools.cli.app import app
 from vlmtools.errors import BadInput
-from vlmtools.index import (build_index, choose_index_key, estimate_bytes, load_index, nlist_for, parse_memory,
+from vlmtools.index import (build_index, choose_index_key, default_params, estimate_bytes, load_index, nlist_for, parse_memory,
                             read_index_info)
 from vlmtools.search import exact_search, search_vectors
 from vlmtools.store import open_store, write_arrays
@@ -77,6 +77,15 @@ def test_auto_key_by_size_and_budget():
     assert key.endswith(",PQ16x4fs") and estimate_bytes(key, n, dim) <= tight
     assert estimate_bytes(key.replace("PQ16", "PQ32"), n, dim) > tight
     assert choose_index_key(100_000, 768, 100_000 * 60 + 2**22) == "IVF1024,PQ96x4fs"  # dim/8 sub-quantizers
+    # no PQ code divides the dim: uncompressed lists or a graph if they fit, else a message that says why
+    assert choose_index_key(2_000_000, 50, "64G") == f"IVF{nlist_for(2_000_000)},Flat"
+    with pytest.raises(BadInput, match="no PQ code divides dim 50"):
+        choose_index_key(2_000_000, 50, "100M")
+    # OPQ is a transform: OPQ + Flat lists is not a PQ index (no rerank; Flat lists' nprobe)
+    assert default_params("OPQ16_64,IVF256,Flat") == {"nprobe": 16}
+    assert default_params("IVF4096,Flat") == {"nprobe": 256}  # exact lists: nlist/16
+    assert default_params("IVF4096,PQ64x4fs") == {"rerank": 10, "nprobe": 32}  # reranked: nlist/128
+    assert default_params("IVF4096,PQ64", rerank=0) == {"rerank": 0, "nprobe": 32}
     assert choose_index_key(500_000, dim, "64G").startswith("HNSW")  # more memory buys a graph
     assert choose_index_key(n, dim, "64G") == choose_index_key(n, dim, "4G")  # but not beyond 1M rows
     with pytest.raises(BadInput, match="raise --max-memory"):

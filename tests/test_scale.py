@@ -366,7 +366,16 @@ def test_ivfpq_index_nprobe_and_rerank_from_store(tmp_path):
     assert result.exit_code == 0 and json.loads((store / "index.json").read_text())["params"]["rerank"] == 8
     np.testing.assert_array_equal(search_vectors(open_store(store), queries, 10, nprobe=64)[1], reranked)
     result = runner.invoke(app, ["index", str(store), "--rerank", "0"])
-    assert result.exit_code == 0 and "rerank" not in json.loads((store / "index.json").read_text())["params"]
+    assert result.exit_code == 0 and json.loads((store / "index.json").read_text())["params"]["rerank"] == 0
+    assert search_vectors(open_store(store), queries, 10, nprobe=64)[2] == "IVF64,PQ8"
+    # an index.json from before rerank was saved: PQ codes are reranked by default at search time
+    record = json.loads((store / "index.json").read_text())
+    del record["params"]["rerank"]
+    (store / "index.json").write_text(json.dumps(record))
+    assert search_vectors(open_store(store), queries, 10, nprobe=64)[2] == "IVF64,PQ8, reranked 100"
+    # faiss pads short candidate lists with -1: those are dropped, never row 0
+    scores, rows, _ = search_vectors(open_store(store), queries[:3], 10, nprobe=1, rerank=100)
+    assert ((rows >= 0) | (rows == -1)).all() and np.isfinite(scores[rows >= 0]).all()
     result = runner.invoke(app, ["search", str(store), "--store", str(store), "-k", "3", "--nprobe", "0"])
     assert result.exit_code == 2 and "--nprobe" in result.output
     # the training sample stays within half the memory budget (but >= 10k rows)
@@ -410,7 +419,7 @@ def test_rerank_reads_and_checks_only_the_candidate_rows(tmp_path):
     emb = np.load(store / "emb-00001.npy")
     emb[7, 3] = np.nan  # store row 5007, after the index was built
     np.save(store / "emb-00001.npy", emb)
-    with pytest.raises(StoreProblem, match=r"emb-00001.npy: 1 row\(s\) hold NaN"):
+    with pytest.raises(StoreProblem, match=r"emb-00001.npy: row 7 holds NaN or inf"):
         search_vectors(open_store(store), x[5007:5008], 3)
     assert search_vectors(open_store(store), x[:5], 3)[1][:, 0].tolist() == list(range(5))  # elsewhere: fine
 

@@ -7,13 +7,14 @@ The automatic choice follows autofaiss's reasoning (criteo/autofaiss, get_optima
   - fewer than 1,000 rows: Flat (exact; nothing is faster at that size)
   - fewer than 1M rows: HNSW with the largest M <= 32 whose graph fits the memory budget (M >= 8), else
     (beyond 1M rows a graph holds a float32 copy of the store and takes tens of minutes to build on a
-    few cores, where IVF-PQ with reranking builds in minutes to the same recall)
+    few cores, where IVF-PQ with reranking builds in minutes)
   - fewer than 10,000 rows: Flat (too few rows to train quantizers)
   - fewer than 1M rows: IVF<nlist>,Flat if the uncompressed lists fit
   - otherwise IVF<nlist>[_HNSW32],PQ<m>x4fs: 4-bit fast-scan PQ (m/2 bytes per row, scanned with SIMD
     lookup tables), m = dim/8 or the largest smaller code that fits the budget, with an HNSW coarse
     quantizer from 16,384 lists on; searches rescore rerank*k candidates exactly from the store
     (DEFAULT_RERANK), so the codes only have to shortlist, not rank
+  - when no PQ code divides dim or none fits: IVF<nlist>,Flat, else an HNSW graph, if either fits
 with nlist ~ 4*sqrt(N) rounded to a power of two (131072 from 300M rows on).
 Measured on 1M x 512 (README, benchmarks/bench_index.py): the fast-scan codes with reranking beat
 byte-coded PQ64 without it on both recall and speed.
@@ -63,7 +64,7 @@ def parse_memory(text: str | int) -> int:
 
 def nlist_for(n: int) -> int:
     """Number of IVF lists for n rows: ~4*sqrt(n) as a power of two, 131072 for very large n."""
-    if n < 300_000_000:  # 16384 lists from ~4.2M rows, 65536 from ~67M
+    if n < 300_000_000:  # 4096 lists at 1M rows, 16384 from ~8.4M, 65536 from ~134M
         return max(1, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))
     return 131_072
 
@@ -104,20 +105,39 @@ def choose_index_key(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMOR
         if estimate_bytes(key, n, dim) <= budget:
             return key
     coarse = f"IVF{nlist}" if nlist < HNSW_COARSE_FROM else f"IVF{nlist}_HNSW32"
-    for code in PQ_CODE_SIZES:
-        # PQ needs dim divisible by m; 8 dims per 4-bit sub-quantizer at most (finer codes scan slower
-        # and reranking makes up the difference), 2 at least
-        if dim % code or code > dim // 8 and code > 4:
-            continue
+    codes = [code for code in PQ_CODE_SIZES
+             # PQ needs dim divisible by m; 8 dims per 4-bit sub-quantizer at most (finer codes scan slower
+             # and reranking makes up the difference), 2 at least
+             if dim % code == 0 and (code <= dim // 8 or code == 4) and code <= dim // 2]
+    for code in codes:
         key = f"{coarse},PQ{code}x4fs"
         if estimate_bytes(key, n, dim) <= budget:
             return key
+    # no PQ code fits or divides dim: uncompressed lists, else a graph, if either fits
+    for key in (f"IVF{nlist},Flat", f"HNSW{min(max(m, 0), HNSW_MAX_M)}" if m >= 8 else None):
+        if key and estimate_bytes(key, n, dim) <= budget:
+            return key
+    if not codes:
+        raise BadInput(f"auto: no PQ code divides dim {dim} and no uncompressed index of {n} rows fits in "
+                       f"--max-memory {max_memory}; raise --max-memory or pass --index-key "
+                       f"(e.g. IVF{nlist},SQ8)")
+    smallest = f"{coarse},PQ{codes[-1]}x4fs"
     raise BadInput(f"no index of {n} rows x {dim} dims fits in --max-memory {max_memory} "
-                   f"(the smallest, {coarse},PQ4x4fs, needs "
-                   f"~{estimate_bytes(coarse + ',PQ4x4fs', n, dim) / 2**30:.1f} GiB); raise --max-memory")
+                   f"(the smallest, {smallest}, needs ~{estimate_bytes(smallest, n, dim) / 2**30:.1f} GiB); "
+                   f"raise --max-memory")
 
 
 # ----------------------------------------------------------------------------- search parameters
+
+def has_pq_codes(key: str) -> bool:
+    """Whether an index stores PQ codes (IVF...,PQ64, PQ32x4fs; not an OPQ transform before Flat lists)."""
+    return re.search(r"(?:^|,)PQ\d", key) is not None
+
+
+def default_rerank(key: str) -> int:
+    """The rerank factor for an index.json without one (indexes built before it was saved)."""
+    return DEFAULT_RERANK if has_pq_codes(key) else 0
+
 
 def default_params(key: str, nprobe: int | None = None, ef_search: int | None = None,
                    rerank: int | None = None) -> dict:
@@ -125,13 +145,14 @@ def default_params(key: str, nprobe: int | None = None, ef_search: int | None = 
     efSearch), efSearch for HNSW indexes, rerank (exact rescoring of rerank*k candidates from the store)
     (by default DEFAULT_RERANK for PQ codes, which rank coarsely; 0 turns it off)."""
     ivf = re.search(r"IVF(\d+)", key)
-    if rerank is None and re.search(r"PQ\d", key):
+    pq = has_pq_codes(key)
+    if rerank is None and pq:
         rerank = DEFAULT_RERANK
-    params: dict = {"rerank": rerank} if rerank else {}
+    params: dict = {"rerank": rerank} if rerank is not None else {}
     if ivf:
         nlist = int(ivf.group(1))
         # PQ lists are scanned fast and reranked: fewer lists suffice; exact (Flat) lists probe more
-        share = NPROBE_SHARE_PQ if "PQ" in key else 16
+        share = NPROBE_SHARE_PQ if pq else 16
         params["nprobe"] = min(nlist, nprobe or max(16, nlist // share))
         if "_HNSW" in key:
             params["quantizer_efSearch"] = max(ef_search or DEFAULT_EF_SEARCH, 2 * params["nprobe"])
@@ -182,14 +203,15 @@ def _sample_rows(reader, size: int, seed: int):
 
     n = len(reader)
     picks = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-    out, start = [], 0
+    out = np.empty((size, reader.dim), dtype=np.float32)  # filled in place: the sample is held once
+    start = 0
     for emb in reader.emb_shards():
         stop = start + emb.shape[0]
         lo, hi = np.searchsorted(picks, [start, stop])
         if hi > lo:
-            out.append(np.asarray(emb[picks[lo:hi] - start], dtype=np.float32))
+            out[lo:hi] = emb[picks[lo:hi] - start]
         start = stop
-    return np.ascontiguousarray(np.concatenate(out))
+    return out
 
 
 def _no_polysemous_training(index) -> None:
@@ -256,8 +278,7 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
             given |= {"efSearch", "quantizer_efSearch"} if ef_search else set()
             params = {**old.get("params", {}), **{k: v for k, v in fresh.items() if k in given}}
             if rerank is not None:
-                params.pop("rerank", None)
-                params.update({"rerank": rerank} if rerank else {})
+                params["rerank"] = rerank
             if (nprobe or ef_search or rerank is not None) and params != old.get("params"):
                 old = {**old, "params": params}  # new search parameters need no rebuild
                 formats.write_json(info_path, old)

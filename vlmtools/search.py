@@ -12,7 +12,7 @@ from typing import Sequence
 from vlmtools.errors import BadInput
 
 EXACT_CHUNK = 65_536  # store rows scored at a time in exact search
-RERANK_QUERIES = 256  # queries reranked at a time: 256 x 100 candidates x 512 dims = 50 MB of float32
+RERANK_BLOCK_BYTES = 64 * 2**20  # candidate vectors gathered at a time (float32): 327 queries x 100 x 512
 
 
 # ----------------------------------------------------------------------------- vector search
@@ -52,16 +52,17 @@ def exact_search(reader, queries, k: int):
 def rerank_exact(reader, queries, rows, k: int):
     """Rescore candidate ``rows`` (Q, C) exactly against the memory-mapped store rows; keep the best k.
     Only the candidates' vectors are read (sorted, a few pages per row; NaN/inf checked on those rows),
-    so this works on stores beyond memory. Queries go RERANK_QUERIES at a time to bound the gathered
-    (queries x candidates x dim) block."""
+    so this works on stores beyond memory. Queries go in blocks of about RERANK_BLOCK_BYTES of gathered
+    float32 vectors (queries x candidates x dim), whatever k and the rerank factor are."""
     import numpy as np
 
     view = reader.row_view(check="rows")
     scores = np.empty(rows.shape, dtype=np.float32)
-    for a in range(0, len(rows), RERANK_QUERIES):
-        block = rows[a:a + RERANK_QUERIES]
+    step = max(1, RERANK_BLOCK_BYTES // max(1, rows.shape[1] * reader.dim * 4))
+    for a in range(0, len(rows), step):
+        block = rows[a:a + step]
         vectors = view.take(np.maximum(block, 0).ravel()).reshape(*block.shape, -1)
-        scores[a:a + RERANK_QUERIES] = np.matmul(vectors, queries[a:a + RERANK_QUERIES, :, None])[..., 0]
+        scores[a:a + step] = np.matmul(vectors, queries[a:a + step, :, None])[..., 0]
     scores[rows < 0] = -np.inf
     best_s, best_r = _merge_topk(scores, rows, k)
     best_r = np.where(np.isfinite(best_s), best_r, -1)
@@ -84,7 +85,7 @@ def search_vectors(reader, queries, k: int, exact: bool = False, rows=None, load
     and rescores them exactly from the store (what makes compressed (PQ) indexes accurate)."""
     import numpy as np
 
-    from vlmtools.index import apply_params, load_index
+    from vlmtools.index import apply_params, default_rerank, load_index
 
     if k < 1:
         raise BadInput(f"-k must be at least 1 (got {k})")
@@ -114,7 +115,7 @@ def search_vectors(reader, queries, k: int, exact: bool = False, rows=None, load
         params["nprobe"] = nprobe
     if rerank is not None:
         params["rerank"] = rerank
-    factor = int(params.pop("rerank", 0) or 0)
+    factor = int(params.pop("rerank", default_rerank(record["index_key"])) or 0)
     candidates = min(len(reader), k * factor) if factor > 1 else k
     apply_params(index, params, candidates)
     scores, rows = index.search(queries, candidates)

@@ -398,15 +398,19 @@ class StoreReader:
         if spec is not None:
             spec.check_matches(self.info["model"], f"store {self.path}")
 
-    def _load(self, f: Path, check: bool = True):
-        """A shard memory-mapped once per reader (a fresh mapping would page-fault again on every search);
-        its NaN/inf check (a full read) runs once per reader, and only when ``check``."""
+    def _load(self, f: Path, check: bool = True, keep: bool = False):
+        """A shard memory-mapped; its NaN/inf check (a full read) runs once per reader, and only when
+        ``check``. ``keep`` keeps the map for the reader's life (rerank's random reads: a fresh map would
+        page-fault again on every search); full passes map each shard afresh and let it go when done, so
+        that the pages they read do not pile up in the process's resident set."""
         import numpy as np
 
         emb = self._maps.get(f)
         if emb is None:
             shard_header(f)
-            emb = self._maps[f] = np.load(f, mmap_mode="r", allow_pickle=False)
+            emb = np.load(f, mmap_mode="r", allow_pickle=False)
+            if keep:
+                self._maps[f] = emb
         if check and f not in self._finite:
             check_finite(emb, f)
             self._finite.add(f)
@@ -444,8 +448,10 @@ class StoreReader:
         only those rows from the memory-mapped shards, as float32 (bounded memory for stores of any size).
         ``check="rows"`` checks for NaN/inf only the rows read (search's rerank reads a few rows of a store
         that may be far larger than memory) instead of every shard up front."""
+        if check not in ("all", "rows"):
+            raise ValueError(f"check={check!r}: expected 'all' or 'rows'")
         files = [f for _, f, _ in self._shards]
-        view = RowView([self._load(f, check == "all") for f in files], self.dim, rows,
+        view = RowView([self._load(f, check == "all", keep=check == "rows") for f in files], self.dim, rows,
                        files=files if check == "rows" else None)
         self._check_rows(view.total, "embedding")
         return view
@@ -518,9 +524,14 @@ class RowView:
         for s, part in enumerate(self.parts):
             lo, hi = bounds[s], bounds[s + 1]
             if hi > lo:
-                out[order[lo:hi]] = part[ordered[lo:hi] - self.starts[s]]
+                got = part[ordered[lo:hi] - self.starts[s]]
                 if self.files is not None:
-                    check_finite(out[order[lo:hi]], self.files[s])
+                    bad = ~np.isfinite(got).all(axis=1)
+                    if bad.any():  # name the shard's own row, as a full check would
+                        first = int(ordered[lo:hi][bad][0] - self.starts[s])
+                        raise StoreProblem(f"{self.files[s]}: row {first} holds NaN or inf values; the store "
+                                           f"is damaged (rerun the embed command with --force)")
+                out[order[lo:hi]] = got
         return out
 
 

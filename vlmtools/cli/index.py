@@ -27,7 +27,8 @@ def register(app: typer.Typer) -> None:
                                              "10 for PQ indexes, else off; 0 = off)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the training sample (IVF/PQ)."),
         gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when "
-                                           "faiss has GPU support and sees a CUDA device)."),
+                                           "faiss has GPU support and sees a CUDA device; HNSW and 4-bit "
+                                           "fast-scan PQ, auto's choice from 1M rows, stay on the CPU)."),
         force: bool = typer.Option(False, "--force", help="Rebuild even if an up-to-date index exists."),
     ) -> None:
         """Index a store for fast `vlmtools search` (an up-to-date index is kept; a stale one is rebuilt)."""
