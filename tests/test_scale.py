@@ -419,7 +419,7 @@ def test_rerank_reads_and_checks_only_the_candidate_rows(tmp_path):
     emb = np.load(store / "emb-00001.npy")
     emb[7, 3] = np.nan  # store row 5007, after the index was built
     np.save(store / "emb-00001.npy", emb)
-    with pytest.raises(StoreProblem, match=r"emb-00001.npy: row 7 holds NaN or inf"):
+    with pytest.raises(StoreProblem, match=r"emb-00001.npy: 1 row\(s\) hold NaN or inf values \(first: row 7\)"):
         search_vectors(open_store(store), x[5007:5008], 3)
     assert search_vectors(open_store(store), x[:5], 3)[1][:, 0].tolist() == list(range(5))  # elsewhere: fine
 

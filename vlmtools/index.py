@@ -114,7 +114,7 @@ def choose_index_key(n: int, dim: int, max_memory: str | int = DEFAULT_MAX_MEMOR
         if estimate_bytes(key, n, dim) <= budget:
             return key
     # no PQ code fits or divides dim: uncompressed lists, else a graph, if either fits
-    for key in (f"IVF{nlist},Flat", f"HNSW{min(max(m, 0), HNSW_MAX_M)}" if m >= 8 else None):
+    for key in (f"IVF{nlist},Flat", f"HNSW{min(m, HNSW_MAX_M)}" if m >= 8 else None):
         if key and estimate_bytes(key, n, dim) <= budget:
             return key
     if not codes:

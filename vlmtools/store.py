@@ -288,24 +288,27 @@ def validate_shards(path: Path, info: dict) -> list[tuple[str, Path, int]]:
     return shards
 
 
-def check_finite(emb, f, first_row: int = 0) -> None:
-    """StoreProblem if a row holds NaN or inf (a damaged shard would give arbitrary predictions)."""
+def check_finite(emb, f, first_row: int = 0, rows=None) -> None:
+    """StoreProblem if a row holds NaN or inf (a damaged shard would give arbitrary predictions). Rows
+    are numbered from ``first_row`` (a slice of the shard) or, for rows gathered from it, by ``rows``."""
     import numpy as np
 
     finite = np.isfinite(emb).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
-        raise StoreProblem(f"{f}: {len(bad)} row(s) hold NaN or inf values (first: row {int(bad[0]) + first_row}); "
+        first = int(rows[bad[0]]) if rows is not None else int(bad[0]) + first_row
+        raise StoreProblem(f"{f}: {len(bad)} row(s) hold NaN or inf values (first: row {first}); "
                            f"the store is damaged (rerun the embed command with --force)")
 
 
-def load_shard(f: Path):
-    """A validated shard, memory-mapped, never unpickled; NaN/inf rows refused."""
+def load_shard(f: Path, check: bool = True):
+    """A validated shard, memory-mapped, never unpickled; with ``check``, NaN/inf rows refused."""
     import numpy as np
 
     shard_header(f)
     emb = np.load(f, mmap_mode="r", allow_pickle=False)
-    check_finite(emb, f)
+    if check:
+        check_finite(emb, f)
     return emb
 
 
@@ -403,12 +406,9 @@ class StoreReader:
         ``check``. ``keep`` keeps the map for the reader's life (rerank's random reads: a fresh map would
         page-fault again on every search); full passes map each shard afresh and let it go when done, so
         that the pages they read do not pile up in the process's resident set."""
-        import numpy as np
-
         emb = self._maps.get(f)
         if emb is None:
-            shard_header(f)
-            emb = np.load(f, mmap_mode="r", allow_pickle=False)
+            emb = load_shard(f, check=False)
             if keep:
                 self._maps[f] = emb
         if check and f not in self._finite:
@@ -524,13 +524,10 @@ class RowView:
         for s, part in enumerate(self.parts):
             lo, hi = bounds[s], bounds[s + 1]
             if hi > lo:
-                got = part[ordered[lo:hi] - self.starts[s]]
-                if self.files is not None:
-                    bad = ~np.isfinite(got).all(axis=1)
-                    if bad.any():  # name the shard's own row, as a full check would
-                        first = int(ordered[lo:hi][bad][0] - self.starts[s])
-                        raise StoreProblem(f"{self.files[s]}: row {first} holds NaN or inf values; the store "
-                                           f"is damaged (rerun the embed command with --force)")
+                local = ordered[lo:hi] - self.starts[s]
+                got = part[local]
+                if self.files is not None:  # names the shard's own row, as a full check would
+                    check_finite(got, self.files[s], rows=local)
                 out[order[lo:hi]] = got
         return out
 
