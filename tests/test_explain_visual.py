@@ -401,3 +401,20 @@ def test_explain_visual_interrupted_leaves_nothing(world, tmp_path, monkeypatch)
         V.explain_visual(str(world / "manifest.jsonl"), tmp_path / "maps", opts=V.VisualOptions(),
                          model="vlmtools-micro", limit=3, png=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overlays_name_the_true_label_and_off_label_runs_warn(gradcam_maps, world, tmp_path):
+    """Every overlay's title names the explained class and the image's label; explaining a class that is
+    not the label for most images says so (here --class: one class for images of three)."""
+    rows = [json.loads(x) for x in (gradcam_maps / "maps.jsonl").read_text().splitlines()]
+    for r in rows:
+        with Image.open(gradcam_maps / r["png"]) as im:
+            title = im.info["Title"]
+        assert f"explains {r['class']}" in title and f"true label: {r['label']}" in title
+    one = rows[0]["label"]
+    res = invoke("explain", "visual", world / "manifest.jsonl", "-o", tmp_path / "m", "-m", "vlmtools-micro",
+                 "--where", "split=test", "--class", one)
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.stderr.split())
+    off = sum(r["label"] != one for r in rows)
+    assert f"differs from the true label for {off} of {len(rows)} images (--class {one} is not their label)" in said
