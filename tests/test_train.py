@@ -51,7 +51,7 @@ def train_probe(store, out, *extra):
 # ----------------------------------------------------------------------------- probe + head file
 
 def test_probe_trains_saves_and_classifies(store, tmp_path):
-    res = train_probe(store, tmp_path / "probe")
+    res = train_probe(store, tmp_path / "probe", "--val-where", "split=val")
     assert res.exit_code == 0, res.output
     summary = lines(res.stdout)[0]
     assert summary["kind"] == "probe" and summary["classes"] == 4
@@ -60,6 +60,7 @@ def test_probe_trains_saves_and_classifies(store, tmp_path):
     assert info["classes"] == CLASSES and info["input_dim"] == 16 and info["model"] == TINY
     assert info["tensors"] == {"fc.weight": [4, 16], "fc.bias": [4]}
     assert info["training"]["epochs"] == 30 and info["training"]["where"] == ["split=train"]
+    assert info["training"]["solver"] == "lbfgs" and info["converged"] is True and summary["converged"] is True
     assert len(info["curve"]) == summary["epochs"] and info["curve"][0]["epoch"] == 1
     assert "val_acc" in info["curve"][0] and info["metrics"]["val"]["rows"] > 0
     assert len(info["inputs"]["image_store"]["sha"]) == 16
@@ -93,7 +94,7 @@ def test_val_where_and_no_val(store, tmp_path):
     assert res.exit_code == 0, res.output
     summary = lines(res.stdout)[0]
     assert summary["val_rows"] == 40 and summary["train_rows"] == 80
-    res = train_probe(store, tmp_path / "n", "--val-fraction", 0, "--epochs", 5)
+    res = train_probe(store, tmp_path / "n", "--val-fraction", 0, "--epochs", 5, "--solver", "adamw")
     assert res.exit_code == 0, res.output
     summary = lines(res.stdout)[0]
     assert summary["val_rows"] == 0 and summary["epochs"] == 5 and summary["best_epoch"] == 5

@@ -29,6 +29,16 @@ ValWhereOpt = typer.Option([], "--val-where", help="Val rows: those whose KEY=VA
                            "split=val), instead of --val-fraction.")
 ValFractionOpt = typer.Option(None, "--val-fraction", help="Share of each class's train rows held out "
                               "(seeded) for early stopping and val metrics; 0: none (default 0.1).")
+ProbeEpochsOpt = typer.Option(100, "--epochs", help="--solver lbfgs: the most L-BFGS iterations (scikit-learn's "
+                              "max_iter); adamw: the most epochs (early stopping may end sooner).")
+ProbeValFractionOpt = typer.Option(None, "--val-fraction", help="Share of each class's train rows held out "
+                                   "(seeded) for val metrics (and early stopping with adamw); 0: none "
+                                   "(default: 0 with --solver lbfgs, 0.1 with adamw).")
+SolverOpt = typer.Option("lbfgs", "--solver", help="The probe's solver: lbfgs (full batch, scikit-learn's "
+                         "LogisticRegression objective, last iterate kept) or adamw (mini-batches, --lr, "
+                         "--batch-size, --patience; best val epoch kept).")
+L2Opt = typer.Option(1.0, "--l2", help="lbfgs: L2 penalty (l2/2)|W|^2 on the summed cross-entropy "
+                     "(scikit-learn's 1/C; bias unpenalised).")
 HeadOutOpt = typer.Option(..., "--output", "-o", help="The head to write: NAME (writes NAME.json and "
                           "NAME.safetensors).")
 JsonOpt = typer.Option(False, "--json", help="Print the training summary as one JSON line on stdout.")
@@ -39,18 +49,23 @@ class Balance(str, Enum):
     global_ = "global"
 
 
+class Solver(str, Enum):
+    lbfgs = "lbfgs"
+    adamw = "adamw"
+
+
 class Arch(str, Enum):
     mlp = "mlp"
     qformer = "qformer"
 
 
 def fit_options(epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int, patience: int,
-                device: str):
+                device: str, solver: "Solver | str" = "adamw", l2: float = 1.0):
     """The loop options as a FitOptions (checked: bad values are BadInput, exit 2)."""
     from vlmtools.heads.loop import FitOptions
 
     return FitOptions(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                      patience=patience, device=device).check()
+                      patience=patience, device=device, solver=getattr(solver, "value", solver), l2=l2).check()
 
 
 def emit(summary: dict, json_: bool) -> None:
@@ -75,8 +90,10 @@ def register(app: typer.Typer) -> None:
         output: str = HeadOutOpt,
         where: List[str] = WhereOpt,
         val_where: List[str] = ValWhereOpt,
-        val_fraction: Optional[float] = ValFractionOpt,
-        epochs: int = EpochsOpt,
+        val_fraction: Optional[float] = ProbeValFractionOpt,
+        solver: Solver = SolverOpt,
+        l2: float = L2Opt,
+        epochs: int = ProbeEpochsOpt,
         lr: float = LrOpt,
         weight_decay: float = WeightDecayOpt,
         batch_size: int = BatchSizeOpt,
@@ -89,11 +106,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Linear probe: one FC layer with cross-entropy on labelled image embeddings.
 
-        Classes are the training labels in first-seen order. Writes NAME.json + NAME.safetensors
+        By default scikit-learn's LogisticRegression (C = 1/--l2 = 1), solved full-batch by L-BFGS on every
+        train row. Classes are the training labels in first-seen order. Writes NAME.json + NAME.safetensors
         (format vlmtools.head/1, see vlmtools-formats(5))."""
         from vlmtools.heads.linear import train_probe
 
-        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device, solver, l2)
         emit(train_probe(image_store, output, options=options, where=where, val_where=val_where,
                          val_fraction=val_fraction, model=model, pretrained=pretrained), json_)
 
@@ -169,8 +187,13 @@ def register(app: typer.Typer) -> None:
                                              "the val rows."),
         where: List[str] = WhereOpt,
         val_where: List[str] = ValWhereOpt,
-        val_fraction: Optional[float] = ValFractionOpt,
-        epochs: int = EpochsOpt,
+        val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of each class's train "
+                                                     "rows held out (seeded); 0: none (default: 0 with "
+                                                     "--solver lbfgs, 0.1 with adamw or when --sweep reports "
+                                                     "on val rows)."),
+        solver: Solver = SolverOpt,
+        l2: float = L2Opt,
+        epochs: int = ProbeEpochsOpt,
         lr: float = LrOpt,
         weight_decay: float = WeightDecayOpt,
         batch_size: int = BatchSizeOpt,
@@ -189,7 +212,7 @@ def register(app: typer.Typer) -> None:
         from vlmtools.errors import BadInput
         from vlmtools.heads.adapter import check_ratio, parse_ratios, sweep_adapter, train_adapter
 
-        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device, solver, l2)
         check_ratio(image_ratio)
         if sweep is not None:
             if image_only:

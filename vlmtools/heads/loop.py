@@ -16,6 +16,12 @@ on_epoch=...)``.
 - AdamW over ``params`` (default: all of the model's parameters); mini-batches drawn by a generator
   seeded with ``options.seed``, and torch's global seed set to it too, so a run on CPU is deterministic
   for a seed (build the model under ``seeded(seed)`` so its initial weights are too).
+- ``solver="lbfgs"`` instead: full-batch L-BFGS (``lbfgs`` below) on the mean loss + (l2 / 2n) * the
+  squared norm of every weight matrix (parameters with 2+ dimensions; biases are not penalised), i.e.
+  scikit-learn's LogisticRegression objective with C = 1 / l2 for a linear head; at most ``epochs``
+  iterations, stopping when every gradient entry is within LBFGS_TOL (scikit-learn's default tol). The
+  final weights are kept (no early stopping: val rows, if any, are only measured). It takes no torch.optim
+  optimizer: constructing one imports torch._dynamo (about a second, once per process).
 - The data is moved to the device once when it fits (on a GPU: under half the free memory), so batches
   are index slices there, with no host-to-device copy per step; ``batch_size=0`` trains full-batch.
 """
@@ -31,6 +37,10 @@ from vlmtools.console import info, progress
 from vlmtools.errors import BadInput
 
 EVAL_CHUNK = 8192
+SOLVERS = ("adamw", "lbfgs")
+LBFGS_TOL = 1e-4           # stop when max |gradient| <= this (scikit-learn's LogisticRegression tol)
+LBFGS_HISTORY = 10         # curvature pairs kept (scipy's L-BFGS-B maxcor, as scikit-learn uses it)
+LBFGS_CHUNK = 65536        # rows per forward/backward of the full-batch objective (bounded memory)
 TRAIN_METRIC_ROWS = 20000  # the final train metric is measured on at most this many (seeded) rows
 
 
@@ -43,6 +53,8 @@ class FitOptions:
     seed: int = 0
     patience: int = 10         # epochs without a better val metric before stopping; 0: never stop early
     device: str = "auto"
+    solver: str = "adamw"      # "lbfgs": full batch (epochs = most iterations; lr, batch_size, patience unused)
+    l2: float = 1.0            # lbfgs: L2 strength on the summed loss (scikit-learn's 1 / C)
 
     def check(self) -> "FitOptions":
         if self.epochs < 1:
@@ -55,6 +67,10 @@ class FitOptions:
             raise BadInput(f"--batch-size {self.batch_size}: expected >= 1 (or 0 for full batch)")
         if self.patience < 0:
             raise BadInput(f"--patience {self.patience}: expected >= 0 (0: no early stopping)")
+        if self.solver not in SOLVERS:
+            raise BadInput(f"--solver {self.solver!r}: expected one of {', '.join(SOLVERS)}")
+        if not self.l2 >= 0:
+            raise BadInput(f"--l2 {self.l2}: expected >= 0")
         return self
 
     def as_dict(self) -> dict:
@@ -70,6 +86,7 @@ class FitResult:
     stopped_early: bool
     seconds: float
     device: str
+    converged: bool | None = None  # lbfgs: the gradient tolerance was reached within --epochs iterations
 
 
 @contextlib.contextmanager
@@ -139,6 +156,9 @@ def fit(model, train: Sequence, val: Sequence | None = None, options: FitOptions
     from vlmtools.models import resolve_device
 
     opts = (options or FitOptions()).check()
+    if opts.solver == "lbfgs":
+        return _fit_lbfgs(model, train, val, opts, loss_fn=loss_fn, metric_fn=metric_fn, on_epoch=on_epoch,
+                          params=params, metric=metric, train_eval=train_eval, description=description)
     device = resolve_device(opts.device)
     loss_fn = loss_fn or cross_entropy_loss
     metric_fn = metric_fn or accuracy
@@ -220,3 +240,220 @@ def _sample(tensors: tuple, seed: int, device: str) -> tuple:
         return tuple(t.to(device) for t in tensors)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:TRAIN_METRIC_ROWS]
     return tuple(t[idx.to(t.device)].to(device) for t in tensors)
+
+
+# ----------------------------------------------------------------------------- full-batch L-BFGS
+
+def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_epoch, params, metric,
+               train_eval, description) -> FitResult:
+    """``fit`` with solver "lbfgs" (see the module docstring)."""
+    import torch
+
+    from vlmtools.models import resolve_device
+
+    device = resolve_device(opts.device)
+    loss_fn = loss_fn or cross_entropy_loss
+    metric_fn = metric_fn or accuracy
+    train_t = to_tensors(train)
+    n = len(train_t[0])
+    if n == 0:
+        raise BadInput("no training rows")
+    if any(len(t) != n for t in train_t):
+        raise ValueError("fit: the train arrays differ in length")
+    val_t = to_tensors(val, device) if val is not None and len(val[0]) else None
+    model.to(device)
+    torch.manual_seed(opts.seed)
+    t0 = time.perf_counter()
+    curve: list[dict] = []
+    extra = (on_epoch(1, model) or {}) if on_epoch is not None else {}
+    trainable = [p for p in (list(params) if params is not None else model.parameters()) if p.requires_grad]
+    penalised = [p for p in trainable if p.dim() >= 2]
+    resident = _fits_on(device, train_t)
+    train_d = tuple(t.to(device if resident else "cpu") for t in train_t)
+    chunk = LBFGS_CHUNK
+
+    def objective() -> float:
+        """Mean loss over all rows (chunked; a chunk's loss weighs by its rows) + the L2 term; grads set."""
+        for p in trainable:
+            p.grad = None
+        total = 0.0
+        for start in range(0, n, chunk):
+            part = tuple(t[start:start + chunk].to(device, non_blocking=True) for t in train_d)
+            loss = loss_fn(model, *part) * (len(part[0]) / n)
+            loss.backward()
+            total += float(loss.detach())
+        if opts.l2 and penalised:
+            reg = sum((p * p).sum() for p in penalised) * (opts.l2 / (2 * n))
+            reg.backward()
+            total += float(reg.detach())
+        return total
+
+    def measure(it: int, f: float) -> None:
+        entry = {"epoch": it, "loss": round(f, 6), **(extra if it == 1 else {})}
+        if val_t is not None:
+            model.eval()
+            entry[f"val_{metric}"] = round(float(metric_fn(model, *val_t)), 6)
+            model.train()
+        curve.append(entry)
+
+    model.train()
+    with progress(description, total=opts.epochs, unit="iterations") as bar:
+        def step(it: int, f: float) -> None:
+            measure(it, f)
+            shown = f" val {metric} {curve[-1][f'val_{metric}']:.4f}" if val_t is not None else ""
+            bar.advance(1, description=f"{description} loss {f:.4f}{shown}")
+
+        iterations, converged = lbfgs(objective, trainable, max_iter=opts.epochs, on_iteration=step)
+    model.eval()
+    if not curve:  # converged before the first step (e.g. a zero gradient at the start)
+        measure(1, objective())
+    train_rows = _sample(train_t, opts.seed, device) if train_eval is None else to_tensors(train_eval, device)
+    metrics = {"train": {metric: round(float(metric_fn(model, *train_rows)), 6), "rows": n}}
+    if val_t is not None:
+        metrics["val"] = {metric: curve[-1][f"val_{metric}"], "rows": len(val_t[0])}
+    seconds = time.perf_counter() - t0
+    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    val_txt = f", val {metric} {metrics['val'][metric]:.4f}" if val_t is not None else ""
+    info(f"{description}: L-BFGS, {iterations} iterations ({'converged' if converged else 'stopped at --epochs'}"
+         f"{val_txt}) on {device} in {seconds:.1f} s")
+    return FitResult(state, curve, curve[-1]["epoch"], metrics, False, round(seconds, 3), device, converged)
+
+
+def lbfgs(objective: Callable[[], float], params: Sequence, *, max_iter: int = 100, tol: float = LBFGS_TOL,
+          history: int = LBFGS_HISTORY, on_iteration: Callable | None = None) -> tuple[int, bool]:
+    """Minimise ``objective()`` (returns the value and leaves the gradient in every param's .grad) over
+    ``params`` in place by L-BFGS with a strong-Wolfe line search (Nocedal & Wright, algorithms 7.4, 3.5
+    and 3.6). Stops when max |gradient| <= ``tol`` or after ``max_iter`` iterations, or when a line search
+    can no longer decrease the objective. ``on_iteration(i, value)`` runs after each iteration.
+    Returns (iterations, converged)."""
+    import torch
+
+    params = list(params)
+
+    def flat_grad():
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+    def set_params(x):
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p.copy_(x[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    with torch.no_grad():
+        x = torch.cat([p.detach().reshape(-1) for p in params])
+    f = objective()
+    g = flat_grad()
+    pairs: list[tuple] = []
+    for it in range(1, max_iter + 1):
+        if float(g.abs().max()) <= tol:
+            return it - 1, True
+        d = _two_loop(g, pairs)
+        gtd = float(g @ d)
+        if not gtd < 0:  # not a descent direction (lost curvature): restart from steepest descent
+            pairs.clear()
+            d = _two_loop(g, pairs)
+            gtd = float(g @ d)
+        t0 = 1.0 if pairs else min(1.0, 1.0 / float(g.abs().sum()))
+        t, f_new, g_new = _wolfe_search(objective, set_params, flat_grad, x, f, g, d, gtd, t0)
+        if t == 0.0:  # no decrease found: as far as this precision goes
+            set_params(x)
+            return it - 1, float(g.abs().max()) <= tol
+        s, y = t * d, g_new - g
+        set_params(x + s)  # the search may have ended elsewhere than at its best point
+        sy = float(s @ y)
+        if sy > 1e-10 * float(y @ y):
+            pairs.append((s, y, 1.0 / sy))
+            if len(pairs) > history:
+                pairs.pop(0)
+        x = x + s
+        f, g = f_new, g_new
+        if on_iteration is not None:
+            on_iteration(it, f)
+    return max_iter, float(g.abs().max()) <= tol
+
+
+def _two_loop(g, pairs):
+    """-H g by the L-BFGS two-loop recursion; the first step is steepest descent."""
+    q = -g.clone()
+    alphas = []
+    for s, y, rho in reversed(pairs):
+        a = rho * float(s @ q)
+        q.add_(y, alpha=-a)
+        alphas.append(a)
+    if pairs:
+        s, y, _ = pairs[-1]
+        q.mul_(float(s @ y) / float(y @ y))
+    for (s, y, rho), a in zip(pairs, reversed(alphas)):
+        b = rho * float(y @ q)
+        q.add_(s, alpha=a - b)
+    return q
+
+
+def _wolfe_search(objective, set_params, flat_grad, x, f0, g0, d, gtd0, t, c1=1e-4, c2=0.9, max_evals=25):
+    """A step t along d meeting the strong Wolfe conditions (bracketing, then bisecting with a safeguarded
+    cubic step): (t, f(x + t d), gradient there), or (0, f0, g0) when no decrease is found."""
+
+    def phi(step):
+        set_params(x + step * d)
+        fv = objective()
+        gv = flat_grad()
+        return fv, gv, float(gv @ d)
+
+    t_prev, f_prev, gtd_prev = 0.0, f0, gtd0
+    best = (0.0, f0, g0)
+    lo = hi = None
+    evals = 0
+    while evals < max_evals:
+        f_t, g_t, gtd_t = phi(t)
+        evals += 1
+        if f_t < best[1]:
+            best = (t, f_t, g_t)
+        if f_t > f0 + c1 * t * gtd0 or (evals > 1 and f_t >= f_prev):
+            lo, hi = (t_prev, f_prev, gtd_prev), (t, f_t, gtd_t)
+            break
+        if abs(gtd_t) <= -c2 * gtd0:
+            return t, f_t, g_t
+        if gtd_t >= 0:
+            lo, hi = (t, f_t, gtd_t), (t_prev, f_prev, gtd_prev)
+            break
+        t_prev, f_prev, gtd_prev = t, f_t, gtd_t
+        t = t * 2.0
+    if lo is None:
+        return best if best[0] > 0 else (0.0, f0, g0)
+    while evals < max_evals:  # zoom: lo satisfies the decrease condition, [lo, hi] holds a Wolfe point
+        t = _cubic_step(lo, hi)
+        f_t, g_t, gtd_t = phi(t)
+        evals += 1
+        if f_t < best[1]:
+            best = (t, f_t, g_t)
+        if f_t > f0 + c1 * t * gtd0 or f_t >= lo[1]:
+            hi = (t, f_t, gtd_t)
+        else:
+            if abs(gtd_t) <= -c2 * gtd0:
+                return t, f_t, g_t
+            if gtd_t * (hi[0] - lo[0]) >= 0:
+                hi = lo
+            lo = (t, f_t, gtd_t)
+        if abs(hi[0] - lo[0]) < 1e-12 * max(1.0, abs(lo[0])):
+            break
+    return best if best[0] > 0 else (0.0, f0, g0)
+
+
+def _cubic_step(a, b) -> float:
+    """The minimiser of the cubic through (t, f, f') at a and b, kept inside the middle 80 % of [a, b]."""
+    import math
+
+    (ta, fa, ga), (tb, fb, gb) = a, b
+    lo, hi = min(ta, tb), max(ta, tb)
+    width = hi - lo
+    t = (ta + tb) / 2
+    if width > 0:
+        d1 = ga + gb - 3 * (fa - fb) / (ta - tb)
+        disc = d1 * d1 - ga * gb
+        if disc >= 0:
+            d2 = math.copysign(math.sqrt(disc), tb - ta)
+            denom = gb - ga + 2 * d2
+            if denom != 0:
+                t = tb - (tb - ta) * (gb + d2 - d1) / denom
+    return min(max(t, lo + 0.1 * width), hi - 0.1 * width)
