@@ -248,8 +248,9 @@ TextStoreOpt = typer.Option(None, "--text-store", help="Text store (`vlmtools em
 AlphaOpt = typer.Option(0.5, "--alpha", help="Loss weight in [0, 1] (see the command's help).")
 HiddenOpt = typer.Option(None, "--hidden", help="Hidden width of the 2-layer augmenter (default: the "
                          "embedding width).")
-LogitScaleOpt = typer.Option(100.0, "--logit-scale", help="s in softmax(s * embedding . T) of the class "
-                             "consistency losses (CLIP's 100).")
+LogitScaleOpt = typer.Option(1.0, "--logit-scale", help="s in softmax(s * embedding . T) of the class "
+                             "consistency losses (default 1: unscaled, as the study and the LADS code; CLIP "
+                             "scales by 100).")
 ShotsOpt = typer.Option(None, "--shots", help="Few-shot: keep N train rows per class (chosen with --seed, "
                         "after the val split).")
 NoCacheOpt = typer.Option(False, "--no-cache", help="Do not read or write the text embedding cache.")
@@ -266,23 +267,27 @@ def register_lare_lads(train: typer.Typer) -> None:
                                     "(0: no boxes, the plain probe)."),
         alpha: float = AlphaOpt,
         volume_loss: VolumeLoss = typer.Option(VolumeLoss.log_side, "--volume-loss", help="L_BV: log-side "
-                                               "(bounded, the default) or literal (the study's sum X+ . X-, "
-                                               "unbounded)."),
-        box_size: float = typer.Option(1.0, "--box-size", help="log-side: the side length b the volume loss "
-                                       "rewards growing to, in units of the embeddings' mean per-dimension std."),
-        box_epochs: int = typer.Option(20, "--box-epochs", help="Epochs of step 1 (f_Box)."),
+                                               "(ours, the default: sum over dimensions of (log side - log b)^2, "
+                                               "a finite optimum at side b) or literal (the study's X+ . X-, "
+                                               "unbounded below)."),
+        box_size: float = typer.Option(1.0, "--box-size", help="log-side: the side length b every box side is "
+                                       "drawn to, in units of the train embeddings' mean per-dimension std."),
+        box_epochs: int = typer.Option(10, "--box-epochs", help="Epochs of step 1 (f_Box, AdamW with --lr, "
+                                       "--weight-decay, --batch-size)."),
         templates: Optional[str] = TemplatesOpt,
         descriptors: Optional[str] = typer.Option(None, "--descriptors", "-d", help="Descriptor JSONL: T(class) "
                                                   "= the mean of its \"{class}, which has {descriptor}\" "
                                                   "embeddings instead of class-name prompts."),
         classes: Optional[str] = ClassesOpt,
         text_store: Optional[Path] = TextStoreOpt,
-        hidden: Optional[int] = HiddenOpt,
+        hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden width of f_Box (default 128)."),
         logit_scale: float = LogitScaleOpt,
         shots: Optional[int] = ShotsOpt,
         val_where: List[str] = ValWhereOpt,
-        val_fraction: Optional[float] = ValFractionOpt,
-        epochs: int = EpochsOpt,
+        val_fraction: Optional[float] = ProbeValFractionOpt,
+        solver: Solver = SolverOpt,
+        l2: float = L2Opt,
+        epochs: int = ProbeEpochsOpt,
         lr: float = LrOpt,
         weight_decay: float = WeightDecayOpt,
         batch_size: int = BatchSizeOpt,
@@ -296,14 +301,14 @@ def register_lare_lads(train: typer.Typer) -> None:
     ) -> None:
         """LARE (study 004): a box per image embedding, K samples per box, a linear probe on both.
 
-        Step 1 trains f_Box (2 layers, d -> 2d: centre offset and half-width; X- = centre - softplus,
-        X+ = centre + softplus, so X- <= X+) with L = (1-alpha) L_BV + (alpha/3)(L_CC+ + L_CC- + L_CC),
-        the class-consistency terms being cross-entropies of the corners and the midpoint against the
-        class text embeddings. Step 2 is `train probe` on the train rows + K samples per box (L2-
-        normalized). The head keeps f_Box: `vlmtools explain box HEAD STORE`."""
+        Step 1 trains f_Box (2 layers, d -> 2d: how far the box reaches below and above the image, so
+        X- < x < X+) with L = (1-alpha) L_BV + (alpha/3)(L_CC+ + L_CC- + L_CC), the class-consistency
+        terms being cross-entropies of the corners and the midpoint against the class text embeddings.
+        Step 2 is `train probe` (same --solver) on the train rows + K samples per box (L2-normalized).
+        The head keeps f_Box: `vlmtools explain box HEAD STORE`."""
         from vlmtools.heads.lare import train_lare
 
-        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device, solver, l2)
         emit(train_lare(image_store, output, options=options, where=where, val_where=val_where,
                         val_fraction=val_fraction, model=model, pretrained=pretrained, templates=templates,
                         descriptors=descriptors, classes=classes, text_store=text_store, samples=samples, alpha=alpha,

@@ -110,13 +110,13 @@ def check_class_list(classes_file, data) -> None:
 
 
 def fit_augmenter(module, data, loss_fn, options, epochs: int, description: str):
-    """Step 1: ``module`` trained alone on the train rows with ``loss_fn(module, x, y)``; no early stop.
-    Its metric (in the log and the result) is minus the loss."""
+    """Step 1: ``module`` trained alone on the train rows with ``loss_fn(module, x, y)`` by AdamW (whatever
+    the probe's solver); no early stop. Its metric (in the log and the result) is minus the loss."""
     from dataclasses import replace
 
     from vlmtools.heads.loop import fit
 
-    opts = replace(options, epochs=epochs, patience=0)
+    opts = replace(options, epochs=epochs, patience=0, solver="adamw")
     return fit(module, (data.train.x, data.train.y), None, opts, loss_fn=loss_fn, description=description,
                metric_fn=lambda m, x, y: -loss_fn(m, x, y).item(), metric="neg_loss")
 

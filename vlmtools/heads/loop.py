@@ -354,7 +354,7 @@ def lbfgs(objective: Callable[[], float], params: Sequence, *, max_iter: int = 1
             pairs.clear()
             d = _two_loop(g, pairs)
             gtd = float(g @ d)
-        t0 = 1.0 if pairs else min(1.0, 1.0 / float(g.abs().sum()))
+        t0 = 1.0 if pairs else 1.0 / float(g.norm())  # the first step moves by 1, as scipy's L-BFGS-B
         t, f_new, g_new = _wolfe_search(objective, set_params, flat_grad, x, f, g, d, gtd, t0)
         if t == 0.0:  # no decrease found: as far as this precision goes
             set_params(x)
@@ -418,7 +418,7 @@ def _wolfe_search(objective, set_params, flat_grad, x, f0, g0, d, gtd0, t, c1=1e
             lo, hi = (t, f_t, gtd_t), (t_prev, f_prev, gtd_prev)
             break
         t_prev, f_prev, gtd_prev = t, f_t, gtd_t
-        t = t * 2.0
+        t = t * 4.0  # Moré-Thuente's extrapolation bound
     if lo is None:
         return best if best[0] > 0 else (0.0, f0, g0)
     while evals < max_evals:  # zoom: lo satisfies the decrease condition, [lo, hi] holds a Wolfe point
