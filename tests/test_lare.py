@@ -175,18 +175,99 @@ def test_box_stats():
     assert abs(float(stats["mean_side"][0]) - 1.0) < 0.05
 
 
-def test_lads_shift_follows_the_text_shift():
+def test_lads_terms_equal_the_authors_definitions():
+    """Restated from lisadunlap/LADS (08e812e) on fixed tensors: Noop's per-class text difference, the
+    Directional MLP (Linear, ReLU, Linear; no residual), directional_loss_builder's per-row 1 - dot/(|a||b|),
+    get_class_logits (normalized output . class text, no scale), CrossEntropyLoss(weight=get_counts(labels))
+    and alpha * directional + (1 - alpha) * class consistency."""
+    g = torch.Generator().manual_seed(7)
+    n, d, c = 7, 5, 3
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+    y = torch.tensor([0, 1, 2, 2, 0, 0, 1])
+    source, target, cc_emb = (torch.randn(c, d, generator=g) for _ in range(3))
+    net = LADS.AugNet(d, hidden=4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    out = net.fc2.weight @ torch.clamp(net.fc1.weight @ x.T + net.fc1.bias[:, None], min=0) + net.fc2.bias[:, None]
+    out = out.T
+    assert torch.allclose(net(x), out, atol=1e-6)
+
+    def unit(v):
+        return v / v.norm(dim=-1, keepdim=True)
+
+    diff = unit(unit(target) - unit(source))
+    assert torch.allclose(LADS.text_directions(source, target), diff, atol=1e-6)
+    directional = sum(1 - torch.dot(out[i] - x[i], diff[y[i]]) / ((out[i] - x[i]).norm() * diff[y[i]].norm())
+                      for i in range(n)) / n
+    counts = torch.tensor([3.0, 2.0, 2.0])
+    weights = (1 / counts) / (1 / counts).max()
+    assert torch.allclose(LADS.class_weights(y, c), weights)
+    logits = unit(out) @ cc_emb.T
+    log_p = logits - torch.log(torch.exp(logits).sum(1, keepdim=True))
+    consistency = sum(-weights[y[i]] * log_p[i, y[i]] for i in range(n)) / weights[y].sum()
+    for alpha in (0.5, 0.8):
+        loss, parts = LADS.lads_loss(net, x, y, diff, cc_emb, weights, alpha=alpha)
+        assert math.isclose(parts["dir"], float(directional), rel_tol=1e-5)
+        assert math.isclose(parts["cc"], float(consistency), rel_tol=1e-5)
+        assert math.isclose(float(loss), float(alpha * directional + (1 - alpha) * consistency), rel_tol=1e-5)
+    assert LADS.AUTHORS["hidden"] == LADS.AugNet(d).hidden == 384
+
+
+def test_lads_ensemble_is_the_mean_of_probe_and_zero_shot_probabilities():
+    g = torch.Generator().manual_seed(3)
+    head = LADS.LadsHead(6, 4, 8, ensemble=True)
+    with torch.no_grad():
+        head.zeroshot.copy_(torch.nn.functional.normalize(torch.randn(4, 6, generator=g), dim=1))
+    x = torch.randn(5, 6, generator=g) * 3
+    nx = x / x.norm(dim=1, keepdim=True)
+    want = (torch.softmax(head.fc(nx), 1) + torch.softmax(100 * nx @ head.zeroshot.T, 1)) / 2
+    assert torch.allclose(torch.softmax(head(x), 1), want, atol=1e-6)
+    plain = LADS.LadsHead(6, 4, 8)
+    assert "zeroshot" not in dict(plain.named_buffers())
+    assert torch.allclose(plain(x), plain.fc(nx), atol=1e-6)  # the probe reads normalized inputs
+
+
+def test_lads_augmenter_follows_the_text_shift():
     x, y, target = _toy(seed=1)
     g = torch.Generator().manual_seed(2)
     source = torch.nn.functional.normalize(target + 0.5 * torch.randn(target.shape, generator=g), dim=1)
+    directions = LADS.text_directions(source, target)
+    weights = LADS.class_weights(y, 3)
     torch.manual_seed(0)
-    net = LADS.AugNet(x.shape[1])
-    assert torch.allclose(net(x), x, atol=0.05)  # starts near the identity
-    _, before = LADS.lads_loss(net, x, y, source, target)
-    after = _train(net, lambda: LADS.lads_loss(net, x, y, source, target, alpha=0.5))
-    assert after["da"] < before["da"] and after["da"] < 0.5
+    net = LADS.AugNet(x.shape[1], hidden=32)
+    _, before = LADS.lads_loss(net, x, y, directions, target, weights)
+    after = _train(net, lambda: LADS.lads_loss(net, x, y, directions, target, weights), steps=100)
+    assert after["dir"] < before["dir"] and after["dir"] < 0.5
     aug = LADS.augment(net, x)
     assert torch.allclose(aug.norm(dim=1), torch.ones(len(x)), atol=1e-5)
-    # a shift exactly along the text shift has no alignment loss
-    shift = (target - source)[y]
-    assert float(LADS.domain_alignment(x, x + 0.1 * shift, shift)) < 1e-5
+    # a shift exactly along the text direction has no directional loss
+    assert float(LADS.directional_loss(x, x + 0.1 * directions[y], directions[y])) < 1e-5
+
+
+def test_balanced_accuracy_and_the_first_of_tied_epochs():
+    from vlmtools.heads.loop import FitOptions, fit
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return x
+
+    y = torch.tensor([0, 0, 0, 1])
+    logits = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]])  # class 0: 2/3 right, class 1: 1/1
+    assert math.isclose(LADS.balanced_accuracy(Fixed(), logits, y), (2 / 3 + 1) / 2, rel_tol=1e-6)
+    seen = []
+
+    def metric(m, a, b):  # epochs 2 and 4 tie for the best (a 6th call: the final train metric)
+        seen.append(None)
+        return [0.1, 0.5, 0.2, 0.5, 0.3, 0.0][len(seen) - 1]
+
+    opts = FitOptions(epochs=5, patience=0, device="cpu")
+    data = (torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
+    loss = lambda m, a, b: (m.w ** 2).sum() + a.sum() * 0  # noqa: E731
+    assert fit(Fixed(), data, data, opts, loss_fn=loss, metric_fn=metric, ties="first").best_epoch == 2
+    seen.clear()
+    assert fit(Fixed(), data, data, opts, loss_fn=loss, metric_fn=metric).best_epoch == 4

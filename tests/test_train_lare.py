@@ -13,7 +13,7 @@ from vlmtools.store import write_arrays
 runner = CliRunner()
 TINY = {"name": "vlmtools-tiny", "pretrained": "none"}
 CLASSES = ["alpha", "beta", "gamma"]
-PROMPTS = ["a photo of a {}.", "a painting of a {}."]
+PROMPTS = ["a photo of a {}.", "a painting of a {}.", "a photo of a {}"]  # the last: LADS's class consistency
 DIM = 16
 
 
@@ -103,11 +103,23 @@ def test_lads_end_to_end(stores, tmp_path):
                  "--epochs", 10, "--aug-epochs", 5, "--json")
     assert res.exit_code == 0, res.output
     summary = lines(res.stdout)[0]
-    assert summary["kind"] == "lads" and summary["augmented_rows"] > 0
+    assert summary["kind"] == "lads" and summary["augmented_rows"] > 0 and "balanced_acc" in summary["metrics"]["val"]
+    info = json.loads((tmp_path / "lads.json").read_text())
+    t = info["training"]
+    # the authors' settings (lisadunlap/LADS, configs/CUB/lads.yaml) where the command line left them
+    assert (t["solver"], t["lr"], t["weight_decay"], t["batch_size"], t["patience"], t["hidden"]) == (
+        "adamw", 1e-3, 0.05, 256, 0, 384)
+    assert t["cc_template"] == "a photo of a {}" and t["logit_scale"] == 1.0 and 1 <= t["aug_best_epoch"] <= 5
     res = invoke("classify", stores / "images", "--head", tmp_path / "lads", "-o", tmp_path / "p.jsonl")
     assert res.exit_code == 0, res.output
     res = invoke("explain", "box", tmp_path / "lads", stores / "images")
     assert res.exit_code == 2 and "no boxes" in res.output
+    res = invoke("train", "lads", stores / "images", "-o", tmp_path / "ens", "--where", "domain=photo",
+                 "--text-store", stores / "texts", "--epochs", 3, "--aug-epochs", 2, "--ensemble")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ens.json").read_text())["tensors"]["zeroshot"] == [len(CLASSES), DIM]
+    res = invoke("classify", stores / "images", "--head", tmp_path / "ens", "-o", tmp_path / "e.jsonl")
+    assert res.exit_code == 0, res.output
 
 
 @pytest.mark.parametrize("extra, message", [

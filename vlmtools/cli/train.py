@@ -246,8 +246,6 @@ ClassesOpt = typer.Option(None, "--classes", "-c", help="Class list to check the
 TextStoreOpt = typer.Option(None, "--text-store", help="Text store (`vlmtools embed text`, same model) to take "
                             "the prompt embeddings from (others are encoded with the store's model).")
 AlphaOpt = typer.Option(0.5, "--alpha", help="Loss weight in [0, 1] (see the command's help).")
-HiddenOpt = typer.Option(None, "--hidden", help="Hidden width of the 2-layer augmenter (default: the "
-                         "embedding width).")
 LogitScaleOpt = typer.Option(1.0, "--logit-scale", help="s in softmax(s * embedding . T) of the class "
                              "consistency losses (default 1: unscaled, as the study and the LADS code; CLIP "
                              "scales by 100).")
@@ -322,42 +320,56 @@ def register_lare_lads(train: typer.Typer) -> None:
         output: str = HeadOutOpt,
         where: List[str] = WhereOpt,
         source: str = typer.Option("a photo of a {}.", "--source", help="Prompt of the training domain, {} = "
-                                   "class."),
+                                   "class (the authors' CUB config: \"a photo of a {} bird.\")."),
         target: str = typer.Option("a painting of a {}.", "--target", help="Prompt of the unseen domain, {} = "
-                                   "class."),
-        alpha: float = AlphaOpt,
-        aug_epochs: int = typer.Option(20, "--aug-epochs", help="Epochs of step 1 (the augmentation network)."),
+                                   "class (their CUB config: \"a painting of a {} bird.\")."),
+        cc_template: str = typer.Option("a photo of a {}", "--cc-template", help="Class prompt of the class "
+                                        "consistency term (the authors' code hard-codes this one)."),
+        alpha: float = typer.Option(0.5, "--alpha", help="L = alpha L_dir + (1 - alpha) L_cc."),
+        aug_epochs: int = typer.Option(200, "--aug-epochs", help="Epochs of step 1 (the augmenter); the "
+                                       "epoch of the lowest val loss is kept."),
+        ensemble: bool = typer.Option(False, "--ensemble", help="Predict with the mean of the probe's and CLIP "
+                                      "zero-shot's probabilities (source + target prompts), as the authors' "
+                                      "CUB config does."),
         classes: Optional[str] = ClassesOpt,
         text_store: Optional[Path] = TextStoreOpt,
-        hidden: Optional[int] = HiddenOpt,
+        hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden width of the augmenter (default "
+                                             "384, the authors')."),
         logit_scale: float = LogitScaleOpt,
         shots: Optional[int] = ShotsOpt,
         val_where: List[str] = ValWhereOpt,
         val_fraction: Optional[float] = ValFractionOpt,
-        epochs: int = EpochsOpt,
-        lr: float = LrOpt,
-        weight_decay: float = WeightDecayOpt,
+        solver: Solver = typer.Option(Solver.adamw, "--solver", help="The probe's solver: adamw (the "
+                                      "authors') or lbfgs (train probe's)."),
+        l2: float = L2Opt,
+        epochs: int = typer.Option(400, "--epochs", help="Epochs of the probe (adamw; the best val epoch is "
+                                   "kept) or its most L-BFGS iterations."),
+        lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate of both steps."),
+        weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay of both steps."),
         batch_size: int = BatchSizeOpt,
         seed: int = SeedOpt,
-        patience: int = PatienceOpt,
+        patience: int = typer.Option(0, "--patience", help="Stop the probe after this many epochs without a "
+                                     "better val balanced accuracy (0: never, as the authors)."),
         device: str = DeviceOpt,
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         no_cache: bool = NoCacheOpt,
         json_: bool = JsonOpt,
     ) -> None:
-        """LADS (Dunlap et al., ICLR 2023), study 004's baseline: text-guided augmentation, then a probe.
+        """LADS (Dunlap et al., ICLR 2023), study 004's baseline, as its authors' code: text-guided
+        augmentation, then a probe.
 
-        Each train embedding is augmented into the --target domain; the linear probe is fit on the
-        original + augmented rows.
-        Step 1 trains f_aug(x) = x + MLP(x) with L = alpha L_DA + (1-alpha) L_CC: L_DA = 1 - cos(f_aug(x)
-        - x, T(target, y) - T(source, y)) (the image moves as the text moves), L_CC = cross-entropy of
-        f_aug(x) against the target prompts of all classes. Step 2 is `train probe` on both."""
+        Step 1 trains f_aug (Linear-ReLU-Linear, 384 wide) with L = alpha L_dir + (1-alpha) L_cc: L_dir =
+        1 - cos(f_aug(x) - x, the class's text direction from --source to --target), L_cc = class-weighted
+        cross-entropy of the unscaled cosines of f_aug(x) to the --cc-template class prompts; the epoch of
+        the lowest val loss is kept. Step 2: one linear layer on the original + augmented rows, class-
+        weighted, AdamW, the first epoch of the best val balanced accuracy kept. Defaults and their sources:
+        man vlmtools-train."""
         from vlmtools.heads.lads import train_lads
 
-        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device, solver, l2)
         emit(train_lads(image_store, output, options=options, where=where, val_where=val_where,
                         val_fraction=val_fraction, model=model, pretrained=pretrained, source=source,
-                        target=target, classes=classes, text_store=text_store, alpha=alpha,
-                        aug_epochs=aug_epochs, hidden=hidden, logit_scale=logit_scale, shots=shots,
-                        use_cache=not no_cache), json_)
+                        target=target, cc_template=cc_template, classes=classes, text_store=text_store,
+                        alpha=alpha, aug_epochs=aug_epochs, hidden=hidden, logit_scale=logit_scale,
+                        ensemble=ensemble, shots=shots, use_cache=not no_cache), json_)

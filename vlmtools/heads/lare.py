@@ -226,7 +226,7 @@ def train_lare(store, output, *, options, where=(), val_where=(), val_fraction=N
                 t = on[xb.device] = class_emb.to(xb.device)
             return lare_loss(m, xb, yb, t, alpha=alpha, volume=volume, side=side, logit_scale=logit_scale)[0]
 
-        A.fit_augmenter(net, data, loss, options, box_epochs, "train lare: boxes")
+        A.fit_augmenter(net, (data.train.x, data.train.y), loss, options, box_epochs, "train lare: boxes")
         net.cpu().eval()
         with torch.no_grad():
             lo, hi = net(x)

@@ -149,8 +149,9 @@ def _fits_on(device: str, tensors: Sequence) -> bool:
 def fit(model, train: Sequence, val: Sequence | None = None, options: FitOptions | None = None, *,
         loss_fn: Callable | None = None, metric_fn: Callable | None = None,
         on_epoch: Callable | None = None, params=None, metric: str = "acc",
-        train_eval: Sequence | None = None, description: str = "train") -> FitResult:
-    """Train ``model`` (see the module docstring); returns the curve and the kept weights."""
+        train_eval: Sequence | None = None, description: str = "train", ties: str = "later") -> FitResult:
+    """Train ``model`` (see the module docstring); returns the curve and the kept weights. ``ties``: which
+    of several epochs with the best val metric is kept, "later" (further trained) or "first"."""
     import torch
 
     from vlmtools.models import resolve_device
@@ -204,9 +205,9 @@ def fit(model, train: Sequence, val: Sequence | None = None, options: FitOptions
                 model.eval()
                 value = float(metric_fn(model, *val_dev))
                 entry[f"val_{metric}"] = round(value, 6)
-                # a tie keeps the later weights (further trained) but does not reset the patience
+                # a tie keeps the later weights (unless ties="first") but does not reset the patience
                 stale = 0 if best_val is None or value > best_val else stale + 1
-                if best_val is None or value >= best_val:
+                if best_val is None or value > best_val or (value == best_val and ties == "later"):
                     best_epoch, best_val = epoch, value
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             curve.append(entry)
