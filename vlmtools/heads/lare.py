@@ -176,9 +176,10 @@ def train_lare(store, output, *, options, where=(), val_where=(), val_fraction=N
                pretrained=None, templates: str | None = None, descriptors=None, classes=None, text_store=None,
                samples: int = 10, alpha: float = 0.5, volume: str = "log-side", box_size: float = 1.0,
                box_epochs: int = 10, hidden: int | None = None, logit_scale: float = DEFAULT_LOGIT_SCALE,
-               shots: int | None = None, use_cache: bool = True) -> dict:
+               shots: int | None = None, use_cache: bool = True, form: str = "contain") -> dict:
     """`vlmtools train lare`: f_Box on the train rows (step 1), K uniform samples per train box, then the
-    linear probe on original + sampled rows (step 2). Every input is checked before training."""
+    linear probe on original + sampled rows (step 2). Every input is checked before training. ``form``
+    "centre" (library only) trains round 2's f_Box, to show what it did."""
     from vlmtools.classify import check_templates
     from vlmtools.heads import augmented as A
     from vlmtools.heads.data import load_train_val
@@ -210,12 +211,12 @@ def train_lare(store, output, *, options, where=(), val_where=(), val_fraction=N
             device=options.device, use_cache=use_cache, where=str(store)))
     d = data.reader.dim
     hidden = hidden or DEFAULT_HIDDEN
-    config = dict(input_dim=d, n_classes=len(data.classes), hidden=hidden, box="contain")
+    config = dict(input_dim=d, n_classes=len(data.classes), hidden=hidden, box=form)
     x = torch.from_numpy(data.train.x)
     side = box_size * embedding_scale(x)
     box_info = {}
     with seeded(options.seed):
-        net = BoxNet(d, hidden, form="contain")
+        net = BoxNet(d, hidden, form=form)
         init_box_net(net, side / 2)
     if samples > 0:
         on = {}
@@ -247,7 +248,7 @@ def train_lare(store, output, *, options, where=(), val_where=(), val_fraction=N
                 "descriptors": None if descriptors is None else str(descriptors),
                 "text_store": None if text_store is None else str(text_store),
                 "samples": samples, "alpha": alpha, "volume_loss": volume, "box_size": box_size,
-                "box_side": side, "box_epochs": box_epochs, "box_form": "contain", "hidden": hidden,
+                "box_side": side, "box_epochs": box_epochs, "box_form": form, "hidden": hidden,
                 "logit_scale": logit_scale, "shots": shots}
     return A.fit_probe_with("lare", config, box_state, data, extra_x, extra_y, output, options,
                             training=training, inputs=data.inputs(),
