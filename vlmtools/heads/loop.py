@@ -16,10 +16,10 @@ on_epoch=...)``.
 - AdamW over ``params`` (default: all of the model's parameters); mini-batches drawn by a generator
   seeded with ``options.seed``, and torch's global seed set to it too, so a run on CPU is deterministic
   for a seed (build the model under ``seeded(seed)`` so its initial weights are too).
-- ``solver="lbfgs"`` instead: full-batch L-BFGS (``lbfgs`` below) on the mean loss + (l2 / 2n) * the
+- ``solver="lbfgs"`` instead: full-batch L-BFGS (heads.logreg.lbfgs) on the mean loss + (l2 / 2n) * the
   squared norm of every weight matrix (parameters with 2+ dimensions; biases are not penalised), i.e.
   scikit-learn's LogisticRegression objective with C = 1 / l2 for a linear head; at most ``epochs``
-  iterations, stopping when every gradient entry is within LBFGS_TOL (scikit-learn's default tol). The
+  iterations, stopping when every gradient entry is within logreg.TOL (scikit-learn's default tol). The
   final weights are kept (no early stopping: val rows, if any, are only measured). It takes no torch.optim
   optimizer: constructing one imports torch._dynamo (about a second, once per process).
 - The data is moved to the device once when it fits (on a GPU: under half the free memory), so batches
@@ -38,8 +38,6 @@ from vlmtools.errors import BadInput
 
 EVAL_CHUNK = 8192
 SOLVERS = ("adamw", "lbfgs")
-LBFGS_TOL = 1e-4           # stop when max |gradient| <= this (scikit-learn's LogisticRegression tol)
-LBFGS_HISTORY = 10         # curvature pairs kept (scipy's L-BFGS-B maxcor, as scikit-learn uses it)
 LBFGS_CHUNK = 65536        # rows per forward/backward of the full-batch objective (bounded memory)
 TRAIN_METRIC_ROWS = 20000  # the final train metric is measured on at most this many (seeded) rows
 
@@ -251,6 +249,7 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
     """``fit`` with solver "lbfgs" (see the module docstring)."""
     import torch
 
+    from vlmtools.heads.logreg import lbfgs
     from vlmtools.models import resolve_device
 
     device = resolve_device(opts.device)
@@ -274,8 +273,18 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
     train_d = tuple(t.to(device if resident else "cpu") for t in train_t)
     chunk = LBFGS_CHUNK
 
-    def objective() -> float:
-        """Mean loss over all rows (chunked; a chunk's loss weighs by its rows) + the L2 term; grads set."""
+    sizes = [p.numel() for p in trainable]
+
+    def set_params(theta) -> None:
+        flat = torch.from_numpy(theta).to(device=device, dtype=torch.float32)
+        with torch.no_grad():
+            for p, part in zip(trainable, torch.split(flat, sizes)):
+                p.copy_(part.view_as(p))
+
+    def objective(theta):
+        """Mean loss over all rows (chunked; a chunk's loss weighs by its rows) + the L2 term, and its
+        gradient, at the flat parameters ``theta`` (float64 numpy, as logreg.lbfgs keeps them)."""
+        set_params(theta)
         for p in trainable:
             p.grad = None
         total = 0.0
@@ -288,7 +297,8 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
             reg = sum((p * p).sum() for p in penalised) * (opts.l2 / (2 * n))
             reg.backward()
             total += float(reg.detach())
-        return total
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
+        return total, torch.cat([g.reshape(-1) for g in grads]).double().cpu().numpy()
 
     def measure(it: int, f: float) -> None:
         entry = {"epoch": it, "loss": round(f, 6), **(extra if it == 1 else {})}
@@ -300,15 +310,19 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
 
     model.train()
     with progress(description, total=opts.epochs, unit="iterations") as bar:
-        def step(it: int, f: float) -> None:
+        def step(it: int, theta, f: float) -> None:
+            set_params(theta)
             measure(it, f)
             shown = f" val {metric} {curve[-1][f'val_{metric}']:.4f}" if val_t is not None else ""
             bar.advance(1, description=f"{description} loss {f:.4f}{shown}")
 
-        iterations, converged = lbfgs(objective, trainable, max_iter=opts.epochs, on_iteration=step)
+        with torch.no_grad():
+            theta0 = torch.cat([p.detach().reshape(-1) for p in trainable]).double().cpu().numpy()
+        theta, f, iterations, converged = lbfgs(objective, theta0, max_iter=opts.epochs, on_iteration=step)
+        set_params(theta)
     model.eval()
     if not curve:  # converged before the first step (e.g. a zero gradient at the start)
-        measure(1, objective())
+        measure(1, f)
     train_rows = _sample(train_t, opts.seed, device) if train_eval is None else to_tensors(train_eval, device)
     metrics = {"train": {metric: round(float(metric_fn(model, *train_rows)), 6), "rows": n}}
     if val_t is not None:
@@ -319,143 +333,3 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
     info(f"{description}: L-BFGS, {iterations} iterations ({'converged' if converged else 'stopped at --epochs'}"
          f"{val_txt}) on {device} in {seconds:.1f} s")
     return FitResult(state, curve, curve[-1]["epoch"], metrics, False, round(seconds, 3), device, converged)
-
-
-def lbfgs(objective: Callable[[], float], params: Sequence, *, max_iter: int = 100, tol: float = LBFGS_TOL,
-          history: int = LBFGS_HISTORY, on_iteration: Callable | None = None) -> tuple[int, bool]:
-    """Minimise ``objective()`` (returns the value and leaves the gradient in every param's .grad) over
-    ``params`` in place by L-BFGS with a strong-Wolfe line search (Nocedal & Wright, algorithms 7.4, 3.5
-    and 3.6). Stops when max |gradient| <= ``tol`` or after ``max_iter`` iterations, or when a line search
-    can no longer decrease the objective. ``on_iteration(i, value)`` runs after each iteration.
-    Returns (iterations, converged)."""
-    import torch
-
-    params = list(params)
-
-    def flat_grad():
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-
-    def set_params(x):
-        with torch.no_grad():
-            offset = 0
-            for p in params:
-                p.copy_(x[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-
-    with torch.no_grad():
-        x = torch.cat([p.detach().reshape(-1) for p in params])
-    f = objective()
-    g = flat_grad()
-    pairs: list[tuple] = []
-    for it in range(1, max_iter + 1):
-        if float(g.abs().max()) <= tol:
-            return it - 1, True
-        d = _two_loop(g, pairs)
-        gtd = float(g @ d)
-        if not gtd < 0:  # not a descent direction (lost curvature): restart from steepest descent
-            pairs.clear()
-            d = _two_loop(g, pairs)
-            gtd = float(g @ d)
-        t0 = 1.0 if pairs else 1.0 / float(g.norm())  # the first step moves by 1, as scipy's L-BFGS-B
-        t, f_new, g_new = _wolfe_search(objective, set_params, flat_grad, x, f, g, d, gtd, t0)
-        if t == 0.0:  # no decrease found: as far as this precision goes
-            set_params(x)
-            return it - 1, float(g.abs().max()) <= tol
-        s, y = t * d, g_new - g
-        set_params(x + s)  # the search may have ended elsewhere than at its best point
-        sy = float(s @ y)
-        if sy > 1e-10 * float(y @ y):
-            pairs.append((s, y, 1.0 / sy))
-            if len(pairs) > history:
-                pairs.pop(0)
-        x = x + s
-        f, g = f_new, g_new
-        if on_iteration is not None:
-            on_iteration(it, f)
-    return max_iter, float(g.abs().max()) <= tol
-
-
-def _two_loop(g, pairs):
-    """-H g by the L-BFGS two-loop recursion; the first step is steepest descent."""
-    q = -g.clone()
-    alphas = []
-    for s, y, rho in reversed(pairs):
-        a = rho * float(s @ q)
-        q.add_(y, alpha=-a)
-        alphas.append(a)
-    if pairs:
-        s, y, _ = pairs[-1]
-        q.mul_(float(s @ y) / float(y @ y))
-    for (s, y, rho), a in zip(pairs, reversed(alphas)):
-        b = rho * float(y @ q)
-        q.add_(s, alpha=a - b)
-    return q
-
-
-def _wolfe_search(objective, set_params, flat_grad, x, f0, g0, d, gtd0, t, c1=1e-4, c2=0.9, max_evals=25):
-    """A step t along d meeting the strong Wolfe conditions (bracketing, then bisecting with a safeguarded
-    cubic step): (t, f(x + t d), gradient there), or (0, f0, g0) when no decrease is found."""
-
-    def phi(step):
-        set_params(x + step * d)
-        fv = objective()
-        gv = flat_grad()
-        return fv, gv, float(gv @ d)
-
-    t_prev, f_prev, gtd_prev = 0.0, f0, gtd0
-    best = (0.0, f0, g0)
-    lo = hi = None
-    evals = 0
-    while evals < max_evals:
-        f_t, g_t, gtd_t = phi(t)
-        evals += 1
-        if f_t < best[1]:
-            best = (t, f_t, g_t)
-        if f_t > f0 + c1 * t * gtd0 or (evals > 1 and f_t >= f_prev):
-            lo, hi = (t_prev, f_prev, gtd_prev), (t, f_t, gtd_t)
-            break
-        if abs(gtd_t) <= -c2 * gtd0:
-            return t, f_t, g_t
-        if gtd_t >= 0:
-            lo, hi = (t, f_t, gtd_t), (t_prev, f_prev, gtd_prev)
-            break
-        t_prev, f_prev, gtd_prev = t, f_t, gtd_t
-        t = t * 4.0  # Moré-Thuente's extrapolation bound
-    if lo is None:
-        return best if best[0] > 0 else (0.0, f0, g0)
-    while evals < max_evals:  # zoom: lo satisfies the decrease condition, [lo, hi] holds a Wolfe point
-        t = _cubic_step(lo, hi)
-        f_t, g_t, gtd_t = phi(t)
-        evals += 1
-        if f_t < best[1]:
-            best = (t, f_t, g_t)
-        if f_t > f0 + c1 * t * gtd0 or f_t >= lo[1]:
-            hi = (t, f_t, gtd_t)
-        else:
-            if abs(gtd_t) <= -c2 * gtd0:
-                return t, f_t, g_t
-            if gtd_t * (hi[0] - lo[0]) >= 0:
-                hi = lo
-            lo = (t, f_t, gtd_t)
-        if abs(hi[0] - lo[0]) < 1e-12 * max(1.0, abs(lo[0])):
-            break
-    return best if best[0] > 0 else (0.0, f0, g0)
-
-
-def _cubic_step(a, b) -> float:
-    """The minimiser of the cubic through (t, f, f') at a and b, kept inside the middle 80 % of [a, b]."""
-    import math
-
-    (ta, fa, ga), (tb, fb, gb) = a, b
-    lo, hi = min(ta, tb), max(ta, tb)
-    width = hi - lo
-    t = (ta + tb) / 2
-    if width > 0:
-        d1 = ga + gb - 3 * (fa - fb) / (ta - tb)
-        disc = d1 * d1 - ga * gb
-        if disc >= 0:
-            d2 = math.copysign(math.sqrt(disc), tb - ta)
-            denom = gb - ga + 2 * d2
-            if denom != 0:
-                t = tb - (tb - ta) * (gb + d2 - d1) / denom
-    return min(max(t, lo + 0.1 * width), hi - 0.1 * width)
