@@ -115,6 +115,17 @@ def to_tensors(arrays: Sequence, device=None) -> tuple:
     return tuple(out)
 
 
+def _train_tensors(train: Sequence) -> tuple[tuple, int]:
+    """The train arrays as tensors and their common length (BadInput when there are no rows)."""
+    train_t = to_tensors(train)
+    n = len(train_t[0])
+    if n == 0:
+        raise BadInput("no training rows")
+    if any(len(t) != n for t in train_t):
+        raise ValueError("fit: the train arrays differ in length")
+    return train_t, n
+
+
 def cross_entropy_loss(model, x, y):
     import torch.nn.functional as F
 
@@ -161,12 +172,7 @@ def fit(model, train: Sequence, val: Sequence | None = None, options: FitOptions
     device = resolve_device(opts.device)
     loss_fn = loss_fn or cross_entropy_loss
     metric_fn = metric_fn or accuracy
-    train_t = to_tensors(train)
-    n = len(train_t[0])
-    if n == 0:
-        raise BadInput("no training rows")
-    if any(len(t) != n for t in train_t):
-        raise ValueError("fit: the train arrays differ in length")
+    train_t, n = _train_tensors(train)
     val_t = to_tensors(val) if val is not None and len(val[0]) else None
     resident = _fits_on(device, train_t + (val_t or ()))
     data_device = device if resident else "cpu"
@@ -255,12 +261,7 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
     device = resolve_device(opts.device)
     loss_fn = loss_fn or cross_entropy_loss
     metric_fn = metric_fn or accuracy
-    train_t = to_tensors(train)
-    n = len(train_t[0])
-    if n == 0:
-        raise BadInput("no training rows")
-    if any(len(t) != n for t in train_t):
-        raise ValueError("fit: the train arrays differ in length")
+    train_t, n = _train_tensors(train)
     val_t = to_tensors(val, device) if val is not None and len(val[0]) else None
     model.to(device)
     torch.manual_seed(opts.seed)
