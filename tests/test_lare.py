@@ -166,6 +166,12 @@ def test_lare_loss_keeps_corners_in_class_and_literal_volume_grows_boxes():
     assert float((hi - lo).mean()) > 2 * w0
 
 
+def test_old_head_files_keep_their_box_form():
+    # a round-2 head file has no "box" in its config: its f_Box is read back in the form it was trained in
+    assert LARE.LareHead(4, 2, 3).aug.form == "centre"
+    assert LARE.LareHead(4, 2, 3, box="contain").aug.form == "contain"
+
+
 def test_box_stats():
     net = LARE.BoxNet(4)
     LARE.init_box_net(net, 0.5)
