@@ -61,6 +61,8 @@ def test_lare_end_to_end_and_boxes(stores, tmp_path):
     assert summary["kind"] == "lare" and summary["sampled_rows"] == 4 * (summary["train_rows"] // 5)
     info = json.loads((tmp_path / "lare.json").read_text())
     assert info["training"]["samples"] == 4 and info["training"]["volume_loss"] == "log-side"
+    assert info["training"]["l2"] == 1.0 and info["training"]["probe_l2"] == 5.0  # the prior counts images
+    assert info["config"]["box"] == "contain" and info["training"]["logit_scale"] == 1.0
     assert any(k.startswith("aug.") for k in info["tensors"])  # the head keeps f_Box
     res = invoke("classify", stores / "images", "--head", tmp_path / "lare", "--where", "split=test",
                  "-o", tmp_path / "p.jsonl")

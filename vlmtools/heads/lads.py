@@ -143,6 +143,8 @@ def train_lads(store, output, *, options, where=(), val_where=(), val_fraction=N
     """`vlmtools train lads`: f_aug on the train rows, the lowest-val-loss epoch kept (step 1), then the
     linear probe on the original + augmented rows (step 2). ``options`` is the probe's (``lads_options``
     gives the authors'); step 1 uses its lr, weight decay, batch size and seed."""
+    from dataclasses import replace
+
     import numpy as np
 
     from vlmtools.classify import check_templates
@@ -212,7 +214,10 @@ def train_lads(store, output, *, options, where=(), val_where=(), val_fraction=N
                 "text_store": None if text_store is None else str(text_store), "alpha": alpha,
                 "aug_epochs": aug_epochs, "aug_best_epoch": step1.best_epoch, "hidden": hidden,
                 "logit_scale": logit_scale, "ensemble": ensemble, "shots": shots}
-    return A.fit_probe_with("lads", config, state, data, extra_x, data.train.y, output, options, training=training,
+    # --solver lbfgs: one augmented row per image; the L2 prior counts images, as in LARE (ours)
+    probe_opts = replace(options, l2=options.l2 * 2)
+    training.update(l2=options.l2, probe_l2=probe_opts.l2)
+    return A.fit_probe_with("lads", config, state, data, extra_x, data.train.y, output, probe_opts, training=training,
                             inputs=data.inputs(), buffers=buffers,
                             extra={"augmented_rows": len(extra_x),
                                    "shift_alignment_mean": round(float(shift.mean()), 4)},
