@@ -114,8 +114,8 @@ def test_adapter_head_and_sweep(world, tmp_path):
                  "--epochs", 40)
     assert res.exit_code == 0, res.output
     s = lines(res.stdout)[0]
-    # 14 train rows per class after the 10% val split: round(0.25 * 14) = 4 images, 10 texts
-    assert s["kind"] == "adapter" and s["images"] == 20 and s["texts"] == 50 and s["test"]["rows"] == 40
+    # 16 train rows per class (L-BFGS holds none out): round(0.25 * 16) = 4 images, 12 texts
+    assert s["kind"] == "adapter" and s["images"] == 20 and s["texts"] == 60 and s["test"]["rows"] == 40
     info = json.loads((tmp_path / "ad.json").read_text())
     assert info["training"]["image_ratio"] == 0.25 and info["training"]["balance"] == "class"
     assert "text_store" in info["inputs"]
@@ -230,8 +230,8 @@ def test_bad_t2i_inputs(world, tmp_path):
 @pytest.mark.slow
 def test_offline_world_study_001_directions(tmp_path):
     """The micro CLIP on a synth world: the probe beats zero-shot by (made-up) names, t2i on the world's
-    image captions raises text->image recall@1, and at a low image ratio class-balanced image-only adapters
-    are no worse than the imbalanced protocol."""
+    image captions raises text->image recall@1, and at 10 % of the images class-balanced image-only
+    adapters beat the imbalanced protocol by at least 10 points on three seeds."""
     w = tmp_path / "world"
     assert invoke("synth", "make", w, "--classes", 8, "--per-class", 30, "--seed", 2).exit_code == 0
     for args in (("images", w / "manifest.jsonl", "-o", tmp_path / "img"),
@@ -258,10 +258,14 @@ def test_offline_world_study_001_directions(tmp_path):
     ret = lines(res.stdout)[0]["retrieval"]
     assert ret["after"]["r1"] > ret["before"]["r1"]
 
-    acc = {}
-    for balance in ("class", "global"):
-        res = invoke("train", "adapter", img, "--text", tmp_path / "desc", "--sweep", "0.1", "--balance", balance,
-                     *train, "--test-where", "split=test", "--json")
-        assert res.exit_code == 0, res.output
-        acc[balance] = lines(res.stdout)[0]["image_only"]
-    assert acc["class"] >= acc["global"]
+    # study 001's fix: at 10 % of the images, choosing them per class keeps every class (here 2 images
+    # each), choosing them at random over all images leaves some classes with one or none: a lower
+    # accuracy on every seed, by 14 to 36 points here (0.86/0.82/0.89 vs 0.50/0.58/0.75)
+    for seed in (0, 1, 2):
+        acc = {}
+        for balance in ("class", "global"):
+            res = invoke("train", "adapter", img, "--text", tmp_path / "desc", "--sweep", "0.1", "--balance",
+                         balance, *train, "--test-where", "split=test", "--json", "--seed", seed)
+            assert res.exit_code == 0, res.output
+            acc[balance] = lines(res.stdout)[0]["image_only"]
+        assert acc["class"] >= acc["global"] + 0.10, (seed, acc)

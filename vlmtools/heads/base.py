@@ -172,6 +172,7 @@ def train_and_save(kind: str, config: dict, data, output, options, *, training: 
             "classes": len(classes) if classes is not None else None,
             "train_rows": len(train_arrays[0]), "val_rows": len(val_arrays[0]) if val_arrays is not None else 0,
             "epochs": len(result.curve), "best_epoch": result.best_epoch, "metrics": result.metrics,
+            **({"converged": result.converged} if result.converged is not None else {}),
             "seconds": result.seconds, "device": result.device, **extra}
 
 
@@ -182,7 +183,8 @@ def save_trained(output, kind: str, head: Head, result, *, classes, spec, option
         kind=kind, config=head.config, tensors={}, classes=classes, input_dim=head.config["input_dim"],
         model=spec.as_dict(), training={**options.as_dict(), **training}, seed=options.seed,
         inputs=inputs, curve=result.curve, best_epoch=result.best_epoch, metrics=result.metrics,
-        extra={"device": result.device, "stopped_early": result.stopped_early, **(extra or {})})
+        extra={"device": result.device, "stopped_early": result.stopped_early,
+               **({"converged": result.converged} if result.converged is not None else {}), **(extra or {})})
     return save_head(output, head, info)
 
 
