@@ -84,26 +84,129 @@ def test_rise_is_seeded_and_batching_does_not_change_it():
     assert not np.allclose(a, c)
 
 
-def test_iou_threshold_rule_is_mean_plus_std():
+def test_iou_threshold_rules():
+    # default: the map as the ALA authors save it, uint8(255 m) truncated, salient where grey > 127
+    m = np.array([[127 / 255, 127.99 / 255], [128 / 255, 1.0]], dtype=np.float32)
+    assert M.binarize(m).tolist() == [[False, False], [True, True]]
+    assert M.binarize(m, "0.75").tolist() == [[False, False], [False, True]]  # grey > floor(191.25)
+    # mean+std kept as an option
     m = np.array([[0.0, 0.1], [0.5, 0.9]], dtype=np.float32)
-    assert M.binarize(m).tolist() == [[False, False], [False, True]]  # mean .375 + std .35 = .725
-    assert M.iou(m, np.array([[0, 0], [0, 1]], bool)) == 1.0
+    assert M.binarize(m, "mean+std").tolist() == [[False, False], [False, True]]  # .375 + .35 = .725
+    assert M.iou(m, np.array([[0, 0], [0, 1]], bool), "mean+std") == 1.0
+    assert M.iou(m, np.array([[0, 0], [0, 1]], bool)) == 1.0     # .5 is grey 127 (truncated): not salient
     assert M.iou(m, np.array([[0, 0], [1, 1]], bool)) == 0.5
     assert M.iou(np.zeros((2, 2)), np.zeros((2, 2), bool)) == 1.0
+    for bad in ("1.5", "0", "mean", "x"):
+        with pytest.raises(ValueError):
+            M.parse_threshold(bad)
 
 
-def test_insertion_deletion_of_a_constant_map_equal_the_analytic_values():
-    # score = mean pixel value; all-ones image: deleting pixels (to 0) in any order falls linearly
-    # from 1 to 0 (AUC 1/2); the blurred canvas of a constant image is the image (AUC 1)
-    x = torch.ones(1, 3, SIZE, SIZE)
-    score = lambda t: t.mean(dim=(1, 2, 3))  # noqa: E731
-    flat = np.full((SIZE, SIZE), 0.3, np.float32)
-    xs, ys = M.causal_curve(x, flat, score, "deletion", steps=10)
-    assert xs[0] == 0.0 and xs[-1] == 1.0
-    assert M.auc(xs, ys) == pytest.approx(0.5, abs=1e-6)
-    assert M.auc(*M.causal_curve(x, flat, score, "insertion", steps=10)) == pytest.approx(1.0, abs=1e-6)
-    zeros = torch.zeros_like(x)
-    assert M.auc(*M.causal_curve(x, flat, score, "insertion", steps=7, canvas=zeros)) == pytest.approx(0.5, abs=1e-6)
+# ----------------------------------------------------------------------------- RISE's CausalMetric, restated
+
+def rise_gkern(klen, nsig):
+    """RISE's gkern restated: scipy.ndimage.gaussian_filter (mode 'reflect' = numpy's 'symmetric' padding,
+    weights exp(-t²/2σ²) for |t| <= int(4σ + .5), normalised) of an impulse in a klen × klen window."""
+    r = int(4 * nsig + 0.5)
+    w = np.exp(-0.5 * np.arange(-r, r + 1) ** 2 / nsig ** 2)
+    w /= w.sum()
+    impulse = np.zeros(klen)
+    impulse[klen // 2] = 1.0
+    padded = np.pad(impulse, r, mode="symmetric")  # wider than the window: pad again, reflecting each time
+    while len(padded) < klen + 2 * r:
+        padded = np.pad(padded, r, mode="symmetric")
+    mid = (len(padded) - klen) // 2
+    line = np.convolve(padded, w, mode="same")[mid:mid + klen]
+    return np.outer(line, line).astype(np.float32)
+
+
+def rise_single_run(model, img, explanation, mode, step, klen=11, nsig=5):
+    """RISE's CausalMetric.single_run (eclique/RISE evaluation.py) with its Evaluation notebook's substrates:
+    insertion from conv2d(img, gkern 3x3xKxK diagonal, padding=K//2), deletion to zeros."""
+    H, W = img.shape[-2:]
+    HW = H * W
+    c = int(model(img).argmax(1)[0])
+    n_steps = (HW + step - 1) // step
+    kern = np.zeros((3, 3, klen, klen), np.float32)
+    for ch in range(3):
+        kern[ch, ch] = rise_gkern(klen, nsig)
+    if mode == "del":
+        start, finish = img.clone(), torch.zeros_like(img)
+    else:
+        start = torch.nn.functional.conv2d(img, torch.from_numpy(kern), padding=klen // 2)
+        finish = img.clone()
+    scores = np.empty(n_steps + 1)
+    order = np.flip(np.argsort(explanation.reshape(-1, HW), axis=1, kind="stable"), axis=-1)
+    for i in range(n_steps + 1):
+        with torch.no_grad():
+            scores[i] = model(start)[0, c]
+        if i < n_steps:
+            coords = order[0, step * i:step * (i + 1)]
+            start.numpy().reshape(3, HW)[:, coords] = finish.numpy().reshape(3, HW)[:, coords]
+    return scores, (scores.sum() - scores[0] / 2 - scores[-1] / 2) / (scores.shape[0] - 1)
+
+
+class SmallNet(torch.nn.Module):
+    """A seeded conv net with a softmax over 4 classes: the model RISE's metric is run on."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x):
+        h = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4).flatten(1)
+        return torch.softmax(self.fc(h) * 5, dim=1)
+
+
+def test_gkern_is_rises():
+    for klen, nsig in ((11, 5), (5, 5), (11, 1), (7, 2.5)):
+        assert np.abs(M.gkern(klen, nsig) - rise_gkern(klen, nsig)).max() < 1e-8
+    k = M.gkern(11, 5)
+    assert k.sum() == pytest.approx(1.0, abs=1e-6) and k.max() / k.min() < 1.2  # nearly flat, not σ = 1
+
+
+def test_gkern_equals_scipy_where_scipy_is_installed():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    impulse = np.zeros((11, 11))
+    impulse[5, 5] = 1
+    assert np.abs(M.gkern(11, 5) - ndimage.gaussian_filter(impulse, 5).astype(np.float32)).max() < 1e-8
+
+
+@pytest.mark.parametrize("size, step", [((24, 28), None), ((18, 23), 7), ((16, 16), 256)])
+def test_insertion_deletion_equal_rise_causal_metric(size, step):
+    model = SmallNet().eval()
+    gen = torch.Generator().manual_seed(1)
+    img = torch.randn(1, 3, *size, generator=gen)
+    # a map with ties (16 levels), as float16 maps upsampled have
+    sal = np.round(torch.rand(size, generator=gen).numpy() * 15) / 15
+    H, W = size
+    used = step or -(-H * W // 224)
+    c = int(model(img).argmax(1)[0])
+    for ours, theirs in (("insertion", "ins"), ("deletion", "del")):
+        xs, ys = M.causal_curve(img.clone(), sal, lambda t: model(t)[:, c], ours, step, batch=5)
+        ref, ref_auc = rise_single_run(model, img.clone(), sal, theirs, used)
+        assert len(ys) == len(ref) == -(-H * W // used) + 1
+        assert np.abs(ys - ref).max() < 1e-5, ours
+        assert xs[0] == 0.0 and xs[-1] == 1.0
+        assert abs(M.auc(ys) - ref_auc) < 1e-5
+    # eval's scorer path: the class is the model's own prediction on the full image
+    from vlmtools.explain.visual import EvalOptions, _causal_scores
+
+    class Scorer:
+        name, classes = "small", ["a", "b", "c", "d"]
+
+        def tensor(self, image):
+            return img.clone()
+
+        def probs(self, x):
+            return model(x)
+
+    row = _causal_scores(Scorer(), None, sal.astype(np.float32), EvalOptions(step=step).check(),
+                         M.gkern(11, 5))
+    assert row["scored_class"] == "abcd"[c] and row["step"] == used
+    assert abs(row["insertion"] - rise_single_run(model, img.clone(), sal, "ins", used)[1]) < 1e-5
+    assert abs(row["deletion"] - rise_single_run(model, img.clone(), sal, "del", used)[1]) < 1e-5
 
 
 def test_deletion_of_the_true_region_first_equals_its_area_over_two():
@@ -113,8 +216,10 @@ def test_deletion_of_the_true_region_first_equals_its_area_over_two():
     mask = torch.from_numpy(region_mask())
     score = lambda t: t[:, 0][:, mask].mean(dim=1)  # noqa: E731
     good = region_mask().astype(np.float32)
-    assert M.auc(*M.causal_curve(x, good, score, "deletion", steps=64)) == pytest.approx(1 / 8, abs=1e-6)
-    assert M.auc(*M.causal_curve(x, 1 - good, score, "deletion", steps=64)) == pytest.approx(7 / 8, abs=1e-6)
+    assert M.auc(M.causal_curve(x, good, score, "deletion", step=16)[1]) == pytest.approx(1 / 8, abs=1e-6)
+    assert M.auc(M.causal_curve(x, 1 - good, score, "deletion", step=16)[1]) == pytest.approx(7 / 8, abs=1e-6)
+    zeros = torch.zeros_like(x)  # inserting the region first into a black canvas: the mirror image
+    assert M.auc(M.causal_curve(x, good, score, "insertion", step=16, canvas=zeros)[1]) == pytest.approx(7 / 8, abs=1e-6)
 
 
 def test_vit_tower_gradcam_and_rollout_maps(tiny_encoder):

@@ -550,7 +550,8 @@ def write_predictions(path: str | os.PathLike | None, records: Iterable[dict]) -
 # errors.jsonl lists the images that could not be read.
 
 def maps_info(*, method: str, model: dict, classes: list[str], templates: list[str], settings: dict,
-              head: str | None = None, descriptors: str | None = None, cbd: str | None = None) -> dict:
+              head: str | None = None, descriptors: str | None = None, cbd: str | None = None,
+              lattice: list[int] | None = None) -> dict:
     import vlmtools
 
     info = {"format": MAPS_FORMAT, "method": method, "model": model, "classes": list(classes),
@@ -561,6 +562,8 @@ def maps_info(*, method: str, model: dict, classes: list[str], templates: list[s
         info["descriptors"] = descriptors
     if cbd is not None:
         info["cbd"] = cbd
+    if lattice is not None:  # the cell grid [h, w] the maps are drawn at before upsampling
+        info["lattice"] = [int(v) for v in lattice]
     return info
 
 
