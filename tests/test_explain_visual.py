@@ -273,17 +273,22 @@ def test_explain_visual_writes_maps_at_image_resolution(gradcam_maps, world):
 
 def test_eval_explanations_per_image_and_summary(gradcam_maps, world, tmp_path):
     summary = tmp_path / "summary.json"
-    r = invoke("eval", "explanations", gradcam_maps, "--manifest", world / "manifest.jsonl", "--steps", "4",
+    r = invoke("eval", "explanations", gradcam_maps, "--manifest", world / "manifest.jsonl", "--step", "1024",
                "--summary", summary)
     assert r.exit_code == 0, r.output
     rows = lines(r.stdout)
     assert len(rows) == 6
-    for row in rows:
-        assert 0.0 <= row["iou"] <= 1.0 and 0.0 <= row["insertion"] <= 1.0 and 0.0 <= row["deletion"] <= 1.0
+    for row in rows:  # 64 x 64 inputs, 1024 px per step: 4 steps; scored by the CBD classifier explained
+        assert row["step"] == 1024 and row["scorer"] == "clip vlmtools-micro cbd descriptors.jsonl"
         assert row["id_score"] == pytest.approx(row["insertion"] - row["deletion"], abs=2e-6)
     s = json.loads(summary.read_text())
-    assert s["methods"][0]["method"] == "gradcam"
+    assert s["methods"][0]["method"] == "gradcam" and s["scorer"] == "own" and s["steps"] == "1024 px per step"
     assert s["methods"][0]["iou"] == pytest.approx(np.mean([x["iou"] for x in rows]), abs=1e-5)
+    assert s["methods"][0]["insertion"] == pytest.approx(np.mean([x["insertion"] for x in rows]), abs=1e-5)
+    r = invoke("eval", "explanations", gradcam_maps, "--manifest", world / "manifest.jsonl", "--step", "1024",
+               "--blur", "0")  # no blur: the canvas is the image, so insertion is the full image's score
+    assert r.exit_code == 0, r.output
+    assert [x["insertion"] for x in lines(r.stdout)] != [x["insertion"] for x in rows]
 
 
 def test_rise_and_per_descriptor_maps(world, tmp_path):
@@ -386,6 +391,13 @@ def test_eval_explanations_bad_input(gradcam_maps, world, tmp_path):
     assert r.exit_code == 2 and "maps of another size" in r.output
     r = invoke("eval", "explanations", tmp_path, "--manifest", world / "manifest.jsonl")
     assert r.exit_code == 2 and "not a maps directory" in r.output
+    for args, message in ((["--threshold", "1.5"], "--threshold"), (["--threshold", "median"], "mean+std"),
+                          (["--step", "4", "--steps", "4"], "give one"), (["--step", "0"], "--step"),
+                          (["--blur", "4,1"], "odd"), (["--blur", "x"], "KLEN,SIGMA"), (["--scorer", "me"], "own, clip")):
+        r = invoke("eval", "explanations", gradcam_maps, "--manifest", world / "manifest.jsonl", *args,
+                   "-o", tmp_path / "o.jsonl")
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+        assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_train_ala_caches_features_resumably_and_explains(world, tmp_path):
@@ -506,3 +518,182 @@ def test_explain_visual_interrupted_leaves_nothing(world, tmp_path, monkeypatch)
         V.explain_visual(str(world / "manifest.jsonl"), tmp_path / "maps", opts=V.VisualOptions(),
                          model="vlmtools-micro", limit=3, png=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- study 003's protocol, through the CLI
+
+@pytest.fixture(scope="module")
+def layer2_maps(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("maps") / "layer2"
+    r = invoke("explain", "visual", world / "manifest.jsonl", "-o", out, "-m", "vlmtools-micro", "--where",
+               "split=test", "--layer", "2", "--no-overlays", "--cbd", world / "descriptors.jsonl")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_default_miou_is_grey_above_127_of_the_saved_8bit_map(layer2_maps, world, tmp_path):
+    """The ALA authors' compute_miou.py: the map saved as an 8-bit grey image, > 127 salient; mask > 127."""
+    r = invoke("eval", "explanations", layer2_maps, "--manifest", world / "manifest.jsonl", "--no-causal")
+    assert r.exit_code == 0, r.output
+    got = {row["id"]: row["iou"] for row in lines(r.stdout)}
+    manifest = {rec["id"]: rec for rec in map(json.loads, (world / "manifest.jsonl").read_text().splitlines())}
+    theirs, mean_std = {}, {}
+    for row in _maps_of(layer2_maps):
+        m = np.load(layer2_maps / row["map"])
+        png = tmp_path / f"{row['id']}.png"
+        Image.fromarray((m.astype(np.float32) * 255).astype(np.uint8)).save(png)  # as save_attn_map writes it
+        pred = np.asarray(Image.open(png).convert("L")) > 127
+        gt = np.asarray(Image.open(world / manifest[row["id"]]["mask"]).convert("L")) > 127
+        theirs[row["id"]] = np.logical_and(gt, pred).sum() / np.logical_or(gt, pred).sum()
+        mean_std[row["id"]] = M.iou(m, gt, "mean+std")
+    assert got.keys() == theirs.keys() and len(got) == 6
+    for k in got:
+        assert got[k] == pytest.approx(theirs[k], abs=1e-6), k
+    assert any(abs(theirs[k] - mean_std[k]) > 1e-3 for k in got)  # the two rules differ on these maps
+    r = invoke("eval", "explanations", layer2_maps, "--manifest", world / "manifest.jsonl", "--no-causal",
+               "--threshold", "mean+std")
+    assert r.exit_code == 0, r.output
+    assert {row["id"]: row["iou"] for row in lines(r.stdout)} == pytest.approx(mean_std, abs=1e-6)
+
+
+def test_lattice_ceiling_is_the_best_map_constant_on_the_cells():
+    blocks = np.zeros((32, 32), bool)
+    blocks[8:24, 0:16] = True                      # whole cells of a 4 x 4 lattice (8 px each)
+    assert M.lattice_ceiling(blocks, (4, 4)) == 1.0
+    stripes = np.zeros((32, 32), bool)
+    stripes[:, ::2] = True                         # 1 px stripes: every 4 x 4 cell is half covered
+    assert M.lattice_ceiling(stripes, (4, 4)) == 0.5 and M.lattice_ceiling(stripes, (32, 32)) == 1.0
+    # against every map of a 3 x 3 lattice (2^9 unions of cells), on random masks
+    import itertools
+
+    gen = np.random.default_rng(0)
+    for _ in range(5):
+        mask = gen.random((12, 12)) < gen.random()
+        cells = np.repeat(np.repeat(np.arange(9).reshape(3, 3), 4, 0), 4, 1)
+        best = max(M.region_iou(np.isin(cells, [c for c, on in zip(range(9), pick) if on]), mask)
+                   for pick in itertools.product((0, 1), repeat=9))
+        assert M.lattice_ceiling(mask, (3, 3)) == pytest.approx(best, abs=1e-12)
+
+
+def test_lattice_is_recorded_and_eval_reports_its_ceiling(layer2_maps, world, tmp_path):
+    assert json.loads((layer2_maps / "info.json").read_text())["lattice"] == [8, 8]  # ResNet stage 2 at 64 px
+    summary = tmp_path / "s.json"
+    r = invoke("eval", "explanations", layer2_maps, "--manifest", world / "manifest.jsonl", "--no-causal",
+               "--summary", summary)
+    assert r.exit_code == 0, r.output
+    rows = lines(r.stdout)
+    manifest = {rec["id"]: rec for rec in map(json.loads, (world / "manifest.jsonl").read_text().splitlines())}
+    for row in rows:
+        gt = np.asarray(Image.open(world / manifest[row["id"]]["mask"]).convert("L")) > 127
+        assert row["iou_ceiling"] == pytest.approx(M.lattice_ceiling(gt, (8, 8)), abs=1e-6)
+    s = json.loads(summary.read_text())["methods"][0]
+    assert s["lattice"] == [8, 8] and s["iou_ceiling"] == pytest.approx(np.mean([x["iou_ceiling"] for x in rows]))
+    assert "lattice ceiling" in r.output
+
+
+def test_aea_freezes_side_and_attention_branches_bit_for_bit():
+    """Alternative Epoch Architect: across a frozen epoch the side and attention branches' tensors do not
+    change at all; across a trained one they do; the perception branch trains in both."""
+    from vlmtools.heads.ala import AlaHead, aea_hook, ala_loss
+    from vlmtools.heads.loop import FitOptions, fit, seeded
+
+    shapes = [[8, 4, 4], [8, 4, 4], [8, 4, 4]]
+    with seeded(0):
+        head = AlaHead(input_dim=3 * 128, n_classes=3, shapes=shapes, layers=[0, 1, 2], d_model=8, heads=2, grid=4)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 3 * 128, generator=gen)
+    y = torch.arange(48) % 3
+    side = {n for n, _ in head.named_parameters() if not n.startswith("pb")}
+    assert side and {"pb.weight", "pb_norm.weight"} <= {n for n, _ in head.named_parameters()}
+    snaps = []
+
+    def hook(epoch, model):
+        snaps.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return aea_hook(epoch, model)
+
+    fit(head, (x, y), None, FitOptions(epochs=4, lr=1e-2, batch_size=16, patience=0, device="cpu"),
+        loss_fn=ala_loss, on_epoch=hook)
+    snaps.append({n: p.detach().clone() for n, p in head.named_parameters()})
+    for epoch in (1, 2, 3, 4):  # snaps[epoch - 1] before the epoch, snaps[epoch] after it
+        before, after = snaps[epoch - 1], snaps[epoch]
+        frozen = epoch % 2 == 0
+        for n in side:
+            assert torch.equal(before[n], after[n]) == frozen, (epoch, n)
+        assert not torch.equal(before["pb.weight"], after["pb.weight"]), epoch
+    # on the frozen epochs the loss does not see the side branch at all
+    head.attention_off = True
+    head.zero_grad()
+    ala_loss(head, x, y).backward()
+    assert all(p.grad is None or not p.grad.any() for n, p in head.named_parameters() if n in side)
+
+
+def test_ala_runs_at_the_vit_token_grid_over_every_layer_and_scores_its_own_maps(world, tmp_path):
+    from vlmtools.heads.ala import load_ala_for_explain
+    from vlmtools.images import load_rgb, normalize_params, square_tensor
+    from vlmtools.models import ModelSpec, load_model
+
+    head = tmp_path / "ala"
+    r = invoke("train", "ala", world / "manifest.jsonl", "-o", head, "-m", "vlmtools-tiny", "--where",
+               "split=train", "--epochs", "2", "--val-fraction", "0", "--d-model", "16", "--heads", "2", "--json")
+    assert r.exit_code == 0, r.output
+    encoder = load_model(ModelSpec.parse("vlmtools-tiny"), "cpu")
+    grid = list(encoder.model.visual.grid_size)
+    config = json.loads((tmp_path / "ala.json").read_text())["config"]
+    assert config["layers"] == list(range(len(encoder.model.visual.transformer.resblocks)))
+    assert [config["grid"]] * 2 == grid and all(s[1:] == grid for s in config["shapes"])
+    maps = tmp_path / "maps"
+    r = invoke("explain", "visual", world / "manifest.jsonl", "-o", maps, "--method", "ala", "--head", head,
+               "--where", "split=test", "--no-overlays")
+    assert r.exit_code == 0, r.output
+    assert json.loads((maps / "info.json").read_text())["lattice"] == grid
+    # each map row carries the head's own prediction and probability
+    explainer, _ = load_ala_for_explain(head, None, None, "cpu")
+    explainer.attach(encoder)
+    mean, std = normalize_params(encoder.preprocess)
+    rows = _maps_of(maps)
+    for row in rows:
+        probs = explainer.probs(square_tensor(load_rgb(row["path"]), encoder.image_size, mean, std))[0]
+        assert row["class"] == explainer.classes[int(probs.argmax())]
+        assert row["prob"] == pytest.approx(float(probs.max()), abs=1e-5)
+    r = invoke("eval", "explanations", maps, "--manifest", world / "manifest.jsonl", "--steps", "3")
+    assert r.exit_code == 0, r.output
+    own = lines(r.stdout)
+    assert {x["scorer"] for x in own} == {"ala ala"} and all(x["scored_class"] == x["class"] for x in own)
+    assert all("iou_ceiling" in x for x in own)
+    r = invoke("eval", "explanations", maps, "--manifest", world / "manifest.jsonl", "--steps", "3", "--scorer", "clip")
+    assert r.exit_code == 0, r.output
+    clip = lines(r.stdout)
+    assert {x["scorer"] for x in clip} == {"clip vlmtools-tiny names"}
+    assert [x["insertion"] for x in clip] != [x["insertion"] for x in own]
+    assert "--scorer clip" in " ".join(r.output.split())
+
+
+def test_grounding_scores_each_descriptor_map_against_the_region_it_names(world, tmp_path):
+    out = tmp_path / "desc"
+    r = invoke("explain", "visual", world / "manifest.jsonl", "-o", out, "-m", "vlmtools-micro", "--method", "rise",
+               "--masks", "8", "--where", "split=test", "--limit", "2", "--no-overlays", "--descriptors",
+               world / "descriptors.jsonl")
+    assert r.exit_code == 0, r.output
+    rows = _maps_of(out)
+    assert {r["kind"] for r in rows} == {"object", "background"}  # the world marks its habitat lines
+    r = invoke("eval", "explanations", out, "--manifest", world / "manifest.jsonl")
+    assert r.exit_code == 2 and "--descriptors" in r.output  # no class maps: says how to score these
+    manifest = {rec["id"]: rec for rec in map(json.loads, (world / "manifest.jsonl").read_text().splitlines())}
+    # a map that is exactly its region lands on it every time; the other region's map never does
+    for flip in (False, True):
+        for row in rows:
+            obj = np.asarray(Image.open(world / manifest[row["id"]]["mask"]).convert("L")) > 127
+            on_object = (row["kind"] == "object") != flip
+            np.save(out / row["map"], (obj if on_object else ~obj).astype(np.float16))
+        summary = tmp_path / f"g{flip}.json"
+        r = invoke("eval", "explanations", out, "--manifest", world / "manifest.jsonl", "--descriptors",
+                   "--summary", summary)
+        assert r.exit_code == 0, r.output
+        got = lines(r.stdout)
+        assert len(got) == len(rows) and {g["descriptor"] for g in got} == {row["descriptor"] for row in rows}
+        assert all(g["hit"] is (not flip) for g in got)
+        assert all(g["energy"] == (0.0 if flip else 1.0) for g in got)
+        m = json.loads(summary.read_text())["methods"][0]
+        assert m["hit_object"] == m["hit_background"] == (0.0 if flip else 1.0)
+        assert 0 < m["chance_object"] < 0.5 < m["chance_background"] < 1
+    assert "bg hit" in r.output and "obj hit" in r.output

@@ -471,12 +471,14 @@ class EvalOptions:
         return self
 
     def kernel(self):
-        """The insertion canvas's kernel: gkern(KLEN, SIGMA), or None for no blur (--blur 0)."""
+        """The insertion canvas's kernel: gkern(KLEN, SIGMA), or the 1 × 1 identity for no blur (--blur 0)."""
+        import numpy as np
+
         from vlmtools.explain.metrics import gkern
 
         text = str(self.blur).replace(" ", "")
         if text in ("0", "0.0", "none"):
-            return None
+            return np.ones((1, 1), dtype=np.float32)
         try:
             klen, sigma = text.split(",")
             klen, sigma = int(klen), float(sigma)
@@ -515,7 +517,9 @@ class ClipScorer:
     def __init__(self, judge: Judge, meta: dict):
         self.judge, self.classes = judge, judge.classes
         how = f"cbd {Path(meta['cbd']).name}" if meta.get("cbd") else "names"
-        self.name = f"clip {_short('model', meta['model'])} {how}"
+        model = meta["model"]
+        tag = model.get("pretrained")
+        self.name = f"clip {model['name']}{':' + tag if tag and tag not in ('none', 'vlmtools') else ''} {how}"
 
     def tensor(self, image):
         return self.judge.tensor(image)
@@ -639,7 +643,7 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, opts: EvalOptions 
     seed (group_runs), mean ± std over them (seeds)."""
     import numpy as np
 
-    from vlmtools.explain.metrics import iou, lattice_map
+    from vlmtools.explain.metrics import iou, lattice_ceiling
     from vlmtools.images import load_rgb
 
     opts = (opts or EvalOptions()).check()
@@ -672,7 +676,7 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, opts: EvalOptions 
             else:
                 row["iou"] = round(iou(sal, mask, opts.threshold), 6)
                 if meta.get("lattice"):
-                    row["iou_ceiling"] = round(iou(lattice_map(mask, meta["lattice"]), mask, opts.threshold), 6)
+                    row["iou_ceiling"] = round(lattice_ceiling(mask, meta["lattice"]), 6)
             if causal:
                 key = _scorer_key(meta, opts.scorer)
                 if key not in scorers:
@@ -866,19 +870,23 @@ def summary_table(summary: dict) -> None:
 def _grounding_table(summary: dict) -> None:
     from rich.table import Table
 
-    table = Table(title=f"grounding: per-descriptor maps on the region they name (peak in the region; chance = "
-                        f"the region's share of the image)")
+    table = Table(title="grounding: how often a descriptor's map peaks on the region it names (object: the "
+                        "mask; bg: the rest; chance: the region's share of the image; energy: the map's share "
+                        "inside it)")
     table.add_column("method", no_wrap=True)
     table.add_column("runs", justify="right")
+    short = {"object": "obj", "background": "bg"}
     for kind in ("object", "background"):
-        table.add_column(f"{kind}: hit (chance)", justify="right")
-        table.add_column(f"{kind}: energy", justify="right")
+        for what in ("hit", "chance", "energy"):
+            table.add_column(f"{short[kind]} {what}", justify="right")
     for m in summary["methods"]:
         cells = []
         for kind in ("object", "background"):
-            hit = m.get(f"hit_{kind}")
-            cells.append("–" if hit is None else f"{hit:.3f} ({m[f'chance_{kind}']:.3f})")
-            cells.append("–" if hit is None else f"{m[f'energy_{kind}']:.3f}")
+            for what in ("hit", "chance", "energy"):
+                v = m.get(f"{what}_{kind}")
+                sd = m.get(f"{what}_{kind}_std")
+                cells.append("–" if v is None else f"{v:.3f}" + (f" ± {sd:.3f}" if m["runs"] > 1 and what != "chance"
+                                                                   and sd is not None else ""))
         table.add_row(m["label"], str(m["runs"]), *cells)
     info_table(table)
 
