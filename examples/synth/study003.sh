@@ -9,7 +9,7 @@
 #   CLASSES, PER_CLASS, WORLD_SEED   the world         [10, 20, 0]
 #   SEEDS      seeds of ALA and RISE                   [0 1 2]
 #   MASKS      RISE masks (the study: 4000)            [500]
-#   EPOCHS     ALA epochs                              [30]
+#   EPOCHS     ALA epochs (all of them: 10 val images cannot pick an epoch) [30]
 #   LAYER      Grad-CAM's second layer (ResNet stage or ViT block) [2]
 # Classes are scored by the world's oracle descriptors (--cbd): its class names mean nothing to the model.
 # Every step is skipped when its output exists.
@@ -29,7 +29,7 @@ test=(--where split=test --no-overlays)
 cbd=(--cbd "$W/descriptors.jsonl")
 for s in $SEEDS; do
   [ -s "$OUT/ala-s$s.json" ] || $VLM train ala "$W/manifest.jsonl" -m "$MODEL" -o "$OUT/ala-s$s" \
-      --cache "$OUT/features" --where split=train --epochs "$EPOCHS" --seed "$s" >/dev/null
+      --cache "$OUT/features" --where split=train --val-fraction 0 --epochs "$EPOCHS" --seed "$s" >/dev/null
   [ -s "$OUT/maps/ala-s$s/maps.jsonl" ] || $VLM explain visual "$W/manifest.jsonl" "${test[@]}" "${cbd[@]}" \
       --method ala --head "$OUT/ala-s$s" -o "$OUT/maps/ala-s$s"
   [ -s "$OUT/maps/rise-s$s/maps.jsonl" ] || $VLM explain visual "$W/manifest.jsonl" "${test[@]}" "${cbd[@]}" \
