@@ -545,7 +545,7 @@ def write_predictions(path: str | os.PathLike | None, records: Iterable[dict]) -
 
 # ----------------------------------------------------------------------------- saliency maps
 # A maps directory (`vlmtools explain visual -o DIR`): info.json = maps_info(...); maps.jsonl, one line
-# per map: {"id", "path", "label"?, "class", "score" (cosine), "prob", "method", "map": "NAME.npy",
+# per map: {"id", "path", "label"?, "class", "score" (cosine; ala: the head's logit), "prob", "method", "map": "NAME.npy",
 # "png"?: "NAME.png", and for per-descriptor maps "descriptor", "kind", "descriptor_score"};
 # errors.jsonl lists the images that could not be read.
 

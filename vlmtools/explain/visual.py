@@ -1,6 +1,7 @@
 """`explain visual` and `eval explanations`: saliency maps for images, written as a maps directory, and
-their evaluation against the manifest's object masks (mIoU) and by the causal metrics (insertion,
-deletion, ID score).
+their evaluation against the manifest's object masks (mIoU, beside the lattice's ceiling), by RISE's causal
+metrics (insertion, deletion, ID score; each map scored by the model it explains) and, for per-descriptor
+maps, against the region each descriptor names (grounding).
 
 A maps directory (formats.MAPS_FORMAT) holds info.json (model, method, classes, templates, method
 settings), maps.jsonl (one line per map) and per map NAME.npy (float16 in [0, 1] at the image's
