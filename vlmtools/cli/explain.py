@@ -83,19 +83,19 @@ def register(app: typer.Typer) -> None:
         maps_dirs: List[Path] = typer.Argument(..., metavar="MAPS_DIR", help="Maps directories from `vlmtools explain visual` "
                                                "(several: e.g. one per RISE seed; mean ± std over them)."),
         manifest: str = typer.Option(..., "--manifest", help="Manifest with a \"mask\" per image."),
-        threshold: str = typer.Option("0.5", "--threshold", help="mIoU: salient pixels. 0.5: the map as an "
+        threshold: str = typer.Option("0.5", "--threshold", metavar="0.5|T|mean+std", help="mIoU: salient pixels. 0.5: the map as an "
                                       "8-bit grey image > 127 (the ALA authors' compute_miou.py); T: grey > "
                                       "floor(255·T); mean+std: above the map's mean + one std."),
-        step: Optional[int] = typer.Option(None, "--step", help="Insertion/deletion: pixels changed per step "
+        step: Optional[int] = typer.Option(None, "--step", metavar="PIXELS", help="Insertion/deletion: pixels changed per step "
                                            "(default ceil(H·W/224) of the model's input: RISE's 224 at 224²)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Coarser: about N steps instead of --step "
                                             "(faster; not the study's protocol)."),
         causal: bool = typer.Option(True, "--causal/--no-causal", help="Insertion, deletion and ID score "
                                     "(needs the model); --no-causal: mIoU only."),
-        scorer: str = typer.Option("own", "--scorer", help="Who scores insertion/deletion: own (each map's "
+        scorer: str = typer.Option("own", "--scorer", metavar="own|clip", help="Who scores insertion/deletion: own (each map's "
                                    "model: an ALA head for ala maps, the CLIP classifier it explained for the "
                                    "others) or clip (every map by the CLIP classifier of its info.json)."),
-        blur: str = typer.Option("11,5", "--blur", help="Insertion canvas: KLEN,SIGMA of RISE's gkern, zero "
+        blur: str = typer.Option("11,5", "--blur", metavar="KLEN,SIGMA|0", help="Insertion canvas: KLEN,SIGMA of RISE's gkern, zero "
                                  "padded (default 11,5: RISE's), or 0 for none."),
         descriptors: bool = typer.Option(False, "--descriptors", help="Grounding: score the per-descriptor "
                                          "maps (explain visual --descriptors) against the region each names: "
