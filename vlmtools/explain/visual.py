@@ -10,6 +10,7 @@ resolution) and NAME.png (the image with the map overlaid; class and score in th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -720,7 +721,12 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, opts: EvalOptions 
     if mismatched:
         warn(f"{mismatched} of {len(results)} maps explain a class other than their scorer's prediction on the "
              f"full image; insertion and deletion score the prediction (\"scored_class\"), as RISE does")
-    formats.write_jsonl(output, results)
+    from vlmtools.console import data_to_terminal, hint_data_elsewhere
+
+    if data_to_terminal(output):  # a terminal gets the table (summary_table); a pipe or -o the rows
+        hint_data_elsewhere("the per-map NDJSON rows")
+    else:
+        formats.write_jsonl(output, results)
     summary = _summarize(loaded, labels, per_dir, opts, causal)
     if summary_out is not None:
         formats.write_json(summary_out, summary)
@@ -860,9 +866,30 @@ def json_key(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
+SHORT_LABEL = 16  # row labels longer than this are shown as "METHOD #n", spelled out in a legend
+
+
+def short_labels(labels: Sequence[tuple[str, str]]) -> list[str]:
+    """(method, full label) per row -> the labels the table shows: the full one when short, else the method,
+    numbered when several rows share it ("ala #2")."""
+    counts: dict[str, int] = {}
+    for method, _ in labels:
+        counts[method] = counts.get(method, 0) + 1
+    seen: dict[str, int] = {}
+    out = []
+    for method, full in labels:
+        seen[method] = seen.get(method, 0) + 1
+        if len(full) <= SHORT_LABEL:
+            out.append(full)
+        else:
+            out.append(method if counts[method] == 1 else f"{method} #{seen[method]}")
+    return out
+
+
 def summary_table(summary: dict) -> None:
     """The per-method table on stderr: mIoU (with the lattice ceiling), Ins, Del, ID as mean ± std over
-    runs, and who scored insertion/deletion; with --descriptors, the grounding hit rates."""
+    runs; short row labels, so the numbers keep their width at 80 columns, and a legend below for what each
+    label stands for and who scored it; with --descriptors, the grounding hit rates."""
     from rich.table import Table
 
     if summary.get("kind") == "grounding":
@@ -878,13 +905,12 @@ def summary_table(summary: dict) -> None:
     table = Table(title=title + ")")
     table.add_column("method", no_wrap=True)
     table.add_column("runs", justify="right")
-    for k in keys:
-        table.add_column(heads[k], justify="right")
+    for k in keys:  # "0.275 ± 0.058" may break after the ±, never inside a number
+        table.add_column(heads[k], justify="right", min_width=5)
         if k == "iou" and ceiling:
-            table.add_column("lattice ceiling", justify="right")
-    if summary.get("steps"):
-        table.add_column("scorer")
-    for m in summary["methods"]:
+            table.add_column("ceiling", justify="right", min_width=5)
+    shown = short_labels([(m["method"], m["label"]) for m in summary["methods"]])
+    for m, label in zip(summary["methods"], shown):
         cells = []
         for k in keys:
             cells.append(f"{m[k]:.3f}" + (f" ± {m[k + '_std']:.3f}" if m["runs"] > 1 else ""))
@@ -892,16 +918,15 @@ def summary_table(summary: dict) -> None:
                 lat = m.get("lattice")
                 cells.append(f"{m['iou_ceiling']:.3f} ({lat[0]}×{lat[1]})" if m.get("iou_ceiling") is not None
                              else "–")
-        if summary.get("steps"):
-            cells.append(m.get("scorer", ""))
-        table.add_row(m["label"], str(m["runs"]), *cells)
+        table.add_row(label, str(m["runs"]), *cells)
     info_table(table)
+    _legend(summary, shown)
 
 
 def _grounding_table(summary: dict) -> None:
     from rich.table import Table
 
-    table = Table(title="grounding: how often a descriptor's map peaks on the region it names (object: the "
+    table = Table(title="grounding: how often a descriptor's map peaks on the region it names (obj: the "
                         "mask; bg: the rest; chance: the region's share of the image; energy: the map's share "
                         "inside it)")
     table.add_column("method", no_wrap=True)
@@ -909,8 +934,9 @@ def _grounding_table(summary: dict) -> None:
     short = {"object": "obj", "background": "bg"}
     for kind in ("object", "background"):
         for what in ("hit", "chance", "energy"):
-            table.add_column(f"{short[kind]} {what}", justify="right")
-    for m in summary["methods"]:
+            table.add_column(f"{short[kind]} {what}", justify="right", min_width=5)
+    shown = short_labels([(m["method"], m["label"]) for m in summary["methods"]])
+    for m, label in zip(summary["methods"], shown):
         cells = []
         for kind in ("object", "background"):
             for what in ("hit", "chance", "energy"):
@@ -918,8 +944,24 @@ def _grounding_table(summary: dict) -> None:
                 sd = m.get(f"{what}_{kind}_std")
                 cells.append("–" if v is None else f"{v:.3f}" + (f" ± {sd:.3f}" if m["runs"] > 1 and what != "chance"
                                                                    and sd is not None else ""))
-        table.add_row(m["label"], str(m["runs"]), *cells)
+        table.add_row(label, str(m["runs"]), *cells)
     info_table(table)
+    _legend(summary, shown)
+
+
+def _legend(summary: dict, shown: list[str]) -> None:
+    """Below the table: what each short row label stands for, its maps and who scored its insertion/deletion."""
+    legend = [f"{label}: " + (f"{m['label']}; " if label != m["label"] else "") + f"maps {', '.join(m['maps'])}"
+              + (f"; scored by {m['scorer']}" if m.get("scorer") else "")
+              for m, label in zip(summary["methods"], shown) if label != m["label"] or len(summary["methods"]) > 1]
+    if legend:
+        from vlmtools import console as c
+
+        digests = any(re.search(r"=\d+:[0-9a-f]{6}\b", m["label"]) for m in summary["methods"])
+        lines = legend + (["(N:abcdef = a setting of N entries, abcdef the start of its sha1: the rows differ "
+                           "there; the maps directories' info.json hold them)"] if digests else [])
+        for line in lines:
+            c.info(line)
 
 
 def info_table(table) -> None:
