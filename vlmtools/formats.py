@@ -545,12 +545,13 @@ def write_predictions(path: str | os.PathLike | None, records: Iterable[dict]) -
 
 # ----------------------------------------------------------------------------- saliency maps
 # A maps directory (`vlmtools explain visual -o DIR`): info.json = maps_info(...); maps.jsonl, one line
-# per map: {"id", "path", "label"?, "class", "score" (cosine), "prob", "method", "map": "NAME.npy",
+# per map: {"id", "path", "label"?, "class", "score" (cosine; ala: the head's logit), "prob", "method", "map": "NAME.npy",
 # "png"?: "NAME.png", and for per-descriptor maps "descriptor", "kind", "descriptor_score"};
 # errors.jsonl lists the images that could not be read.
 
 def maps_info(*, method: str, model: dict, classes: list[str], templates: list[str], settings: dict,
-              head: str | None = None, descriptors: str | None = None, cbd: str | None = None) -> dict:
+              head: str | None = None, descriptors: str | None = None, cbd: str | None = None,
+              lattice: list[int] | None = None) -> dict:
     import vlmtools
 
     info = {"format": MAPS_FORMAT, "method": method, "model": model, "classes": list(classes),
@@ -561,6 +562,8 @@ def maps_info(*, method: str, model: dict, classes: list[str], templates: list[s
         info["descriptors"] = descriptors
     if cbd is not None:
         info["cbd"] = cbd
+    if lattice is not None:  # the cell grid [h, w] the maps are drawn at before upsampling
+        info["lattice"] = [int(v) for v in lattice]
     return info
 
 
