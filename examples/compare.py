@@ -7,8 +7,8 @@ STUDY.tsv (one per study, examples/cub/study_NNN.tsv) holds the study's figures 
 cell of its tables:  table  row  column  value  sd   (sd '-' where the study gives no ±).
 OURS.tsv, written by the script, holds ours in the same unit:  table  row  column  value   — a cell
 given on several lines is one run per line (seeds, draws): ours is their mean and ± their standard
-deviation (ddof 1); a value '-' is a run without a figure. '#' lines are comments and a first line
-starting with "table" is a header, in both.
+deviation (ddof 0, as `vlmtools eval table` and `eval explanations`); a value '-' is a run without a
+figure. In both, '#' lines are comments and a first line starting with "table" is a header.
 
 Writes one TSV (columns: table, row, column, ours, ours_sd, runs, study, study_sd, difference; the
 difference is ours - study) and prints the same as an aligned table per study table (stdout, and
@@ -92,7 +92,7 @@ def compare(study_path: str, ours_path: str) -> tuple[list[dict], dict]:
         ref, ref_sd = study.get(key, (None, None))
         values = ours.get(key, [])
         mean = statistics.fmean(values) if values else None
-        sd = statistics.stdev(values) if len(values) > 1 else None
+        sd = statistics.pstdev(values) if len(values) > 1 else None
         fmt = lambda x, sign="": "-" if x is None else f"{x:{sign}.{d}f}"  # noqa: E731
         rows.append({"table": key[0], "row": key[1], "column": key[2], "ours": fmt(mean), "ours_sd": fmt(sd),
                      "runs": len(values), "study": fmt(ref), "study_sd": fmt(ref_sd),

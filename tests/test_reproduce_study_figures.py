@@ -250,7 +250,7 @@ def test_compare_puts_ours_beside_the_study_with_runs_and_differences(tmp_path):
     got = [(r["table"], r["row"], r["column"], r["ours"], r["ours_sd"], r["runs"], r["study"], r["study_sd"],
             r["difference"]) for r in rows]
     assert got == [
-        ("T", "LARE", "in", "87.00", "1.41", "2", "87.01", "0.04", "-0.01"),   # mean and sd of 2 runs
+        ("T", "LARE", "in", "87.00", "1.00", "2", "87.01", "0.04", "-0.01"),   # mean and sd (ddof 0) of 2 runs
         ("T", "LARE", "out", "-", "-", "0", "72.98", "0.16", "-"),             # no figure of ours
         ("T", "CLIP", "in", "-", "-", "0", "63.27", "-", "-"),                 # not run
         ("T", "extra", "in", "50.00", "-", "1", "-", "-", "-"),               # ours only, after its table
@@ -260,7 +260,7 @@ def test_compare_puts_ours_beside_the_study_with_runs_and_differences(tmp_path):
     lines = res.stdout.split("\n")
     assert lines[0] == "demo"
     lare = next(line for line in lines if line.startswith("LARE") and " in " in line)
-    assert lare.split() == ["LARE", "in", "87.00", "±", "1.41", "(n=2)", "87.01", "±", "0.04", "-0.01"]
+    assert lare.split() == ["LARE", "in", "87.00", "±", "1.00", "(n=2)", "87.01", "±", "0.04", "-0.01"]
     # aligned: within a table every line's figures end at the same column
     block = lines[lines.index("T") + 1:lines.index("U") - 1]
     assert len({len(line) for line in block if not line.endswith("-")}) == 1

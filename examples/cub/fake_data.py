@@ -13,6 +13,7 @@ OUT gets:
   CUB-200-Painting/ <class>/<k>.jpg (class folders named as CUB's)
   text_c10/       <class>/<image name>.txt, 10 captions per image (Reed et al.'s cvpr2016_cub)
   coco/           train2017/<%012d>.jpg and annotations/captions_train2017.json, 5 captions per image
+  descriptors_cub.json  Menon & Vondrick's descriptor format, CBD's class names (the last class empty)
 
 Every image is a small generated JPEG: a coloured ellipse (the "bird", its colour and size depend on the
 class) on a noisy background; its mask and box are the ellipse's. The numbers the scripts print on this
@@ -50,6 +51,13 @@ def cub_classes() -> list[str]:
 def plain_name(raw: str) -> str:
     """'001.Black_footed_Albatross' -> 'Black footed Albatross' (what a prompt may say)."""
     return raw.split(".", 1)[1].replace("_", " ")
+
+
+def cbd_name(raw: str) -> str:
+    """'034.Gray_crowned_Rosy_Finch' -> 'Gray-crowned-Rosy Finch': the names `vlmtools data cub` writes and
+    Menon's descriptor file is keyed by (all words but the last hyphenated when there are more than two)."""
+    words = plain_name(raw).split(" ")
+    return "-".join(words[:-1]) + " " + words[-1] if len(words) > 2 else " ".join(words)
 
 
 def traits(name: str) -> tuple[str, str]:
@@ -176,11 +184,24 @@ def make_coco(out: Path, n_images: int = 40, seed: int = 2) -> Path:
     return root
 
 
+def make_descriptors(out: Path) -> Path:
+    """descriptors_cub.json in Menon & Vondrick's format ({class: [descriptors]}, CBD's class names); the
+    last class's list is empty, as a class can be in theirs."""
+    classes = cub_classes()
+    desc = {cbd_name(raw): [line[2:] for line in answer(cbd_name(raw)).split("\n") if line.startswith("- ")]
+            for raw in classes}
+    desc[cbd_name(classes[-1])] = []
+    path = out / "descriptors_cub.json"
+    path.write_text(json.dumps(desc, indent=1), encoding="utf-8")
+    return path
+
+
 def make_all(out: Path, per_class: int = 3, coco_images: int = 40) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cub = make_cub(out, per_class)
     return {"cub": cub, "segmentations": out / "segmentations", "paintings": make_paintings(out),
-            "reed": make_reed(out, cub), "coco": make_coco(out, coco_images)}
+            "reed": make_reed(out, cub), "coco": make_coco(out, coco_images),
+            "descriptors": make_descriptors(out)}
 
 
 # ----------------------------------------------------------------------------- the fake LLM
@@ -189,10 +210,7 @@ def answer(prompt: str) -> str:
     """Bullets and structured fields for the CUB class the prompt names last (or a generic bird)."""
     hits = []
     for raw in cub_classes():
-        name = plain_name(raw)
-        words = name.split(" ")
-        cbd = "-".join(words[:-1]) + " " + words[-1] if len(words) > 2 else name  # `data cub`'s names
-        for form in (name, cbd):
+        for form in (plain_name(raw), cbd_name(raw)):
             at = prompt.lower().rfind(form.lower())
             if at >= 0:
                 hits.append((at, len(form), raw))

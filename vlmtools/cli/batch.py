@@ -24,6 +24,7 @@ class Line:
     number: int
     args: list[str]
     stdout: str | None  # `> FILE` at the end of the line
+    heading: str = ""   # the last '# ==' comment line above it
 
     def __str__(self) -> str:
         shown = "vlmtools " + shlex.join(self.args)
@@ -32,11 +33,15 @@ class Line:
 
 def parse_lines(text: str, source: str) -> list[Line]:
     """Shell words per line (POSIX quoting, '#' comments, a trailing backslash continues the line);
-    `> FILE` as the last two words sends that command's stdout to FILE. BadInput names file:line."""
-    lines, pending, start = [], "", 0
+    `> FILE` as the last two words sends that command's stdout to FILE; a comment line starting with
+    '# ==' is a heading of the lines below it. BadInput names file:line."""
+    lines, pending, start, heading = [], "", 0, ""
     for number, raw in enumerate(text.split("\n"), 1):
         if not pending:
             start = number
+            if raw.startswith("# =="):
+                heading = raw[4:].strip()
+                continue
         if raw.endswith("\\") and not raw.endswith("\\\\"):
             pending += raw[:-1] + " "
             continue
@@ -56,7 +61,7 @@ def parse_lines(text: str, source: str) -> list[Line]:
             raise BadInput(f"{source}:{start}: expected a vlmtools command, optionally ending in '> FILE'")
         if words[0] == "batch":
             raise BadInput(f"{source}:{start}: a batch cannot run another batch")
-        lines.append(Line(start, words, stdout))
+        lines.append(Line(start, words, stdout, heading))
     if pending:
         raise BadInput(f"{source}: the last line ends in a backslash")
     return lines
@@ -113,16 +118,23 @@ def run_line(line: Line) -> int:
 
 
 def run_batch(lines: list[Line], source: str) -> int:
-    from vlmtools.console import error, info
+    from vlmtools.console import debug, error, info
     from vlmtools.models import keep_loaded
 
     t0 = time.perf_counter()
+    heading = ""
     with keep_loaded(KEPT_MODELS):
         for i, line in enumerate(lines, 1):
+            if line.heading != heading:
+                heading = line.heading
+                info(f"== {heading}")
             info(f"[{i}/{len(lines)}] {line}")
+            started = time.perf_counter()
             code = run_line(line)
+            debug(f"[{i}/{len(lines)}] exit {code} in {time.perf_counter() - started:.1f} s")
             if code:
-                error(f"{source}:{line.number}: exit {code}: {line}")
+                where = f" (in: {heading})" if heading else ""
+                error(f"{source}:{line.number}{where}: exit {code}: {line}")
                 return code
     info(f"batch: {len(lines)} commands in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -139,7 +151,8 @@ def register(app: typer.Typer) -> None:
 
         Lines run in order and stop at the first that fails, with its exit code. A line may start with
         `vlmtools` or not; `> FILE` at its end writes its stdout to FILE (only if it succeeds). -q/-v on a
-        line hold for that line. With FILE '-', no line may read stdin."""
+        line hold for that line. A comment line starting with '# ==' is a heading, shown when reached.
+        With FILE '-', no line may read stdin."""
         from vlmtools.formats import read_text
 
         text = read_text(file)
