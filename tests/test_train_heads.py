@@ -242,7 +242,6 @@ def test_t2i_qformer_streams_token_features_per_batch_and_learns(token_world, tm
     (["--sweep", "1,1"], "twice"),
     (["--image-ratio", 0.5, "--where", "split=none"], "no row matches"),
     (["--image-ratio", 0.5, "--balance", "sideways"], "sideways"),
-    (["--plots", "p"], "--plots applies to --sweep"),
 ])
 def test_bad_adapter_options(world, tmp_path, args, message):
     res = invoke("train", "adapter", world / "images", "--text", world / "texts", "-o", tmp_path / "h", *args)

@@ -101,7 +101,7 @@ PY
 
 step "2. class descriptions from the LLM ($LLM_MODEL): the study's structured fields, one sample per field"
 batch "$MODEL"
-vlm describe "$OUT/cub.jsonl" --style structured --model "$LLM_MODEL" -o "$OUT/gpt.jsonl"
+vlm describe "$OUT/cub.jsonl" --style structured --llm "$LLM_MODEL" -o "$OUT/gpt.jsonl"
 
 step "3. embeddings"
 vlm embed images "$OUT/cub.jsonl" -o "$OUT/cub-images" "${spec[@]}"

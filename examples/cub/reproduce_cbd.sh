@@ -96,7 +96,7 @@ if [ "$SKIP_LLM" = 1 ]; then
 else
   #  cbd: Menon's prompt (lemur and television); domain: study 000's improvement 1, its Sooty Albatross
   #  exemplar in place of the lemur; background: improvement 2, the same exemplar plus its habitat bullet
-  llm=(--model "$LLM_MODEL" --api "$LLM_API")
+  llm=(--llm "$LLM_MODEL" --api "$LLM_API")
   vlm describe "$OUT/test.jsonl" --style cbd "${llm[@]}" -o "$OUT/desc-cbd.jsonl"
   vlm describe "$OUT/test.jsonl" --style domain --exemplars cub "${llm[@]}" -o "$OUT/desc-domain.jsonl"
   vlm describe "$OUT/test.jsonl" --style background --exemplars cub "${llm[@]}" -o "$OUT/desc-background.jsonl"
