@@ -94,7 +94,7 @@ def run_line(line: Line) -> int:
     from vlmtools import console
     from vlmtools.cli.app import app
 
-    quiet, verbose = console._quiet, console._verbose  # a line's -q/-v holds for that line only
+    quiet, verbose = console.is_quiet(), console.is_verbose()  # a line's -q/-v holds for that line only
     code = 0
     try:
         with _stdout_to(line.stdout):
