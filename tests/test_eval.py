@@ -232,7 +232,7 @@ def test_markup_in_names_is_shown_as_written(tmp_path):
     res = invoke("eval", "compare", pred, write(tmp_path / "q.jsonl", other), "--names", "[/x],img[draft]")
     assert res.exit_code == 0, res.output
     err = " ".join(res.stderr.split())
-    assert "[/x] vs img[draft]" in err and "[/b]im" in err
+    assert "A = [/x] B = img[draft]" in err and "[/b]im" in err
     assert any(n in err for n in names[:2])  # disagreements list the class names as written
 
 

@@ -39,7 +39,8 @@ def info(message, *, markup: bool = False) -> None:
     """A progress/summary line (or a rich renderable such as a Table). Text is printed as is: user-supplied
     strings (paths with ``[``, class names) never reach rich's markup parser unless ``markup=True``."""
     if not _quiet:
-        console.print(message, soft_wrap=True, markup=markup)
+        # lines of text are never broken (logs are grepped); a table is laid out to the console's width
+        console.print(message, soft_wrap=isinstance(message, str), markup=markup)
 
 
 def debug(message: str) -> None:

@@ -195,7 +195,9 @@ def report(result: dict, title: str = "") -> None:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(title) if title else None, title_justify="left")
+    if title:  # a line of its own, never broken (a file path stays whole for grep), not the table's title
+        info(title)
+    table = Table()
     for col in ("images", "classes", "top-1 %", "top-5 %", "mean per-class recall %"):
         table.add_column(col, justify="right")
     table.add_row(str(result["n"]), str(result["classes"]), _pct(result["acc1"]), _pct(result["acc5"]),
@@ -217,10 +219,11 @@ def report_compare(summary: dict, diff: Sequence[dict], show: int = 10) -> None:
     from rich.text import Text
 
     a, b = summary["a"]["name"], summary["b"]["name"]
-    t = Table(title=Text(f"{a} vs {b} on {summary['n']} images"), title_justify="left")
-    for col in (f"{a} top-1 %", f"{b} top-1 %", f"{b} - {a}", f"only {a} right", f"only {b} right",
-                "McNemar p (exact)"):
-        t.add_column(Text(col), justify="right")
+    # the names head no column (long file names would squeeze the numbers): A and B, named above it
+    info(f"A = {a}\nB = {b}\n{summary['n']} images in both")
+    t = Table()
+    for col in ("A top-1 %", "B top-1 %", "B - A", "only A right", "only B right", "McNemar p (exact)"):
+        t.add_column(Text(col), justify="right", no_wrap=col[0] in "AB")
     m = summary["mcnemar"]
     t.add_row(_pct(summary["a"]["acc1"]), _pct(summary["b"]["acc1"]), f"{100 * summary['difference']:+.2f}",
               str(summary["only_a_correct"]), str(summary["only_b_correct"]), f"{m['p_exact']:.3g}")
@@ -229,7 +232,7 @@ def report_compare(summary: dict, diff: Sequence[dict], show: int = 10) -> None:
     info(f"the difference {verdict}; {summary['predictions_differ']} images get different predictions")
     if diff and show > 0:
         d = Table(title=f"first {min(show, len(diff))} disagreements", title_justify="left")
-        for col in ("id", "label", a, b):
+        for col in ("id", "label", "A", "B"):
             d.add_column(Text(col))
         for row in diff[:show]:
             d.add_row(Text(row["id"]), Text(row["label"]),

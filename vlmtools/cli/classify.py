@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
 
     eval_app = subgroup(app, "eval", "Evaluate predictions: `vlmtools eval PRED.jsonl` (accuracy tables), "
                         "`vlmtools eval compare A.jsonl B.jsonl` (paired, with McNemar's test). Options of the first "
-                        "(--by, -o, --per-class, --csv, --plots): `vlmtools eval predictions --help`.",
+                        "(--by, --where, -o, --per-class, --csv, --plots): `vlmtools eval predictions --help`.",
                         default_command="predictions")
 
     @eval_app.command("predictions")

@@ -9,6 +9,7 @@ resolution) and NAME.png (the image with the map overlaid; class and score in th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -517,7 +518,12 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, c
             results.append(row)
             per_dir.setdefault(d, []).append(row)
             bar.advance(1)
-    formats.write_jsonl(output, results)
+    from vlmtools.console import data_to_terminal, hint_data_elsewhere
+
+    if data_to_terminal(output):  # a terminal gets the table (summary_table); a pipe or -o the rows
+        hint_data_elsewhere("the per-map NDJSON rows")
+    else:
+        formats.write_jsonl(output, results)
     keys = ["iou", "insertion", "deletion", "id_score"] if causal else ["iou"]
     dirs = []
     for d, meta, _ in loaded:
@@ -617,8 +623,29 @@ def json_key(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
+SHORT_LABEL = 16  # row labels longer than this are shown as "METHOD #n", spelled out in a legend
+
+
+def short_labels(labels: Sequence[tuple[str, str]]) -> list[str]:
+    """(method, full label) per row -> the labels the table shows: the full one when short, else the method,
+    numbered when several rows share it ("ala #2")."""
+    counts: dict[str, int] = {}
+    for method, _ in labels:
+        counts[method] = counts.get(method, 0) + 1
+    seen: dict[str, int] = {}
+    out = []
+    for method, full in labels:
+        seen[method] = seen.get(method, 0) + 1
+        if len(full) <= SHORT_LABEL:
+            out.append(full)
+        else:
+            out.append(method if counts[method] == 1 else f"{method} #{seen[method]}")
+    return out
+
+
 def summary_table(summary: dict) -> None:
-    """The per-method table on stderr (mIoU, Ins, Del, ID as mean ± std over runs)."""
+    """The per-method table on stderr (mIoU, Ins, Del, ID as mean ± std over runs): short row labels, so
+    the numbers keep their width at 80 columns, and a legend below for what each label stands for."""
     from rich.table import Table
 
     keys = [k for k in ("iou", "insertion", "deletion", "id_score") if k in summary["methods"][0]]
@@ -626,12 +653,23 @@ def summary_table(summary: dict) -> None:
     table = Table(title=f"explanations (threshold: mean + std; steps {summary['steps']})")
     table.add_column("method", no_wrap=True)
     table.add_column("runs", justify="right")
-    for k in keys:
-        table.add_column(heads[k], justify="right")
-    for m in summary["methods"]:
+    for k in keys:  # "0.275 ± 0.058" may break after the ±, never inside a number
+        table.add_column(heads[k], justify="right", min_width=5)
+    shown = short_labels([(m["method"], m["label"]) for m in summary["methods"]])
+    for m, label in zip(summary["methods"], shown):
         cells = [f"{m[k]:.3f}" + (f" ± {m[k + '_std']:.3f}" if m["runs"] > 1 else "") for k in keys]
-        table.add_row(m["label"], str(m["runs"]), *cells)
+        table.add_row(label, str(m["runs"]), *cells)
     info_table(table)
+    legend = [f"{label}: " + (f"{m['label']}; " if label != m["label"] else "") + f"maps {', '.join(m['maps'])}"
+              for m, label in zip(summary["methods"], shown) if label != m["label"] or len(summary["methods"]) > 1]
+    if legend:
+        from vlmtools import console as c
+
+        digests = any(re.search(r"=\d+:[0-9a-f]{6}\b", m["label"]) for m in summary["methods"])
+        lines = legend + (["(N:abcdef = a setting of N entries, abcdef the start of its sha1: the rows differ "
+                           "there; the maps directories' info.json hold them)"] if digests else [])
+        for line in lines:
+            c.info(line)
 
 
 def info_table(table) -> None:
