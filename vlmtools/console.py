@@ -31,6 +31,10 @@ def is_verbose() -> bool:
     return _verbose
 
 
+def is_quiet() -> bool:
+    return _quiet
+
+
 def info(message, *, markup: bool = False) -> None:
     """A progress/summary line (or a rich renderable such as a Table). Text is printed as is: user-supplied
     strings (paths with ``[``, class names) never reach rich's markup parser unless ``markup=True``."""

@@ -251,34 +251,76 @@ class Encoder:
         hidden states after ln_final, before pooling and projection (what a Q-Former attends to). L is
         the longest tokenized text; mask marks real tokens. Only CLIP-style text towers have them."""
         import numpy as np
+
+        feats, masks = [], []
+        for start in range(0, len(texts), batch_size):
+            x, mask = self.text_token_features(texts[start:start + batch_size])
+            feats.append(x.float().cpu().numpy().astype(np.float16))
+            masks.append(mask.cpu().numpy())
+        if not feats:
+            return np.zeros((0, 1, 1), np.float16), np.zeros((0, 1), bool)
+        length = max(f.shape[1] for f in feats)
+        pad = [((0, 0), (0, length - f.shape[1]), (0, 0)) for f in feats]
+        return (np.concatenate([np.pad(f, p) for f, p in zip(feats, pad)]),
+                np.concatenate([np.pad(m, p[:2]) for m, p in zip(masks, pad)]))
+
+    def text_token_features(self, texts: list[str]):
+        """One batch of texts -> (token features (B, L, width), mask (B, L) bool) as torch tensors on the
+        device, without gradients; L is the batch's longest tokenized text (the tower's causal attention
+        makes a token's features independent of the padding after it)."""
         import torch
 
         m = self.model
         if not all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
             raise BadInput(f"{self.spec}: its text tower does not expose token features (a CLIP-style "
                            f"transformer is needed for this)")
-        feats, masks = [], []
-        for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(list(texts[start:start + batch_size])).to(self.device)
-            with torch.inference_mode(), self.autocast():
-                cast = m.transformer.get_cast_dtype()
-                x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
-                x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
-            feats.append(x.float().cpu().numpy().astype(np.float16))
-            masks.append((tokens != 0).cpu().numpy())
-        if not feats:
-            return np.zeros((0, 1, 1), np.float16), np.zeros((0, 1), bool)
-        mask = np.concatenate(masks)
-        length = max(1, int(mask.any(axis=0).nonzero()[0].max()) + 1) if mask.any() else 1
-        return np.concatenate(feats)[:, :length], mask[:, :length]
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with torch.no_grad(), self.autocast():
+            cast = m.transformer.get_cast_dtype()
+            x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
+            x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        mask = tokens != 0
+        length = max(1, int(mask.any(dim=0).nonzero().max()) + 1) if bool(mask.any()) else 1
+        return x[:, :length], mask[:, :length]
 
     def preprocess_description(self) -> str:
         return repr(self.preprocess).replace("\n", " ")
 
 
+# Models kept loaded by keep_loaded(): (name, pretrained, device, precision) -> Encoder, least recently
+# used first; None outside keep_loaded().
+_kept: dict | None = None
+_kept_limit = 2
+
+
+@contextmanager
+def keep_loaded(limit: int = 2):
+    """Within the block, load_model returns the model already built for the same spec, device and precision
+    instead of loading it again (`vlmtools batch`: many commands, one process); at most ``limit`` models
+    stay loaded, the least recently used one is dropped first."""
+    global _kept, _kept_limit
+    saved = _kept, _kept_limit
+    _kept, _kept_limit = ({} if _kept is None else _kept), limit
+    try:
+        yield
+    finally:
+        _kept, _kept_limit = saved
+
+
 def load_model(spec: ModelSpec, device: str = "auto", precision: str = DEFAULT_PRECISION) -> Encoder:
     """Build the model for ``spec`` at ``precision`` (PRECISIONS); raise ModelUnavailable with an
-    actionable message on failure."""
+    actionable message on failure. Inside keep_loaded(), a model built before is returned as it is."""
+    if _kept is None:
+        return _load_model(spec, device, precision)
+    key = (spec.name, spec.pretrained, resolve_device(device), precision)
+    encoder = _kept.pop(key, None) or _load_model(spec, device, precision)
+    _kept[key] = encoder
+    while len(_kept) > _kept_limit:
+        _kept.pop(next(iter(_kept)))
+    return encoder
+
+
+def _load_model(spec: ModelSpec, device: str, precision: str) -> Encoder:
     from vlmtools.console import loading
 
     loading(f"model {spec}")

@@ -58,10 +58,16 @@ def digest(*parts) -> str:
     """sha256 (first 16 hex digits) of arrays and string lists: the identity of a head's inputs."""
     import numpy as np
 
+    from vlmtools.store import RowView
+
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, (list, tuple)):
             h.update("\n".join(map(str, part)).encode("utf-8"))
+        elif isinstance(part, RowView):  # read in chunks, hashed as the float32 matrix it reads as
+            h.update(str((np.dtype(np.float32).str, (len(part), part.dim))).encode())
+            for i in range(0, len(part), 65536):
+                h.update(np.ascontiguousarray(part[i:i + 65536]).tobytes())
         else:
             arr = np.ascontiguousarray(part)
             h.update(str((arr.dtype.str, arr.shape)).encode())
