@@ -185,3 +185,25 @@ def test_where_filters_hits(image_store):
     for bad, message in ((["--where", "label=none"], "no row"), (["--where", "label"], "KEY=VALUE")):
         res = runner.invoke(app, ["search", str(image_store), "--id", "img03", *bad])
         assert res.exit_code == 2 and message in res.output
+
+
+def test_stored_queries_import_no_torch(image_store, tmp_path, tiny_encoder):
+    """--id and --store queries come from stores: a fresh process imports neither torch nor open_clip, and
+    finds what the in-process run finds."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    write_arrays(tmp_path / "q", rng.standard_normal((3, 32)), [{"id": f"q{i}"} for i in range(3)], kind="image",
+                 model=tiny_encoder.spec.as_dict())
+    code = ("import atexit, json, sys\n"
+            "atexit.register(lambda: sys.stderr.write('LOADED ' + json.dumps(sorted({m.split('.')[0] for m in "
+            "sys.modules} & {'torch', 'open_clip', 'torchvision'})) + '\\n'))\n"
+            "sys.argv = ['vlmtools'] + sys.argv[1:]\nfrom vlmtools.cli.app import main\nmain()\n")
+    for args in (["--id", "img03", "-k", "5"], ["--store", str(tmp_path / "q"), "-k", "4", "--exact"]):
+        proc = subprocess.run([sys.executable, "-c", code, "search", str(image_store), *args], capture_output=True,
+                              text=True, env=dict(os.environ), timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stderr.rsplit("LOADED ", 1)[1]) == [], args
+        assert lines(proc.stdout) == lines(runner.invoke(app, ["search", str(image_store), *args]).stdout)
