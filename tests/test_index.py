@@ -133,7 +133,7 @@ def test_auto_hnsw_recall_at_10(tmp_path):
 
 def test_ivf_pq_trains_on_a_seeded_sample(tmp_path):
     reader = make_store(tmp_path / "s", 1500, dim=16)
-    record = build_index(tmp_path / "s", index_key="IVF16,PQ4x4", nprobe=4, seed=3)
+    record = build_index(tmp_path / "s", index_key="IVF16,PQ4x4", nprobe=4, seed=3, target_recall=0)  # the defaults
     assert record["params"] == {"nprobe": 4, "rerank": 10} and 0 < record["train_size"] <= 1500 and record["seed"] == 3
     queries = reader.embeddings[:20]
     scores, rows, _ = search_vectors(reader, queries, k=5)
@@ -216,3 +216,81 @@ def test_cli_gpu_flag_without_gpu(tmp_path):
     result = runner.invoke(app, ["index", str(tmp_path / "s"), "--gpu"])
     assert result.exit_code == 2 and "--gpu" in result.output
     assert runner.invoke(app, ["index", str(tmp_path / "s"), "--no-gpu"]).exit_code == 0
+
+
+# ----------------------------------------------------------------------------- --target-recall
+
+def _held_out_recall(reader, index, nprobe, rows, k=10):
+    """recall@k of IVF search at ``nprobe`` for store rows ``rows`` as queries, each's own row left out
+    (a restatement with faiss and numpy, not through vlmtools.index)."""
+    index.nprobe = nprobe
+    queries = reader.embeddings[rows]
+    _, found = index.search(queries, k + 1)
+    truth = np.argsort(-(queries @ reader.embeddings.T), axis=1, kind="stable")[:, :k + 1]
+    hits = [len(set([r for r in t if r != own][:k]) & set([r for r in f if r != own][:k]))
+            for own, t, f in zip(rows, truth, found)]
+    return sum(hits) / (k * len(rows))
+
+
+def test_target_recall_picks_the_least_nprobe_that_reaches_it(tmp_path):
+    import faiss
+
+    reader = make_store(tmp_path / "s", 4000, dim=24, shard_size=1500)  # isotropic: recall grows slowly with nprobe
+    for target in (0.6, 0.9):
+        record = build_index(tmp_path / "s", index_key="IVF64,Flat", target_recall=target, force=True, seed=2)
+        tuning, nprobe = record["tuning"], record["params"]["nprobe"]
+        assert record["params"] == tuning["params"] == {"nprobe": nprobe} and tuning["reached"]
+        assert tuning["target_recall"] == target and tuning["k"] == 10 and tuning["queries"] == 1000
+        # the held-out rows: a sample seeded with seed + 1, as documented
+        rows = np.sort(np.random.default_rng(3).choice(4000, size=1000, replace=False))
+        index = faiss.read_index(str(tmp_path / "s" / "index.faiss"))
+        assert _held_out_recall(reader, index, nprobe, rows) == pytest.approx(tuning["recall"], abs=1e-4)
+        assert tuning["recall"] >= target
+        assert nprobe == 1 or _held_out_recall(reader, index, nprobe // 2, rows) < target  # the least that reaches it
+        if target == 0.6:
+            low = nprobe
+    assert nprobe > low  # a higher target costs more lists
+
+
+def test_tuned_pq_index_reaches_the_target_on_fresh_queries(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 32))
+    x = centres[rng.integers(0, 40, 6000)] + 1.2 * rng.standard_normal((6000, 32))
+    reader = write_arrays(tmp_path / "s", x, [{"id": str(i)} for i in range(6000)], kind="image", model=MODEL,
+                          shard_size=2500)
+    untuned = build_index(tmp_path / "s", index_key="IVF64,PQ8x4fs", target_recall=0)
+    assert "tuning" not in untuned and untuned["params"] == {"nprobe": 16, "rerank": 10}
+    record = build_index(tmp_path / "s", index_key="IVF64,PQ8x4fs", target_recall=0.97, force=True)
+    assert record["tuning"]["reached"] and record["tuning"]["recall"] >= 0.97
+    q = centres[rng.integers(0, 40, 300)] + 1.2 * rng.standard_normal((300, 32))
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    _, truth = brute_force(reader, q, 10)
+    recall = lambda rows: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)])  # noqa: E731
+    assert recall(search_vectors(reader, q, 10)[1]) >= 0.95  # fresh queries: the held-out estimate holds
+    assert recall(search_vectors(reader, q, 10, nprobe=16, rerank=10)[1]) < 0.95  # which the defaults miss
+
+
+def test_cli_target_recall_tunes_an_up_to_date_index_again(tmp_path):
+    make_store(tmp_path / "s", 3000, dim=24)
+    store = str(tmp_path / "s")
+    result = runner.invoke(app, ["index", store, "--index-key", "IVF32,Flat", "--target-recall", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "tuned IVF32,Flat for recall@10 >= 0.5" in " ".join(result.output.split())
+    before, first = (tmp_path / "s" / "index.faiss").stat().st_mtime_ns, read_index_info(store)
+    result = runner.invoke(app, ["index", store, "--target-recall", "0.95", "--recall-k", "5"])
+    assert result.exit_code == 0, result.output
+    again = read_index_info(store)
+    assert (tmp_path / "s" / "index.faiss").stat().st_mtime_ns == before  # tuned, not rebuilt
+    assert again["tuning"]["target_recall"] == 0.95 and again["tuning"]["k"] == 5
+    assert again["params"]["nprobe"] > first["params"]["nprobe"]
+    result = runner.invoke(app, ["index", store, "--target-recall", "0.95", "--recall-k", "5"])
+    assert "nothing to do" in " ".join(result.output.split())  # already tuned for it
+    # what cannot be reached: the most accurate setting tried, a warning, exit 0
+    result = runner.invoke(app, ["index", store, "--target-recall", "1", "--nprobe", "1"])
+    assert result.exit_code == 0, result.output
+    tuned = read_index_info(store)
+    assert not tuned["tuning"]["reached"] and tuned["params"]["nprobe"] == 1
+    assert "does not reach recall@10 1.0" in " ".join(result.output.split())
+    for bad in ("1.5", "-0.1"):
+        result = runner.invoke(app, ["index", store, "--target-recall", bad])
+        assert result.exit_code == 2 and "--target-recall must be between 0 and 1" in result.output

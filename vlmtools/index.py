@@ -44,6 +44,12 @@ HNSW_COARSE_FROM = 16_384  # lists; below, a flat coarse quantizer costs less th
 NPROBE_SHARE_PQ = 128  # default nprobe for PQ indexes: max(16, nlist/128)
 DEFAULT_RERANK = 10  # PQ indexes: rescore 10*k candidates from the store (0 turns it off)
 ADD_CHUNK = 65_536  # rows converted to float32 and added at a time
+DEFAULT_TARGET_RECALL = 0.95
+DEFAULT_RECALL_K = 10
+TUNE_QUERIES = 1000  # held-out store rows searched per setting (fewer on huge stores, see tune_query_count)
+TUNE_PAIRS = 2 * 10**9  # queries x rows of the ground truth (one exact pass, done while the rows are added)
+EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
+RERANK_LADDER = (0, 2, 5, 10, 20, 50, 100, 200)
 
 
 # ----------------------------------------------------------------------------- choosing a key
@@ -201,9 +207,14 @@ def _sample_rows(reader, size: int, seed: int):
     """A seeded uniform sample of ``size`` store rows as float32, read shard by shard."""
     import numpy as np
 
-    n = len(reader)
-    picks = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-    out = np.empty((size, reader.dim), dtype=np.float32)  # filled in place: the sample is held once
+    return _rows_at(reader, np.sort(np.random.default_rng(seed).choice(len(reader), size=size, replace=False)))
+
+
+def _rows_at(reader, picks):
+    """Store rows ``picks`` (sorted) as float32, read shard by shard."""
+    import numpy as np
+
+    out = np.empty((len(picks), reader.dim), dtype=np.float32)  # filled in place: the sample is held once
     start = 0
     for emb in reader.emb_shards():
         stop = start + emb.shape[0]
@@ -247,12 +258,16 @@ def index_paths(store: str | Path) -> tuple[Path, Path]:
 
 def build_index(store: str | Path, index_key: str = "auto", max_memory: str | int = DEFAULT_MAX_MEMORY,
                 nprobe: int | None = None, ef_search: int | None = None, force: bool = False,
-                seed: int = 0, gpu: bool | None = None, rerank: int | None = None) -> dict:
+                seed: int = 0, gpu: bool | None = None, rerank: int | None = None,
+                target_recall: float | None = None, recall_k: int = DEFAULT_RECALL_K) -> dict:
     """Build (or keep) the store's index; returns its index.json record.
 
     An up-to-date index (same key, or ``auto``) is kept unless ``force``; new nprobe/ef_search values are
     saved without a rebuild. A stale one (the store's row count, dim or model changed) is rebuilt with
     ``index_key`` (``auto`` chooses afresh). Replacing a current index with another key needs ``force``.
+    A new index's search parameters are tuned to reach ``target_recall`` (None: DEFAULT_TARGET_RECALL; 0:
+    no tuning, the defaults) at recall@``recall_k`` on held-out store rows; given nprobe, ef_search and
+    rerank stay fixed. An up-to-date index is tuned again when ``target_recall`` is given and differs.
     """
     import faiss
     import numpy as np
@@ -263,15 +278,23 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
     n, dim = len(reader), reader.dim
     if n == 0:
         raise BadInput(f"{store}: the store is empty; nothing to index")
-    for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search), ("--rerank", rerank)):
+    for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search), ("--rerank", rerank),
+                        ("--recall-k", recall_k)):
         if value is not None and value < (0 if name == "--rerank" else 1):
             raise BadInput(f"{name} must be at least {0 if name == '--rerank' else 1}")
+    if target_recall is not None and not 0 <= target_recall <= 1:
+        raise BadInput(f"--target-recall must be between 0 and 1 (got {target_recall}; 0 turns tuning off)")
     key = choose_index_key(n, dim, max_memory) if index_key == "auto" else index_key.strip()
     faiss_path, info_path = index_paths(store)
 
     old = read_index_info(store)
     if old is not None and not force:
         stale = stale_reasons(old, reader)
+        tuned = old.get("tuning") or {}
+        if not stale and (index_key == "auto" or old.get("index_key") == key) and target_recall \
+                and (tuned.get("target_recall"), tuned.get("k")) != (target_recall, recall_k):
+            return _retune(reader, old, target_recall, recall_k, _fixed_params(old["index_key"], nprobe,
+                                                                               ef_search, rerank), seed)
         if not stale and (index_key == "auto" or old.get("index_key") == key):
             fresh = default_params(old["index_key"], nprobe, ef_search, rerank)
             given = {"nprobe"} if nprobe else set()
@@ -309,6 +332,9 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
         if not on_gpu:
             warn(f"faiss cannot build {key} on the GPU; building on the CPU")
 
+    target = DEFAULT_TARGET_RECALL if target_recall is None else target_recall
+    # the held-out rows' exact neighbours are found while the rows pass by to be added (no second pass)
+    probe = RecallProbe(reader, recall_k, seed) if target > 0 and key != "Flat" and n > recall_k + 1 else None
     started = time.perf_counter()
     n_train = 0
     if not index.is_trained:
@@ -319,11 +345,15 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
                  f"fewer lists (--index-key) or more memory train better")
         info(f"training {key} on {n_train} sampled rows (seed {seed})")
         index.train(_sample_rows(reader, n_train, seed))
+    added = 0
     with progress(f"indexing {key}", total=n, unit="rows") as bar:
         for emb in reader.emb_shards():
             for start in range(0, emb.shape[0], ADD_CHUNK):
                 chunk = np.ascontiguousarray(emb[start:start + ADD_CHUNK], dtype=np.float32)
                 index.add(chunk)
+                if probe is not None:
+                    probe.add(chunk, added)
+                added += chunk.shape[0]
                 bar.advance(chunk.shape[0])
     if on_gpu:
         index = faiss.index_gpu_to_cpu(index)
@@ -348,12 +378,211 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
         "build_seconds": round(seconds, 3),
         "faiss_version": faiss.__version__,
     }
+    if probe is not None:
+        fixed = _fixed_params(key, nprobe, ef_search, rerank)
+        record["params"], record["tuning"] = tune_params(reader, index, key, probe, target, fixed)
+        report_tuning(record["tuning"], key)
     # index.json goes first and comes back last: an index.faiss without index.json is not an index.
     info_path.unlink(missing_ok=True)
     with formats.atomic_path(faiss_path) as tmp:
         faiss.write_index(index, str(tmp))
     formats.write_json(info_path, record)
     info(f"{key} over {n} rows (dim {dim}) in {seconds:.1f} s -> {faiss_path}")
+    return record
+
+
+# ----------------------------------------------------------------------------- tuning for a target recall
+# autofaiss tunes efSearch/nprobe for a query-time budget (the most recall within 10 ms per query); here the
+# user names the recall, and the cheapest search parameters that reach it are measured on the store itself.
+
+
+
+def tune_query_count(n: int) -> int:
+    """Held-out queries for n rows: 1000, fewer from 2M rows on (at least 200), never more than n."""
+    return min(n, max(200, min(TUNE_QUERIES, TUNE_PAIRS // max(n, 1))))
+
+
+class RecallProbe:
+    """Held-out queries for measuring recall@k on the store itself: a seeded sample of store rows, each
+    asked for its k nearest *other* rows (its own row is dropped from the truth and from the answer, as a
+    query from outside the store would not find itself). The truth is exact, accumulated chunk by chunk
+    (``add``) while the rows are indexed, or in one pass over the store (``fill``)."""
+
+    def __init__(self, reader, k: int, seed: int):
+        import numpy as np
+
+        from vlmtools.search import RunningTopK
+
+        n = len(reader)
+        self.k = k
+        self.rows = np.sort(np.random.default_rng(seed + 1).choice(n, size=tune_query_count(n), replace=False))
+        self.queries = _rows_at(reader, self.rows)
+        self.truth = RunningTopK(self.queries, k + 1)
+        self.add = self.truth.add
+
+    def fill(self, reader) -> None:
+        import numpy as np
+
+        from vlmtools.search import EXACT_CHUNK
+
+        offset = 0
+        with progress("exact search of the held-out rows", total=len(reader), unit="rows") as bar:
+            for emb in reader.emb_shards():
+                for start in range(0, emb.shape[0], EXACT_CHUNK):
+                    self.add(np.ascontiguousarray(emb[start:start + EXACT_CHUNK], dtype=np.float32), offset + start)
+                    bar.advance(min(EXACT_CHUNK, emb.shape[0] - start))
+                offset += emb.shape[0]
+
+    def recall(self, found) -> float:
+        """Mean share of each query's k true neighbours among its first k answers (own row and -1 padding
+        dropped)."""
+        hits = 0
+        for own, truth, got in zip(self.rows.tolist(), self.truth.rows.tolist(), found.tolist()):
+            truth = [r for r in truth if r != own][:self.k]
+            hits += len(set(truth) & set([r for r in got if r != own and r >= 0][:self.k]))
+        return hits / (self.k * len(self.rows))
+
+    def measure(self, reader, index, key: str, params: dict) -> tuple[float, float]:
+        """(recall@k, queries/s) of searching the held-out rows with ``params`` as `vlmtools search` would."""
+        from vlmtools.search import search_vectors
+
+        started = time.perf_counter()
+        _, found, _ = search_vectors(reader, self.queries, self.k + 1, loaded=(index, {"index_key": key, "params": params}))
+        seconds = time.perf_counter() - started
+        return self.recall(found), len(self.rows) / max(seconds, 1e-9)
+
+
+def _ladder(values, top: int) -> list[int]:
+    return sorted({v for v in values if v <= top} | {top})
+
+
+def tune_params(reader, index, key: str, probe: RecallProbe, target: float, fixed: dict) -> tuple[dict, dict]:
+    """The cheapest search parameters whose recall@k on the held-out rows reaches ``target``: (params, the
+    tuning record saved in index.json). Recall grows with nprobe, efSearch and rerank, so each is searched
+    for its least value that reaches the target; where two trade off (IVF-PQ: lists visited vs candidates
+    reranked), the fastest of the settings that reach it wins. ``fixed``: parameters the user set (kept)."""
+    started = time.perf_counter()
+    tried: list[dict] = []
+
+    def measure(params: dict) -> tuple[float, float]:
+        recall, qps = probe.measure(reader, index, key, params)
+        tried.append({**params, "recall": round(recall, 4), "qps": round(qps, 1)})
+        return recall, qps
+
+    def least(values, params_for, ascending: bool = False):
+        """Least value reaching the target: (value, recall), or (None, best recall) when even the largest
+        misses it. Recall grows with the value: a binary search from the top, or (``ascending``, where the
+        top is far dearer than the answer, e.g. efSearch 4096) a scan up a ladder of about 1.5x steps,
+        which costs about 3x the answer."""
+        if ascending:
+            best = 0.0
+            for value in values:
+                recall = measure(params_for(value))[0]
+                if recall >= target:
+                    return value, recall
+                best = max(best, recall)
+            return None, best
+        top = measure(params_for(values[-1]))[0]
+        if top < target:
+            return None, top
+        lo, hi, best = 0, len(values) - 1, top
+        while lo < hi:
+            mid = (lo + hi) // 2
+            recall = measure(params_for(values[mid]))[0]
+            if recall >= target:
+                hi, best = mid, recall
+            else:
+                lo = mid + 1
+        return values[hi], best
+
+    ivf = re.search(r"IVF(\d+)", key)
+    pq = has_pq_codes(key)
+    reranks = [fixed["rerank"]] if "rerank" in fixed else list(RERANK_LADDER if pq else (0,))
+    chosen = None
+    if ivf:
+        nlist = int(ivf.group(1))
+        probes = [fixed["nprobe"]] if "nprobe" in fixed else _ladder([2 ** i for i in range(20)], min(nlist, max(64, nlist // 4)))
+
+        def params_for(rerank):
+            def make(nprobe):
+                params = {"nprobe": nprobe, "rerank": rerank}
+                if "_HNSW" in key:
+                    params["quantizer_efSearch"] = fixed.get("quantizer_efSearch") or max(DEFAULT_EF_SEARCH, 2 * nprobe)
+                return params
+            return make
+
+        finalists = []
+        for rerank in reranks:
+            nprobe, _ = least(probes, params_for(rerank))
+            if nprobe is not None:
+                finalists.append(params_for(rerank)(nprobe))
+                probes = [p for p in probes if p <= nprobe]  # more reranking needs no more lists
+                if len(finalists) == 2:  # a further rerank step rarely pays: its candidates cost more
+                    break
+        if len(finalists) > 1:
+            for params in finalists:
+                measure(params)  # timed again: each counts its faster timing
+        if finalists:
+            chosen = max(finalists, key=lambda p: max(t["qps"] for t in tried if _same(t, p)))
+    elif "HNSW" in key:
+        efs = [fixed["efSearch"]] if "efSearch" in fixed else list(EF_LADDER)
+        ef, _ = least(efs, lambda ef: {"efSearch": ef, "rerank": reranks[0]}, ascending=True)
+        chosen = {"efSearch": ef, "rerank": reranks[0]} if ef is not None else None
+    else:  # Flat, or codes without lists (PQ32, SQ8): only reranking to choose
+        rerank, _ = least(reranks, lambda r: {"rerank": r})
+        chosen = {"rerank": rerank} if rerank is not None else None
+    reached = chosen is not None
+    if not reached:  # the most accurate setting tried, the faster of equals
+        best = max(tried, key=lambda t: (t["recall"], t["qps"]))
+        chosen = {k: v for k, v in best.items() if k not in ("recall", "qps")}
+    final = [t for t in tried if _same(t, chosen)]
+    if not pq and "rerank" not in fixed:  # exact distances: nothing to rerank, nothing to save
+        chosen = {k: v for k, v in chosen.items() if k != "rerank"}
+    record = {"target_recall": target, "k": probe.k, "queries": len(probe.rows), "reached": reached,
+              "params": chosen, "recall": final[-1]["recall"], "qps": max(t["qps"] for t in final),
+              "seconds": round(time.perf_counter() - started, 1), "tried": tried}
+    return chosen, record
+
+
+def _same(tried: dict, params: dict) -> bool:
+    return all(tried.get(k) == v for k, v in params.items())
+
+
+def report_tuning(record: dict, key: str) -> None:
+    shown = ", ".join(f"{k} {v}" for k, v in record["params"].items())
+    line = (f"recall@{record['k']} {record['recall']:.3f} at {record['qps']:,.0f} queries/s with {shown} "
+            f"({record['queries']} held-out store rows, {len(record['tried'])} setting(s) measured in "
+            f"{record['seconds']:.1f} s)")
+    if record["reached"]:
+        info(f"tuned {key} for recall@{record['k']} >= {record['target_recall']}: {line}")
+    else:
+        warn(f"{key} does not reach recall@{record['k']} {record['target_recall']} within the settings tried; "
+             f"kept the most accurate: {line}. A larger index (--index-key, --max-memory) or a larger --rerank "
+             f"reaches more")
+
+
+def _fixed_params(key: str, nprobe: int | None, ef_search: int | None, rerank: int | None) -> dict:
+    """The search parameters the user set, under their index.json names (tuning keeps them)."""
+    fixed: dict = {} if rerank is None else {"rerank": rerank}
+    if nprobe and "IVF" in key:
+        fixed["nprobe"] = nprobe
+    if ef_search and "HNSW" in key:
+        fixed["quantizer_efSearch" if "IVF" in key else "efSearch"] = ef_search
+    return fixed
+
+
+def _retune(reader, record: dict, target: float, k: int, fixed: dict, seed: int) -> dict:
+    """Tune an up-to-date index for another target (one exact pass over the store for the truth)."""
+    key = record["index_key"]
+    loaded = load_index(reader)
+    if loaded is None:
+        raise BadInput(f"{reader.path}: cannot load its index to tune it; rebuild it with --force")
+    probe = RecallProbe(reader, k, seed)
+    probe.fill(reader)
+    params, tuning = tune_params(reader, loaded[0], key, probe, target, fixed)
+    record = {**record, "params": params, "tuning": tuning}
+    formats.write_json(index_paths(reader.path)[1], record)
+    report_tuning(tuning, key)
     return record
 
 
