@@ -170,6 +170,31 @@ def compute_precision(precision: str, device: str) -> str:
     return "fp32"
 
 
+def config_preprocess(spec: ModelSpec):
+    """The eval transform open_clip builds for ``spec``, made from its configs alone (model config, pretrained
+    tag), without building the model: what image decode workers need, so that they can start while the
+    model loads. None where only the model knows (hf-hub:, local-dir:, a config without an image size);
+    callers compare it with the loaded model's transform and use that one where they differ."""
+    if spec_is_schema(spec.name):
+        return None
+    _register_packaged_configs()
+    from dataclasses import asdict
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    config = open_clip.get_model_config(spec.name) or {}
+    size = config.get("vision_cfg", {}).get("image_size")
+    if size is None:
+        return None
+    cfg = asdict(PreprocessCfg())
+    tag = spec.pretrained
+    if tag and tag not in ("none", PACKAGED_TAG) and os.path.sep not in tag:
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(spec.name, tag) or {})
+    cfg["size"] = size
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
 def _register_packaged_configs() -> None:
     import open_clip
 
