@@ -91,13 +91,15 @@ def check_search_params(nprobe: int | None, rerank: int | None) -> None:
 
 
 def search_vectors(reader, queries, k: int, exact: bool = False, rows=None, loaded=False,
-                   nprobe: int | None = None, rerank: int | None = None):
+                   nprobe: int | None = None, rerank: int | None = None, extra: int = 0):
     """Top-k store rows for each query vector: (scores, rows, method), method "exact" or the index key.
     ``rows``: search only these store rows (exactly). ``loaded``: an index already loaded by the caller
     (a (index, record) pair, or None for none); by default the store's index is loaded here.
     Rows missing from an approximate result (faiss pads with -1) are dropped by the caller. ``nprobe`` and
     ``rerank`` override the index's saved search parameters: rerank R fetches R*k candidates from the index
-    and rescores them exactly from the store (what makes compressed (PQ) indexes accurate)."""
+    and rescores them exactly from the store (what makes compressed (PQ) indexes accurate). ``extra``: as
+    many more hits (and candidates) beside a k-search's own, for a caller that drops some (index tuning
+    drops its held-out rows)."""
     import numpy as np
 
     from vlmtools.index import apply_params, default_rerank, load_index
@@ -131,13 +133,13 @@ def search_vectors(reader, queries, k: int, exact: bool = False, rows=None, load
     if rerank is not None:
         params["rerank"] = rerank
     factor = int(params.pop("rerank", default_rerank(record["index_key"])) or 0)
-    candidates = min(len(reader), k * factor) if factor > 1 else k
+    candidates = min(len(reader), (k * factor if factor > 1 else k) + extra)
     apply_params(index, params, candidates)
     scores, rows = index.search(queries, candidates)
     rows = rows.astype(np.int64)
     method = record["index_key"]
     if factor >= 1:
-        scores, rows = rerank_exact(reader, queries, rows, k)
+        scores, rows = rerank_exact(reader, queries, rows, min(k + extra, candidates))
         method += f", reranked {candidates}"
     return scores, rows, method
 
