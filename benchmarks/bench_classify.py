@@ -215,13 +215,13 @@ pid = os.fork()
 if pid == 0:
     os.execv(sys.argv[1], sys.argv[1:])
 _, status, usage = os.wait4(pid, 0)
-print(json.dumps({"wall": time.perf_counter() - t0, "rss_mib": usage.ru_maxrss / 1024,
-                  "rc": os.waitstatus_to_exitcode(status)}))
+print(json.dumps({"wall": time.perf_counter() - t0, "cpu": usage.ru_utime + usage.ru_stime,
+                  "rss_mib": usage.ru_maxrss / 1024, "rc": os.waitstatus_to_exitcode(status)}))
 """
 
 
-def timed_process(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one child process (its stdout is discarded)."""
+def timed_process(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MiB, CPU seconds) of one child process."""
     import subprocess
     import sys
 
@@ -229,7 +229,7 @@ def timed_process(cmd: list[str], env: dict | None = None) -> tuple[float, float
     res = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"rc": proc.returncode}
     if res["rc"] != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({res['rc']}):\n{proc.stderr}")
-    return res["wall"], res["rss_mib"]
+    return res["wall"], res["rss_mib"], res["cpu"]
 
 
 def peer_numpy(n_images: int, n_classes: int, per_class: int, dim: int, runs: int) -> list[dict]:
@@ -262,13 +262,17 @@ def peer_numpy(n_images: int, n_classes: int, per_class: int, dim: int, runs: in
                     i, name = line.rstrip("\n").split("\t")
                     same += preds[i][0] == name
                     correct += preds[i][1] == name
-            t_ours, t_peer = [w for w, _ in ours], [w for w, _ in peer]
-            m_ours, m_peer = max(m for _, m in ours), max(m for _, m in peer)
+            t_ours, t_peer = [w for w, _, _ in ours], [w for w, _, _ in peer]
+            c_ours, c_peer = [c for _, _, c in ours], [c for _, _, c in peer]
+            m_ours, m_peer = max(m for _, m, _ in ours), max(m for _, m, _ in peer)
             results.append({
                 "method": method, "images": n_images, "texts": texts, "runs": runs,
                 "ours_s": [round(t, 3) for t in t_ours], "peer_s": [round(t, 3) for t in t_peer],
                 "ratio_min": round(min(t_ours) / min(t_peer), 2),
                 "ratio_median": round(statistics.median(t_ours) / statistics.median(t_peer), 2),
+                # CPU seconds (user + system): less shaken by other load than wall time
+                "ours_cpu_s": [round(t, 3) for t in c_ours], "peer_cpu_s": [round(t, 3) for t in c_peer],
+                "cpu_ratio_median": round(statistics.median(c_ours) / statistics.median(c_peer), 2),
                 "ours_peak_mib": round(m_ours), "peer_peak_mib": round(m_peer), "memory_ratio": round(m_ours / m_peer, 2),
                 "top1": round(100 * sum(p == lab for p, lab in preds.values()) / len(preds), 2),
                 "peer_top1": round(100 * correct / len(preds), 2),
@@ -305,7 +309,8 @@ def main() -> None:
                       f"vlmtools {min(res['ours_s']):.2f} / {statistics.median(res['ours_s']):.2f} s, "
                       f"{res['ours_peak_mib']} MiB; numpy {min(res['peer_s']):.2f} / "
                       f"{statistics.median(res['peer_s']):.2f} s, {res['peer_peak_mib']} MiB; ratio "
-                      f"{res['ratio_min']} / {res['ratio_median']} (min / median), memory {res['memory_ratio']}; "
+                      f"{res['ratio_min']} / {res['ratio_median']} (min / median; CPU time "
+                      f"{res['cpu_ratio_median']}), memory {res['memory_ratio']}; "
                       f"top-1 {res['top1']} vs {res['peer_top1']}, identical predictions "
                       f"{res['identical_predictions']}")
         return
