@@ -563,25 +563,12 @@ def test_offline_world_cbd_beats_made_up_names(tmp_path):
 
 # ----------------------------------------------------------------------------- no torch from stores
 
-_MODULES_AT_EXIT = (
-    "import atexit, json, sys\n"
-    "atexit.register(lambda: sys.stderr.write('LOADED ' + json.dumps(sorted({m.split('.')[0] for m in sys.modules}"
-    " & {'torch', 'open_clip', 'torchvision'})) + '\\n'))\n"
-    "sys.argv = ['vlmtools'] + sys.argv[1:]\n"
-    "from vlmtools.cli.app import main\n"
-    "main()\n")
-
-
 def _classify_process(args, out, env=None):
     """`vlmtools classify ARGS -o OUT` in a fresh interpreter: (its predictions, the heavy packages it imported)."""
-    import os
-    import subprocess
-    import sys
+    from tests.conftest import run_cli_modules
 
-    proc = subprocess.run([sys.executable, "-c", _MODULES_AT_EXIT, "classify", *map(str, args), "-o", str(out)],
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+    proc, loaded = run_cli_modules("classify", *args, "-o", out, env=env)
     assert proc.returncode == 0, proc.stderr
-    loaded = json.loads(proc.stderr.rsplit("LOADED ", 1)[1])
     return read_lines(out.read_text()), loaded
 
 

@@ -253,18 +253,11 @@ def test_output_path_problems_name_the_users_path(tmp_path):
 
 # ----------------------------------------------------------------------------- start-up
 
-_MODULES_AT_EXIT = (
-    "import atexit, json, sys\n"
-    "atexit.register(lambda: sys.stderr.write('LOADED ' + json.dumps(sorted({m.split('.')[0] for m in sys.modules}"
-    " & {'torch', 'open_clip', 'torchvision'})) + '\\n'))\n"
-    "sys.argv = ['vlmtools'] + sys.argv[1:]\n"
-    "from vlmtools.cli.app import main\n"
-    "main()\n")
-
-
 def test_finished_store_says_nothing_to_do_before_loading_the_model(tmp_path, image_dir):
     """A rerun of a finished `embed images` or `embed text` decides from the store alone: no torch, no
     open_clip, no model; a changed input still goes the long way (and is refused as before)."""
+    from tests.conftest import run_cli_modules
+
     manifest = _manifest(tmp_path, image_dir, 6)
     texts = tmp_path / "t.txt"
     texts.write_text("a red bird\na blue bird\n")
@@ -272,10 +265,9 @@ def test_finished_store_says_nothing_to_do_before_loading_the_model(tmp_path, im
             ["text", str(texts), "-o", str(tmp_path / "t")]]
     for args in runs:
         assert runner.invoke(app, ["embed", *args, *TINY]).exit_code == 0
-        proc = subprocess.run([sys.executable, "-c", _MODULES_AT_EXIT, "embed", *args, *TINY, "--json"],
-                              capture_output=True, text=True, timeout=120)
+        proc, loaded = run_cli_modules("embed", *args, *TINY, "--json")
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stderr.rsplit("LOADED ", 1)[1]) == [], args
+        assert loaded == [], args
         assert "nothing to do (the model was not loaded)" in " ".join(proc.stderr.split())
         summary = json.loads(proc.stdout)
         assert summary["embedded"] == 0 and summary["complete"] and summary["count"] in (6, 2)

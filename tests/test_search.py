@@ -190,20 +190,13 @@ def test_where_filters_hits(image_store):
 def test_stored_queries_import_no_torch(image_store, tmp_path, tiny_encoder):
     """--id and --store queries come from stores: a fresh process imports neither torch nor open_clip, and
     finds what the in-process run finds."""
-    import os
-    import subprocess
-    import sys
+    from tests.conftest import run_cli_modules
 
     rng = np.random.default_rng(5)
     write_arrays(tmp_path / "q", rng.standard_normal((3, 32)), [{"id": f"q{i}"} for i in range(3)], kind="image",
                  model=tiny_encoder.spec.as_dict())
-    code = ("import atexit, json, sys\n"
-            "atexit.register(lambda: sys.stderr.write('LOADED ' + json.dumps(sorted({m.split('.')[0] for m in "
-            "sys.modules} & {'torch', 'open_clip', 'torchvision'})) + '\\n'))\n"
-            "sys.argv = ['vlmtools'] + sys.argv[1:]\nfrom vlmtools.cli.app import main\nmain()\n")
     for args in (["--id", "img03", "-k", "5"], ["--store", str(tmp_path / "q"), "-k", "4", "--exact"]):
-        proc = subprocess.run([sys.executable, "-c", code, "search", str(image_store), *args], capture_output=True,
-                              text=True, env=dict(os.environ), timeout=120)
+        proc, loaded = run_cli_modules("search", image_store, *args)
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stderr.rsplit("LOADED ", 1)[1]) == [], args
+        assert loaded == [], args
         assert lines(proc.stdout) == lines(runner.invoke(app, ["search", str(image_store), *args]).stdout)
