@@ -18,6 +18,9 @@ The automatic choice follows autofaiss's reasoning (criteo/autofaiss, get_optima
 with nlist ~ 4*sqrt(N) rounded to a power of two (131072 from 300M rows on).
 Measured on 1M x 512 (README, benchmarks/bench_index.py): the fast-scan codes with reranking beat
 byte-coded PQ64 without it on both recall and speed.
+
+The search parameters (nprobe, efSearch, rerank) are then tuned to the cheapest that reach a target
+recall@k on held-out store rows (`--target-recall`, tune_params), and saved in index.json.
 """
 
 from __future__ import annotations
@@ -413,8 +416,6 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
 # ----------------------------------------------------------------------------- tuning for a target recall
 # autofaiss tunes efSearch/nprobe for a query-time budget (the most recall within 10 ms per query); here the
 # user names the recall, and the cheapest search parameters that reach it are measured on the store itself.
-
-
 
 def tune_query_count(n: int) -> int:
     """Held-out queries for n rows: 1000, fewer from 2M rows on (at least 200), never more than n."""
