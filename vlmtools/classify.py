@@ -601,6 +601,9 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
         raise BadInput(f"--method {method!r}: expected one of {', '.join(METHODS)}")
 
     meta, rows = selected_images(images, where, image_store)
+    # read chunk by chunk from the memory-mapped shards (bounded memory); the shards' NaN/inf check runs
+    # here, before any text is encoded, so that a damaged store fails before a model loads
+    emb = images.row_view(rows)
     text_opts = dict(text_store=texts, device=device, use_cache=use_cache, precision=precision)
     if precision not in PRECISIONS:  # resolved (which may need torch for amp) only where texts are encoded
         raise BadInput(f"--precision {precision!r}: expected one of {'|'.join(PRECISIONS)}")
@@ -620,7 +623,6 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
     # all texts without one, are encoded or cached at this run's)
     clf.precision = {"image": images.info.get("compute"),
                      "text": texts.info.get("compute") if texts is not None else compute_precision_for(precision, device)}
-    emb = images.row_view(rows)  # read chunk by chunk from the memory-mapped shards: bounded memory
     t1 = time.perf_counter()
     correct = labelled = 0
     run = dict(zip(formats.RUN_KEYS, (method, str(spec), str(image_store))))
