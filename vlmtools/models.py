@@ -125,19 +125,35 @@ def spec_for_store(recorded: dict, model: str | None = None, pretrained: str | N
     return spec
 
 
+def gpu_driver_present() -> bool:
+    """Whether this machine may have a GPU that torch can use: on Linux an NVIDIA driver
+    (/proc/driver/nvidia, /dev/nvidiactl) or ROCm's /dev/kfd; on macOS never (torch has no CUDA there);
+    elsewhere assume so. Without one, torch.cuda.is_available() is False, so --device auto can mean cpu
+    without importing torch (1-2 s, 600 MiB): commands that read every embedding from stores stay light."""
+    import sys
+
+    if sys.platform == "darwin":
+        return False
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd"))
+
+
 def resolve_device(device: str = "auto") -> str:
+    import sys
+
+    if device == "cpu" or (device == "auto" and "torch" not in sys.modules and not gpu_driver_present()):
+        return "cpu"
+    if device != "auto" and not device.startswith("cuda"):
+        raise BadInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BadInput(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
-        if ":" in device and int(device.split(":", 1)[1]) >= torch.cuda.device_count():
-            raise BadInput(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return device
-    if device != "cpu":
-        raise BadInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
+    if ":" in device and int(device.split(":", 1)[1]) >= torch.cuda.device_count():
+        raise BadInput(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 
@@ -152,6 +168,31 @@ def compute_precision(precision: str, device: str) -> str:
 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
+
+
+def config_preprocess(spec: ModelSpec):
+    """The eval transform open_clip builds for ``spec``, made from its configs alone (model config, pretrained
+    tag), without building the model: what image decode workers need, so that they can start while the
+    model loads. None where only the model knows (hf-hub:, local-dir:, a config without an image size);
+    callers compare it with the loaded model's transform and use that one where they differ."""
+    if spec_is_schema(spec.name):
+        return None
+    _register_packaged_configs()
+    from dataclasses import asdict
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    config = open_clip.get_model_config(spec.name) or {}
+    size = config.get("vision_cfg", {}).get("image_size")
+    if size is None:
+        return None
+    cfg = asdict(PreprocessCfg())
+    tag = spec.pretrained
+    if tag and tag not in ("none", PACKAGED_TAG) and os.path.sep not in tag:
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(spec.name, tag) or {})
+    cfg["size"] = size
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
 def _register_packaged_configs() -> None:

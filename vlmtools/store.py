@@ -420,7 +420,7 @@ class StoreReader:
         """(embeddings memmap, meta rows) per shard, in row order."""
         for stem, f, _ in self._shards:
             emb = self._load(f)
-            meta = [rec for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem), strict=False)]
+            meta = formats.read_meta_rows(self.path / formats.meta_name(stem))
             if len(meta) != emb.shape[0]:
                 raise BadInput(f"{f}: {emb.shape[0]} rows but {len(meta)} meta rows; the store is damaged")
             yield emb, meta
@@ -460,7 +460,7 @@ class StoreReader:
     def meta(self) -> list[dict]:
         if self._meta is None:
             self._meta = [rec for stem, _, _ in self._shards
-                          for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem), strict=False)]
+                          for rec in formats.read_meta_rows(self.path / formats.meta_name(stem))]
             self._check_rows(len(self._meta), "meta")
         return self._meta
 
