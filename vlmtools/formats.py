@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 from vlmtools.errors import BadInput
+from vlmtools.redact import has_secrets, scrub_obj
 
 STORE_FORMAT = "vlmtools.store/1"
 INDEX_FORMAT = "vlmtools.index/1"
@@ -133,9 +134,45 @@ def open_input(path: str | os.PathLike) -> Iterator[IO]:
         yield fh
 
 
+# ----------------------------------------------------------------------------- the JSON writer
+# Every JSON vlmtools writes (files, stdout, HTTP answers) is made here: strict JSON, so a non-finite
+# number is written as null (NaN/Infinity are not JSON: other readers refuse the line), and with every
+# secret a command registered (vlmtools.redact: an API key) replaced by [redacted], whatever field holds it.
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """json.dumps for everything vlmtools writes: no NaN/Infinity (written as null), no registered secret,
+    non-ASCII kept. ``kwargs`` go to json.dumps (indent, sort_keys, separators)."""
+    if has_secrets():
+        obj = scrub_obj(obj)
+    if not kwargs:
+        try:
+            return _ENCODER.encode(obj)  # the common case, kept fast: store meta rows, predictions
+        except ValueError:  # a NaN or infinity somewhere in it
+            return _ENCODER.encode(_finite(obj))
+    kwargs.setdefault("ensure_ascii", False)
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    text = dumps(obj, indent=2) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- strict JSON
@@ -144,6 +181,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 MAX_DEPTH = 64              # nesting levels of [ and { in one JSON value
 MAX_LINE = 64 * 1024 * 1024  # bytes in one JSONL line
+MAX_JSON = 64 * 1024 * 1024  # bytes in one JSON file (a head, info.json, index.json, ...)
 _STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
 _BRACKET_RE = re.compile(r"[\[\]{}]")
 
@@ -193,21 +231,32 @@ def loads(text: str, where: str) -> Any:
         raise BadInput(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_capped(path: str | os.PathLike, limit: int, what: str = "file") -> bytes:
+    """The bytes of a file, refusing one longer than ``limit`` (BadInput) before reading it all: a JSON
+    file that is huge, or endless (/dev/zero, a FIFO someone keeps writing), must not eat the memory."""
     p = Path(path)
     if not p.exists():
         raise BadInput(f"{p}: no such file")
     if p.is_dir():
-        raise BadInput(f"{p}: is a directory, expected a JSON file")
+        raise BadInput(f"{p}: is a directory, expected a {what}")
+    with open(p, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise BadInput(f"{p}: larger than {limit // (1024 * 1024)} MiB; not a {what} vlmtools wrote")
+    return data
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_capped(p, MAX_JSON, "JSON file").decode("utf-8-sig")
     except UnicodeDecodeError:
         raise BadInput(f"{p}: not UTF-8 text") from None
     return loads(text, str(p))
 
 
 def dumps_line(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
+    return dumps(record) + "\n"
 
 
 def write_jsonl(path: str | os.PathLike | None, records: Iterable[dict]) -> int:

@@ -162,14 +162,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write descriptor JSONL as one JSON object, in file order: the CBD dict, or (--format vlmtools)
         everything, which `descriptors import` reads back unchanged."""
-        import json
-
         from vlmtools.describe.interchange import export_object, read_any_descriptors
-        from vlmtools.formats import open_output
+        from vlmtools.formats import dumps_line, open_output
 
         obj = export_object(read_any_descriptors(file), fmt, kind)
         with open_output(output) as fh:  # one line: stdout never gets indented JSON
-            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            fh.write(dumps_line(obj))
 
     @group.command("exemplars")
     @handle_errors
