@@ -470,7 +470,9 @@ def descriptor_kinds(rec: dict) -> list[str]:
 # ----------------------------------------------------------------------------- store info
 
 def store_info(*, kind: str, model: dict, dim: int, dtype: str, shard_size: int, count: int,
-               preprocess: str | None = None, extra: dict | None = None) -> dict:
+               preprocess: str | None = None, extra: dict | None = None, content_sha256: str | None = None) -> dict:
+    """info.json of a store. ``content_sha256`` (vlmtools.store.content_digest) is set when the store is
+    finished: indexes record it, `store check` recomputes it."""
     from importlib.metadata import PackageNotFoundError, version
 
     import vlmtools
@@ -494,6 +496,8 @@ def store_info(*, kind: str, model: dict, dim: int, dtype: str, shard_size: int,
     }
     if extra:
         info.update(extra)
+    if content_sha256 is not None:
+        info["content_sha256"] = content_sha256
     return info
 
 
@@ -651,15 +655,23 @@ def _lock_holder(lock: Path) -> dict | None:
     return rec
 
 
+_held_locks: set[Path] = set()  # locks this process holds: taking one again (a nested block) is a no-op
+
+
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike) -> Iterator[Path]:
-    """Hold PATH.lock while the block runs; BadInput if a live process holds it."""
+    """Hold PATH.lock while the block runs; BadInput if a live process holds it. Re-entrant within a
+    process (train takes its head's lock for the whole run, save_head again for the write)."""
     import socket
     import time
 
     from vlmtools.console import warn
 
     lock = lock_path(path)
+    key = lock.absolute()
+    if key in _held_locks:
+        yield lock
+        return
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -687,14 +699,27 @@ def output_lock(path: str | os.PathLike) -> Iterator[Path]:
         break
     else:
         raise BadInput(f"{path}: could not take the lock {lock}; try again")
+    _held_locks.add(key)
     try:
         yield lock
     finally:
+        _held_locks.discard(key)
         try:
             if json.loads(lock.read_text(encoding="utf-8")).get("pid") == os.getpid():
                 lock.unlink()
         except (OSError, ValueError):
             pass
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in blocks (weights files, index files)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def failpoint(name: str) -> None:
@@ -718,7 +743,8 @@ def failpoint(name: str) -> None:
 #   "inputs": {role: {"path", "sha", "rows"}} (sha256 of the rows used: ids, labels and embeddings),
 #   "curve": [{"epoch", "loss", "val"?...}] one entry per epoch, "best_epoch",
 #   "metrics": {"train": {...}, "val": {...}} final metrics of the kept (best) weights,
-#   "vlmtools_version".
+#   "vlmtools_version", "weights_sha256": sha256 of NAME.safetensors (checked on load; absent in heads
+#   written before it was recorded).
 
 HEAD_KEYS = ("format", "kind", "config", "tensors", "classes", "input_dim", "model", "training", "seed",
              "inputs", "curve", "best_epoch", "metrics", "vlmtools_version")
