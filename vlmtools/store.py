@@ -298,7 +298,7 @@ def validate_shard(path: Path, info: dict, stem: str, f: Path) -> int:
         raise StoreProblem(f"{f}: dtype {dtype}, but {INFO} says {info['dtype']} (was {INFO} edited?)")
     meta = path / formats.meta_name(stem)
     if not meta.is_file():
-        raise StoreProblem(f"{f}: its metadata {meta.name} is missing")
+        raise StoreProblem(f"{f}: its metadata {meta.name} " + ("is not a file" if meta.exists() else "is missing"))
     n_meta = _count_lines(meta)
     if n_meta != rows:
         raise StoreProblem(f"{f}: {rows} rows but {meta.name} has {n_meta} lines")
