@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 from vlmtools import formats
@@ -37,8 +36,8 @@ def _first_line(path: Path):
     try:
         with open(path, "rb") as fh:
             line = fh.readline(1 << 20)
-        return json.loads(line.decode("utf-8"))
-    except (OSError, ValueError):
+        return formats.parse_json(line.decode("utf-8"))  # strict: deep nesting is refused, not a crash
+    except (OSError, ValueError):  # JsonProblem, JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None
 
 
