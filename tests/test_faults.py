@@ -533,3 +533,151 @@ def test_plain_path_lists_keep_trailing_blanks_in_names(tmp_path):
 
     (tmp_path / "list.txt").write_text("a.png \nb.png\r\n")
     assert [r["path"] for r in read_manifest(tmp_path / "list.txt")] == [str(tmp_path / "a.png "), str(tmp_path / "b.png")]
+
+
+# ----------------------------------------------------------------------------- serve: hostile requests
+# A real server on 127.0.0.1 (in this process), spoken to through raw sockets so that a test controls
+# every byte: every bad request is a 4xx within the request deadline, never a 500 or a wait, and the
+# server answers the next good request.
+
+SERVE_DEADLINE = 1.0
+
+
+@pytest.fixture(scope="module")
+def served(world):
+    import threading
+
+    from vlmtools.search import Searcher
+    from vlmtools.serve import Service, make_server
+
+    server = make_server(Service(Searcher(world / "store", device="cpu"), max_k=50), "127.0.0.1", 0,
+                         request_deadline=SERVE_DEADLINE)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def _raw(port: int, data: bytes, *, then: bytes = b"", half_close: bool = False, timeout: float = 10.0):
+    """Send ``data`` (then ``then`` after a moment), read the answer: (status, body, seconds)."""
+    import socket
+
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if then:
+            sock.sendall(then)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    seconds = time.monotonic() - started
+    if not answer:
+        return None, None, seconds
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body, seconds
+
+
+def _post(body: bytes, length: str | None = None, path: str = "/search", extra: str = "") -> bytes:
+    length = str(len(body)) if length is None else length
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+            f"{extra}\r\n").encode() + body
+
+
+def _search_ok(port: int) -> None:
+    status, body, _ = _raw(port, _post(b'{"id": "i0", "k": 1}'))
+    assert status == 200 and json.loads(body)["results"][0]["id"] == "i0"
+
+
+DIM = 32  # vlmtools-tiny
+BAD_REQUESTS = [
+    ("embedding-nan", _post(("{\"embedding\": [NaN" + ", 0.1" * (DIM - 1) + "]}").encode()), 400, "NaN"),
+    ("embedding-inf", _post(("{\"embedding\": [1e999" + ", 0.1" * (DIM - 1) + "]}").encode()), 400, "NaN or infinite"),
+    ("embedding-strings", _post(json.dumps({"embedding": ["a"] * DIM}).encode()), 400, "list of numbers"),
+    ("embedding-bools", _post(json.dumps({"embedding": [True] * DIM}).encode()), 400, "list of numbers"),
+    ("embedding-object", _post(json.dumps({"embedding": {"x": 1}}).encode()), 400, "list of numbers"),
+    ("embedding-ragged", _post(json.dumps({"embedding": [[0.1] * DIM, [0.1] * 3]}).encode()), 400, "numbers per query"),
+    ("embedding-zero", _post(json.dumps({"embedding": [0.0] * DIM}).encode()), 400, "zero"),
+    ("nested-100000", _post(b'{"text": ' + b"[" * 100000 + b"]" * 100000 + b"}"), 400, "nested more than"),
+    ("duplicate-keys", _post(b'{"text": "a bird", "text": "a cat"}'), 400, "duplicate key"),
+    ("not-utf8", _post(b'{"text": "\xff"}'), 400, "not UTF-8"),
+    ("id-object", _post(json.dumps({"id": {"x": 1}}).encode()), 400, "id: expected"),
+    ("k-bool", _post(json.dumps({"id": "i0", "k": True}).encode()), 400, "k: expected"),
+    ("where-list", _post(json.dumps({"id": "i0", "where": {"split": [1]}}).encode()), 400, "where: expected"),
+    ("knn-not-object", _post(b"[1, 2]", path="/knn-service"), 400, "JSON object"),
+    ("length-not-a-number", _post(b"{}", length="abc"), 400, "not a number"),
+    ("length-negative", _post(b"{}", length="-5"), 400, "not a number"),
+    ("length-twice", _post(b"{}", extra="Content-Length: 2\r\n"), 400, "more than one"),
+    ("length-too-large", _post(b"{}", length=str(100 << 20)), 413, "0 to"),
+    ("chunked", _post(b"2\r\n{}\r\n0\r\n\r\n", extra="Transfer-Encoding: chunked\r\n"), 411, "Content-Length"),
+]
+
+
+@pytest.mark.parametrize("name,request_bytes,status,fragment", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_serve_refuses_bad_requests(served, name, request_bytes, status, fragment):
+    got, body, seconds = _raw(served, request_bytes)
+    assert got == status, (got, body)
+    assert fragment in json.loads(body)["error"]
+    assert seconds < SERVE_DEADLINE + 5  # answered at once, never after a long wait
+    _search_ok(served)
+
+
+def test_serve_a_body_shorter_than_content_length_is_408_at_the_deadline(served):
+    got, body, seconds = _raw(served, _post(b'{"id": "i0"}', length="50"))  # then waits, sending nothing
+    assert got == 408 and "within 1 s" in json.loads(body)["error"]
+    assert SERVE_DEADLINE - 0.05 <= seconds < SERVE_DEADLINE + 5
+    got, body, _ = _raw(served, _post(b'{"id": "i0"}', length="50"), half_close=True)  # hangs up instead
+    assert got == 400 and "ended after 12 of the 50 bytes" in json.loads(body)["error"]
+    _search_ok(served)
+
+
+def test_serve_trickled_headers_are_cut_off_at_the_deadline(served):
+    import socket
+
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", served), timeout=10) as sock:
+        sock.sendall(b"POST /search HTTP/1.1\r\n")
+        closed = False
+        for _ in range(int(SERVE_DEADLINE * 20) + 60):  # a header byte every 50 ms, far past the deadline
+            try:
+                sock.sendall(b"X")
+                time.sleep(0.05)
+                sock.settimeout(0.001)
+                if sock.recv(1) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                closed = True
+                break
+    assert closed and time.monotonic() - started < SERVE_DEADLINE + 3
+    _search_ok(served)
+
+
+def test_serve_clients_that_hang_up_are_logged_quietly(served, capfd):
+    import socket
+
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", served)) as sock:
+            sock.sendall(_post(json.dumps({"text": "a bird", "k": 50}).encode()))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+    _search_ok(served)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "error" not in err.lower(), err
+
+
+def test_serve_knn_service_hits_carry_url_and_caption_and_the_url_serves_the_image(served, world):
+    status, body, _ = _raw(served, _post(json.dumps({"text": "a bird", "num_images": 2}).encode(),
+                                         path="/knn-service"))
+    hits = json.loads(body)
+    assert status == 200 and len(hits) == 2
+    manifest = {r["id"]: r for r in map(json.loads, (world / "manifest.jsonl").read_text().splitlines())}
+    for hit in hits:
+        assert hit["url"] == f"http://x/image/{hit['id']}" and hit["caption"] == manifest[hit["id"]]["label"]
+        status, data, _ = _raw(served, f"GET /image/{hit['id']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert status == 200 and data == Path(manifest[hit["id"]]["path"]).read_bytes()
+    status, body, _ = _raw(served, b"GET /image/..%2Fetc%2Fpasswd HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 404  # only files the store's rows name
