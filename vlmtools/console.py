@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.segment import Segment
 
-from vlmtools.redact import escape_controls, scrub
+from vlmtools.redact import REDACTED, escape_controls, scrub
 
 
 class SafeConsole(Console):
@@ -20,8 +20,11 @@ class SafeConsole(Console):
     those are shown escaped. Rich's own styling and cursor control pass, as they are separate segments."""
 
     def render_str(self, text: str, **kwargs):
-        # strings (messages, table cells) are cleaned before rich measures them, so columns fit
-        return super().render_str(escape_controls(scrub(text)), **kwargs)
+        # strings (messages, table cells) are cleaned before rich measures them, so columns fit; in markup
+        # the replacement is escaped, or rich would take "[redacted]" for a style tag
+        markup = kwargs.get("markup")
+        replacement = escape(REDACTED) if (self._markup if markup is None else markup) else REDACTED
+        return super().render_str(escape_controls(scrub(text, replacement)), **kwargs)
 
     def render(self, renderable, options=None):
         for segment in super().render(renderable, options):

@@ -57,10 +57,10 @@ def has_secrets() -> bool:
     return _pattern is not None
 
 
-def scrub(text: str) -> str:
-    """``text`` with every registered secret replaced by [redacted]."""
+def scrub(text: str, replacement: str = REDACTED) -> str:
+    """``text`` with every registered secret replaced by [redacted] (or ``replacement``)."""
     pattern = _pattern
-    return text if pattern is None or not text else pattern.sub(REDACTED, text)
+    return text if pattern is None or not text else pattern.sub(lambda m: replacement, text)
 
 
 def scrub_obj(obj: Any) -> Any:

@@ -37,7 +37,12 @@ def _first_line(path: Path):
         with open(path, "rb") as fh:
             line = fh.readline(1 << 20)
         return formats.parse_json(line.decode("utf-8"))  # strict: deep nesting is refused, not a crash
-    except (OSError, ValueError):  # JsonProblem, JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except formats.JsonProblem as exc:
+        from vlmtools.console import warn
+
+        warn(f"{path}: skipped ({exc})")
+        return None
+    except (OSError, ValueError):  # not JSON (JSONDecodeError, UnicodeDecodeError): not one of ours
         return None
 
 
