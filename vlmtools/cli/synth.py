@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import typer
 
-from vlmtools.cli.common import handle_errors
+from vlmtools.cli.common import deprecated_alias, handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +19,9 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def make_cmd(
         out: Path = typer.Argument(..., help="Directory to create (must not exist or be empty)."),
-        classes: int = typer.Option(20, "--classes", "-c", help="Number of made-up classes."),
+        classes: int = typer.Option(20, "--classes", help="Number of made-up classes."),
+        classes_alias: Optional[int] = deprecated_alias("-c", instead="--classes",
+                                                        why=" (-c is a class list FILE in other commands)"),
         per_class: int = typer.Option(50, "--per-class", help="Images per class."),
         domain: Literal["photo", "painting", "both"] = typer.Option("photo", "--domain", help="photo, painting, or both (random per image)."),
         seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
@@ -36,6 +38,7 @@ def register(app: typer.Typer) -> None:
         from vlmtools.formats import dumps_line
         from vlmtools.synth.make import make_world
 
+        classes = classes_alias if classes_alias is not None else classes
         summary = make_world(out, classes=classes, per_class=per_class, domain=domain, seed=seed,
                              image_size=image_size, test_fraction=test_fraction, force=force)
         info(f"wrote {summary['images']} images of {summary['classes']} classes to {out}")

@@ -29,7 +29,7 @@ ValWhereOpt = typer.Option([], "--val-where", help="Val rows: those whose KEY=VA
                            "split=val), instead of --val-fraction.")
 ValFractionOpt = typer.Option(None, "--val-fraction", help="Share of each class's train rows held out "
                               "(seeded) for early stopping and val metrics; 0: none (default 0.1).")
-HeadOutOpt = typer.Option(..., "--output", "-o", help="The head to write: NAME (writes NAME.json and "
+HeadOutOpt = typer.Option(..., "--output", "-o", metavar="HEAD", help="The head to write: NAME (writes NAME.json and "
                           "NAME.safetensors).")
 JsonOpt = typer.Option(False, "--json", help="Print the training summary as one JSON line on stdout.")
 
@@ -143,10 +143,10 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def adapter_cmd(
         image_store: Path = typer.Argument(..., help="Image store with labels (`vlmtools embed images`)."),
-        text: Path = typer.Option(..., "--text", help="Text store of text samples: descriptor JSONL embedded "
+        text: Path = typer.Option(..., "--text", metavar="STORE", help="Text store of text samples: descriptor JSONL embedded "
                                   "with `embed text` (one sample per sentence, its \"class\"), or captions "
                                   "with \"image_id\" (the image's label)."),
-        output: Optional[str] = typer.Option(None, "--output", "-o", help="The head NAME (NAME.json + "
+        output: Optional[str] = typer.Option(None, "--output", "-o", metavar="HEAD", help="The head NAME (NAME.json + "
                                              "NAME.safetensors); with --sweep, a directory for all heads "
                                              "(optional there)."),
         image_ratio: float = typer.Option(1.0, "--image-ratio", help="Share R of each class's training "
