@@ -50,7 +50,8 @@ def register(app: typer.Typer) -> None:
                                                  show_default="100 for cbd as in the paper, more for others"),
         n: int = typer.Option(1, "--n", help="Samples per class, merged and de-duplicated."),
         concurrency: int = typer.Option(4, "--workers", "--concurrency", "-j", help="Requests in flight."),
-        timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request attempt."),
+        timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request attempt, in all (a server "
+                                      "sending slowly is cut off then)."),
         max_retries: int = typer.Option(4, "--max-retries", help="Retries on 429/5xx/timeouts, with backoff."),
         exemplars: Optional[str] = typer.Option(None, "--exemplars", "--exemplar", help="Worked examples "
                                                 "(domain/background): a shipped set (cub: study 000's Sooty "
