@@ -119,3 +119,22 @@ def wait_for(predicate, timeout: float = 30.0, every: float = 0.02) -> bool:
             return True
         time.sleep(every)
     return predicate()
+
+
+ECHO_PLACES = ("finish_reason", "content", "extra-field", "error-message", "header-echo")
+
+
+def echo_auth(where: str):
+    """A script that echoes the request's Authorization header back in one place of its answer."""
+    def script(request):
+        auth = request["headers"].get("authorization", "")
+        if where == "finish_reason":
+            return [(http_response(chat_body("- wings", finish_reason=auth)), 0)]
+        if where == "content":
+            return [(http_response(chat_body(f"- wings\n- {auth}")), 0)]
+        if where == "extra-field":
+            return [(http_response(chat_body("- wings", system_fingerprint=auth)), 0)]
+        if where == "header-echo":
+            return [(http_response(json.dumps({"error": {"message": "no"}}), 401, extra_headers={"X-Echo": auth}), 0)]
+        return [(http_response(json.dumps({"error": {"message": f"bad key {auth}"}}), 400), 0)]
+    return script

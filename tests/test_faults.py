@@ -900,26 +900,13 @@ def _everything_written(tmp_path) -> str:
     return "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
 
 
-def _echo_key(where: str):
-    from tests.hostile_server import chat_body, http_response
-
-    def script(request):
-        auth = request["headers"].get("authorization", "")
-        if where == "finish_reason":
-            return [(http_response(chat_body("- wings", finish_reason=auth)), 0)]
-        if where == "content":
-            return [(http_response(chat_body(f"- wings\n- {auth}")), 0)]
-        if where == "extra-field":
-            return [(http_response(chat_body("- wings", system_fingerprint=auth)), 0)]
-        return [(http_response(json.dumps({"error": {"message": f"bad key {auth}"}}), 400), 0)]
-    return script
-
-
-@pytest.mark.parametrize("where", ["finish_reason", "content", "extra-field", "error-message"])
+@pytest.mark.parametrize("where", ["finish_reason", "content", "extra-field", "error-message", "header-echo"])
 def test_an_echoed_api_key_reaches_no_file_and_no_terminal(tmp_path, hostile, where):
     import base64
 
-    server = hostile(_echo_key(where))
+    from tests.hostile_server import echo_auth
+
+    server = hostile(echo_auth(where))
     result = _describe(tmp_path, server.url, "--keep-raw")
     assert server.requests, result.stderr
     shown = _everything_written(tmp_path) + result.stderr + result.stdout
@@ -952,7 +939,9 @@ def test_every_json_writer_redacts_registered_secrets_in_any_field(tmp_path):
 def test_credentials_in_the_base_url_are_never_sent_nor_shown(tmp_path, hostile):
     import base64
 
-    server = hostile(_echo_key("error-message"))
+    from tests.hostile_server import echo_auth
+
+    server = hostile(echo_auth("error-message"))
     url = server.url.replace("http://", "http://alice:pa55word-xyz@")
     result = _describe(tmp_path, url)
     assert server.requests[0]["headers"]["authorization"] == f"Bearer {KEY}"  # no Basic header from the URL
