@@ -90,16 +90,19 @@ def record(cls: str, name: str, verdict: str, note: str) -> None:
     print(f"{verdict:5s} {cls:28s} {name:40s} {note[:110]}", flush=True)
 
 
-def judge_refusal(run: Run, *, outputs=(), code: int = 2, bad_if_zero: bool = True) -> tuple[str, str]:
+def judge_refusal(run: Run, *, outputs=(), code: int = 2, bad_if_zero: bool = True,
+                  several: bool = False) -> tuple[str, str]:
     """The usual rule for bad input: ``code`` with one line and nothing written is good; exit 0 is bad
-    (a silent result) unless ``bad_if_zero`` is false; any other refusal is weak."""
+    (a silent result) unless ``bad_if_zero`` is false; any other refusal is weak. ``several``: a command
+    that lists every problem it finds (store check), one line each."""
     left = [str(o) for o in outputs if Path(o).exists()]
     first = next((x for x in run.err.splitlines() if x.startswith("error:")), run.err.strip()[:150])
     if run.timed_out:
         return "bad", f"no answer within the time limit ({run.seconds:.0f} s)"
     if run.rc == 0:
         return ("bad" if bad_if_zero else "weak"), f"exit 0: {run.err.strip()[-150:]}"
-    if run.rc == code and run.one_line and not left:
+    lines_ok = run.one_line or (several and "Traceback" not in run.err and first.startswith("error:"))
+    if run.rc == code and lines_ok and not left:
         return "good", f"exit {run.rc}: {first}"
     why = [f"exit {run.rc}"] + (["traceback"] if "Traceback" in run.err else []) + \
         ([f"left {', '.join(left)}"] if left else [])
@@ -414,7 +417,7 @@ def store_check(h: Harness, w: Path) -> None:
         s = copy_store(w, d)
         damage(s)
         run = h.run("store", "check", s)
-        record(cls, f"store check: {name}", *judge_refusal(run))
+        record(cls, f"store check: {name}", *judge_refusal(run, several=True))
     d = h.scratch()
     s = copy_store(w, d)
     for f in ("emb-00001.npy", "meta-00001.jsonl"):

@@ -121,9 +121,10 @@ def test_cli_eval_json_csv_plots(tmp_path):
     assert [r["class"] for r in rows] == [r["class"] for r in per_class]
     from PIL import Image
 
-    for name in ("confusion.png", "per_class.png"):
+    for name in ("p.confusion.png", "p.per_class.png"):  # named after the predictions file
         with Image.open(tmp_path / "plots" / name) as im:
             assert im.format == "PNG" and im.size[0] > 100
+            assert f"n = {len(recs)}" in im.info["Title"] and "p.jsonl" in im.info["Title"]
     assert "matplotlib.pyplot" not in sys.modules  # plots never touch pyplot (no display, no global state)
 
 

@@ -164,3 +164,17 @@ def test_pages_render_without_groff_warnings():
     for page in PAGES:
         proc = subprocess.run(["groff", "-k", "-man", "-Tutf8", "-ww", "-z", str(page)], capture_output=True, text=True)
         assert proc.returncode == 0 and not proc.stderr.strip(), (page.name, proc.stderr)
+
+
+def test_every_page_is_installed_with_the_package():
+    """pyproject's data-files put every page into share/man/manN of the environment (`man vlmtools` in
+    an activated venv); a page left out of those globs would be missing after `pip install .`."""
+    import fnmatch
+    import tomllib
+
+    config = tomllib.loads((MAN.parent / "pyproject.toml").read_text())
+    data_files = config["tool"]["setuptools"]["data-files"]
+    for page in PAGES:
+        section = page.suffix[1:]
+        globs = data_files.get(f"share/man/man{section}", [])
+        assert any(fnmatch.fnmatch(f"man/{page.name}", g) for g in globs), (page.name, data_files)

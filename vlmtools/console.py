@@ -86,6 +86,23 @@ def stderr_is_terminal() -> bool:
     return console.is_terminal
 
 
+def data_to_terminal(output) -> bool:
+    """Whether data for ``output`` ('-' is stdout) would land on a terminal. Commands that show a table
+    of the same results on stderr then print only the table (the rule of man vlmtools, CONVENTIONS): the
+    data goes to a pipe, a redirect or -o FILE."""
+    import sys
+
+    try:
+        return str(output) == "-" and sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def hint_data_elsewhere(what: str = "the NDJSON rows") -> None:
+    info(f"[dim]({escape(what)}: pipe the output or pass -o FILE; a terminal gets the table only)[/dim]",
+         markup=True)
+
+
 # ----------------------------------------------------------------------------- progress
 
 def _interval() -> float:

@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
                             summary_out=summary, batch=batch_size, device=device, blur=blur)
         summary_table(res)
 
-    from vlmtools.cli.train import (JsonOpt, PatienceOpt, SeedOpt,
+    from vlmtools.cli.train import (JsonOpt, PatienceOpt, PlotsOpt, SeedOpt,
                                     ValFractionOpt, ValWhereOpt, WeightDecayOpt, WhereOpt, emit, fit_options)
 
     train_app = subgroup(app, "train", "Train heads.")
@@ -139,6 +139,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         json_: bool = JsonOpt,
+        plots: Optional[Path] = PlotsOpt,
     ) -> None:
         """Attention Lattice Adapter (study 003) on the frozen image tower.
 
@@ -155,6 +156,7 @@ def register(app: typer.Typer) -> None:
             except ValueError:
                 raise BadInput(f"--layers {layers!r}: expected comma-separated layer numbers") from None
         options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+<<<<<<< HEAD
         summary = train_ala(manifest, output, options=options, layers=chosen, cache=cache, where=where,
                             val_where=val_where, val_fraction=val_fraction, d_model=d_model, heads=heads, grid=grid,
                             lam=lam, aea=aea, model=model, pretrained=pretrained)
@@ -165,3 +167,8 @@ def register(app: typer.Typer) -> None:
             error(f"{summary['unreadable_images']} image(s) could not be read and were left out of training "
                   f"(see the feature cache's errors.jsonl)")
             raise typer.Exit(1)
+=======
+        emit(train_ala(manifest, output, options=options, layers=chosen, cache=cache, where=where,
+                       val_where=val_where, val_fraction=val_fraction, d_model=d_model, heads=heads, grid=grid,
+                       lam=lam, aea=aea, model=model, pretrained=pretrained), json_, plots)
+>>>>>>> main

@@ -218,6 +218,30 @@ def _head_settings(info: dict) -> dict:
             "head_classes": info.get("classes")}
 
 
+def _truth(rec: dict) -> str:
+    """The overlay title's last line: the image's true label beside the explained class."""
+    return f"\ntrue label: {rec['label']}" if rec.get("label") is not None else ""
+
+
+def _warn_off_label(same: list[bool], cls: str | None, is_pred: bool, cbd: str | None) -> None:
+    """Most maps explaining a class other than the image's label are seldom what the user meant: say so,
+    and how to explain something meaningful."""
+    off = same.count(False)
+    if not same or off * 2 <= len(same):
+        return
+    if cls is not None:
+        why = f"--class {cls} is not their label"
+    elif is_pred:
+        why = "the predictions are mostly wrong"
+    else:
+        why = ("a manifest is explained for the model's own top class" + (" by description (--cbd)" if cbd else
+               " by name, and a model that does not know the class names mostly picks a wrong one"))
+    hint = "" if is_pred else ("; explain a classify output (its \"pred\")" + ("" if cbd else
+                                                                             " or score classes with --cbd FILE"))
+    warn(f"the explained class differs from the true label for {off} of {len(same)} images ({why}); every "
+         f"overlay's title names both{hint}")
+
+
 def overlay_png(path: Path, image, saliency, title: str) -> None:
     from matplotlib.figure import Figure
 
@@ -229,7 +253,8 @@ def overlay_png(path: Path, image, saliency, title: str) -> None:
     ax.set_axis_off()
     ax.set_title(title, fontsize=8, parse_math=False)
     with formats.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
+        fig.savefig(tmp, format="png", bbox_inches="tight",
+                    metadata={"Software": "vlmtools", "Title": title.replace("\n", " / "), "Description": "map"})
 
 
 def save_map(out: Path, stem: str, image, saliency, title: str, png: bool = True) -> dict:
@@ -336,7 +361,7 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
 
         import torch
 
-        rows, errors, used = [], [], set()
+        rows, errors, used, explained_vs_label = [], [], set(), []
         with progress(f"{opts.method} maps", total=len(records), unit="images") as bar:
             for rec in records:
                 try:
@@ -352,6 +377,8 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
                     probs = torch.softmax(judge.logit_scale * cos, dim=-1)
                 target = cls or (rec["pred"] if is_pred else names[int(probs.argmax())])
                 c = index[target]
+                if rec.get("label") is not None:
+                    explained_vs_label.append(str(rec["label"]) == target)
                 base = {k: rec[k] for k in ("id", "path", "label") if rec.get(k) is not None}
                 base.update({"class": target, "score": round(float(cos[c]), 6), "prob": round(float(probs[c]), 6),
                              "method": opts.method})
@@ -370,19 +397,25 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
                     for j, (d, m) in enumerate(zip(drec["descriptors"], maps)):
                         stem = _safe_stem(f"{rec['id']}.d{j:02d}", used)
                         full = to_image_size(m, image)
-                        files = save_map(out, stem, image, full, f"{target}: {d} ({float(dsims[j]):.3f})", png)
+                        files = save_map(out, stem, image, full, f"{target}: {d} ({float(dsims[j]):.3f})"
+                                         + _truth(rec), png)
                         rows.append({**base, "descriptor": d, "kind": kinds[j], "descriptor_score":
                                      round(float(dsims[j]), 6), **files})
                 else:
                     (m,) = compute_maps(judge, x, c, opts, head=head_obj)
                     stem = _safe_stem(rec["id"], used)
                     full = to_image_size(m, image)
-                    title = f"{rec['id']} · {opts.method}\n{target} (cos {float(cos[c]):.3f}, p {float(probs[c]):.2f})"
+                    title = (f"{rec['id']} · {opts.method}\nexplains {target} (cos {float(cos[c]):.3f}, p {float(probs[c]):.2f})"
+                             + _truth(rec))
                     rows.append({**base, **save_map(out, stem, image, full, title, png)})
                 bar.advance(1)
+<<<<<<< HEAD
         if not rows:  # nothing to show: exit 2 and leave no maps directory behind
             first = errors[0]["error"] if errors else "no class of theirs has descriptors"
             raise BadInput(f"{input_path}: no map made for any of {len(records)} image(s) (first: {first})")
+=======
+        _warn_off_label(explained_vs_label, cls, is_pred, cbd)
+>>>>>>> main
         settings = {"masks": opts.masks, "cell": opts.cell, "p": opts.p, "seed": opts.seed} \
             if opts.method == "rise" else ({"layer": opts.layer} if opts.layer is not None else {})
         if head_obj is not None:
