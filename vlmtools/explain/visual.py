@@ -409,13 +409,10 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
                              + _truth(rec))
                     rows.append({**base, **save_map(out, stem, image, full, title, png)})
                 bar.advance(1)
-<<<<<<< HEAD
         if not rows:  # nothing to show: exit 2 and leave no maps directory behind
             first = errors[0]["error"] if errors else "no class of theirs has descriptors"
             raise BadInput(f"{input_path}: no map made for any of {len(records)} image(s) (first: {first})")
-=======
         _warn_off_label(explained_vs_label, cls, is_pred, cbd)
->>>>>>> main
         settings = {"masks": opts.masks, "cell": opts.cell, "p": opts.p, "seed": opts.seed} \
             if opts.method == "rise" else ({"layer": opts.layer} if opts.layer is not None else {})
         if head_obj is not None:
