@@ -387,7 +387,10 @@ def serve(store, *, host: str = "127.0.0.1", port: int = 1234, max_k: int = 1000
             debug("SIGTERM: shutting down once the requests in flight are answered")
             threading.Thread(target=server.shutdown, daemon=True).start()
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (a library caller): ^C and shutdown() stop it
+        previous = None
     bound_host, bound_port = server.server_address[:2]
     summary = service.summary()
     info(f"serving {summary['store']} ({summary['rows']} rows, {summary['index']}) on "
@@ -397,7 +400,9 @@ def serve(store, *, host: str = "127.0.0.1", port: int = 1234, max_k: int = 1000
     except KeyboardInterrupt:
         pass
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM while finishing changes nothing
+        if previous is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM while finishing changes nothing
         server.server_close()  # joins the requests in flight
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     info("stopped")
