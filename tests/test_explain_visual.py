@@ -319,7 +319,8 @@ def test_unreadable_image_is_listed_and_the_run_goes_on(world, tmp_path):
     assert "broken.png" in (tmp_path / "out" / "errors.jsonl").read_text()
     manifest.write_text(json.dumps(recs[1]) + "\n")  # nothing readable at all: exit 2
     r = invoke("explain", "visual", manifest, "-o", tmp_path / "none", "-m", "vlmtools-micro", "--no-overlays")
-    assert r.exit_code == 2 and "wrote 0 map(s)" in r.output
+    assert r.exit_code == 2 and "no map made for any of 1 image(s)" in r.output
+    assert not (tmp_path / "none").exists()  # no info.json and empty maps.jsonl left behind
 
 
 def test_tar_members_are_read_from_the_tar(world, tmp_path):

@@ -392,6 +392,7 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
         "count": int(index.ntotal),
         "dim": dim,
         "store_count": n,
+        "store_content_sha256": reader.info.get("content_sha256"),  # the store it was built from
         "model": reader.info.get("model"),
         "params": params,
         "train_size": n_train,
@@ -408,6 +409,7 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
     info_path.unlink(missing_ok=True)
     with formats.atomic_path(faiss_path) as tmp:
         faiss.write_index(index, str(tmp))
+        record["faiss_bytes"], record["faiss_sha256"] = tmp.stat().st_size, formats.file_sha256(tmp)
     formats.write_json(info_path, record)
     info(f"{key} over {n} rows (dim {dim}) in {seconds:.1f} s -> {faiss_path}")
     return record
@@ -702,10 +704,13 @@ def read_index_info(store: str | Path) -> dict | None:
 
 def stale_reasons(record: dict, reader) -> list[str]:
     """Why an index.json no longer describes the store (empty when it does)."""
-    return [f"index {what} {record.get(key)!r}, store {mine!r}"
-            for what, key, mine in (("row count", "store_count", len(reader)), ("dim", "dim", reader.dim),
-                                    ("model", "model", reader.info.get("model")))
-            if record.get(key) != mine]
+    reasons = [f"index {what} {record.get(key)!r}, store {mine!r}"
+               for what, key, mine in (("row count", "store_count", len(reader)), ("dim", "dim", reader.dim),
+                                       ("model", "model", reader.info.get("model")))
+               if record.get(key) != mine]
+    if record.get("store_content_sha256") != reader.info.get("content_sha256"):
+        reasons.append("built for another store content (copied from another store, or the store was rewritten)")
+    return reasons
 
 
 def load_index(reader):

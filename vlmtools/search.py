@@ -158,17 +158,9 @@ def query_spec(reader, model: str | None = None, pretrained: str | None = None):
 
 
 def _load_images(paths: Sequence[str]):
-    from vlmtools.images import load_rgb
+    from vlmtools.images import read_image
 
-    images = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise BadInput(f"--image {path}: no such file")
-        try:
-            images.append(load_rgb(path))
-        except Exception as exc:  # PIL raises many types for truncated/unknown files
-            raise BadInput(f"--image {path}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
-    return images
+    return [read_image(path, "--image") for path in paths]
 
 
 def read_query_lines(path: str, what: str = "--text-file") -> list[str]:

@@ -173,6 +173,13 @@ def register(app: typer.Typer) -> None:
             except ValueError:
                 raise BadInput(f"--layers {layers!r}: expected comma-separated layer numbers") from None
         options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
-        emit(train_ala(manifest, output, options=options, layers=chosen, cache=cache, where=where,
-                       val_where=val_where, val_fraction=val_fraction, d_model=d_model, heads=heads, grid=grid,
-                       lam=lam, aea=aea, model=model, pretrained=pretrained), json_, plots)
+        summary = train_ala(manifest, output, options=options, layers=chosen, cache=cache, where=where,
+                            val_where=val_where, val_fraction=val_fraction, d_model=d_model, heads=heads, grid=grid,
+                            lam=lam, aea=aea, model=model, pretrained=pretrained)
+        emit(summary, json_, plots)
+        if summary["unreadable_images"]:  # as explain visual: some images failed, the rest were used
+            from vlmtools.console import error
+
+            error(f"{summary['unreadable_images']} image(s) could not be read and were left out of training "
+                  f"(see the feature cache's errors.jsonl)")
+            raise typer.Exit(1)

@@ -33,15 +33,15 @@ def register(app: typer.Typer) -> None:
 
         Writes images/, masks/, manifest.jsonl, attributes.jsonl, classes.txt, descriptors.jsonl (oracle),
         captions.jsonl and world.json into OUT, atomically, and prints a one-line JSON summary on stdout."""
-        import json
 
         from vlmtools.console import info
+        from vlmtools.formats import dumps_line
         from vlmtools.synth.make import make_world
 
         classes = classes_alias if classes_alias is not None else classes
         summary = make_world(out, classes=classes, per_class=per_class, domain=domain, seed=seed,
                              image_size=image_size, test_fraction=test_fraction, force=force)
         info(f"wrote {summary['images']} images of {summary['classes']} classes to {out}")
-        typer.echo(json.dumps(summary))
+        typer.echo(dumps_line(summary), nl=False)
 
     app.add_typer(synth, name="synth")

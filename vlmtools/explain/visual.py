@@ -346,6 +346,10 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
         raise BadInput(f"{input_path}: no images to explain" + (" (after --where)" if conditions else ""))
     desc_records = formats.read_descriptors(descriptors) if descriptors is not None else None
     cbd_records = formats.read_descriptors(cbd) if cbd is not None else None
+    for recs, path in ((desc_records, descriptors), (cbd_records, cbd)):
+        if cls is not None and recs is not None and not (recs.get(cls) or {}).get("descriptors"):
+            raise BadInput(f"--class {cls!r} has no descriptors in {path}"
+                           + ("" if cls in recs else f" (its classes: {', '.join(list(recs)[:5])}, ...)"))
     names = class_list(records, classes, desc_records or cbd_records, cls)
     template_list = load_templates(templates)
     final = Path(out_dir)
@@ -366,6 +370,8 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
             head_obj, spec = load_ala_for_explain(head, model, pretrained, device)
         else:
             spec = ModelSpec.parse(model, pretrained)
+        if is_pred:
+            _warn_other_model(records, spec, input_path)
         judge = make_judge(spec, names, template_list, device, cam_layer=opts.layer, cbd=cbd_records)
         if head_obj is not None:
             head_obj.attach(judge.encoder)
@@ -425,6 +431,9 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
                              f"p {float(probs[c]):.2f})" + _truth(rec))
                     rows.append({**base, **save_map(out, stem, image, full, title, png)})
                 bar.advance(1)
+        if not rows:  # nothing to show: exit 2 and leave no maps directory behind
+            first = errors[0]["error"] if errors else "no class of theirs has descriptors"
+            raise BadInput(f"{input_path}: no map made for any of {len(records)} image(s) (first: {first})")
         _warn_off_label(explained_vs_label, cls, is_pred, cbd)
         settings = {"masks": opts.masks, "cell": opts.cell, "p": opts.p, "seed": opts.seed} \
             if opts.method == "rise" else ({"layer": opts.layer} if opts.layer is not None else {})
@@ -446,9 +455,21 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
     return {"maps": len(rows), "images": len(records), "failed": len(errors), "out": str(final)}
 
 
+def _warn_other_model(records: Sequence[dict], spec, input_path) -> None:
+    """The predictions' model (classify records it) is the one whose decisions are explained: say so when
+    the maps are made with another."""
+    made_with = {str(r["model"]) for r in records if r.get("model")}
+    if made_with and made_with != {str(spec)}:
+        warn(f"{input_path}: the predictions were made with {', '.join(sorted(made_with))}; the maps are made "
+             f"with {spec}, which may not predict the same classes (pass the predictions' model)")
+
+
 # ----------------------------------------------------------------------------- eval explanations
 
 def read_maps_dir(path) -> tuple[dict, list[dict]]:
+    """(info.json, maps.jsonl rows) of a maps directory, checked as far as its index goes: each row an
+    object with an "id" and a "map" file name that stays inside the directory (no "..", no absolute
+    path, no symlink out of it) and exists; no (id, descriptor) listed twice. BadInput naming the line."""
     d = Path(path)
     if not d.is_dir():
         raise BadInput(f"{d}: not a directory (expected the -o directory of `vlmtools explain visual`)")
@@ -456,8 +477,44 @@ def read_maps_dir(path) -> tuple[dict, list[dict]]:
     if meta is None:
         raise BadInput(f"{d}: no {MAPS_INFO}; not a maps directory from `vlmtools explain visual`")
     formats.check_format(meta, formats.MAPS_FORMAT, str(d / MAPS_INFO))
-    rows = [rec for _, rec in formats.iter_jsonl(d / MAPS_INDEX)]
+    rows, seen = [], {}
+    root = d.resolve()
+    for lineno, rec in formats.iter_jsonl(d / MAPS_INDEX):
+        where = f"{d / MAPS_INDEX}:{lineno}"
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), (str, int)) or isinstance(rec.get("id"), bool) \
+                or not isinstance(rec.get("map"), str) or not rec["map"]:
+            raise BadInput(f"{where}: a maps line needs an \"id\" and a \"map\" file name")
+        target = (d / rec["map"]).resolve()
+        if Path(rec["map"]).is_absolute() or ".." in Path(rec["map"]).parts or not target.is_relative_to(root):
+            raise BadInput(f"{where}: map {rec['map']!r} is outside {d}; a maps line names a file in its directory")
+        if not target.is_file():
+            raise BadInput(f"{where}: map file {d / rec['map']} is missing")
+        key = (str(rec["id"]), rec.get("descriptor"))
+        if key in seen:
+            raise BadInput(f"{where}: image {key[0]!r} is listed again (first at line {seen[key]})"
+                           + (f" for descriptor {key[1]!r}" if key[1] is not None else "")
+                           + "; each map is scored once")
+        seen[key] = lineno
+        rows.append(rec)
     return meta, rows
+
+
+def load_map(d, row: dict):
+    """A map of a checked maps directory (read_maps_dir) as float32: a 2-D array of finite values, else
+    BadInput naming the file (NaN or inf would make every metric of it meaningless)."""
+    import numpy as np
+
+    f = Path(d) / row["map"]
+    try:
+        sal = np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise BadInput(f"{f}: not a readable map ({' '.join(str(exc).split())[:120]})") from None
+    if sal.ndim != 2 or sal.dtype.kind != "f" or 0 in sal.shape:
+        raise BadInput(f"{f}: a map is a non-empty 2-D float array, not {sal.dtype} of shape {sal.shape}")
+    finite = np.isfinite(sal)
+    if not finite.all():
+        raise BadInput(f"{f}: {int((~finite).sum())} of {sal.size} values are NaN or inf; not a map to score")
+    return sal.astype(np.float32)
 
 
 def _load_mask(path: str):
@@ -646,7 +703,7 @@ def _grounding(sal, mask, kind: str, threshold: str) -> dict:
             "chance": round(float(region.mean()), 6), "iou": round(iou(sal, region, threshold), 6)}
 
 
-def _check_maps(loaded, by_id: dict, manifest: str, descriptors: bool) -> list:
+def _check_maps(loaded, by_id: dict, manifest: str, descriptors: bool, causal: bool) -> list:
     """(directory, info, map row, manifest record) of every map to evaluate; BadInput before any work."""
     todo = []
     for d, meta, rows in loaded:
@@ -663,6 +720,9 @@ def _check_maps(loaded, by_id: dict, manifest: str, descriptors: bool) -> list:
                 n = sum(1 for rr in chosen if not by_id.get(str(rr["id"]), {}).get("mask"))
                 raise BadInput(f"{manifest}: image {r['id']!r} (and {n - 1} more) has no \"mask\"; eval "
                                f"explanations needs an object mask per image (a \"mask\" path in the manifest)")
+            load_map(d, r)  # every map readable and finite before the slow part
+            if causal and not Path(rec["path"]).is_file():
+                raise BadInput(f"{manifest}: image {r['id']!r}: {rec['path']}: no such image file")
             todo.append((d, meta, r, rec))
     return todo
 
@@ -676,7 +736,7 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, opts: EvalOptions 
     import numpy as np
 
     from vlmtools.explain.metrics import iou, lattice_ceiling
-    from vlmtools.images import load_rgb
+    from vlmtools.images import read_image
 
     opts = (opts or EvalOptions()).check()
     causal = opts.causal and not opts.descriptors
@@ -688,11 +748,11 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, opts: EvalOptions 
     labels = group_runs(loaded, descriptors=opts.descriptors)
     if causal:
         _warn_mixed_scorers(loaded, labels, opts.scorer)
-    todo = _check_maps(loaded, by_id, manifest, opts.descriptors)
+    todo = _check_maps(loaded, by_id, manifest, opts.descriptors, causal)
     results, per_dir, scorers, mismatched = [], {}, {}, 0
     with progress("evaluating maps", total=len(todo), unit="maps") as bar:
         for d, meta, r, rec in todo:
-            sal = np.load(Path(d) / r["map"]).astype(np.float32)
+            sal = load_map(d, r)
             try:
                 mask = _load_mask(rec["mask"])
             except Exception as exc:
@@ -713,7 +773,7 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, opts: EvalOptions 
                 key = _scorer_key(meta, opts.scorer)
                 if key not in scorers:
                     scorers[key] = _make_scorer(meta, opts.scorer, device)
-                row.update(_causal_scores(scorers[key], load_rgb(rec["path"]), sal, opts, kernel))
+                row.update(_causal_scores(scorers[key], read_image(rec["path"]), sal, opts, kernel))
                 mismatched += row["scored_class"] != r["class"]
             results.append(row)
             per_dir.setdefault(d, []).append(row)

@@ -260,6 +260,9 @@ def train_ala(manifest: str, output, *, options, layers: Sequence[int] | None = 
     cache_dir = Path(cache) if cache is not None else Path(str(formats.head_paths(output)[0])[:-5] + ".features")
     reader = cache_features(records, cache_dir, encoder, chosen, batch=batch_images)
     info(f"tower features: {len(reader)} images × {reader.dim} values in {cache_dir}")
+    unreadable = len(reader.errors())
+    if unreadable and not len(reader):
+        raise BadInput(f"{manifest}: none of {unreadable} images could be read (see {cache_dir}/errors.jsonl)")
     data = load_train_val(cache_dir, where=where, val_where=val_where, val_fraction=val_fraction,
                           seed=options.seed, model=spec.name, pretrained=spec.pretrained, kind="features")
     shapes = reader.info["shapes"]
@@ -271,7 +274,7 @@ def train_ala(manifest: str, output, *, options, layers: Sequence[int] | None = 
         training={"manifest": str(Path(manifest).resolve()), "where": list(where), "val_where": list(val_where),
                   "val_fraction": val_fraction, "cache": str(cache_dir)},
         inputs=data.inputs("features"), description="train ala",
-        extra={"image_size": encoder.image_size, "layers": chosen},
+        extra={"image_size": encoder.image_size, "layers": chosen, "unreadable_images": unreadable},
         loss_fn=ala_loss, on_epoch=aea_hook)
 
 

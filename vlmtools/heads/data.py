@@ -110,6 +110,10 @@ def labelled_rows(reader, where: Sequence[str] = (), classes: Sequence[str] | No
     if not rows:
         raise BadInput(f"{reader.path}: no rows left to train on (all are val rows)")
     labelled = [i for i in rows if meta[i].get("label") is not None]
+    blank = next((i for i in labelled if not str(meta[i]["label"]).strip()), None)
+    if blank is not None:
+        raise BadInput(f"{reader.path}: row {blank} (id {meta[blank].get('id')!r}) has an empty \"label\"; "
+                       f"a class needs a name (leave \"label\" out for unlabelled images)")
     if not labelled:
         raise BadInput(f"{reader.path}: no selected row has a \"label\"; training a head needs labelled "
                        f"embeddings (embed a manifest with labels)")
@@ -173,6 +177,9 @@ def load_train_val(store, *, where: Sequence[str] = (), val_where: Sequence[str]
         val_rows, val_meta = labelled_rows(reader, val_where)
     rows, meta = labelled_rows(reader, where, exclude=val_rows)
     classes = list(dict.fromkeys(rec["label"] for rec in meta))
+    if len(classes) < 2:
+        raise BadInput(f"{store}: the training rows hold one class ({classes[0]!r}); a classifier needs at "
+                       f"least two" + (" (check --where)" if where else ""))
     train = to_labelled(reader, rows, meta, classes, "train")
     val = None
     if val_where:

@@ -29,16 +29,18 @@ on_epoch=...)``.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from vlmtools.console import info, progress
-from vlmtools.errors import BadInput
+from vlmtools.errors import BadInput, VlmError
 
 EVAL_CHUNK = 8192
 SOLVERS = ("adamw", "lbfgs")
 LBFGS_CHUNK = 65536        # rows per forward/backward of the full-batch objective (bounded memory)
+MAX_LR = 10.0  # beyond it no head here trains: a typo (1e30) is refused instead of training to NaN
 TRAIN_METRIC_ROWS = 20000  # the final train metric is measured on at most this many (seeded) rows
 
 
@@ -57,10 +59,11 @@ class FitOptions:
     def check(self) -> "FitOptions":
         if self.epochs < 1:
             raise BadInput(f"--epochs {self.epochs}: expected at least 1")
-        if not self.lr > 0:
-            raise BadInput(f"--lr {self.lr}: expected a positive learning rate")
-        if self.weight_decay < 0:
-            raise BadInput(f"--weight-decay {self.weight_decay}: expected >= 0")
+        if not 0 < self.lr <= MAX_LR:  # NaN fails too
+            raise BadInput(f"--lr {self.lr}: expected a learning rate above 0 and at most {MAX_LR:g}")
+        if not 0 <= self.weight_decay < 1 / self.lr:
+            # AdamW shrinks each weight by lr * weight_decay per step: at 1 or more it flips signs and diverges
+            raise BadInput(f"--weight-decay {self.weight_decay}: expected >= 0 and below 1/lr ({1 / self.lr:g})")
         if self.batch_size < 0:
             raise BadInput(f"--batch-size {self.batch_size}: expected >= 1 (or 0 for full batch)")
         if self.patience < 0:
@@ -73,6 +76,10 @@ class FitOptions:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+class NonFiniteLoss(VlmError):
+    """Training diverged (NaN or inf loss): stop with exit 1 and write no head."""
 
 
 @dataclass
@@ -205,6 +212,10 @@ def fit(model, train: Sequence, val: Sequence | None = None, options: FitOptions
                 optimizer.step()
                 total += loss.detach() * len(idx)
             entry["loss"] = round(float(total) / n, 6)
+            if not math.isfinite(entry["loss"]):
+                raise NonFiniteLoss(f"{description}: the loss became {entry['loss']} at epoch {epoch} (--lr {opts.lr:g}, "
+                                    f"--weight-decay {opts.weight_decay:g}); nothing was written. Lower --lr, "
+                                    f"or check the inputs for extreme values")
             if val_dev is not None:
                 model.eval()
                 value = float(metric_fn(model, *val_dev))
