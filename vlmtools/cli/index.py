@@ -18,12 +18,15 @@ def register(app: typer.Typer) -> None:
                                       "IVF4096,PQ64x4fs, IVF16384_HNSW32,PQ64, ...) or auto: chosen by row "
                                       "count and --max-memory."),
         max_memory: str = typer.Option("4G", "--max-memory", help="Memory budget for the index (auto)."),
-        nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists searched per query "
-                                             "(default: max(16, nlist/16); PQ indexes max(16, nlist/128))."),
-        ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search depth (default: 64; "
-                                                "at least 2k at search time)."),
+        nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists searched per query: kept "
+                                             "as given, else tuned by --target-recall (with --target-recall "
+                                             "0: max(16, nlist/16); PQ indexes max(16, nlist/128))."),
+        ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search depth: kept as given, "
+                                                "else tuned by --target-recall (with --target-recall 0: 64); "
+                                                "at least 2k at search time."),
         rerank: Optional[int] = typer.Option(None, "--rerank", help="Saved search parameter: fetch N*k "
-                                             "candidates and rescore them exactly from the store (default: "
+                                             "candidates and rescore them exactly from the store; kept as "
+                                             "given, else tuned by --target-recall (with --target-recall 0: "
                                              "10 for PQ indexes, else off; 0 = off)."),
         target_recall: Optional[float] = typer.Option(None, "--target-recall", metavar="R", help="Tune nprobe, "
                                                       "efSearch and rerank to the cheapest setting whose recall@k "
