@@ -17,7 +17,7 @@ from vlmtools.synth.world import OBJECT_ATTRIBUTES, _ATTRIBUTE_WORDS
 
 runner = CliRunner()
 WORLD_FILES = {"images", "masks", "manifest.jsonl", "attributes.jsonl", "classes.txt", "descriptors.jsonl",
-               "captions.jsonl", "image_captions.jsonl", "world.json"}
+               "descriptors-vague.jsonl", "captions.jsonl", "image_captions.jsonl", "world.json"}
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ torch and open_clip are imported inside functions so that ``vlmtools --help`` st
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,24 +183,29 @@ def _register_packaged_configs() -> None:
 
 def apply_extras(model, name: str):
     """Give a freshly created open_clip model of a packaged config what its "vlmtools" section adds
-    (in place; returns the model). ``conv_stem: [c1, c2, ...]``: the ViT's patch embedding (conv1, a
-    patch-size convolution) becomes stride-2 3x3 convolutions through c1, c2, ... channels with GELUs,
-    the last one to the tower's width, down to the same token grid (Xiao et al. 2021, "Early convolutions
-    help transformers see better"): tiny ViTs learn shape several times faster with it."""
+    (in place; returns the model). ``conv_stem: [[channels, stride], ...]``: the ViT's patch embedding
+    (conv1, one patch-size convolution) becomes 3x3 convolutions with GELUs through those channels and
+    strides, then a stride-2 3x3 convolution to the tower's width, down to the same token grid (Xiao et
+    al. 2021, "Early convolutions help transformers see better"): a tiny ViT with plain patches stayed
+    at chance on shape here. ``pool: avg`` pools the tokens by their mean instead of the class token."""
     from torch import nn
 
     extras = packaged_extras(name)
     stem = extras.get("conv_stem")
+    visual = model.visual
     if stem:
-        visual = model.visual
         patch = visual.conv1.kernel_size[0]
-        if 2 ** (len(stem) + 1) != patch:
-            raise ValueError(f"{name}: conv_stem {stem} makes stride {2 ** (len(stem) + 1)}, patch size is {patch}")
-        layers, channels = [], [3, *stem]
-        for c_in, c_out in zip(channels, channels[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, 2, 1), nn.GELU()]
-        layers.append(nn.Conv2d(channels[-1], visual.conv1.out_channels, 3, 2, 1, bias=False))
+        stride = 2 * math.prod(s for _, s in stem)
+        if stride != patch:
+            raise ValueError(f"{name}: conv_stem {stem} makes stride {stride}, the patch size is {patch}")
+        layers, c_in = [], 3
+        for c_out, s in stem:
+            layers += [nn.Conv2d(c_in, c_out, 3, s, 1), nn.GELU()]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, visual.conv1.out_channels, 3, 2, 1, bias=False))
         visual.conv1 = nn.Sequential(*layers).to(visual.conv1.weight.dtype)
+    if extras.get("pool"):
+        visual.pool_type = extras["pool"]
     return model
 
 

@@ -1,4 +1,5 @@
-"""Write a world to disk: images, masks, manifest, true attributes, classes, oracle descriptors, captions.
+"""Write a world to disk: images, masks, manifest, true attributes, classes, oracle descriptors (and vague
+ones, study 000's stand-in for descriptors written without an example from the domain), captions.
 
 The whole directory is generated in a temporary sibling and renamed into place, so a failed or interrupted
 run leaves nothing behind. Files are byte-identical for the same arguments.
@@ -19,7 +20,7 @@ from vlmtools.console import progress
 from vlmtools.errors import BadInput
 from vlmtools.formats import descriptor_record, dumps_line, iter_jsonl, manifest_record, read_json
 from vlmtools.synth.world import (DOMAINS, VOCAB, WORLD_VERSION, caption, class_captions, make_classes,
-                                  oracle_descriptors, sample_attributes)
+                                  oracle_descriptors, sample_attributes, vague_descriptors)
 from vlmtools.synth.render import render
 
 DOMAIN_CHOICES = DOMAINS + ("both",)
@@ -225,6 +226,9 @@ def _generate(root: Path, n_classes: int, per_class: int, domain: str, seed: int
         descriptors, kinds = oracle_descriptors(cls)
         descriptor_lines.append(descriptor_record(cls["name"], descriptors, kinds, style="oracle"))
     _write_lines(root / "descriptors.jsonl", descriptor_lines)
+    vague_rng = np.random.default_rng([seed, 13])
+    _write_lines(root / "descriptors-vague.jsonl",
+                 (descriptor_record(c["name"], *vague_descriptors(vague_rng, c), style="vague") for c in defs))
     _write_lines(root / "captions.jsonl",
                  ({"class": c["name"], "sentences": class_captions(c)} for c in defs))
     # per-image captions (text -> image pairs, e.g. for `train t2i`), from their own generator so the

@@ -136,6 +136,7 @@ NAME_STYLES = ("made-up", "informative")
 # Blackbird", "Yellow Warbler"; some a pattern, a shape or a place: "Spotted Towhee", "Marsh Wren")
 NAME_ATTRIBUTE_WEIGHTS = {"colour": 0.5, "pattern": 0.2, "shape": 0.15, "habitat": 0.15}
 NAME_WORDS = {"pattern": {"solid": "Plain", "striped": "Striped", "dotted": "Dotted"}}
+NAME_TWO_WORDS = 0.5  # share of informative names with two attribute words ("Black-throated Blue Warbler")
 
 
 def _family(rng: np.random.Generator, base: dict, attribute: str, size: int) -> list[dict]:
@@ -161,8 +162,8 @@ def make_classes(n: int, seed: int = 0, *, fine: float = 0.3, family: int = 2, o
     """``n`` class definitions: about ``fine`` of them in fine-grained families of ``family`` classes
     (one object attribute differs), about 20% in habitat pairs (identical objects, different habitats),
     the rest independent. ``overlap`` > 0 makes siblings confusable (see _blend). ``names``: made-up
-    (they say nothing), or informative (a made-up name after one of the class's attribute words, as
-    "Red-winged Blackbird"). The defaults draw the same classes as before these options existed."""
+    (they say nothing), or informative (a made-up name after one or two of the class's attribute words,
+    as "Red-winged Blackbird", "Black-throated Blue Warbler"). The defaults draw the same classes as before these options existed."""
     if family < 2:
         raise ValueError(f"family {family}: expected at least 2")
     rng = np.random.default_rng([seed, 1])
@@ -213,9 +214,12 @@ def make_classes(n: int, seed: int = 0, *, fine: float = 0.3, family: int = 2, o
         name_rng = np.random.default_rng([seed, 2])  # the made-up part stays the made-up world's name
         attributes, weights = zip(*NAME_ATTRIBUTE_WEIGHTS.items())
         for c in classes:
-            attribute = attributes[name_rng.choice(len(attributes), p=np.array(weights))]
-            c["name"] = f"{name_word(attribute, c['attributes'][attribute][0][0])} {c['name']}"
-            c["named_attribute"] = attribute
+            k = 1 + int(name_rng.random() < NAME_TWO_WORDS)
+            picked = set(name_rng.choice(len(attributes), size=k, replace=False, p=np.array(weights)).tolist())
+            named = [a for i, a in enumerate(attributes) if i in picked]
+            words = [name_word(a, c["attributes"][a][0][0]) for a in named]
+            c["name"] = " ".join(words + [c["name"]])
+            c["named_attributes"] = named
     elif names != "made-up":
         raise ValueError(f"names {names!r}: expected one of {', '.join(NAME_STYLES)}")
     # groups were added side by side: families of ``family`` classes first, then habitat pairs
@@ -247,6 +251,20 @@ def oracle_descriptors(cls: dict) -> tuple[list[str], list[str]]:
     descriptors.append(descriptor_phrase("habitat", likely_values(cls["attributes"]["habitat"])))
     kinds.append("background")
     return descriptors, kinds
+
+
+def vague_descriptors(rng: np.random.Generator, cls: dict) -> tuple[list[str], list[str]]:
+    """A stand-in for descriptors an LLM writes without a worked example from the domain (study 000's
+    "CBD" row, Menon's lemur prompt): the oracle's object lines, each naming one more value the class
+    does not have ("red or blue colouring"): true to the class, vaguer than the oracle. No habitat line."""
+    descriptors = []
+    for attribute in OBJECT_ATTRIBUTES:
+        values = likely_values(cls["attributes"][attribute], 0.3)
+        extra = _pick(rng, VOCAB[attribute], 1, exclude=values)
+        mixed = values + extra
+        rng.shuffle(mixed)
+        descriptors.append(descriptor_phrase(attribute, mixed))
+    return descriptors, ["object"] * len(descriptors)
 
 
 def sample_attributes(rng: np.random.Generator, cls: dict | None, domain: str) -> dict:
