@@ -184,8 +184,8 @@ def _register_packaged_configs() -> None:
 def apply_extras(model, name: str):
     """Give a freshly created open_clip model of a packaged config what its "vlmtools" section adds
     (in place; returns the model). ``conv_stem: [[channels, stride], ...]``: the ViT's patch embedding
-    (conv1, one patch-size convolution) becomes 3x3 convolutions with GELUs through those channels and
-    strides, then a stride-2 3x3 convolution to the tower's width, down to the same token grid (Xiao et
+    (conv1, one patch-size convolution) becomes 3x3 convolutions with group norms and GELUs through those
+    channels and strides, then a stride-2 3x3 convolution to the tower's width, down to the same token grid (Xiao et
     al. 2021, "Early convolutions help transformers see better"): a tiny ViT with plain patches stayed
     at chance on shape here. ``pool: avg`` pools the tokens by their mean instead of the class token."""
     from torch import nn
@@ -199,8 +199,8 @@ def apply_extras(model, name: str):
         if stride != patch:
             raise ValueError(f"{name}: conv_stem {stem} makes stride {stride}, the patch size is {patch}")
         layers, c_in = [], 3
-        for c_out, s in stem:
-            layers += [nn.Conv2d(c_in, c_out, 3, s, 1), nn.GELU()]
+        for c_out, s in stem:  # conv, group norm (no train/eval difference, unlike batch norm), GELU
+            layers += [nn.Conv2d(c_in, c_out, 3, s, 1, bias=False), nn.GroupNorm(8, c_out), nn.GELU()]
             c_in = c_out
         layers.append(nn.Conv2d(c_in, visual.conv1.out_channels, 3, 2, 1, bias=False))
         visual.conv1 = nn.Sequential(*layers).to(visual.conv1.weight.dtype)
