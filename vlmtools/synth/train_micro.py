@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -294,8 +293,8 @@ def _evaluate_only(args, model, tokenizer) -> dict:
     if not args.out.exists():
         raise SystemExit(f"train_micro: --eval-only: {args.out} does not exist")
     record = json.loads(args.record.read_text()) if args.record.exists() else {"model": args.model}
-    record["eval_command"] = "python -m vlmtools.synth.train_micro --eval-only " + " ".join(
-        sys.argv[1:]) if __name__ == "__main__" else "train_micro.main(--eval-only)"
+    record["eval_command"] = (f"python -m vlmtools.synth.train_micro --model {args.model} --eval-only "
+                              f"--eval-per-class {args.eval_per_class}")
     return _finish(args, model, tokenizer, record)
 
 
