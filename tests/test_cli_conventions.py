@@ -19,6 +19,8 @@ SHORT_FLAGS = {
     "-q": "--quiet", "-v": "--verbose", "-b": "--batch-size", "-j": "--workers", "-c": "--classes",
     "-d": "--descriptors", "-t": "--text", "-i": "--image", "-s": "--style", "-a": "--all",
 }
+# ... and one kind of value: a number, a flag, or text (a file, a name), as the help names it.
+SHORT_FLAG_VALUES = {"-k": "N", "-b": "N", "-j": "N", "-c": "FILE", "-d": "FILE", "-m": "MODEL", "-p": "TAG"}
 # Long names that other spellings replaced: --plots DIR for plots, -o/--output for outputs.
 RETIRED = {"--plot": "--plots", "--png": "--plots", "--out": "--output", "--output-dir": "--output",
            "--json-out": "--output", "--limit-n": "--limit"}
@@ -47,9 +49,19 @@ def test_walks_every_command():
 
 
 def test_short_flags_have_one_meaning_everywhere():
+    from vlmtools.cli.help import option_metavar
+
     problems = []
     for name, command in COMMANDS:
+        visible = {o for opt in _options(command) if not opt.hidden for o in opt.opts + opt.secondary_opts}
         for opt in _options(command):
+            if opt.hidden:  # an old spelling kept for one release: it must say what replaced it
+                help_ = opt.help or ""
+                instead = help_.removeprefix("Deprecated: use ").rstrip(".")
+                if not help_.startswith("Deprecated: ") or (help_.startswith("Deprecated: use ")
+                                                            and instead not in visible):
+                    problems.append(f"{name}: hidden option {opt.opts} is no deprecated alias of a visible one")
+                continue
             longs = [o for o in opt.opts + opt.secondary_opts if o.startswith("--")]
             for short in (o for o in opt.opts if re.fullmatch(r"-[A-Za-z]", o)):
                 expected = SHORT_FLAGS.get(short)
@@ -58,7 +70,43 @@ def test_short_flags_have_one_meaning_everywhere():
                                     f"man/vlmtools.1 CONVENTIONS and SHORT_FLAGS)")
                 elif not longs or longs[0] != expected:
                     problems.append(f"{name}: {short} means {longs[:1]}, not {expected}")
+                elif short in SHORT_FLAG_VALUES and option_metavar(opt) != SHORT_FLAG_VALUES[short]:
+                    problems.append(f"{name}: {short} takes {option_metavar(opt)}, not {SHORT_FLAG_VALUES[short]}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("args,value,old", [
+    (["synth", "make", "{tmp}/w", "-c", "2", "--per-class", "2"], '"classes": 2', "-c"),
+    (["describe", "-", "--print-prompts", "-m", "some-llm"], '"class": "cat"', "--model/-m"),
+])
+def test_old_spellings_still_work_with_a_deprecation_line(tmp_path, args, value, old):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = runner.invoke(app, args, input="cat\n")
+    assert result.exit_code == 0, result.output
+    assert value in result.stdout
+    assert f"{old} is deprecated here, use" in " ".join(result.stderr.split())
+    assert old.split("/")[-1] not in runner.invoke(app, [*args[:args.index(old.split("/")[-1])], "--help"],
+                                                   terminal_width=200).output.split()
+
+
+def test_help_is_plain_and_names_values():
+    """At 80 columns: capitals for arguments, values named (no `<list[str]>`, `<int range>`, `x>=1`), every
+    option explained, brackets of the help text kept (rich markup used to eat `[parquet]`)."""
+    for name, command in COMMANDS:
+        text = runner.invoke(app, [*name.split(), "--help"], terminal_width=80).output
+        usage = text.split("\n", 1)[0]
+        assert usage.startswith(f"Usage: vlmtools {name} [OPTIONS]"), usage
+        for arg in usage.split("[OPTIONS]", 1)[1].split():
+            assert arg.strip("[].") == arg.strip("[].").upper(), (name, usage)
+        assert not re.search(r"<(str|int|float|path|bool|list\[|\w+ range)|x[<>]=|\\\[|default: \(", text), (name, text)
+        assert all(len(line) <= 80 for line in text.splitlines()), name
+        for opt in _options(command):
+            assert opt.hidden or opt.help, f"{name}: {opt.opts} has no help"
+    assert "'vlmtools[parquet]'" in runner.invoke(app, ["store", "export", "--help"], terminal_width=80).output
+    text = runner.invoke(app, ["eval", "explanations", "--help"], terminal_width=80).output
+    assert "MAPS_DIR..." in text.split("\n", 1)[0]
+    text = runner.invoke(app, ["demo", "--help"], terminal_width=80).output
+    assert "at least 2" in text
 
 
 def test_conventions_of_common_options():

@@ -245,3 +245,26 @@ def test_csv_without_labels_warns(tmp_path):
     assert result.exit_code == 0
     assert "no 'label' column" in " ".join(result.stderr.split())  # rich may wrap stderr lines
     assert lines(result.stdout) == [{"id": "a.png", "path": str(tmp_path / "a.png")}]
+
+
+def test_folder_with_split_folders(tmp_path):
+    """ROOT/train/<class> and ROOT/test/<class>: the split is the folder, not a class."""
+    root = tmp_path / "ds"
+    for split, files in (("train", ("a", "b")), ("test", ("c",))):
+        for cls in ("daisy", "rose"):
+            for f in files:
+                png(root / split / cls / f"{f}.png")
+    result = runner.invoke(app, ["data", "folder", str(root)])
+    assert result.exit_code == 0, result.output
+    recs = lines(result.stdout)
+    assert {r["label"] for r in recs} == {"daisy", "rose"}
+    assert sorted((r["split"], r["label"]) for r in recs).count(("train", "daisy")) == 2
+    assert {r["id"] for r in recs} >= {"train/daisy/a.png", "test/rose/c.png"} and len(recs) == 6
+    err = " ".join(result.stderr.split())
+    assert "split folders test, train" in err and "6 images, 2 classes (test: 2, train: 4)" in err
+    result = runner.invoke(app, ["data", "folder", str(root), "--split", "train"])
+    assert result.exit_code == 2 and "drop --split" in result.output
+    png(root / "cat" / "x.png")  # a class folder beside them: no longer a split layout, and it says so
+    result = runner.invoke(app, ["data", "folder", str(root)])
+    assert result.exit_code == 0 and {r["label"] for r in lines(result.stdout)} == {"cat", "test", "train"}
+    assert "look like split folders" in " ".join(result.stderr.split())

@@ -43,12 +43,10 @@ def test_demo_runs_the_pipeline_and_prints_the_table(tmp_path):
 def test_demo_refuses_a_non_empty_directory(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     result = runner.invoke(app, ["demo", str(tmp_path), *SMALL])
-    assert result.exit_code == 2 and "not empty" in result.stderr
-    result = runner.invoke(app, ["demo", str(tmp_path), "--force", *SMALL])
-    assert result.exit_code == 2 and "refusing to delete" in result.stderr
+    assert result.exit_code == 2 and "holds no earlier demo" in result.stderr
     (tmp_path / "pipeline.sh").write_text("#!/bin/sh\necho my own script\n")  # a common name: not proof
-    result = runner.invoke(app, ["demo", str(tmp_path), "--force", *SMALL])
-    assert result.exit_code == 2 and "refusing to delete" in result.stderr
+    result = runner.invoke(app, ["demo", str(tmp_path), *SMALL])
+    assert result.exit_code == 2 and "holds no earlier demo" in result.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep me"
     assert (tmp_path / "pipeline.sh").read_text().endswith("my own script\n")
     (tmp_path / "file").write_text("x")
@@ -59,13 +57,18 @@ def test_demo_refuses_a_non_empty_directory(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_demo_force_replaces_only_its_own_files(tmp_path):
+def test_demo_run_twice_replaces_only_its_own_files(tmp_path):
     out = tmp_path / "demo"
     assert runner.invoke(app, ["demo", str(out), *SMALL]).exit_code == 0
+    first = (out / "results.txt").read_text()
     (out / "notes.txt").write_text("mine")
-    result = runner.invoke(app, ["demo", str(out), "--force", *SMALL])
+    (out / "results.txt").write_text("stale")
+    result = runner.invoke(app, ["demo", str(out), *SMALL])  # the same command again: no flag needed
     assert result.exit_code == 0, result.output
-    assert (out / "notes.txt").read_text() == "mine" and (out / "results.json").exists()
+    assert "holds an earlier demo: replacing its files" in " ".join(result.stderr.split())
+    assert (out / "notes.txt").read_text() == "mine" and (out / "results.txt").read_text() == first
+    result = runner.invoke(app, ["demo", str(out), "--force", *SMALL])  # the old flag: accepted, deprecated
+    assert result.exit_code == 0 and "--force is deprecated" in result.stderr
 
 
 @pytest.mark.slow

@@ -156,7 +156,7 @@ def classes_so_far(path: Path) -> list[str]:
 def test_cbd_prompt_is_the_papers_exactly(tmp_path, llm):
     classes = class_file(tmp_path, ["Black_footed_Albatross", "Horned Puffin"], llm)
     out = tmp_path / "d.jsonl"
-    result = describe(llm, classes, "-o", out, "-m", "test-model")
+    result = describe(llm, classes, "-o", out, "--llm", "test-model")
     assert result.exit_code == 0, result.output
     sent = {r["class"]: r["body"] for r in llm.requests}
     # the paper replaces '_' by ' ' before filling the prompt
@@ -826,9 +826,10 @@ def test_rejected_key_stops_the_run(tmp_path, llm):
 def test_unknown_model_is_model_unavailable(tmp_path, llm):
     classes = class_file(tmp_path, ["Horned Puffin"], llm)
     llm.answer = lambda cls, body: error(404, "The model `nope` does not exist")
-    result = describe(llm, classes, "-m", "nope", "-o", tmp_path / "d.jsonl")
+    result = describe(llm, classes, "-m", "nope", "-o", tmp_path / "d.jsonl")  # the old spelling, one release
     assert result.exit_code == 2
     assert "model 'nope'" in err(result) and "404" in err(result)
+    assert "-m is deprecated here, use --llm" in err(result)
 
 
 def test_api_key_only_from_the_environment(tmp_path, llm, monkeypatch):
@@ -854,7 +855,7 @@ def test_default_model_is_one_constant(tmp_path, llm):
 
     assert LLMClient().model == DEFAULT_MODEL
     result = runner.invoke(app, ["describe", "--help"])
-    assert result.exit_code == 0 and f"({DEFAULT_MODEL})" in result.stdout  # typer shows "[default: (NAME)]"
+    assert result.exit_code == 0 and f"default: {DEFAULT_MODEL}]" in result.stdout
     classes = class_file(tmp_path, ["Horned Puffin"], llm)
     assert describe(llm, classes, "-o", tmp_path / "d.jsonl").exit_code == 0
     assert llm.requests[0]["body"]["model"] == DEFAULT_MODEL

@@ -121,9 +121,10 @@ def test_cli_eval_json_csv_plots(tmp_path):
     assert [r["class"] for r in rows] == [r["class"] for r in per_class]
     from PIL import Image
 
-    for name in ("confusion.png", "per_class.png"):
+    for name in ("p.confusion.png", "p.per_class.png"):  # named after the predictions file
         with Image.open(tmp_path / "plots" / name) as im:
             assert im.format == "PNG" and im.size[0] > 100
+            assert f"n = {len(recs)}" in im.info["Title"] and "p.jsonl" in im.info["Title"]
     assert "matplotlib.pyplot" not in sys.modules  # plots never touch pyplot (no display, no global state)
 
 
@@ -231,7 +232,7 @@ def test_markup_in_names_is_shown_as_written(tmp_path):
     res = invoke("eval", "compare", pred, write(tmp_path / "q.jsonl", other), "--names", "[/x],img[draft]")
     assert res.exit_code == 0, res.output
     err = " ".join(res.stderr.split())
-    assert "[/x] vs img[draft]" in err and "[/b]im" in err
+    assert "A = [/x] B = img[draft]" in err and "[/b]im" in err
     assert any(n in err for n in names[:2])  # disagreements list the class names as written
 
 

@@ -63,7 +63,7 @@ def test_page_holds_the_numbers_gallery_and_plots(run_dir):
     assert f"{compare['mcnemar']['p_exact']:.3g}" in page
     assert page.count("Explained wrong answers") == 1
     assert len(re.findall(r"<figcaption>predictions/cbd.jsonl: im\d", page)) == 2  # the two wrong answers
-    assert "<figcaption>eval/plots/confusion.png</figcaption>" in page
+    assert "<figcaption>eval/plots/clip.confusion.png<br>confusion matrix (rows normalized)" in page
     assert "src=\"file:" not in page and page.count("data:image/png;base64,") == 2 + 3  # gallery + plots + bird
 
 
@@ -92,3 +92,71 @@ def test_page_in_headless_chromium(run_dir, tmp_path):
     assert cell(head["acc1"]) in dom and "Explained wrong answers" in dom
     rendered = dom.count("<img")
     assert rendered == 5
+
+
+def test_sections_by_kind_with_a_sample_of_maps(run_dir, tmp_path):
+    """Plots of eval and training come before the explanations, and a maps directory of 60 overlays shows
+    a sample, not 60 figures crowding out the rest (the PNGs' own Description chunk says their kind)."""
+    import shutil as sh
+
+    run = tmp_path / "run"
+    sh.copytree(run_dir, run)
+    maps = run / "maps" / "ala"
+    maps.mkdir(parents=True)
+    (maps / "info.json").write_text(json.dumps({"format": "vlmtools.maps/1", "method": "ala"}))
+    for i in range(60):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(maps / f"a{i:02d}.png")
+    (run / "train").mkdir()
+    from matplotlib.figure import Figure
+
+    from vlmtools.evaluate import _save
+
+    fig = Figure()
+    fig.subplots().set_title("probe head zz: training curve")
+    _save(fig, run / "train" / "zz.curve.png", kind="train")
+    res = invoke("report", run, "-o", run / "r.html", "--gallery", 0)
+    assert res.exit_code == 0, res.output
+    page = (run / "r.html").read_text()
+    order = [page.index(h) for h in ("<h2>Results</h2>", "<h2>Evaluation plots</h2>", "<h2>Training plots</h2>",
+                                     "<h2>Saliency maps (a sample)</h2>")]
+    assert order == sorted(order)
+    assert page.count("<figcaption>maps/ala/a") == 6 and "maps/ala: 6 of 60 overlays shown" in page
+    assert "<figcaption>train/zz.curve.png<br>probe head zz: training curve</figcaption>" in page
+
+
+def test_links_are_relative_and_symlinks_out_of_the_run_dir_are_not_read(run_dir, tmp_path, monkeypatch):
+    import shutil as sh
+
+    import vlmtools.report as R
+
+    run = tmp_path / "run"
+    sh.copytree(run_dir, run)
+    (run / "javascript:alert(1).png").write_bytes((run / "bird.png").read_bytes())
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    Image.new("RGB", (4, 4)).save(secret / "private.png")
+    (secret / "preds.jsonl").write_text((run / "predictions" / "cbd.jsonl").read_text())
+    (run / "leak.png").symlink_to(secret / "private.png")
+    (run / "leak.jsonl").symlink_to(secret / "preds.jsonl")
+    (run / "leakdir").symlink_to(secret, target_is_directory=True)
+    monkeypatch.setattr(R, "MAX_PNG_BYTES", 10)  # every PNG is linked, not embedded
+    out = tmp_path / "pages"
+    out.mkdir()
+    res = invoke("report", run, "-o", out / "r.html", "--gallery", 0)
+    assert res.exit_code == 0, res.output
+    page = (out / "r.html").read_text()
+    hrefs = re.findall(r'href="([^"]*)"', page)
+    assert hrefs and all(h.startswith(("./", "../")) and ":" not in h for h in hrefs), hrefs
+    assert "../run/javascript%3Aalert%281%29.png" in hrefs  # relative to where the page is
+    assert "private.png" not in page and "leak" not in page and "preds.jsonl" not in page
+    assert "3 path(s) reached through symbolic links that leave run were left out" in page
+
+
+def test_deeply_nested_json_in_the_run_dir_is_bad_input(run_dir, tmp_path):
+    import shutil as sh
+
+    run = tmp_path / "run"
+    sh.copytree(run_dir, run)
+    (run / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    res = invoke("report", run, "-o", tmp_path / "r.html")
+    assert res.exit_code == 2 and "deep.json" in res.output and not (tmp_path / "r.html").exists()

@@ -185,3 +185,22 @@ def test_where_filters_hits(image_store):
     for bad, message in ((["--where", "label=none"], "no row"), (["--where", "label"], "KEY=VALUE")):
         res = runner.invoke(app, ["search", str(image_store), "--id", "img03", *bad])
         assert res.exit_code == 2 and message in res.output
+
+
+def test_scores_are_cosines_clipped_to_one(tmp_path):
+    """float16 rows are unit vectors only to about 1e-3: a self-match computed from them can exceed 1
+    (1.000116 was seen); the score is clipped, as a cosine is."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 32))
+    write_arrays(tmp_path / "s", x, [{"id": f"r{i}"} for i in range(64)], kind="text",
+                 model={"name": "vlmtools-tiny", "pretrained": "none"}, dtype="float16")
+    stored = np.concatenate([np.load(p) for p in sorted((tmp_path / "s").glob("emb-*.npy"))])
+    assert stored.dtype == np.float16
+    stored = stored.astype(np.float32)
+    over = [i for i, v in enumerate(stored) if float(v @ v) > 1.00001]
+    assert over  # some float16 rows have a self-product above 1 by more than the 6 decimals shown
+    result = runner.invoke(app, ["search", str(tmp_path / "s"), "--id", f"r{over[0]}", "-k", "3", "--exact"])
+    assert result.exit_code == 0, result.output
+    hits = lines(result.stdout)
+    assert hits[0]["id"] == f"r{over[0]}" and hits[0]["score"] == 1.0
+    assert all(-1.0 <= h["score"] <= 1.0 for h in hits)

@@ -178,7 +178,6 @@ def test_t2i_mlp_raises_recall_and_feeds_the_adapter(world, tmp_path):
     (["--sweep", "1,1"], "twice"),
     (["--image-ratio", 0.5, "--where", "split=none"], "no row matches"),
     (["--image-ratio", 0.5, "--balance", "sideways"], "sideways"),
-    (["--plots", "p"], "--plots applies to --sweep"),
 ])
 def test_bad_adapter_options(world, tmp_path, args, message):
     res = invoke("train", "adapter", world / "images", "--text", world / "texts", "-o", tmp_path / "h", *args)

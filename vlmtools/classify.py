@@ -26,6 +26,7 @@ from vlmtools import formats
 from vlmtools.console import info, progress, warn
 from vlmtools.store import parse_where, select_rows  # noqa: F401  (re-exported for heads)
 from vlmtools.errors import BadInput, StoreMismatch
+from vlmtools.provenance import rows_note
 from vlmtools.paths import cache_dir
 
 METHODS = ("clip", "cbd")
@@ -631,6 +632,6 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
                "labelled": labelled, "top1": correct / labelled if labelled else None,
                "seconds": round(time.perf_counter() - t0, 3), "scoring_seconds": round(time.perf_counter() - t1, 3)}
     acc = f"; top-1 {100 * summary['top1']:.2f}% on {labelled} labelled" if labelled else ""
-    info(f"classified {len(meta)} images with {method} ({len(clf.classes)} classes, {detail}) "
+    info(f"classified {rows_note(meta, where)} with {method} ({len(clf.classes)} classes, {detail}) "
          f"in {summary['seconds']:.2f} s{acc}")
     return summary

@@ -35,7 +35,8 @@ def info(message, *, markup: bool = False) -> None:
     """A progress/summary line (or a rich renderable such as a Table). Text is printed as is: user-supplied
     strings (paths with ``[``, class names) never reach rich's markup parser unless ``markup=True``."""
     if not _quiet:
-        console.print(message, soft_wrap=True, markup=markup)
+        # lines of text are never broken (logs are grepped); a table is laid out to the console's width
+        console.print(message, soft_wrap=isinstance(message, str), markup=markup)
 
 
 def debug(message: str) -> None:
@@ -59,6 +60,23 @@ def loading(what: str) -> None:
 
 def stderr_is_terminal() -> bool:
     return console.is_terminal
+
+
+def data_to_terminal(output) -> bool:
+    """Whether data for ``output`` ('-' is stdout) would land on a terminal. Commands that show a table
+    of the same results on stderr then print only the table (the rule of man vlmtools, CONVENTIONS): the
+    data goes to a pipe, a redirect or -o FILE."""
+    import sys
+
+    try:
+        return str(output) == "-" and sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def hint_data_elsewhere(what: str = "the NDJSON rows") -> None:
+    info(f"[dim]({escape(what)}: pipe the output or pass -o FILE; a terminal gets the table only)[/dim]",
+         markup=True)
 
 
 # ----------------------------------------------------------------------------- progress

@@ -52,16 +52,59 @@ def is_image(path: Path) -> bool:
 
 # ----------------------------------------------------------------------------- ImageFolder
 
+# Folder names that mean a split, not a class (ROOT/train/<class>/..., as torchvision's ImageFolder
+# datasets and Kaggle archives come).
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing")
+
+
+def _subdirs(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def split_folders(root: Path) -> list[Path]:
+    """ROOT's split folders when ROOT/<split>/<class>/<image> is its layout: every top folder has a split's
+    name (SPLIT_NAMES, any case) and holds class folders. [] otherwise."""
+    tops = _subdirs(root)
+    if tops and all(d.name.lower() in SPLIT_NAMES and _subdirs(d) for d in tops):
+        return tops
+    named = [d.name for d in tops if d.name.lower() in SPLIT_NAMES and _subdirs(d)]
+    if named:
+        warn(f"{root}: {', '.join(named)} look like split folders, but ROOT also holds other folders; every "
+             f"top folder is taken as a class (for ROOT/<split>/<class>/<image>, keep only split folders there)")
+    return []
+
+
 def folder_records(root: str | os.PathLike, split: str | None = None, domain: str | None = None,
                    names: str = "raw") -> list[dict]:
-    """One record per image under ROOT/<class>/ (searched recursively, sorted; hidden entries skipped)."""
+    """One record per image under ROOT/<class>/ (searched recursively, sorted; hidden entries skipped), or
+    under ROOT/<split>/<class>/ when ROOT's folders are splits (split_folders): the split is the folder's
+    name and the id keeps it (train/daisy/a.png)."""
+    from vlmtools.console import info
+
     root = Path(root).expanduser()
     if not root.is_dir():
         raise BadInput(f"{root}: {'is a file, expected' if root.exists() else 'no such'} directory")
     root = root.resolve()
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    splits = split_folders(root)
+    if splits:
+        if split is not None:
+            raise BadInput(f"{root} holds split folders ({', '.join(d.name for d in splits)}), which name each "
+                           f"image's split; drop --split, or point ROOT at one split folder")
+        info(f"{root}: split folders {', '.join(d.name for d in splits)} (ROOT/<split>/<class>/<image>); the "
+             f"split of each image is its folder's name")
+        records = []
+        for d in splits:
+            records += _class_folder_records(d, root, d.name, domain, names)
+        return records
+    return _class_folder_records(root, root, split, domain, names)
+
+
+def _class_folder_records(top: Path, root: Path, split: str | None, domain: str | None,
+                          names: str) -> list[dict]:
+    """Records of TOP/<class>/**/<image>; ids are paths relative to ROOT."""
+    class_dirs = _subdirs(top)
     if not class_dirs:
-        raise BadInput(f"{root}: no class folders (expected ROOT/<class>/<image>)")
+        raise BadInput(f"{top}: no class folders (expected ROOT/<class>/<image>)")
     records = []
     for class_dir in class_dirs:
         label = clean_class_name(class_dir.name, names)
@@ -73,7 +116,7 @@ def folder_records(root: str | os.PathLike, split: str | None = None, domain: st
                     rel = path.relative_to(root).as_posix()
                     records.append(formats.manifest_record(rel, str(path), label, split, domain=domain))
     if not records:
-        raise BadInput(f"{root}: no images found in its class folders "
+        raise BadInput(f"{top}: no images found in its class folders "
                        f"(suffixes: {', '.join(sorted(formats.IMAGE_SUFFIXES))})")
     return records
 

@@ -14,7 +14,7 @@ from vlmtools import formats
 
 DEMO_MODEL = ["--model", "vlmtools-micro"]
 SCRIPT_HEADER = "#!/bin/sh\n# The pipeline `vlmtools demo` ran, as shell commands (run from this directory).\n"
-# Everything a demo writes into OUT: --force removes these and nothing else.
+# Everything a demo writes into OUT: a second run into OUT removes these and nothing else.
 DEMO_ENTRIES = ("world", "store", "predictions", "eval", "explanations", "descriptors", "pipeline.sh",
                 "results.json", "results.txt", "world.summary.json")
 
@@ -71,11 +71,12 @@ def pipeline(classes: int, per_class: int, seed: int, device: str) -> list[Step]
     return steps
 
 
-def prepare_out(out: Path, force: bool, classes: int, per_class: int) -> None:
-    """Check the arguments and OUT before any work. OUT must be new or empty; with ``force`` an earlier
-    demo's files (and only those) are removed."""
+def prepare_out(out: Path, classes: int, per_class: int) -> None:
+    """Check the arguments and OUT before any work. OUT must be new, empty, or hold an earlier demo, whose
+    files (and only those) are then replaced: a second `vlmtools demo OUT` just runs again."""
     import shutil
 
+    from vlmtools.console import info
     from vlmtools.errors import BadInput
     from vlmtools.synth.make import check_arguments
 
@@ -83,15 +84,13 @@ def prepare_out(out: Path, force: bool, classes: int, per_class: int) -> None:
     if out.exists() and not out.is_dir():
         raise BadInput(f"{out}: is a file; the demo needs a directory")
     if out.exists() and any(out.iterdir()):
-        if not force:
-            raise BadInput(f"{out} exists and is not empty; pass --force to replace an earlier demo there, "
-                           f"or name another directory")
         script = out / "pipeline.sh"
         is_demo = (script.is_file() and script.read_text(errors="replace").startswith(SCRIPT_HEADER)
                    and (out / "world" / "world.json").is_file())
         if not is_demo:
-            raise BadInput(f"{out} does not hold an earlier demo (no pipeline.sh written by vlmtools demo and "
-                           f"world/world.json); refusing to delete anything there")
+            raise BadInput(f"{out} is not empty and holds no earlier demo (no pipeline.sh written by vlmtools "
+                           f"demo and world/world.json); name a new or empty directory (nothing was touched)")
+        info(f"{out} holds an earlier demo: replacing its files (other files there stay)")
         for name in DEMO_ENTRIES:
             entry = out / name
             if entry.is_dir() and not entry.is_symlink():

@@ -195,7 +195,9 @@ def report(result: dict, title: str = "") -> None:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=Text(title) if title else None, title_justify="left")
+    if title:  # a line of its own, never broken (a file path stays whole for grep), not the table's title
+        info(title)
+    table = Table()
     for col in ("images", "classes", "top-1 %", "top-5 %", "mean per-class recall %"):
         table.add_column(col, justify="right")
     table.add_row(str(result["n"]), str(result["classes"]), _pct(result["acc1"]), _pct(result["acc5"]),
@@ -217,10 +219,11 @@ def report_compare(summary: dict, diff: Sequence[dict], show: int = 10) -> None:
     from rich.text import Text
 
     a, b = summary["a"]["name"], summary["b"]["name"]
-    t = Table(title=Text(f"{a} vs {b} on {summary['n']} images"), title_justify="left")
-    for col in (f"{a} top-1 %", f"{b} top-1 %", f"{b} - {a}", f"only {a} right", f"only {b} right",
-                "McNemar p (exact)"):
-        t.add_column(Text(col), justify="right")
+    # the names head no column (long file names would squeeze the numbers): A and B, named above it
+    info(f"A = {a}\nB = {b}\n{summary['n']} images in both")
+    t = Table()
+    for col in ("A top-1 %", "B top-1 %", "B - A", "only A right", "only B right", "McNemar p (exact)"):
+        t.add_column(Text(col), justify="right", no_wrap=col[0] in "AB")
     m = summary["mcnemar"]
     t.add_row(_pct(summary["a"]["acc1"]), _pct(summary["b"]["acc1"]), f"{100 * summary['difference']:+.2f}",
               str(summary["only_a_correct"]), str(summary["only_b_correct"]), f"{m['p_exact']:.3g}")
@@ -229,7 +232,7 @@ def report_compare(summary: dict, diff: Sequence[dict], show: int = 10) -> None:
     info(f"the difference {verdict}; {summary['predictions_differ']} images get different predictions")
     if diff and show > 0:
         d = Table(title=f"first {min(show, len(diff))} disagreements", title_justify="left")
-        for col in ("id", "label", a, b):
+        for col in ("id", "label", "A", "B"):
             d.add_column(Text(col))
         for row in diff[:show]:
             d.add_row(Text(row["id"]), Text(row["label"]),
@@ -250,9 +253,18 @@ def write_per_class_csv(path, result: dict) -> None:
 
 # ----------------------------------------------------------------------------- plots
 
-def _save(fig, path: Path) -> None:
+# A plot's PNG says what it shows in its text chunks: "Title" (its title, e.g. the method, model, n and
+# predictions file) and "Description" (the kind of plot, PLOT_KINDS), which `vlmtools report` reads to
+# caption it and file it under its section.
+PLOT_KINDS = ("eval", "train", "explain", "map")
+
+
+def _save(fig, path: Path, *, kind: str | None = None) -> None:
+    titles = [t.get_text() for ax in fig.axes for t in (ax.title,) if t.get_text()]
+    metadata = {"Software": "vlmtools", **({"Title": " / ".join(titles).replace("\n", " ")} if titles else {}),
+                **({"Description": kind} if kind else {})}
     with formats.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=fig.dpi, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=fig.dpi, bbox_inches="tight", metadata=metadata)
 
 
 KEY_ABOVE = 60  # classes beyond which the confusion plot numbers its axes and adds a class key
@@ -299,7 +311,7 @@ def confusion_figure(classes: Sequence[str], matrix):
     return fig
 
 
-def plot_per_class(path, per_class: Sequence[dict]) -> None:
+def plot_per_class(path, per_class: Sequence[dict], subtitle: str = "") -> None:
     """Horizontal bars of per-class top-1 accuracy, best at the top."""
     from matplotlib.figure import Figure
 
@@ -313,17 +325,37 @@ def plot_per_class(path, per_class: Sequence[dict]) -> None:
     ax.set_xlim(0, 100)
     ax.set_xlabel("top-1 accuracy %")
     ax.set_ylim(-0.5, n - 0.5)
-    ax.set_title("per-class accuracy (images per class in brackets)")
-    _save(fig, Path(path))
+    ax.set_title("per-class accuracy (images per class in brackets)" + (f"\n{subtitle}" if subtitle else ""),
+                 fontsize=9 if subtitle else None)
+    _save(fig, Path(path), kind="eval")
 
 
-def write_plots(out_dir, records: Sequence[dict], result: dict) -> list[Path]:
+def plot_name(path) -> str:
+    """What a predictions file's plots are called: its name without .jsonl ("stdin" for -)."""
+    name = Path(str(path)).name
+    return "stdin" if str(path) == "-" else (name.removesuffix(".jsonl").removesuffix(".json") or name)
+
+
+def plot_subtitle(origin: dict, n: int, where: Sequence[str] = ()) -> str:
+    """Which predictions a plot shows: method, model, images (and the --where selection), file."""
+    parts = [str(origin[k]) for k in ("method", "model") if origin.get(k)]
+    parts.append(f"n = {n}" + (f" ({' '.join(where)})" if where else ""))
+    return " · ".join(parts) + f"\n{origin.get('predictions', '')}"
+
+
+def write_plots(out_dir, records: Sequence[dict], result: dict, *, name: str = "eval",
+                subtitle: str = "") -> list[Path]:
+    """NAME.confusion.png and NAME.per_class.png in ``out_dir`` (NAME: the predictions file's, so that the
+    plots of several evals share a directory), titled with ``subtitle``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classes, matrix = confusion_matrix(records)
-    paths = [out_dir / "confusion.png", out_dir / "per_class.png"]
-    plot_confusion(paths[0], classes, matrix)
-    plot_per_class(paths[1], result["per_class"])
+    paths = [out_dir / f"{name}.confusion.png", out_dir / f"{name}.per_class.png"]
+    fig = confusion_figure(classes, matrix)
+    if subtitle:
+        fig.axes[0].set_title(f"confusion matrix (rows normalized)\n{subtitle}", fontsize=9)
+    _save(fig, paths[0], kind="eval")
+    plot_per_class(paths[1], result["per_class"], subtitle=subtitle)
     return paths
 
 
@@ -337,28 +369,58 @@ def read_labelled(path) -> list[dict]:
     return records
 
 
+def select(records: list[dict], where: Sequence[str], source) -> list[dict]:
+    """The predictions whose manifest KEY=VALUE (--where, as in classify); BadInput when none are left."""
+    if not where:
+        return records
+    from vlmtools.store import parse_where, select_rows
+
+    chosen = [records[i] for i in select_rows(records, parse_where(where))]
+    if not chosen:
+        raise BadInput(f"{formats.source_name(source)}: no prediction matches --where {' '.join(where)}")
+    return chosen
+
+
+def table_title(path, origin: dict, where: Sequence[str] = ()) -> str:
+    """The table's title: the file, what made it, and the selection."""
+    made = ", ".join(str(origin[k]) for k in ("method", "model") if origin.get(k))
+    return formats.source_name(path) + (f" ({made})" if made else "") + (f" where {' '.join(where)}" if where else "")
+
+
 def evaluate_file(path, *, by: Sequence[str] = (), output="-", csv_out=None, plot_dir=None,
-                  per_class: bool = False) -> list[dict]:
-    """`vlmtools eval`: read, evaluate, tables on stderr, NDJSON rows (stdout by default), CSV and plots."""
-    records = read_labelled(path)
+                  per_class: bool = False, where: Sequence[str] = ()) -> list[dict]:
+    """`vlmtools eval`: read, evaluate, tables on stderr, NDJSON rows (stdout by default, but not to a
+    terminal, where the table says it all), CSV and plots."""
+    from vlmtools.console import data_to_terminal, hint_data_elsewhere
+
+    records = select(read_labelled(path), where, path)
     result = evaluate(records, by)
-    report(result, title=formats.source_name(path))
-    rows = result_lines(result, provenance(path, records), per_class=per_class)
+    origin = provenance(path, records)
+    if where:
+        origin["where"] = list(where)
+    report(result, title=table_title(path, origin, where))
+    rows = result_lines(result, origin, per_class=per_class)
     if csv_out is not None:
         write_per_class_csv(csv_out, result)
     if plot_dir is not None:
-        for p in write_plots(plot_dir, records, result):
+        for p in write_plots(plot_dir, records, result, name=plot_name(path),
+                             subtitle=plot_subtitle(origin, len(records), where)):
             info(f"wrote {p}")
-    formats.write_jsonl(output, rows)
+    if data_to_terminal(output):
+        hint_data_elsewhere()
+    else:
+        formats.write_jsonl(output, rows)
     return rows
 
 
 def compare_files(path_a, path_b, *, output="-", diff_out=None, show: int = 10,
-                  names: tuple[str, str] | None = None) -> dict:
+                  names: tuple[str, str] | None = None, where: Sequence[str] = ()) -> dict:
     """`vlmtools eval compare A B`."""
+    from vlmtools.console import data_to_terminal, hint_data_elsewhere
+
     if str(path_a) == "-" and str(path_b) == "-":
         raise BadInput("only one of the two predictions files can be stdin")
-    a, b = read_labelled(path_a), read_labelled(path_b)
+    a, b = select(read_labelled(path_a), where, path_a), select(read_labelled(path_b), where, path_b)
     names = names or (Path(str(path_a)).stem, Path(str(path_b)).stem)
     if names[0] == names[1]:
         names = (f"A:{names[0]}", f"B:{names[1]}")
@@ -367,7 +429,12 @@ def compare_files(path_a, path_b, *, output="-", diff_out=None, show: int = 10,
     summary["a"].update(provenance(path_a, a))
     summary["b"].update(provenance(path_b, b))
     summary = rounded({"format": COMPARE_FORMAT, **summary})
+    if where:
+        summary["where"] = list(where)
     if diff_out is not None:
         formats.write_jsonl(diff_out, diff)
-    formats.write_jsonl(output, [summary])
+    if data_to_terminal(output):
+        hint_data_elsewhere("the NDJSON row")
+    else:
+        formats.write_jsonl(output, [summary])
     return summary

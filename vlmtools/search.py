@@ -268,7 +268,9 @@ def hit_records(reader, scores, rows, names: Sequence[str]) -> list[dict]:
                 continue
             rank += 1
             head = {"query": name} if several else {}
-            head.update(rank=rank, score=round(float(score), 6))
+            # a cosine, computed in float32 from the stored rows; a float16 row's norm is 1 only to about 1e-3,
+            # so a self-match can come out a hair above 1 (1.000116): clipped to [-1, 1]
+            head.update(rank=rank, score=round(min(1.0, max(-1.0, float(score))), 6))
             out.append({**head, **{k: v for k, v in meta[row].items() if k not in head}})
     return out
 

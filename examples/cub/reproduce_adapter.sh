@@ -70,7 +70,7 @@ if not os.path.exists(f"{out}/coco-captions.jsonl"):
 PY
 
 # 2. class descriptions from the LLM, one text sample per sentence (study: gpt-3.5-turbo, structured fields)
-$VLM describe "$OUT/cub.jsonl" --style structured --model "$LLM_MODEL" -o "$OUT/gpt.jsonl"
+$VLM describe "$OUT/cub.jsonl" --style structured --llm "$LLM_MODEL" -o "$OUT/gpt.jsonl"
 
 # 3. embeddings
 $VLM embed images "$OUT/cub.jsonl" -o "$OUT/cub-images" "${spec[@]}"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 
 import typer
-from typer.core import TyperGroup, TyperOption
+from typer.core import TyperGroup
+
+from vlmtools.cli import help as help_style
 
 # -q/--quiet and -v/--verbose are accepted anywhere on the line (`vlmtools embed images M -o S -q`).
 GLOBAL_FLAGS = {"-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose"}
@@ -43,10 +45,8 @@ def split_global_flags(root, args: list[str]) -> tuple[list[str], set[str]]:
     return kept, found
 
 
-# Flags take no value, so their help shows no `<bool>`: typer prints a type for every option (the help
-# option too, which is made at help time), so the one place to say it is typer's option class.
-_display_type = TyperOption.display_type_rich
-TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else _display_type(self, ctx)
+# Plain help, argument names in capitals, values named (FILE, N, clip|cbd); flags show no value.
+help_style.install()
 
 
 class RootGroup(TyperGroup):
@@ -112,6 +112,7 @@ def _root(
 
 
 _register_all()
+help_style.plain_help(app)
 
 
 def main() -> None:

@@ -94,7 +94,7 @@ def register(app: typer.Typer) -> None:
 
     eval_app = subgroup(app, "eval", "Evaluate predictions: `vlmtools eval PRED.jsonl` (accuracy tables), "
                         "`vlmtools eval compare A.jsonl B.jsonl` (paired, with McNemar's test). Options of the first "
-                        "(--by, -o, --per-class, --csv, --plots): `vlmtools eval predictions --help`.",
+                        "(--by, --where, -o, --per-class, --csv, --plots): `vlmtools eval predictions --help`.",
                         default_command="predictions")
 
     @eval_app.command("predictions")
@@ -108,13 +108,17 @@ def register(app: typer.Typer) -> None:
         per_class: bool = typer.Option(False, "--per-class", help="Also one NDJSON row per class."),
         csv_out: Optional[str] = typer.Option(None, "--csv", help="Write per-class accuracy as CSV."),
         plots: Optional[Path] = typer.Option(None, "--plots", metavar="DIR",
-                                             help="Write confusion.png and per_class.png here."),
+                                             help="Write NAME.confusion.png and NAME.per_class.png here (NAME: "
+                                             "the predictions file's), titled with method, model and n."),
+        where: List[str] = typer.Option([], "--where", help="Only predictions whose manifest KEY=VALUE "
+                                        "(repeatable, e.g. --where split=test)."),
     ) -> None:
         """Top-1 (acc1), top-5 (acc5), mean per-class recall and per-class accuracy (the default eval
-        command): tables on stderr, NDJSON on stdout or -o FILE."""
+        command): tables on stderr; the NDJSON rows to a pipe or -o FILE (a terminal gets the table only)."""
         from vlmtools.evaluate import evaluate_file
 
-        evaluate_file(predictions, by=by, output=output, csv_out=csv_out, plot_dir=plots, per_class=per_class)
+        evaluate_file(predictions, by=by, output=output, csv_out=csv_out, plot_dir=plots, per_class=per_class,
+                      where=where)
 
     @eval_app.command("compare")
     @handle_errors
@@ -126,6 +130,8 @@ def register(app: typer.Typer) -> None:
                                                "differ as JSONL."),
         show: int = typer.Option(10, "--show", help="Disagreements listed on stderr."),
         names: Optional[str] = typer.Option(None, "--names", help="Display names 'A,B' (default: file names)"),
+        where: List[str] = typer.Option([], "--where", help="Only images whose manifest KEY=VALUE "
+                                        "(repeatable, e.g. --where split=test)."),
     ) -> None:
         """Side-by-side top-1 of two predictions files on the same images, with McNemar's test."""
         from vlmtools.errors import BadInput
@@ -137,7 +143,7 @@ def register(app: typer.Typer) -> None:
             if len(parts) != 2 or not all(parts):
                 raise BadInput(f"--names {names!r}: expected two names, 'A,B'")
             pair = (parts[0], parts[1])
-        compare_files(a, b, output=output, diff_out=diff_out, show=show, names=pair)
+        compare_files(a, b, output=output, diff_out=diff_out, show=show, names=pair, where=where)
 
     explain_app = subgroup(app, "explain", "Explain predictions.")
 

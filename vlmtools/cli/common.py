@@ -184,6 +184,20 @@ DeviceOpt = typer.Option("auto", "--device", metavar="auto|cpu|cuda[:N]", help="
 
 
 
+def deprecated_alias(*names: str, instead: str, why: str = "", until: str = "0.2"):
+    """An old spelling kept for one release: hidden from --help, a deprecation line on stderr when used.
+    The command takes its value when the new option was not given."""
+    def warn_used(value):
+        if value is not None:
+            from vlmtools.console import warn
+
+            warn(f"{'/'.join(names)} is deprecated here, use {instead}{why}; the old spelling goes in "
+                 f"vlmtools {until}")
+        return value
+
+    return typer.Option(None, *names, hidden=True, callback=warn_used, help=f"Deprecated: use {instead}.")
+
+
 def choices(name: str, values) -> type[Enum]:
     """An Enum of ``values``, as an option's type, so that --help shows a|b|c; give the option
     ``callback=plain`` and the command gets the plain string."""

@@ -30,14 +30,16 @@ def register(app: typer.Typer) -> None:
     @data_app.command("folder")
     @handle_errors
     def folder_cmd(
-        root: str = typer.Argument(..., help="ImageFolder root: ROOT/<class>/<image>."),
+        root: str = typer.Argument(..., help="ImageFolder root: ROOT/<class>/<image>, or ROOT/<split>/<class>/"
+                                   "<image> when its folders are train, val, test, ..."),
         split: Optional[str] = typer.Option(None, "--split", help="Record this split name on every line."),
         names: Literal["raw", "cub"] = typer.Option("raw", "--names", help="Class names: raw (folder names) or cub "
                                   "(clean '001.Black_footed_Albatross' as `data cub` does)."),
         domain: Optional[str] = DomainOpt,
         output: Optional[str] = OutputOpt,
     ) -> None:
-        """Manifest of an ImageFolder tree: the label is the class folder, the id the relative path."""
+        """Manifest of an ImageFolder tree: the label is the class folder, the id the relative path; split
+        folders (ROOT/train/<class>, ROOT/test/<class>, ...) give each image's split."""
         from vlmtools.datasets import folder_records
 
         _write(folder_records(root, split=split, domain=domain, names=names), output)

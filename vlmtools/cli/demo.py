@@ -38,20 +38,25 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Argument(Path("vlmtools-demo"), help="Directory for everything the demo writes."),
         classes: int = typer.Option(20, "--classes", min=2, help="Classes in the world."),
         per_class: int = typer.Option(50, "--per-class", min=1, help="Images per class (both domains)."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", help="Seed of the world (and of everything drawn after it)."),
         device: str = DeviceOpt,
-        force: bool = typer.Option(False, "--force", help="Replace an earlier demo in OUT (its files only)."),
+        force: bool = typer.Option(False, "--force", hidden=True, help="Deprecated: no longer needed (an "
+                                   "earlier demo in OUT is replaced anyway)."),
     ) -> None:
         """Run the offline pipeline end to end with the micro CLIP and print the results table.
 
-        No network or GPU needed. Every step is a real `vlmtools` command, written to OUT/pipeline.sh."""
+        No network or GPU needed. Every step is a real `vlmtools` command, written to OUT/pipeline.sh.
+        Run again into the same OUT, it replaces its own earlier files (and leaves any others)."""
         import time
 
         from rich.markup import escape
 
         from vlmtools import console, demo, formats
 
-        demo.prepare_out(out, force, classes, per_class)
+        if force:
+            console.warn("demo --force is deprecated here, no longer needed: an earlier demo in OUT is "
+                         "replaced anyway; the flag goes in vlmtools 0.2")
+        demo.prepare_out(out, classes, per_class)
         steps = demo.pipeline(classes, per_class, seed, device)
         script = demo.write_script(out, steps)
         console.info(f"[bold]vlmtools demo[/bold]: the pipeline below is also in {escape(str(script))}", markup=True)

@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 import typer
 
-from vlmtools.cli.common import choices, handle_errors, plain
+from vlmtools.cli.common import choices, deprecated_alias, handle_errors, plain
 
 # vlmtools.describe.llm.APIS, spelled out here: importing it would load vlmtools.describe for every
 # `vlmtools --help` (a test keeps the two in step).
@@ -34,8 +34,10 @@ def register(app: typer.Typer) -> None:
         style: Style = typer.Option("cbd", "--style", "-s", help=STYLE_HELP),
         # None means the library's DEFAULT_MODEL, named here only for --help: importing it would load
         # vlmtools.describe for every `vlmtools --help` (a test keeps the two in step).
-        model: Optional[str] = typer.Option(None, "--model", "-m", envvar="VLMTOOLS_LLM_MODEL",
-                                            show_default="gpt-4o-mini", help="Model name on the server."),
+        model: Optional[str] = typer.Option(None, "--llm", envvar="VLMTOOLS_LLM_MODEL",
+                                            show_default="gpt-4o-mini", help="The LLM: a model name on the server."),
+        model_alias: Optional[str] = deprecated_alias("--model", "-m", instead="--llm",
+                                                      why=" (-m/--model is the CLIP model in every other command)"),
         api: Api = typer.Option("chat", "--api", callback=plain, help="chat (/v1/chat/completions, the prompt as a user message) "
                                 "| completions (/v1/completions, the prompt as is, as the CBD paper's GPT-3; "
                                 "instruct models, servers that only offer completions)"),
@@ -93,6 +95,7 @@ def register(app: typer.Typer) -> None:
         from vlmtools.errors import BadInput, VlmError
         from vlmtools.formats import dumps_line, read_class_list
 
+        model = model_alias if model_alias is not None else model
         names = read_class_list(classes)
         if style == "waffle":
             from vlmtools.describe.run import run_waffle
@@ -135,13 +138,13 @@ def register(app: typer.Typer) -> None:
     @group.command("import")
     @handle_errors
     def import_cmd(
-        file: str = typer.Argument(..., help="JSON object {class: \\[descriptors]} (CBD, WaffleCLIP, CuPL) or "
+        file: str = typer.Argument(..., help="JSON object {class: [descriptors]} (CBD, WaffleCLIP, CuPL) or "
                                    "`descriptors export --format vlmtools` output, or '-'."),
         output: str = typer.Option("-", "--output", "-o", help="Descriptor JSONL ('-' is stdout)."),
         fmt: Literal["cbd", "cupl"] = typer.Option("cbd", "--format", help="cbd (descriptors) or cupl (full sentences); "
                                 "stored as \"style\"."),
     ) -> None:
-        """Convert a {class: \\[descriptors]} JSON dict to descriptor JSONL, keeping the class order."""
+        """Convert a {class: [descriptors]} JSON dict to descriptor JSONL, keeping the class order."""
         from vlmtools.console import info
         from vlmtools.describe.interchange import import_descriptors
         from vlmtools.formats import write_jsonl
@@ -155,7 +158,7 @@ def register(app: typer.Typer) -> None:
     def export_cmd(
         file: str = typer.Argument(..., help="Descriptor JSONL (or a JSON dict)."),
         output: str = typer.Option("-", "--output", "-o", help="JSON file ('-' is stdout)."),
-        fmt: Literal["cbd", "vlmtools"] = typer.Option("cbd", "--format", help="cbd: {class: \\[descriptors]}, as "
+        fmt: Literal["cbd", "vlmtools"] = typer.Option("cbd", "--format", help="cbd: {class: [descriptors]}, as "
                                                        "CBD, WaffleCLIP and CuPL read it (no kinds or style); "
                                                        "vlmtools: every field, for `descriptors import`."),
         kind: Literal["all", "object", "background"] = typer.Option("all", "--kind", help="all, object (drop background descriptors) or background."),

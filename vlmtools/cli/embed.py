@@ -11,7 +11,7 @@ from vlmtools.cli.common import DeviceOpt, ModelOpt, Precision, PrecisionOpt, Pr
 embed_app = typer.Typer(help="Embed images or texts into a store (sharded NPY + JSONL meta + info.json).",
                         no_args_is_help=True)
 
-OutOpt = typer.Option(..., "--output", "-o", help="Store directory to write (resumed if it exists).")
+OutOpt = typer.Option(..., "--output", "-o", metavar="STORE", help="Store directory to write (resumed if it exists).")
 ShardOpt = typer.Option(10000, "--shard-size", help="Rows per shard (the unit of resume).")
 DtypeOpt = typer.Option("float16", "--dtype", help="Stored as float16 (half the disk) or float32 (as "
                         "computed; what the reproduction scripts use).")
@@ -39,7 +39,7 @@ def images_cmd(
     pretrained: Optional[str] = PretrainedOpt,
     device: str = DeviceOpt,
     precision: Precision = PrecisionOpt,
-    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0,
                                           help="DataLoader worker processes that read and decode images "
                                           "(default: from the core count; 0 = in the main process)."),
@@ -85,7 +85,7 @@ def text_cmd(
                                                           "rule); 'waffle' \"A photo of a {class}, which has "
                                                           "{descriptor}.\" (WaffleCLIP's); 'none' embeds the "
                                                           "descriptor as written."),
-    batch_size: int = typer.Option(256, "--batch-size", "-b", min=1),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", min=1, help="Texts per forward pass."),
     shard_size: int = ShardOpt,
     dtype: Literal["float16", "float32"] = DtypeOpt,
     rank: Optional[int] = RankOpt,

@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @eval_app.command("table")
     @handle_errors
     def table_cmd(
-        runs: List[str] = typer.Argument(..., help="NAME=PREDICTIONS.jsonl, one per run; repeat NAME for each "
+        runs: List[str] = typer.Argument(..., metavar="NAME=PRED", help="NAME=PREDICTIONS.jsonl, one per run; repeat NAME for each "
                                          "seed of a method (rows keep the order of first appearance)."),
         by: Optional[str] = typer.Option(None, "--by", help="Manifest key whose values are the columns "
                                          "(e.g. domain); default: one column, all images."),

@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
     def visual_cmd(
         input: str = typer.Argument(..., help="Predictions JSONL (maps for each \"pred\") or a manifest "
                                     "(maps for the model's own top class)."),
-        output: Path = typer.Option(..., "--output", "-o", help="Directory for NAME.npy, NAME.png, "
+        output: Path = typer.Option(..., "--output", "-o", metavar="DIR", help="Directory for NAME.npy, NAME.png, "
                                     "maps.jsonl and info.json."),
         method: Method = typer.Option(Method.gradcam, "--method", help="gradcam: Grad-CAM of the similarity "
                                       "to the class text; rollout: attention rollout (ViT); rise: random "
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
     @eval_app.command("explanations")
     @handle_errors
     def eval_explanations_cmd(
-        maps_dirs: List[Path] = typer.Argument(..., help="Maps directories from `vlmtools explain visual` "
+        maps_dirs: List[Path] = typer.Argument(..., metavar="MAPS_DIR", help="Maps directories from `vlmtools explain visual` "
                                                "(several: e.g. one per RISE seed; mean ± std over them)."),
         manifest: str = typer.Option(..., "--manifest", help="Manifest with a \"mask\" per image."),
         steps: int = typer.Option(50, "--steps", help="Insertion/deletion steps."),
@@ -103,7 +103,7 @@ def register(app: typer.Typer) -> None:
                             summary_out=summary, batch=batch_size, device=device, blur=blur)
         summary_table(res)
 
-    from vlmtools.cli.train import (JsonOpt, PatienceOpt, SeedOpt,
+    from vlmtools.cli.train import (JsonOpt, PatienceOpt, PlotsOpt, SeedOpt,
                                     ValFractionOpt, ValWhereOpt, WeightDecayOpt, WhereOpt, emit, fit_options)
 
     train_app = subgroup(app, "train", "Train heads.")
@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def train_ala_cmd(
         manifest: str = typer.Argument(..., help="Manifest of labelled images (`vlmtools data`, `synth make`)."),
-        output: str = typer.Option(..., "--output", "-o", help="The head to write: NAME (NAME.json + "
+        output: str = typer.Option(..., "--output", "-o", metavar="HEAD", help="The head to write: NAME (NAME.json + "
                                    "NAME.safetensors)."),
         layers: Optional[str] = typer.Option(None, "--layers", help="Tower layers the side branch reads, "
                                              "e.g. 0,2,4 (ResNet: 0 = stem, 1-4 = stages; ViT: blocks) "
@@ -139,6 +139,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         json_: bool = JsonOpt,
+        plots: Optional[Path] = PlotsOpt,
     ) -> None:
         """Attention Lattice Adapter (study 003) on the frozen image tower.
 
@@ -157,4 +158,4 @@ def register(app: typer.Typer) -> None:
         options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
         emit(train_ala(manifest, output, options=options, layers=chosen, cache=cache, where=where,
                        val_where=val_where, val_fraction=val_fraction, d_model=d_model, heads=heads, grid=grid,
-                       lam=lam, aea=aea, model=model, pretrained=pretrained), json_)
+                       lam=lam, aea=aea, model=model, pretrained=pretrained), json_, plots)

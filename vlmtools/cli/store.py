@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
     @store_app.command("export")
     @handle_errors
     def export_cmd(store: str = typer.Argument(..., help="Store directory."),
-                   output: str = typer.Option(..., "--output", "-o", help="Directory for meta-XXXXX.parquet.")) -> None:
+                   output: str = typer.Option(..., "--output", "-o", metavar="DIR", help="Directory for meta-XXXXX.parquet.")) -> None:
         """Metadata as Parquet, one file per shard, row-aligned with the emb-XXXXX.npy shards, so that
         embedding-reader (file_format="parquet_npy", embeddings_folder=STORE, metadata_folder=OUTPUT) and
         clip-retrieval's tools read the store. Needs pyarrow (pip install 'vlmtools[parquet]')."""

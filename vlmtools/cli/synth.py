@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import typer
 
-from vlmtools.cli.common import handle_errors
+from vlmtools.cli.common import deprecated_alias, handle_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -19,8 +19,10 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def make_cmd(
         out: Path = typer.Argument(..., help="Directory to create (must not exist or be empty)."),
-        classes: Optional[int] = typer.Option(None, "--classes", "-c", help="Number of made-up classes "
+        classes: Optional[int] = typer.Option(None, "--classes", help="Number of made-up classes "
                                               "[default: 20, or the preset's]."),
+        classes_alias: Optional[int] = deprecated_alias("-c", instead="--classes",
+                                                        why=" (-c is a class list FILE in other commands)"),
         per_class: Optional[int] = typer.Option(None, "--per-class", help="Images per class [default: 50, "
                                                 "or the preset's]."),
         domain: Literal["photo", "painting", "both"] = typer.Option("photo", "--domain", help="photo, painting, or both (random per image)."),
@@ -62,6 +64,7 @@ def register(app: typer.Typer) -> None:
         from vlmtools.console import info
         from vlmtools.synth.make import make_world, resolve_preset
 
+        classes = classes_alias if classes_alias is not None else classes
         options = resolve_preset(preset, classes=classes, per_class=per_class, names=names, fine=fine,
                                  family=family, overlap=overlap, clutter=clutter, occlusion=occlusion,
                                  object_scale=object_scale, noise=noise, label_noise=label_noise)

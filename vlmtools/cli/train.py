@@ -29,9 +29,11 @@ ValWhereOpt = typer.Option([], "--val-where", help="Val rows: those whose KEY=VA
                            "split=val), instead of --val-fraction.")
 ValFractionOpt = typer.Option(None, "--val-fraction", help="Share of each class's train rows held out "
                               "(seeded) for early stopping and val metrics; 0: none (default 0.1).")
-HeadOutOpt = typer.Option(..., "--output", "-o", help="The head to write: NAME (writes NAME.json and "
+HeadOutOpt = typer.Option(..., "--output", "-o", metavar="HEAD", help="The head to write: NAME (writes NAME.json and "
                           "NAME.safetensors).")
 JsonOpt = typer.Option(False, "--json", help="Print the training summary as one JSON line on stdout.")
+PlotsOpt = typer.Option(None, "--plots", metavar="DIR", help="Also write the training curve (loss and val "
+                        "metric per epoch, the kept epoch marked) as DIR/NAME.curve.png.")
 
 
 class Balance(str, Enum):
@@ -53,12 +55,23 @@ def fit_options(epochs: int, lr: float, weight_decay: float, batch_size: int, se
                       patience=patience, device=device).check()
 
 
-def emit(summary: dict, json_: bool) -> None:
-    """The summary as one NDJSON line on stdout with --json (the human line went to stderr already)."""
+def emit(summary: dict, json_: bool, plots: Optional[Path] = None) -> None:
+    """The summary as one NDJSON line on stdout with --json (the human line went to stderr already), and
+    with --plots the head's training curve."""
+    if plots is not None:
+        write_curves([summary["head"]], plots)
     if json_:
         from vlmtools.formats import dumps_line
 
         typer.echo(dumps_line(summary), nl=False)
+
+
+def write_curves(heads, plots: Path) -> None:
+    from vlmtools.console import info
+    from vlmtools.heads.curves import write_curve
+
+    for head in heads:
+        info(f"wrote {write_curve(head, plots)}")
 
 
 def register(app: typer.Typer) -> None:
@@ -86,6 +99,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         json_: bool = JsonOpt,
+        plots: Optional[Path] = PlotsOpt,
     ) -> None:
         """Linear probe: one FC layer with cross-entropy on labelled image embeddings.
 
@@ -95,7 +109,7 @@ def register(app: typer.Typer) -> None:
 
         options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
         emit(train_probe(image_store, output, options=options, where=where, val_where=val_where,
-                         val_fraction=val_fraction, model=model, pretrained=pretrained), json_)
+                         val_fraction=val_fraction, model=model, pretrained=pretrained), json_, plots)
 
     @train.command("t2i")
     @handle_errors
@@ -127,6 +141,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
         json_: bool = JsonOpt,
+        plots: Optional[Path] = PlotsOpt,
     ) -> None:
         """Text -> image translator on caption/image pairs (study 001's Q-Former step).
 
@@ -137,16 +152,16 @@ def register(app: typer.Typer) -> None:
         options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
         emit(train_t2i(text_store, output, images=images, options=options, arch=arch.value, where=where,
                        val_where=val_where, val_fraction=val_fraction, contrastive_weight=contrastive_weight,
-                       model=model, pretrained=pretrained), json_)
+                       model=model, pretrained=pretrained), json_, plots)
 
     @train.command("adapter")
     @handle_errors
     def adapter_cmd(
         image_store: Path = typer.Argument(..., help="Image store with labels (`vlmtools embed images`)."),
-        text: Path = typer.Option(..., "--text", help="Text store of text samples: descriptor JSONL embedded "
+        text: Path = typer.Option(..., "--text", metavar="STORE", help="Text store of text samples: descriptor JSONL embedded "
                                   "with `embed text` (one sample per sentence, its \"class\"), or captions "
                                   "with \"image_id\" (the image's label)."),
-        output: Optional[str] = typer.Option(None, "--output", "-o", help="The head NAME (NAME.json + "
+        output: Optional[str] = typer.Option(None, "--output", "-o", metavar="HEAD", help="The head NAME (NAME.json + "
                                              "NAME.safetensors); with --sweep, a directory for all heads "
                                              "(optional there)."),
         image_ratio: float = typer.Option(1.0, "--image-ratio", help="Share R of each class's training "
@@ -162,8 +177,9 @@ def register(app: typer.Typer) -> None:
         sweep: Optional[str] = typer.Option(None, "--sweep", help="Comma-separated image ratios, e.g. "
                                             "1.0,0.9,...,0.0: one image-only and one image+text head per "
                                             "ratio; the table goes to stdout (TSV, or NDJSON with --json)."),
-        plots: Optional[Path] = typer.Option(None, "--plots", help="With --sweep: write adapter_sweep.png "
-                                             "(accuracy vs image ratio) here."),
+        plots: Optional[Path] = typer.Option(None, "--plots", metavar="DIR", help="Write the training curve "
+                                             "as DIR/NAME.curve.png; with --sweep, adapter_sweep.png (accuracy "
+                                             "vs image ratio) and, with -o, every head's curve."),
         test_where: List[str] = typer.Option([], "--test-where", help="Report accuracy on rows whose "
                                              "KEY=VALUE (e.g. split=test); --sweep's table uses them, else "
                                              "the val rows."),
@@ -198,13 +214,13 @@ def register(app: typer.Typer) -> None:
                           balance=balance.value, t2i=t2i, where=where, val_where=val_where,
                           val_fraction=val_fraction, test_where=test_where, out_dir=output, json_lines=json_,
                           plots=plots, model=model, pretrained=pretrained)
+            if plots is not None and output is not None:
+                write_curves(sorted(Path(output).glob("*.json")), plots)
             return
-        if plots is not None:
-            raise BadInput("--plots applies to --sweep")
         emit(train_adapter(image_store, output, text_store=text, options=options, image_ratio=image_ratio,
                            balance=balance.value, t2i=t2i, image_only=image_only, where=where,
                            val_where=val_where, val_fraction=val_fraction, test_where=test_where, model=model,
-                           pretrained=pretrained), json_)
+                           pretrained=pretrained), json_, plots)
 
     register_lare_lads(train)
 
@@ -270,6 +286,7 @@ def register_lare_lads(train: typer.Typer) -> None:
         pretrained: Optional[str] = PretrainedOpt,
         no_cache: bool = NoCacheOpt,
         json_: bool = JsonOpt,
+        plots: Optional[Path] = PlotsOpt,
     ) -> None:
         """LARE (study 004): a box per image embedding, K samples per box, a linear probe on both.
 
@@ -285,7 +302,7 @@ def register_lare_lads(train: typer.Typer) -> None:
                         val_fraction=val_fraction, model=model, pretrained=pretrained, templates=templates,
                         descriptors=descriptors, classes=classes, text_store=text_store, samples=samples, alpha=alpha,
                         volume=volume_loss.value, box_size=box_size, box_epochs=box_epochs, hidden=hidden,
-                        logit_scale=logit_scale, shots=shots, use_cache=not no_cache), json_)
+                        logit_scale=logit_scale, shots=shots, use_cache=not no_cache), json_, plots)
 
     @train.command("lads")
     @handle_errors
@@ -317,6 +334,7 @@ def register_lare_lads(train: typer.Typer) -> None:
         pretrained: Optional[str] = PretrainedOpt,
         no_cache: bool = NoCacheOpt,
         json_: bool = JsonOpt,
+        plots: Optional[Path] = PlotsOpt,
     ) -> None:
         """LADS (Dunlap et al., ICLR 2023), study 004's baseline: text-guided augmentation, then a probe.
 
@@ -332,4 +350,4 @@ def register_lare_lads(train: typer.Typer) -> None:
                         val_fraction=val_fraction, model=model, pretrained=pretrained, source=source,
                         target=target, classes=classes, text_store=text_store, alpha=alpha,
                         aug_epochs=aug_epochs, hidden=hidden, logit_scale=logit_scale, shots=shots,
-                        use_cache=not no_cache), json_)
+                        use_cache=not no_cache), json_, plots)

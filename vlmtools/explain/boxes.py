@@ -82,10 +82,14 @@ def table(rows: list[dict], per: str):
 def explain_boxes(head_path, image_store, *, where: Sequence[str] = (), per: str = "class", output="-",
                   device: str = "cpu") -> list[dict]:
     """The command: the table on stderr, the rows as NDJSON on stdout or -o FILE."""
-    from vlmtools.console import info
+    from vlmtools.console import data_to_terminal, hint_data_elsewhere, info
 
     rows = box_rows(head_path, image_store, where=where, per=per, device=device)
-    if per == "class" or len(rows) <= 50:
+    shown = per == "class" or len(rows) <= 50
+    if shown:
         info(table(rows, per))
-    formats.write_jsonl(output, rows)
+    if shown and data_to_terminal(output):  # the table says it all; a pipe or -o gets the rows
+        hint_data_elsewhere()
+    else:
+        formats.write_jsonl(output, rows)
     return rows

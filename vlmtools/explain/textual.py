@@ -208,6 +208,8 @@ def save_figures(records: Sequence[dict], out_dir, *, max_descriptors: int | Non
         path = out_dir / f"{stem}.png"
         fig = figure(rec, max_descriptors=max_descriptors)
         with formats.atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", bbox_inches="tight")
+            fig.savefig(tmp, format="png", bbox_inches="tight",
+                        metadata={"Software": "vlmtools", "Description": "explain", "Title": f"{rec['id']}: "
+                                  f"predicted {rec['pred']}, true {rec.get('label')}"})
         paths.append(path)
     return paths

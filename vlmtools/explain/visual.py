@@ -9,6 +9,7 @@ resolution) and NAME.png (the image with the map overlaid; class and score in th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -218,6 +219,30 @@ def _head_settings(info: dict) -> dict:
             "head_classes": info.get("classes")}
 
 
+def _truth(rec: dict) -> str:
+    """The overlay title's last line: the image's true label beside the explained class."""
+    return f"\ntrue label: {rec['label']}" if rec.get("label") is not None else ""
+
+
+def _warn_off_label(same: list[bool], cls: str | None, is_pred: bool, cbd: str | None) -> None:
+    """Most maps explaining a class other than the image's label are seldom what the user meant: say so,
+    and how to explain something meaningful."""
+    off = same.count(False)
+    if not same or off * 2 <= len(same):
+        return
+    if cls is not None:
+        why = f"--class {cls} is not their label"
+    elif is_pred:
+        why = "the predictions are mostly wrong"
+    else:
+        why = ("a manifest is explained for the model's own top class" + (" by description (--cbd)" if cbd else
+               " by name, and a model that does not know the class names mostly picks a wrong one"))
+    hint = "" if is_pred else ("; explain a classify output (its \"pred\")" + ("" if cbd else
+                                                                             " or score classes with --cbd FILE"))
+    warn(f"the explained class differs from the true label for {off} of {len(same)} images ({why}); every "
+         f"overlay's title names both{hint}")
+
+
 def overlay_png(path: Path, image, saliency, title: str) -> None:
     from matplotlib.figure import Figure
 
@@ -229,7 +254,8 @@ def overlay_png(path: Path, image, saliency, title: str) -> None:
     ax.set_axis_off()
     ax.set_title(title, fontsize=8, parse_math=False)
     with formats.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
+        fig.savefig(tmp, format="png", bbox_inches="tight",
+                    metadata={"Software": "vlmtools", "Title": title.replace("\n", " / "), "Description": "map"})
 
 
 def save_map(out: Path, stem: str, image, saliency, title: str, png: bool = True) -> dict:
@@ -330,7 +356,7 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
 
         import torch
 
-        rows, errors, used = [], [], set()
+        rows, errors, used, explained_vs_label = [], [], set(), []
         with progress(f"{opts.method} maps", total=len(records), unit="images") as bar:
             for rec in records:
                 try:
@@ -346,6 +372,8 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
                     probs = torch.softmax(judge.logit_scale * cos, dim=-1)
                 target = cls or (rec["pred"] if is_pred else names[int(probs.argmax())])
                 c = index[target]
+                if rec.get("label") is not None:
+                    explained_vs_label.append(str(rec["label"]) == target)
                 base = {k: rec[k] for k in ("id", "path", "label") if rec.get(k) is not None}
                 base.update({"class": target, "score": round(float(cos[c]), 6), "prob": round(float(probs[c]), 6),
                              "method": opts.method})
@@ -364,16 +392,19 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
                     for j, (d, m) in enumerate(zip(drec["descriptors"], maps)):
                         stem = _safe_stem(f"{rec['id']}.d{j:02d}", used)
                         full = to_image_size(m, image)
-                        files = save_map(out, stem, image, full, f"{target}: {d} ({float(dsims[j]):.3f})", png)
+                        files = save_map(out, stem, image, full, f"{target}: {d} ({float(dsims[j]):.3f})"
+                                         + _truth(rec), png)
                         rows.append({**base, "descriptor": d, "kind": kinds[j], "descriptor_score":
                                      round(float(dsims[j]), 6), **files})
                 else:
                     (m,) = compute_maps(judge, x, c, opts, head=head_obj)
                     stem = _safe_stem(rec["id"], used)
                     full = to_image_size(m, image)
-                    title = f"{rec['id']} · {opts.method}\n{target} (cos {float(cos[c]):.3f}, p {float(probs[c]):.2f})"
+                    title = (f"{rec['id']} · {opts.method}\nexplains {target} (cos {float(cos[c]):.3f}, p {float(probs[c]):.2f})"
+                             + _truth(rec))
                     rows.append({**base, **save_map(out, stem, image, full, title, png)})
                 bar.advance(1)
+        _warn_off_label(explained_vs_label, cls, is_pred, cbd)
         settings = {"masks": opts.masks, "cell": opts.cell, "p": opts.p, "seed": opts.seed} \
             if opts.method == "rise" else ({"layer": opts.layer} if opts.layer is not None else {})
         if head_obj is not None:
@@ -487,7 +518,12 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, c
             results.append(row)
             per_dir.setdefault(d, []).append(row)
             bar.advance(1)
-    formats.write_jsonl(output, results)
+    from vlmtools.console import data_to_terminal, hint_data_elsewhere
+
+    if data_to_terminal(output):  # a terminal gets the table (summary_table); a pipe or -o the rows
+        hint_data_elsewhere("the per-map NDJSON rows")
+    else:
+        formats.write_jsonl(output, results)
     keys = ["iou", "insertion", "deletion", "id_score"] if causal else ["iou"]
     dirs = []
     for d, meta, _ in loaded:
@@ -587,8 +623,29 @@ def json_key(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
+SHORT_LABEL = 16  # row labels longer than this are shown as "METHOD #n", spelled out in a legend
+
+
+def short_labels(labels: Sequence[tuple[str, str]]) -> list[str]:
+    """(method, full label) per row -> the labels the table shows: the full one when short, else the method,
+    numbered when several rows share it ("ala #2")."""
+    counts: dict[str, int] = {}
+    for method, _ in labels:
+        counts[method] = counts.get(method, 0) + 1
+    seen: dict[str, int] = {}
+    out = []
+    for method, full in labels:
+        seen[method] = seen.get(method, 0) + 1
+        if len(full) <= SHORT_LABEL:
+            out.append(full)
+        else:
+            out.append(method if counts[method] == 1 else f"{method} #{seen[method]}")
+    return out
+
+
 def summary_table(summary: dict) -> None:
-    """The per-method table on stderr (mIoU, Ins, Del, ID as mean ± std over runs)."""
+    """The per-method table on stderr (mIoU, Ins, Del, ID as mean ± std over runs): short row labels, so
+    the numbers keep their width at 80 columns, and a legend below for what each label stands for."""
     from rich.table import Table
 
     keys = [k for k in ("iou", "insertion", "deletion", "id_score") if k in summary["methods"][0]]
@@ -596,12 +653,23 @@ def summary_table(summary: dict) -> None:
     table = Table(title=f"explanations (threshold: mean + std; steps {summary['steps']})")
     table.add_column("method", no_wrap=True)
     table.add_column("runs", justify="right")
-    for k in keys:
-        table.add_column(heads[k], justify="right")
-    for m in summary["methods"]:
+    for k in keys:  # "0.275 ± 0.058" may break after the ±, never inside a number
+        table.add_column(heads[k], justify="right", min_width=5)
+    shown = short_labels([(m["method"], m["label"]) for m in summary["methods"]])
+    for m, label in zip(summary["methods"], shown):
         cells = [f"{m[k]:.3f}" + (f" ± {m[k + '_std']:.3f}" if m["runs"] > 1 else "") for k in keys]
-        table.add_row(m["label"], str(m["runs"]), *cells)
+        table.add_row(label, str(m["runs"]), *cells)
     info_table(table)
+    legend = [f"{label}: " + (f"{m['label']}; " if label != m["label"] else "") + f"maps {', '.join(m['maps'])}"
+              for m, label in zip(summary["methods"], shown) if label != m["label"] or len(summary["methods"]) > 1]
+    if legend:
+        from vlmtools import console as c
+
+        digests = any(re.search(r"=\d+:[0-9a-f]{6}\b", m["label"]) for m in summary["methods"])
+        lines = legend + (["(N:abcdef = a setting of N entries, abcdef the start of its sha1: the rows differ "
+                           "there; the maps directories' info.json hold them)"] if digests else [])
+        for line in lines:
+            c.info(line)
 
 
 def info_table(table) -> None:

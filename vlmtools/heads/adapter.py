@@ -312,16 +312,29 @@ def plot_sweep(path, rows: Sequence[dict], eval_name: str, balance: str) -> None
 
     from vlmtools.evaluate import _save
 
+    from vlmtools.heads.curves import accuracy_axis, wilson
+
+    n = rows[0]["eval_rows"]
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.subplots()
-    for key, label, style in (("image_only", "image only", "o-"), ("image_text", "image + text", "s--")):
-        pts = [(100 * r["image_ratio"], 100 * r[key]) for r in rows if r[key] is not None]
+    bounds = []
+    for key, label, style, shift in (("image_only", "image only", "o-", -0.6), ("image_text", "image + text",
+                                                                                "s--", 0.6)):
+        pts = sorted((100 * r["image_ratio"], r[key]) for r in rows if r[key] is not None)
         if pts:
-            ax.plot(*zip(*sorted(pts)), style, label=label)
+            lo, hi = zip(*(wilson(acc, n) for _, acc in pts))
+            ys = [100 * acc for _, acc in pts]
+            # 95% intervals drawn (points a little apart so the two series' bars do not hide each other)
+            ax.errorbar([x + shift for x, _ in pts], ys, yerr=[[y - 100 * a for y, a in zip(ys, lo)],
+                                                               [100 * b - y for y, b in zip(ys, hi)]],
+                        fmt=style, capsize=3, label=label)
+            bounds += [100 * v for v in lo + hi]
+    ax.set_ylim(*accuracy_axis(bounds))
     ax.set_xlabel("image ratio % (the rest: text as images)")
-    ax.set_ylabel(f"{eval_name} accuracy %")
-    ax.set_title(f"adapter: accuracy vs image ratio (balance {balance})")
+    ax.set_ylabel(f"{eval_name} accuracy % (n = {n})")
+    ax.set_title(f"adapter: accuracy vs image ratio (balance {balance})\n{eval_name} rows: n = {n}; bars: 95% "
+                 f"interval (Wilson); one image = {100 / n:.2g} points", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _save(fig, Path(path))
+    _save(fig, Path(path), kind="train")

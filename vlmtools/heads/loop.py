@@ -206,9 +206,10 @@ def fit(model, train: Sequence, val: Sequence | None = None, options: FitOptions
         metrics["val"] = {metric: round(best_val, 6), "rows": len(val_dev[0])}
     seconds = time.perf_counter() - t0
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    val_txt = f", val {metric} {best_val:.4f}" if best_val is not None else ""
-    info(f"{description}: {len(curve)} epochs ({'stopped early, ' if stopped_early else ''}kept epoch "
-         f"{best_epoch}{val_txt}) on {device} in {seconds:.1f} s")
+    from vlmtools.heads.curves import stop_sentence
+
+    ended = stop_sentence(curve, best_epoch, stopped_early, planned=opts.epochs, patience=opts.patience)
+    info(f"{description}: {ended} (on {device}, {seconds:.1f} s)")
     return FitResult(state, curve, best_epoch, metrics, stopped_early, round(seconds, 3), device)
 
 

@@ -8,8 +8,9 @@ import time
 from typing import Sequence
 
 from vlmtools import formats
-from vlmtools.console import info
+from vlmtools.console import info, warn
 from vlmtools.errors import BadInput, StoreMismatch
+from vlmtools.provenance import rows_note, seen_by_head
 
 CHUNK = 8192
 
@@ -46,6 +47,18 @@ def check_store_fits_head(reader, info: dict, head_path) -> None:
                        f"{info['input_dim']}-d inputs")
 
 
+def head_run(hinfo: dict, head_path, image_store) -> dict:
+    """The run keys of every prediction (formats.RUN_KEYS but precision): method = the head's kind and
+    name ("probe:probe-s0"), its model as zero-shot classify writes it, the image store as given."""
+    from pathlib import Path
+
+    from vlmtools.models import ModelSpec
+
+    m = hinfo["model"]
+    return {"method": f"{hinfo['kind']}:{Path(str(head_path)).name.removesuffix('.json')}",
+            "model": str(ModelSpec(m["name"], m.get("pretrained"))), "store": str(image_store)}
+
+
 def classify_with_head(image_store, head_path, output="-", *, k: int = 5, where: Sequence[str] = (),
                        device: str = "auto") -> dict:
     import numpy as np
@@ -68,6 +81,12 @@ def classify_with_head(image_store, head_path, output="-", *, k: int = 5, where:
     meta, rows = selected_images(images, where, image_store)
     check_labels(meta, classes, image_store)
     emb = images.row_view(rows)  # read chunk by chunk from the memory-mapped shards: bounded memory
+    run = head_run(hinfo, head_path, image_store)
+    precision = {"image": images.info.get("compute"), "text": None}  # a head scores image embeddings only
+    seen, said = seen_by_head(hinfo, image_store, meta)
+    if seen:
+        warn(f"{seen} of the {len(meta)} rows scored are rows head {head_path} was trained or validated on "
+             f"({said}): their top-1 is no test accuracy; score held-out rows with --where (e.g. split=test)")
     correct = labelled = 0
     with formats.open_output(output) as fh:
         for start in range(0, len(meta), CHUNK):
@@ -76,15 +95,16 @@ def classify_with_head(image_store, head_path, output="-", *, k: int = 5, where:
             idx, vals = idx.tolist(), vals.astype(np.float64).round(DIGITS).tolist()
             for n, rec in enumerate(meta[start:start + CHUNK]):
                 topk = [(classes[i], v) for i, v in zip(idx[n], vals[n])]
-                record = formats.prediction_record(rec, topk[0][0], topk)
+                record = formats.prediction_record(rec, topk[0][0], topk, precision=precision)
+                record.update(run)
                 if rec.get("label") is not None:
                     labelled += 1
                     correct += record["pred"] == rec["label"]
                 fh.write(formats.dumps_line(record))
-    summary = {"images": len(meta), "classes": len(classes), "method": f"head:{hinfo['kind']}",
-               "head": str(head_path), "model": hinfo["model"], "labelled": labelled,
+    summary = {"images": len(meta), "classes": len(classes), "method": run["method"],
+               "head": str(head_path), "model": hinfo["model"], "labelled": labelled, "seen_in_training": seen,
                "top1": correct / labelled if labelled else None, "seconds": round(time.perf_counter() - t0, 3)}
     acc = f"; top-1 {100 * summary['top1']:.2f}% on {labelled} labelled" if labelled else ""
-    info(f"classified {len(meta)} images with {hinfo['kind']} head {head_path} ({len(classes)} classes) "
+    info(f"classified {rows_note(meta, where)} with {hinfo['kind']} head {head_path} ({len(classes)} classes) "
          f"in {summary['seconds']:.2f} s{acc}")
     return summary
