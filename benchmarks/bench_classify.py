@@ -18,6 +18,13 @@ shard by shard, in a child process, and reports its seconds and peak RSS: what b
 rows are scored chunk by chunk from the memory-mapped shards.
 
     python benchmarks/bench_classify.py --scale 200000 --classes 1000 --dim 512
+
+--peer numpy runs the whole `vlmtools classify` command from stores on disk (a fresh process, as a user
+runs it: image store + text store, default options) against a numpy script that loads the same shards,
+multiplies and takes the argmax, interleaved, --runs times; it prints the wall time and peak RSS of each
+process, the ratios (of the minima and of the medians), top-1 and whether the predictions are identical.
+
+    python benchmarks/bench_classify.py --peer numpy --runs 7
 """
 
 from __future__ import annotations
@@ -143,6 +150,137 @@ def classify_child(tmp: str, k: int) -> None:
                       "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 
 
+# The peer: what a researcher writes by hand. clip: one prompt per class, score = image . prompt; cbd:
+# mean over each class's descriptor rows (grouped by class in the text store), then the argmax.
+PEER_NUMPY = r"""
+import glob, json, sys
+import numpy as np
+img, txt, method, out = sys.argv[1:5]
+def load(d):
+    return np.concatenate([np.load(f) for f in sorted(glob.glob(d + "/emb-*.npy"))]).astype(np.float32)
+def meta(d):
+    return [json.loads(line) for f in sorted(glob.glob(d + "/meta-*.jsonl")) for line in open(f)]
+X, T, rows = load(img), load(txt), meta(txt)
+T /= np.linalg.norm(T, axis=1, keepdims=True)
+sims = X @ T.T
+if method == "clip":
+    names = [r["class"] for r in rows]
+    pred = sims.argmax(1)
+else:
+    cls = [r["class"] for r in rows]
+    starts = [i for i in range(len(cls)) if i == 0 or cls[i] != cls[i - 1]]
+    names = [cls[i] for i in starts]
+    pred = (np.add.reduceat(sims, starts, axis=1) / np.diff(starts + [len(cls)])).argmax(1)
+with open(out, "w") as fh:
+    fh.writelines(f"{r['id']}\t{names[p]}\n" for r, p in zip(meta(img), pred))
+"""
+
+
+def write_peer_stores(tmp: str, n_images: int, n_classes: int, per_class: int, dim: int) -> None:
+    """CUB-sized stores with some structure (images near their class's centre, so top-1 means something):
+    an image store, a descriptor text store (cbd) and a one-prompt-per-class text store (clip)."""
+    import numpy as np
+
+    from vlmtools import classify as C
+    from vlmtools.store import write_arrays
+
+    rng = np.random.default_rng(0)
+    classes = [f"class {i:03d}" for i in range(n_classes)]
+    counts = rng.integers(max(1, per_class - 2), per_class + 3, size=n_classes)
+    records = {c: {"class": c, "descriptors": [f"trait {j} of {c}" for j in range(n)]} for c, n in zip(classes, counts)}
+    dset = C.build_descriptor_set(classes, records)
+    centres = rng.normal(size=(n_classes, dim))
+    labels = rng.integers(0, n_classes, size=n_images)
+    model = {"name": "ViT-B-32", "pretrained": "openai"}
+    meta = [{"id": str(i), "path": f"/data/{i}.jpg", "label": classes[c], "split": "test"} for i, c in enumerate(labels)]
+    write_arrays(f"{tmp}/images", centres[labels] + 3.5 * rng.normal(size=(n_images, dim)), meta, kind="image",
+                 model=model, dtype="float16")
+    class_of = np.repeat(np.arange(n_classes), dset.counts)
+    rows = [{"id": str(i), "text": t, "class": classes[class_of[i]], "descriptor": d, "kind": "object", "wrap": "cbd"}
+            for i, (t, d) in enumerate(zip(dset.texts, dset.descriptors))]
+    write_arrays(f"{tmp}/descriptors", centres[class_of] + 2 * rng.normal(size=(len(rows), dim)), rows, kind="text",
+                 model=model, dtype="float16", extra_info={"source": "descriptors", "wrap": "cbd"})
+    prompts = C.clip_texts(classes, ["a photo of a {}."])
+    write_arrays(f"{tmp}/prompts", centres + rng.normal(size=(n_classes, dim)),
+                 [{"id": str(i), "text": t, "class": c} for i, (t, c) in enumerate(zip(prompts, classes))],
+                 kind="text", model=model, dtype="float16", extra_info={"source": "texts"})
+
+
+# A child's peak RSS counts the memory of the process it was forked from (until its exec), so children are
+# started from this small launcher, not from the benchmark (which holds numpy and the stores' arrays).
+LAUNCHER = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"wall": time.perf_counter() - t0, "cpu": usage.ru_utime + usage.ru_stime,
+                  "rss_mib": usage.ru_maxrss / 1024, "rc": os.waitstatus_to_exitcode(status)}))
+"""
+
+
+def timed_process(cmd: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MiB, CPU seconds) of one child process."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True, env=env)
+    res = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"rc": proc.returncode}
+    if res["rc"] != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({res['rc']}):\n{proc.stderr}")
+    return res["wall"], res["rss_mib"], res["cpu"]
+
+
+def peer_numpy(n_images: int, n_classes: int, per_class: int, dim: int, runs: int) -> list[dict]:
+    import sys
+
+    # as installed: byte-compiled modules (a sandbox's PYTHONDONTWRITEBYTECODE=1 recompiles ours every run)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["VLMTOOLS_QUIET"] = "1"
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_peer_stores(tmp, n_images, n_classes, per_class, dim)
+        for method, texts in (("clip", "prompts"), ("cbd", "descriptors")):
+            ours_out, peer_out = f"{tmp}/ours-{method}.jsonl", f"{tmp}/peer-{method}.tsv"
+            ours_cmd = [sys.executable, "-m", "vlmtools", "classify", f"{tmp}/images", "--text-store",
+                        f"{tmp}/{texts}", "--method", method, "-o", ours_out]
+            peer_cmd = [sys.executable, "-c", PEER_NUMPY, f"{tmp}/images", f"{tmp}/{texts}", method, peer_out]
+            ours, peer = [], []
+            timed_process(ours_cmd, env), timed_process(peer_cmd, env)  # warm-up: page cache, byte code
+            for _ in range(runs):  # interleaved: load changes hit both alike
+                ours.append(timed_process(ours_cmd, env))
+                peer.append(timed_process(peer_cmd, env))
+            preds = {}
+            with open(ours_out) as fh:
+                for line in fh:
+                    rec = json.loads(line)
+                    preds[rec["id"]] = (rec["pred"], rec["label"])
+            same = correct = 0
+            with open(peer_out) as fh:
+                for line in fh:
+                    i, name = line.rstrip("\n").split("\t")
+                    same += preds[i][0] == name
+                    correct += preds[i][1] == name
+            t_ours, t_peer = [w for w, _, _ in ours], [w for w, _, _ in peer]
+            c_ours, c_peer = [c for _, _, c in ours], [c for _, _, c in peer]
+            m_ours, m_peer = max(m for _, m, _ in ours), max(m for _, m, _ in peer)
+            results.append({
+                "method": method, "images": n_images, "texts": texts, "runs": runs,
+                "ours_s": [round(t, 3) for t in t_ours], "peer_s": [round(t, 3) for t in t_peer],
+                "ratio_min": round(min(t_ours) / min(t_peer), 2),
+                "ratio_median": round(statistics.median(t_ours) / statistics.median(t_peer), 2),
+                # CPU seconds (user + system): less shaken by other load than wall time
+                "ours_cpu_s": [round(t, 3) for t in c_ours], "peer_cpu_s": [round(t, 3) for t in c_peer],
+                "cpu_ratio_median": round(statistics.median(c_ours) / statistics.median(c_peer), 2),
+                "ours_peak_mib": round(m_ours), "peer_peak_mib": round(m_peer), "memory_ratio": round(m_ours / m_peer, 2),
+                "top1": round(100 * sum(p == lab for p, lab in preds.values()) / len(preds), 2),
+                "peer_top1": round(100 * correct / len(preds), 2),
+                "identical_predictions": f"{same}/{len(preds)}",
+            })
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=5794)
@@ -153,6 +291,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--scale", type=int, help="run classify_store over a store of this many images instead")
     ap.add_argument("--classify-child", help=argparse.SUPPRESS)
+    ap.add_argument("--peer", choices=["numpy"], help="whole command vs a numpy script, interleaved")
+    ap.add_argument("--runs", type=int, default=5, help="--peer: runs of each")
     args = ap.parse_args()
     os.environ.setdefault("VLMTOOLS_QUIET", "1")
     from vlmtools.console import set_quiet
@@ -160,6 +300,19 @@ def main() -> None:
     set_quiet(True)
     if args.classify_child:
         classify_child(args.classify_child, args.k)
+        return
+    if args.peer:
+        for dim in args.dim or [512]:
+            for res in peer_numpy(args.images, args.classes, args.per_class, dim, args.runs):
+                print(json.dumps(res))
+                print(f"classify --method {res['method']} from stores ({res['images']} images, d={dim}): "
+                      f"vlmtools {min(res['ours_s']):.2f} / {statistics.median(res['ours_s']):.2f} s, "
+                      f"{res['ours_peak_mib']} MiB; numpy {min(res['peer_s']):.2f} / "
+                      f"{statistics.median(res['peer_s']):.2f} s, {res['peer_peak_mib']} MiB; ratio "
+                      f"{res['ratio_min']} / {res['ratio_median']} (min / median; CPU time "
+                      f"{res['cpu_ratio_median']}), memory {res['memory_ratio']}; "
+                      f"top-1 {res['top1']} vs {res['peer_top1']}, identical predictions "
+                      f"{res['identical_predictions']}")
         return
     if args.scale:
         for dim in args.dim or [512]:

@@ -11,7 +11,12 @@ Images are photo-like JPEGs (smooth colour fields and soft shapes, not noise, wh
 in real data), 500x375 by default as in the issue. Without a CUDA device the gpu rows say "unmeasured";
 --gpu-path-on-cpu also times the gpu path's tensor pipeline on the CPU (what the tests check for equivalence).
 
+--repeat N interleaves N model-only timings with N whole runs (load changes hit both alike) and reports
+each run's loop/model ratio and their median; --baseline-python PY also runs the whole command with
+another interpreter (another checkout's venv: the code before a change), interleaved with ours.
+
     python benchmarks/bench_embed.py --model vlmtools-micro --n 2000
+    python benchmarks/bench_embed.py --model ViT-B-32 --pretrained none --n 512 --batch-size 128 --repeat 3
     python benchmarks/bench_embed.py --model ViT-B-32 --pretrained none --device cuda --n 20000 --batch-size 256
 """
 
@@ -23,6 +28,7 @@ import json
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the vlmtools command sets it (before torch loads)
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,8 +118,11 @@ def model_rate(records, encoder, batch_size: int) -> float:
     return batches * len(one) / (time.perf_counter() - start)
 
 
-def whole_run(manifest: Path, out: Path, args, decode: str) -> tuple[float, dict]:
-    cmd = [sys.executable, "-m", "vlmtools", "embed", "images", str(manifest), "-o", str(out), "--decode", decode,
+def whole_run(manifest: Path, out: Path, args, decode: str, python: str = sys.executable) -> tuple[float, dict]:
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)  # a fresh store each run: the whole embedding is what is timed
+    cmd = [python, "-m", "vlmtools", "embed", "images", str(manifest), "-o", str(out), "--decode", decode,
            "--model", args.model, "--device", args.device, "--batch-size", str(args.batch_size), "--json",
            "--shard-size", str(max(1, args.n // 4))]
     if args.pretrained:
@@ -121,7 +130,9 @@ def whole_run(manifest: Path, out: Path, args, decode: str) -> tuple[float, dict
     if args.workers is not None:
         cmd += ["--workers", str(args.workers)]
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLMTOOLS_QUIET": "1"})
+    # run from the store's folder: `python -m vlmtools` from a checkout would import that checkout's code
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLMTOOLS_QUIET": "1"},
+                          cwd=out.parent)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"embed failed: {done.stderr}")
@@ -143,6 +154,8 @@ def main() -> None:
     parser.add_argument("--gpu-path-on-cpu", action="store_true", help="without CUDA, time the gpu path's "
                         "tensor pipeline on the CPU too")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--repeat", type=int, default=1, help="model-only and whole runs, interleaved, this many times")
+    parser.add_argument("--baseline-python", help="also run the whole command with this interpreter, interleaved")
     args = parser.parse_args()
 
     from vlmtools.console import set_quiet
@@ -166,16 +179,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         manifest = make_images(Path(tmp), args.n, args.width, args.height, args.distinct)
         records = read_manifest(manifest)
-        model = model_rate(records, encoder, args.batch_size)
         stores = {}
         for decode in args.decodes.split(","):
             if decode == "gpu" and not cuda and not args.gpu_path_on_cpu:
                 result["rows"].append({"decode": "gpu", "note": "unmeasured, no GPU lent"})
                 continue
             stores[decode] = Path(tmp) / f"store-{decode}"
-            wall, summary = whole_run(manifest, stores[decode], args, decode)
+            runs, baseline = [], []
+            for _ in range(args.repeat):  # interleaved: model alone, the whole command, the baseline's
+                model = model_rate(records, encoder, args.batch_size)
+                runs.append((model, *whole_run(manifest, stores[decode], args, decode)))
+                if args.baseline_python:
+                    baseline.append((model, *whole_run(manifest, Path(tmp) / "baseline", args, decode,
+                                                       args.baseline_python)))
+            model, wall, summary = runs[-1]
             loop = summary["per_second"]
             stages = summary.get("timings", {})
+            ratios = [s["per_second"] / m for m, _, s in runs]
             row = {"decode": decode if cuda or decode == "cpu" else "gpu path on cpu",
                    "whole_per_s": round(args.n / wall, 1), "loop_per_s": loop,
                    "decode_per_s": round(decode_rate(records, encoder, decode, args.batch_size, workers), 1),
@@ -184,6 +204,16 @@ def main() -> None:
                    "loop_vs_model": round(loop / model, 3), "timings": stages,
                    # interpreter start, imports and argument checks: the wall time no stage accounts for
                    "before_stages_s": round(wall - sum(v for k, v in stages.items() if k != "first_batch"), 2)}
+            if args.repeat > 1:
+                row.update(loop_vs_model_runs=[round(r, 3) for r in ratios],
+                           loop_vs_model_median=round(statistics.median(ratios), 3),
+                           whole_s_runs=[round(w, 2) for _, w, _ in runs])
+            if baseline:
+                b_ratios = [s["per_second"] / m for m, _, s in baseline]
+                row["baseline"] = {"loop_vs_model_runs": [round(r, 3) for r in b_ratios],
+                                   "loop_vs_model_median": round(statistics.median(b_ratios), 3),
+                                   "whole_s_runs": [round(w, 2) for _, w, _ in baseline],
+                                   "timings": baseline[-1][2].get("timings", {})}
             result["rows"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
         if "cpu" in stores and "gpu" in stores:

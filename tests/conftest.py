@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -39,3 +40,22 @@ def run_cli(*args, input=None, env=None, timeout=120):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "vlmtools", *map(str, args)], input=input, capture_output=True,
                           text=True, env=full_env, timeout=timeout)
+
+
+HEAVY_MODULES = ("torch", "open_clip", "torchvision")
+_REPORT_MODULES = (
+    "import atexit, json, sys\n"
+    "atexit.register(lambda: sys.stderr.write('LOADED ' + json.dumps(sorted({m.split('.')[0] for m in sys.modules}"
+    f" & set({HEAVY_MODULES!r}))) + '\\n'))\n"
+    "sys.argv = ['vlmtools'] + sys.argv[1:]\n"
+    "from vlmtools.cli.app import main\n"
+    "main()\n")
+
+
+def run_cli_modules(*args, env=None, timeout=120):
+    """Run `vlmtools ARGS` in a fresh interpreter: (the completed process, the heavy packages it imported:
+    torch, open_clip, torchvision). Its stderr ends with the LOADED line."""
+    proc = subprocess.run([sys.executable, "-c", _REPORT_MODULES, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+    loaded = json.loads(proc.stderr.rsplit("LOADED ", 1)[1]) if "LOADED " in proc.stderr else None
+    return proc, loaded

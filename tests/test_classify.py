@@ -559,3 +559,54 @@ def test_offline_world_cbd_beats_made_up_names(tmp_path):
     chance = 1 / n_classes
     assert acc["clip"] <= chance + 0.15, acc  # made-up names carry no information
     assert acc["cbd"] >= acc["clip"] + 0.3, acc
+
+
+# ----------------------------------------------------------------------------- no torch from stores
+
+def _classify_process(args, out, env=None):
+    """`vlmtools classify ARGS -o OUT` in a fresh interpreter: (its predictions, the heavy packages it imported)."""
+    from tests.conftest import run_cli_modules
+
+    proc, loaded = run_cli_modules("classify", *args, "-o", out, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return read_lines(out.read_text()), loaded
+
+
+def test_classify_from_stores_imports_no_torch(world, tmp_path):
+    """Every embedding from stores (a descriptor text store, a prompt text store, or the text cache): the
+    process imports neither torch nor open_clip, and its predictions are the numpy restatement's and the
+    same command's run in a process where torch is loaded."""
+    import torch  # noqa: F401  (this process: the in-process runs below resolve the device through torch)
+
+    from vlmtools.models import ModelSpec, gpu_driver_present
+
+    images = image_matrix(world)
+    rng = np.random.default_rng(7)
+    rows = [{"id": f"{c}:{j}", "text": descriptor_sentence(c, d), "class": c, "descriptor": d, "kind": k, "wrap": "cbd"}
+            for c in CLASSES for j, (d, k) in enumerate(zip(*DESCRIPTORS[c]))]
+    desc_emb = rng.normal(size=(len(rows), images.shape[1]))
+    write_arrays(tmp_path / "desc", desc_emb, rows, kind="text", model=TINY,
+                 extra_info={"source": "descriptors", "wrap": "cbd"})
+    prompts = C.clip_texts(CLASSES, ["a photo of a {}."])
+    prompt_emb = rng.normal(size=(len(prompts), images.shape[1]))
+    write_arrays(tmp_path / "prompts", prompt_emb, [{"id": str(i), "text": t} for i, t in enumerate(prompts)],
+                 kind="text", model=TINY)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    cache = tmp_path / "cache"  # what a run that encoded the descriptors on the CPU (amp = fp32) left
+    C.TextCache(ModelSpec.parse("vlmtools-tiny", "none"), compute="fp32",
+                root=cache / "text").add([r["text"] for r in rows], unit(desc_emb))
+    sims = images @ unit(desc_emb).T
+    ends = np.cumsum([len(DESCRIPTORS[c][0]) for c in CLASSES])
+    cbd_ref = [CLASSES[i] for i in np.stack([s.mean(1) for s in np.split(sims, ends[:-1], axis=1)], 1).argmax(1)]
+    clip_ref = [CLASSES[i] for i in (images @ unit(prompt_emb).T).argmax(1)]
+    device = ["--device", "cpu"] if gpu_driver_present() else []  # amp on a GPU machine asks torch
+    cases = [(["--text-store", tmp_path / "desc"], cbd_ref, {}),
+             (["--method", "clip", "--text-store", tmp_path / "prompts"], clip_ref, {}),
+             (["-d", world / "desc.jsonl", *device], cbd_ref, {"VLMTOOLS_CACHE_DIR": str(cache)})]
+    for n, (args, ref, env) in enumerate(cases):
+        preds, loaded = _classify_process([world / "images", *args], tmp_path / f"p{n}.jsonl", env)
+        assert loaded == [], (args, loaded)
+        assert [r["pred"] for r in preds] == ref
+        in_process = CliRunner(env=env).invoke(app, ["classify", str(world / "images"), *map(str, args)])
+        assert in_process.exit_code == 0, in_process.output
+        assert read_lines(in_process.stdout) == preds

@@ -249,3 +249,91 @@ def test_output_path_problems_name_the_users_path(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(BadInput, match=r"f/out.jsonl: cannot be created"):
         formats.write_jsonl(tmp_path / "f" / "out.jsonl", [{"a": 1}])
+
+
+# ----------------------------------------------------------------------------- start-up
+
+def test_finished_store_says_nothing_to_do_before_loading_the_model(tmp_path, image_dir):
+    """A rerun of a finished `embed images` or `embed text` decides from the store alone: no torch, no
+    open_clip, no model; a changed input still goes the long way (and is refused as before)."""
+    from tests.conftest import run_cli_modules
+
+    manifest = _manifest(tmp_path, image_dir, 6)
+    texts = tmp_path / "t.txt"
+    texts.write_text("a red bird\na blue bird\n")
+    runs = [["images", str(manifest), "-o", str(tmp_path / "s"), "--shard-size", "4", "--workers", "0"],
+            ["text", str(texts), "-o", str(tmp_path / "t")]]
+    for args in runs:
+        assert runner.invoke(app, ["embed", *args, *TINY]).exit_code == 0
+        proc, loaded = run_cli_modules("embed", *args, *TINY, "--json")
+        assert proc.returncode == 0, proc.stderr
+        assert loaded == [], args
+        assert "nothing to do (the model was not loaded)" in " ".join(proc.stderr.split())
+        summary = json.loads(proc.stdout)
+        assert summary["embedded"] == 0 and summary["complete"] and summary["count"] in (6, 2)
+    manifest.write_text(manifest.read_text().replace('"label": "a"', '"label": "c"'))  # same images, new labels
+    result = runner.invoke(app, ["embed", *runs[0], *TINY])
+    assert result.exit_code == 2 and "already holds a store" in " ".join(result.stderr.split())
+
+
+def test_decode_workers_start_before_the_model_loads(tmp_path, image_dir, monkeypatch):
+    import multiprocessing
+
+    import vlmtools.models
+
+    seen = []
+    real = vlmtools.models.load_model
+
+    def load_model(*args, **kwargs):
+        seen.append(len(multiprocessing.active_children()))  # the decode workers, forked already
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vlmtools.models, "load_model", load_model)
+    manifest = _manifest(tmp_path, image_dir, 10)
+    result = runner.invoke(app, ["embed", "images", str(manifest), "-o", str(tmp_path / "s"), "--shard-size", "4",
+                                 "-b", "3", "--workers", "2", "--json", "--dtype", "float32", *TINY])
+    assert result.exit_code == 0, result.output
+    assert seen == [2]
+    assert set(json.loads(result.stdout)["timings"]) >= {"start_workers", "load_model", "first_batch", "loop"}
+    reference = tmp_path / "r"  # the same images embedded with workers started the usual way: same rows
+    assert runner.invoke(app, ["embed", "images", str(manifest), "-o", str(reference), "--shard-size", "4",
+                               "-b", "3", "--workers", "0", "--dtype", "float32", *TINY]).exit_code == 0
+    assert open_store(tmp_path / "s").meta == open_store(reference).meta
+    np.testing.assert_allclose(open_store(tmp_path / "s").embeddings, open_store(reference).embeddings, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_model_loads_stops_the_workers_cleanly(tmp_path, many_images):
+    """The workers run while the model loads; a Ctrl-C then ends the run with 130, one line, no traceback,
+    and no worker left behind."""
+    out = tmp_path / "ctrl-c-store"
+    proc = subprocess.Popen([sys.executable, "-m", "vlmtools", "embed", "images", str(many_images), "-o", str(out),
+                             "--workers", "2", *TINY], stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "VLMTOOLS_FAILPOINT": "embed.load_model=stop"})
+
+    def state(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return None
+
+    deadline = time.monotonic() + 90
+    while state(proc.pid) != "T" and time.monotonic() < deadline:  # stopped at the model load
+        time.sleep(0.05)
+    def group(pid):
+        try:
+            return os.getpgid(pid)
+        except OSError:
+            return None
+
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != proc.pid
+               and group(int(p)) == proc.pid] if state(proc.pid) == "T" else []
+    assert workers, "no decode worker was running while the model loaded"
+    os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal's Ctrl-C
+    os.killpg(proc.pid, signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    time.sleep(1)
+    assert [p for p in workers if state(p) not in (None, "Z")] == []

@@ -133,7 +133,7 @@ def test_auto_hnsw_recall_at_10(tmp_path):
 
 def test_ivf_pq_trains_on_a_seeded_sample(tmp_path):
     reader = make_store(tmp_path / "s", 1500, dim=16)
-    record = build_index(tmp_path / "s", index_key="IVF16,PQ4x4", nprobe=4, seed=3)
+    record = build_index(tmp_path / "s", index_key="IVF16,PQ4x4", nprobe=4, seed=3, target_recall=0)  # the defaults
     assert record["params"] == {"nprobe": 4, "rerank": 10} and 0 < record["train_size"] <= 1500 and record["seed"] == 3
     queries = reader.embeddings[:20]
     scores, rows, _ = search_vectors(reader, queries, k=5)
@@ -216,3 +216,137 @@ def test_cli_gpu_flag_without_gpu(tmp_path):
     result = runner.invoke(app, ["index", str(tmp_path / "s"), "--gpu"])
     assert result.exit_code == 2 and "--gpu" in result.output
     assert runner.invoke(app, ["index", str(tmp_path / "s"), "--no-gpu"]).exit_code == 0
+
+
+# ----------------------------------------------------------------------------- --target-recall
+
+def _held_out_recall(reader, index, nprobe, rows, k=10):
+    """recall@k of IVF search at ``nprobe`` for store rows ``rows`` as queries, the held-out rows out of the
+    index and of the truth (a restatement with faiss and numpy, not through vlmtools.index): the full
+    index's answers with the held-out rows dropped are the answers of the index without them."""
+    index.nprobe = nprobe
+    queries = reader.embeddings[rows]
+    _, found = index.search(queries, len(rows) + k)
+    held = set(rows.tolist())
+    scores = queries @ reader.embeddings.T
+    scores[:, rows] = -np.inf
+    truth = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    hits = [len(set(t) & set([r for r in f if r >= 0 and r not in held][:k])) for t, f in zip(truth, found)]
+    return sum(hits) / (k * len(rows))
+
+
+def test_target_recall_picks_the_least_nprobe_that_reaches_it(tmp_path):
+    import faiss
+
+    reader = make_store(tmp_path / "s", 4000, dim=24, shard_size=1500)  # isotropic: recall grows slowly with nprobe
+    for target in (0.6, 0.9):
+        record = build_index(tmp_path / "s", index_key="IVF64,Flat", target_recall=target, force=True, seed=2)
+        tuning, nprobe = record["tuning"], record["params"]["nprobe"]
+        assert record["params"] == tuning["params"] == {"nprobe": nprobe} and tuning["reached"]
+        assert tuning["target_recall"] == target and tuning["k"] == 10 and tuning["queries"] == 1000
+        # the held-out rows: a sample seeded with seed + 1, as documented
+        rows = np.sort(np.random.default_rng(3).choice(4000, size=1000, replace=False))
+        index = faiss.read_index(str(tmp_path / "s" / "index.faiss"))
+        assert _held_out_recall(reader, index, nprobe, rows) == pytest.approx(tuning["recall"], abs=1e-4)
+        assert tuning["recall"] >= target
+        assert nprobe == 1 or _held_out_recall(reader, index, nprobe // 2, rows) < target  # the least that reaches it
+        if target == 0.6:
+            low = nprobe
+    assert nprobe > low  # a higher target costs more lists
+
+
+def test_tuned_pq_index_reaches_the_target_on_fresh_queries(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 32))
+    x = centres[rng.integers(0, 40, 6000)] + 1.2 * rng.standard_normal((6000, 32))
+    reader = write_arrays(tmp_path / "s", x, [{"id": str(i)} for i in range(6000)], kind="image", model=MODEL,
+                          shard_size=2500)
+    untuned = build_index(tmp_path / "s", index_key="IVF64,PQ8x4fs", target_recall=0)
+    assert "tuning" not in untuned and untuned["params"] == {"nprobe": 16, "rerank": 10}
+    record = build_index(tmp_path / "s", index_key="IVF64,PQ8x4fs", target_recall=0.97, force=True)
+    assert record["tuning"]["reached"] and record["tuning"]["recall"] >= 0.97
+    q = centres[rng.integers(0, 40, 300)] + 1.2 * rng.standard_normal((300, 32))
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    _, truth = brute_force(reader, q, 10)
+    recall = lambda rows: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)])  # noqa: E731
+    assert recall(search_vectors(reader, q, 10)[1]) >= 0.95  # fresh queries: the held-out estimate holds
+    assert recall(search_vectors(reader, q, 10, nprobe=16, rerank=10)[1]) < 0.95  # which the defaults miss
+
+
+def test_cli_target_recall_tunes_an_up_to_date_index_again(tmp_path):
+    make_store(tmp_path / "s", 3000, dim=24)
+    store = str(tmp_path / "s")
+    result = runner.invoke(app, ["index", store, "--index-key", "IVF32,Flat", "--target-recall", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "tuned IVF32,Flat for recall@10 >= 0.5" in " ".join(result.output.split())
+    before, first = (tmp_path / "s" / "index.faiss").stat().st_mtime_ns, read_index_info(store)
+    result = runner.invoke(app, ["index", store, "--target-recall", "0.95", "--recall-k", "5"])
+    assert result.exit_code == 0, result.output
+    again = read_index_info(store)
+    assert (tmp_path / "s" / "index.faiss").stat().st_mtime_ns == before  # tuned, not rebuilt
+    assert again["tuning"]["target_recall"] == 0.95 and again["tuning"]["k"] == 5
+    assert again["params"]["nprobe"] > first["params"]["nprobe"]
+    result = runner.invoke(app, ["index", store, "--target-recall", "0.95", "--recall-k", "5"])
+    assert "nothing to do" in " ".join(result.output.split())  # already tuned for it
+    # what cannot be reached: the most accurate setting tried, a warning, exit 0
+    result = runner.invoke(app, ["index", store, "--target-recall", "1", "--nprobe", "1"])
+    assert result.exit_code == 0, result.output
+    tuned = read_index_info(store)
+    assert not tuned["tuning"]["reached"] and tuned["params"]["nprobe"] == 1
+    assert "does not reach recall@10 1.0" in " ".join(result.output.split())
+    for bad in ("1.5", "-0.1"):
+        result = runner.invoke(app, ["index", store, "--target-recall", bad])
+        assert result.exit_code == 2 and "--target-recall must be between 0 and 1" in result.output
+
+
+def test_tuned_hnsw_holds_for_fresh_queries(tmp_path):
+    """A stored row left in an HNSW graph reaches its neighbours through its own links: measured that way,
+    efSearch 16 looks like recall 0.90 on this store, where fresh queries get 0.83. The build adds the
+    held-out rows after tuning (the graph in an IndexIDMap whose ids are store rows), so the target holds
+    for fresh queries."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((800, 48)).astype(np.float32)
+
+    def sample(m):
+        x = centres[rng.integers(0, 800, m)] + rng.standard_normal((m, 48)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    reader = write_arrays(tmp_path / "s", sample(8000), [{"id": str(i)} for i in range(8000)], kind="image",
+                          model=MODEL)
+    record = build_index(tmp_path / "s", index_key="HNSW8", target_recall=0.9)
+    assert record["tuning"]["held_out"] == "added after tuning" and record["tuning"]["reached"]
+    q = sample(500)
+    _, truth = brute_force(reader, q, 10)
+    found = search_vectors(reader, q, 10)[1]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)]) >= 0.89
+    index = faiss.read_index(str(tmp_path / "s" / "index.faiss"))
+    assert isinstance(index, faiss.IndexIDMap) and index.ntotal == 8000
+    _, own = index.search(reader.embeddings[:50], 1)
+    assert (own[:, 0] == np.arange(50)).mean() >= 0.95  # ids are store rows
+
+
+def test_held_out_unlinks_rows_from_a_graph_and_restores_it(tmp_path):
+    import faiss
+
+    from vlmtools.index import RecallProbe, held_out
+
+    reader = make_store(tmp_path / "s", 3000, dim=16)
+    index = faiss.index_factory(16, "HNSW8", faiss.METRIC_INNER_PRODUCT)
+    index.add(reader.embeddings)
+    hnsw = index.hnsw
+    before = faiss.vector_to_array(hnsw.neighbors).copy()
+    probe = RecallProbe(reader, 10, seed=0)
+    with held_out(index, probe):
+        inside = faiss.vector_to_array(hnsw.neighbors)
+        offsets = faiss.vector_to_array(hnsw.offsets)
+        assert not np.isin(inside, probe.rows[probe.rows != hnsw.entry_point]).any()
+        for node in (0, 1, 2999):  # each list: the kept links in their order, then -1
+            old = before[offsets[node]:offsets[node] + 16]
+            new = inside[offsets[node]:offsets[node] + 16]
+            kept = [v for v in old if v >= 0 and v not in set(probe.rows.tolist())]
+            assert new.tolist() == kept + [-1] * (16 - len(kept))
+        _, found = index.search(probe.queries, 10)
+        assert not np.isin(found, probe.rows[probe.rows != hnsw.entry_point]).any()
+    np.testing.assert_array_equal(faiss.vector_to_array(hnsw.neighbors), before)

@@ -88,3 +88,26 @@ def test_cached_weights_are_found_in_the_hub_cache(tmp_path, monkeypatch):
     assert not _is_cached("ViT-B-32", "openai")
     (repo / "snapshots" / "abc" / "open_clip_model.safetensors").write_bytes(b"")
     assert _is_cached("ViT-B-32", "openai") and not _is_cached("ViT-B-16", "openai")
+
+
+def test_device_resolves_without_torch_where_no_gpu_can_be(monkeypatch):
+    """--device cpu, and auto on a machine without a GPU driver, resolve without importing torch; a bad
+    name is refused without it too; where a driver may be, auto asks torch."""
+    import subprocess
+    import sys
+
+    import vlmtools.models as M
+
+    code = ("import sys\nfrom vlmtools.models import resolve_device, gpu_driver_present\nfrom vlmtools.errors "
+            "import BadInput\nout = [resolve_device('cpu')]\nif not gpu_driver_present():\n"
+            "    out.append(resolve_device('auto'))\ntry:\n    resolve_device('tpu')\nexcept BadInput as e:\n"
+            "    out.append('refused')\nprint(out, 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split("]")[1].strip() == "False", proc.stdout
+    assert proc.stdout.startswith("['cpu', 'cpu', 'refused']" if not M.gpu_driver_present() else "['cpu', 'refused']")
+    monkeypatch.setattr(M.os.path, "exists", lambda p: p == "/dev/nvidiactl")  # a driver: torch decides
+    if sys.platform.startswith("linux"):
+        assert M.gpu_driver_present()
+        import torch
+
+        assert M.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")

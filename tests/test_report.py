@@ -160,3 +160,19 @@ def test_deeply_nested_json_in_the_run_dir_is_bad_input(run_dir, tmp_path):
     (run / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     res = invoke("report", run, "-o", tmp_path / "r.html")
     assert res.exit_code == 2 and "deep.json" in res.output and not (tmp_path / "r.html").exists()
+
+
+def test_virtual_environments_and_hidden_folders_are_not_read(run_dir, tmp_path):
+    """`vlmtools report .` in a checkout: the venv's own PNGs (matplotlib's icons) are no results."""
+    import shutil as sh
+
+    run = tmp_path / "run"
+    sh.copytree(run_dir, run)
+    for d in (run / ".venv" / "lib", run / "env" / "lib", run / ".git"):
+        d.mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(d / "icon.png")
+    (run / "env" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    res = invoke("report", run, "-o", run / "r.html", "--gallery", 0)
+    assert res.exit_code == 0, res.output
+    page = (run / "r.html").read_text()
+    assert "icon.png" not in page and "eval/plots/clip.confusion.png" in page

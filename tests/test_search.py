@@ -204,3 +204,18 @@ def test_scores_are_cosines_clipped_to_one(tmp_path):
     hits = lines(result.stdout)
     assert hits[0]["id"] == f"r{over[0]}" and hits[0]["score"] == 1.0
     assert all(-1.0 <= h["score"] <= 1.0 for h in hits)
+
+
+def test_stored_queries_import_no_torch(image_store, tmp_path, tiny_encoder):
+    """--id and --store queries come from stores: a fresh process imports neither torch nor open_clip, and
+    finds what the in-process run finds."""
+    from tests.conftest import run_cli_modules
+
+    rng = np.random.default_rng(5)
+    write_arrays(tmp_path / "q", rng.standard_normal((3, 32)), [{"id": f"q{i}"} for i in range(3)], kind="image",
+                 model=tiny_encoder.spec.as_dict())
+    for args in (["--id", "img03", "-k", "5"], ["--store", str(tmp_path / "q"), "-k", "4", "--exact"]):
+        proc, loaded = run_cli_modules("search", image_store, *args)
+        assert proc.returncode == 0, proc.stderr
+        assert loaded == [], args
+        assert lines(proc.stdout) == lines(runner.invoke(app, ["search", str(image_store), *args]).stdout)

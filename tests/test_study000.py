@@ -235,34 +235,6 @@ def test_waffle_bad_input(tmp_path, args, message):
     assert not (tmp_path / "x").exists()
 
 
-# ----------------------------------------------------------------------------- ours beside the study's
-
-def test_compare_prints_ours_study_and_difference_and_writes_tsv(tmp_path):
-    import csv
-    import subprocess
-    import sys
-
-    evals = {}
-    for name, top1 in (("cbd", 0.5), ("w0", 0.50), ("w1", 0.52)):
-        evals[name] = tmp_path / f"{name}.eval.jsonl"  # eval's NDJSON: the summary row, then group rows
-        evals[name].write_text(json.dumps({"kind": "summary", "acc1": top1, "acc5": None}) + "\n"
-                               + json.dumps({"kind": "group", "acc1": 0.9}) + "\n")
-    rows = tmp_path / "rows.tsv"
-    rows.write_text("# table\tmodel\trow\tmetric\tstudy\tresults\n"
-                    f"CUB\tViT-B-32\tCBD\tacc1\t53.14\t{evals['cbd']}\n"
-                    f"CUB\tViT-B-32\tWaffle\tacc1\t-\t{evals['w0']},{evals['w1']}\n"
-                    f"CUB\tViT-B-32\tmissing\tacc1\t54.04\t{tmp_path / 'nope.json'}\n")
-    out = tmp_path / "table.tsv"
-    script = Path(__file__).parent.parent / "examples" / "compare.py"
-    res = subprocess.run([sys.executable, str(script), str(rows), "-o", str(out)], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    assert "50.00   53.14   -3.14" in res.stdout
-    table = list(csv.DictReader(out.open(), delimiter="\t"))
-    assert [(r["row"], r["ours"], r["study"], r["difference"]) for r in table] == [
-        ("CBD", "50.00", "53.14", "-3.14"), ("Waffle", "51.00", "-", "-"), ("missing", "-", "54.04", "-")]
-    assert table[1]["runs"] == "2" and float(table[1]["spread"]) == pytest.approx(1.41, abs=0.01)
-
-
 def test_embed_text_keeps_going_past_an_empty_descriptor_list(tmp_path, capsys):
     from vlmtools.embed import text_records
 

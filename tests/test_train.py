@@ -51,7 +51,7 @@ def train_probe(store, out, *extra):
 # ----------------------------------------------------------------------------- probe + head file
 
 def test_probe_trains_saves_and_classifies(store, tmp_path):
-    res = train_probe(store, tmp_path / "probe")
+    res = train_probe(store, tmp_path / "probe", "--val-where", "split=val")
     assert res.exit_code == 0, res.output
     summary = lines(res.stdout)[0]
     assert summary["kind"] == "probe" and summary["classes"] == 4
@@ -60,6 +60,7 @@ def test_probe_trains_saves_and_classifies(store, tmp_path):
     assert info["classes"] == CLASSES and info["input_dim"] == 16 and info["model"] == TINY
     assert info["tensors"] == {"fc.weight": [4, 16], "fc.bias": [4]}
     assert info["training"]["epochs"] == 30 and info["training"]["where"] == ["split=train"]
+    assert info["training"]["solver"] == "lbfgs" and info["converged"] is True and summary["converged"] is True
     assert len(info["curve"]) == summary["epochs"] and info["curve"][0]["epoch"] == 1
     assert "val_acc" in info["curve"][0] and info["metrics"]["val"]["rows"] > 0
     assert len(info["inputs"]["image_store"]["sha"]) == 16
@@ -93,7 +94,7 @@ def test_val_where_and_no_val(store, tmp_path):
     assert res.exit_code == 0, res.output
     summary = lines(res.stdout)[0]
     assert summary["val_rows"] == 40 and summary["train_rows"] == 80
-    res = train_probe(store, tmp_path / "n", "--val-fraction", 0, "--epochs", 5)
+    res = train_probe(store, tmp_path / "n", "--val-fraction", 0, "--epochs", 5, "--solver", "adamw")
     assert res.exit_code == 0, res.output
     summary = lines(res.stdout)[0]
     assert summary["val_rows"] == 0 and summary["epochs"] == 5 and summary["best_epoch"] == 5
@@ -147,9 +148,76 @@ def test_fit_options_are_checked():
     from vlmtools.errors import BadInput
     from vlmtools.heads.loop import FitOptions
 
-    for bad in (dict(epochs=0), dict(lr=0), dict(batch_size=-1), dict(patience=-2), dict(weight_decay=-1)):
+    for bad in (dict(epochs=0), dict(lr=0), dict(batch_size=-1), dict(patience=-2), dict(weight_decay=-1),
+                dict(solver="sgd"), dict(l2=-1.0)):
         with pytest.raises(BadInput):
             FitOptions(**bad).check()
+
+
+# ----------------------------------------------------------------------------- the L-BFGS probe
+
+def _sklearn_objective(w, b, x, y, l2):
+    """scikit-learn's LogisticRegression objective (C = 1/l2), restated in float64: the mean over rows of
+    -log softmax(x w^T + b)[y] + l2/(2n) |w|^2, and its gradient (dw, db)."""
+    x, w, b = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+    n = len(y)
+    z = x @ w.T + b
+    log_p = z - z.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    value = -log_p[np.arange(n), y].mean() + l2 / (2 * n) * (w ** 2).sum()
+    residual = np.exp(log_p)
+    residual[np.arange(n), y] -= 1
+    return value, residual.T @ x / n + l2 / n * w, residual.mean(0)
+
+
+def test_logreg_objective_is_scikit_learns():
+    from vlmtools.heads.logreg import logreg_objective
+
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(40, 6)).astype(np.float32), rng.integers(0, 3, 40)
+    w, b = rng.normal(size=(3, 6)), rng.normal(size=3)
+    value, grad = logreg_objective(x, y, 3, l2=0.7)(np.concatenate([w.ravel(), b]))
+    want, dw, db = _sklearn_objective(w, b, x, y, 0.7)
+    assert abs(value - want) < 1e-5 and np.abs(grad - np.concatenate([dw.ravel(), db])).max() < 1e-5
+
+
+def test_probe_solves_scikit_learns_objective(store, tmp_path):
+    """The default probe's weights are the optimum of LogisticRegression's objective (its gradient is
+    within scikit-learn's tol there), on all train rows; a stronger --l2 shrinks them."""
+    from safetensors.numpy import load_file
+
+    from vlmtools.heads.data import load_train_val
+
+    data = load_train_val(store, where=["split=train"], val_fraction=0)
+    norms = {}
+    for l2 in (1.0, 10.0):
+        res = train_probe(store, tmp_path / f"p{l2}", "--l2", l2)
+        assert res.exit_code == 0, res.output
+        assert lines(res.stdout)[0]["train_rows"] == len(data.train) == 80  # nothing held out
+        weights = load_file(str(tmp_path / f"p{l2}.safetensors"))
+        _, dw, db = _sklearn_objective(weights["fc.weight"], weights["fc.bias"], data.train.x, data.train.y, l2)
+        assert max(np.abs(dw).max(), np.abs(db).max()) <= 1e-4
+        norms[l2] = np.linalg.norm(weights["fc.weight"])
+    assert norms[10.0] < 0.8 * norms[1.0]
+
+
+def test_torch_and_numpy_lbfgs_agree_with_scikit_learn():
+    from vlmtools.heads.linear import LinearHead
+    from vlmtools.heads.logreg import fit_logreg
+    from vlmtools.heads.loop import FitOptions, fit, seeded
+
+    x, meta = blobs(n_per_class=30, seed=3)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    y = np.array([CLASSES.index(m["label"]) for m in meta])
+    w, b, _, converged = fit_logreg(x, y, 4, l2=1.0)
+    with seeded(0):
+        head = LinearHead(16, 4)
+    fit(head, (x, y), None, FitOptions(solver="lbfgs", device="cpu"))
+    assert converged and np.abs(head.fc.weight.detach().numpy() - w).max() < 1e-2
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    ref = sklearn.LogisticRegression().fit(x, y)  # its defaults: lbfgs, C = 1, tol 1e-4
+    assert np.abs(ref.coef_ - w).max() < 1e-2 and np.abs(ref.intercept_ - b).max() < 1e-2
+    assert (ref.predict(x) == (x @ w.T + b).argmax(1)).mean() > 0.98
 
 
 # ----------------------------------------------------------------------------- bad input

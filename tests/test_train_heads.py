@@ -114,8 +114,8 @@ def test_adapter_head_and_sweep(world, tmp_path):
                  "--epochs", 40)
     assert res.exit_code == 0, res.output
     s = lines(res.stdout)[0]
-    # 14 train rows per class after the 10% val split: round(0.25 * 14) = 4 images, 10 texts
-    assert s["kind"] == "adapter" and s["images"] == 20 and s["texts"] == 50 and s["test"]["rows"] == 40
+    # 16 train rows per class (L-BFGS holds none out): round(0.25 * 16) = 4 images, 12 texts
+    assert s["kind"] == "adapter" and s["images"] == 20 and s["texts"] == 60 and s["test"]["rows"] == 40
     info = json.loads((tmp_path / "ad.json").read_text())
     assert info["training"]["image_ratio"] == 0.25 and info["training"]["balance"] == "class"
     assert "text_store" in info["inputs"]
@@ -166,6 +166,70 @@ def test_t2i_mlp_raises_recall_and_feeds_the_adapter(world, tmp_path):
                  "-o", tmp_path / "ad", "--image-ratio", 0.5, "--where", "split=train", "--json", "--epochs", 5)
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "ad.json").read_text())["training"]["t2i"].endswith("t2i")
+
+
+@pytest.fixture(scope="module")
+def token_world(tmp_path_factory, tiny_encoder):
+    """Captions of random words; each image embedding is a fixed linear distortion of its first caption's
+    pooled text embedding (tiny CLIP, random weights) + noise: a text -> image map a Q-Former reading the
+    token features can learn, and that generalises to images it has not seen."""
+    d = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(1)
+    words = ["red", "blue", "tall", "small", "bird", "tree", "water", "stone", "wing", "beak", "sky", "grass"]
+    captions = [[" ".join(rng.choice(words, 4)) for _ in range(2)] for _ in range(120)]
+    pooled = tiny_encoder.encode_texts([c[0] for c in captions])
+    dim = pooled.shape[1]
+    x = pooled @ (np.eye(dim) + 0.8 * rng.normal(size=(dim, dim))) + 0.02 * rng.normal(size=pooled.shape)
+    meta = [{"id": f"im{i}", "path": f"/nowhere/{i}.png", "label": "x"} for i in range(len(x))]
+    write_arrays(d / "images", x, meta, kind="image", model=TINY)
+    texts = [t for c in captions for t in c]
+    cmeta = [{"id": f"im{i}:{k}", "image_id": f"im{i}", "text": t}
+             for i, c in enumerate(captions) for k, t in enumerate(c)]
+    write_arrays(d / "captions", tiny_encoder.encode_texts(texts), cmeta, kind="text", model=TINY)
+    return d
+
+
+def test_t2i_qformer_streams_token_features_per_batch_and_learns(token_world, tmp_path, monkeypatch):
+    """--arch qformer: the text tower's token features are computed per batch (never for all captions at
+    once: memory bounded by a batch), the translator raises val recall, and it translates the adapter's
+    text samples (also per chunk)."""
+    from vlmtools.models import Encoder
+
+    asked: list[int] = []
+    real = Encoder.text_token_features
+
+    def counting(self, texts):
+        asked.append(len(texts))
+        return real(self, texts)
+
+    monkeypatch.setattr(Encoder, "text_token_features", counting)
+    res = invoke("train", "t2i", token_world / "captions", "--images", token_world / "images", "--arch", "qformer",
+                 "-o", tmp_path / "q", "--json", "--epochs", 20, "--batch-size", 32, "--lr", 3e-3,
+                 "--val-fraction", 0.25, "--patience", 0, "--seed", 0)
+    assert res.exit_code == 0, res.output
+    s = lines(res.stdout)[0]
+    assert s["kind"] == "t2i-qformer" and s["train_rows"] == 180 and s["val_rows"] == 60
+    before, after = s["retrieval"]["before"], s["retrieval"]["after"]
+    assert after["r1"] > before["r1"] + 0.1 and after["r5"] > before["r5"]
+    # token features are computed per batch: 20 epochs x 180 train captions in batches of at most 32;
+    # the metrics read chunks of at most 1024 captions: the 60 val captions (each epoch, and after), the
+    # 180 train captions (once, at the end); never all 240 captions at once
+    assert sum(n for n in asked if n <= 32) >= 20 * 180
+    assert {n for n in asked if n > 32} == {60, 180} and asked.count(180) == 1
+    info = json.loads((tmp_path / "q.json").read_text())
+    assert info["kind"] == "t2i-qformer" and info["config"]["input_dim"] == 64  # the tiny text tower's width
+
+    # the adapter translates its caption samples through the Q-Former, chunk by chunk
+    from vlmtools.heads.t2i import translate
+    from vlmtools.models import ModelSpec
+
+    asked.clear()
+    strings = [f"caption {i}" for i in range(2500)]
+    out = translate(tmp_path / "q", strings, None, ModelSpec.parse("vlmtools-tiny", "none"), "cpu")
+    assert out.shape == (2500, 32) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+    assert asked == [1024, 1024, 452]
+    whole = translate(tmp_path / "q", strings[:10], None, ModelSpec.parse("vlmtools-tiny", "none"), "cpu", chunk=3)
+    assert np.allclose(whole, out[:10], atol=1e-5)  # chunking changes nothing
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -230,8 +294,8 @@ def test_bad_t2i_inputs(world, tmp_path):
 @pytest.mark.slow
 def test_offline_world_study_001_directions(tmp_path):
     """The micro CLIP on a synth world: the probe beats zero-shot by (made-up) names, t2i on the world's
-    image captions raises text->image recall@1, and at a low image ratio class-balanced image-only adapters
-    are no worse than the imbalanced protocol."""
+    image captions raises text->image recall@1, and at 10 % of the images class-balanced image-only
+    adapters beat the imbalanced protocol by at least 10 points on three seeds."""
     w = tmp_path / "world"
     assert invoke("synth", "make", w, "--classes", 8, "--per-class", 30, "--seed", 2).exit_code == 0
     for args in (("images", w / "manifest.jsonl", "-o", tmp_path / "img"),
@@ -258,10 +322,14 @@ def test_offline_world_study_001_directions(tmp_path):
     ret = lines(res.stdout)[0]["retrieval"]
     assert ret["after"]["r1"] > ret["before"]["r1"]
 
-    acc = {}
-    for balance in ("class", "global"):
-        res = invoke("train", "adapter", img, "--text", tmp_path / "desc", "--sweep", "0.1", "--balance", balance,
-                     *train, "--test-where", "split=test", "--json")
-        assert res.exit_code == 0, res.output
-        acc[balance] = lines(res.stdout)[0]["image_only"]
-    assert acc["class"] >= acc["global"]
+    # study 001's fix: at 10 % of the images, choosing them per class keeps every class (here 2 images
+    # each), choosing them at random over all images leaves some classes with one or none: a lower
+    # accuracy on every seed, by 14 to 36 points here (0.86/0.82/0.89 vs 0.50/0.58/0.75)
+    for seed in (0, 1, 2):
+        acc = {}
+        for balance in ("class", "global"):
+            res = invoke("train", "adapter", img, "--text", tmp_path / "desc", "--sweep", "0.1", "--balance",
+                         balance, *train, "--test-where", "split=test", "--json", "--seed", seed)
+            assert res.exit_code == 0, res.output
+            acc[balance] = lines(res.stdout)[0]["image_only"]
+        assert acc["class"] >= acc["global"] + 0.10, (seed, acc)

@@ -155,7 +155,8 @@ def text_store_lookup(reader, texts: Sequence[str]) -> dict:
 
 
 def compute_precision_for(precision: str, device: str) -> str:
-    """What --precision means for --device (fp32, fp16 or bf16); only amp needs to resolve the device."""
+    """What --precision means for --device (fp32, fp16 or bf16); only amp needs to resolve the device (and
+    torch only where a GPU driver is present: models.resolve_device)."""
     from vlmtools.models import compute_precision, resolve_device
 
     return compute_precision(precision, resolve_device(device) if precision == "amp" else "cpu")
@@ -172,8 +173,9 @@ def embed_texts(texts: Sequence[str], spec, *, text_store=None, device: str = "a
     if text_store is not None and len(found) < len(unique):
         warn(f"{len(unique) - len(found)} of {len(unique)} texts are not in text store {text_store.path}; "
              f"encoding them with {spec}")
-    cache = TextCache(spec, compute=compute_precision_for(precision, device)) if use_cache else None
     missing = [t for t in unique if t not in found]
+    # the cache's key needs the compute precision (amp resolves the device): only when a text is missing
+    cache = TextCache(spec, compute=compute_precision_for(precision, device)) if use_cache and missing else None
     if missing and cache is not None:
         found.update(cache.lookup(missing))
         missing = [t for t in unique if t not in found]
@@ -581,6 +583,7 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
     ``model``/``pretrained`` (the CLI options) may name it but must match it. Returns a summary."""
     import numpy as np
 
+    from vlmtools.models import PRECISIONS
     from vlmtools.store import open_store
 
     t0 = time.perf_counter()
@@ -598,8 +601,12 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
         raise BadInput(f"--method {method!r}: expected one of {', '.join(METHODS)}")
 
     meta, rows = selected_images(images, where, image_store)
+    # read chunk by chunk from the memory-mapped shards (bounded memory); the shards' NaN/inf check runs
+    # here, before any text is encoded, so that a damaged store fails before a model loads
+    emb = images.row_view(rows)
     text_opts = dict(text_store=texts, device=device, use_cache=use_cache, precision=precision)
-    compute = compute_precision_for(precision, device)
+    if precision not in PRECISIONS:  # resolved (which may need torch for amp) only where texts are encoded
+        raise BadInput(f"--precision {precision!r}: expected one of {'|'.join(PRECISIONS)}")
 
     if method == "clip":
         for opt, value in (("--descriptors", descriptors), ("--wrap", wrap)):
@@ -615,8 +622,7 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
     # what the scores rest on: the image store's precision, the text store's (texts missing from it, and
     # all texts without one, are encoded or cached at this run's)
     clf.precision = {"image": images.info.get("compute"),
-                     "text": texts.info.get("compute") if texts is not None else compute}
-    emb = images.row_view(rows)  # read chunk by chunk from the memory-mapped shards: bounded memory
+                     "text": texts.info.get("compute") if texts is not None else compute_precision_for(precision, device)}
     t1 = time.perf_counter()
     correct = labelled = 0
     run = dict(zip(formats.RUN_KEYS, (method, str(spec), str(image_store))))

@@ -9,9 +9,34 @@ from typing import Iterator
 
 from rich.console import Console
 from rich.markup import escape
+from rich.segment import Segment
+
+from vlmtools.redact import REDACTED, escape_controls, scrub
+
+
+class SafeConsole(Console):
+    """A rich Console whose text never carries a registered secret (vlmtools.redact) nor a control
+    character from the text it shows (an ANSI escape in a server's message, a descriptor, a file name):
+    those are shown escaped. Rich's own styling and cursor control pass, as they are separate segments."""
+
+    def render_str(self, text: str, **kwargs):
+        # strings (messages, table cells) are cleaned before rich measures them, so columns fit; in markup
+        # the replacement is escaped, or rich would take "[redacted]" for a style tag
+        markup = kwargs.get("markup")
+        replacement = escape(REDACTED) if (self._markup if markup is None else markup) else REDACTED
+        return super().render_str(escape_controls(scrub(text, replacement)), **kwargs)
+
+    def render(self, renderable, options=None):
+        for segment in super().render(renderable, options):
+            if segment.control is None and segment.text:
+                text = escape_controls(scrub(segment.text))
+                if text is not segment.text:
+                    segment = Segment(text, segment.style)
+            yield segment
+
 
 # stdout carries data only: every human-facing message goes to stderr.
-console = Console(stderr=True, highlight=False)
+console = SafeConsole(stderr=True, highlight=False)
 
 _quiet = os.environ.get("VLMTOOLS_QUIET", "") not in ("", "0")
 _verbose = os.environ.get("VLMTOOLS_VERBOSE", "") not in ("", "0")
@@ -29,6 +54,10 @@ def set_verbose(value: bool) -> None:
 
 def is_verbose() -> bool:
     return _verbose
+
+
+def is_quiet() -> bool:
+    return _quiet
 
 
 def info(message, *, markup: bool = False) -> None:

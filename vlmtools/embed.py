@@ -237,25 +237,30 @@ def _plan(writer: StoreWriter, n_shards: int, rank: int, world_size: int) -> tup
     return mine, todo
 
 
-def resolve_decode(decode: str, encoder) -> tuple[str, object]:
-    """The decode path a run uses ("cpu" or "gpu") and, for "gpu", the tensor preprocessing. ``auto`` is
-    gpu on a CUDA device when the model's transform can be reproduced on tensors; ``gpu`` without CUDA runs
-    the same tensor pipeline on the CPU (torchvision's libjpeg decoder), which is what the tests check."""
+def decode_path(decode: str, device: str, preprocess) -> tuple[str, object]:
+    """The decode path ("cpu" or "gpu") and, for "gpu", the tensor preprocessing, without a word (see
+    resolve_decode)."""
     from vlmtools.images import TensorPreprocess
 
     if decode not in DECODES:
         raise BadInput(f"--decode {decode!r}: expected one of {'|'.join(DECODES)}")
-    if decode == "cpu" or (decode == "auto" and not encoder.device.startswith("cuda")):
+    if decode == "cpu" or (decode == "auto" and not device.startswith("cuda")):
         return "cpu", None
-    tensor_pre = TensorPreprocess.from_transform(encoder.preprocess)
-    if tensor_pre is None:
-        if decode == "gpu":
-            console.warn(f"--decode gpu: the model's preprocessing ({encoder.preprocess_description()}) has a "
-                         f"step the tensor pipeline does not reproduce; decoding on the CPU with PIL")
-        return "cpu", None
-    if decode == "gpu" and not encoder.device.startswith("cuda"):
+    tensor_pre = TensorPreprocess.from_transform(preprocess)
+    return ("cpu", None) if tensor_pre is None else ("gpu", tensor_pre)
+
+
+def resolve_decode(decode: str, encoder) -> tuple[str, object]:
+    """The decode path a run uses ("cpu" or "gpu") and, for "gpu", the tensor preprocessing. ``auto`` is
+    gpu on a CUDA device when the model's transform can be reproduced on tensors; ``gpu`` without CUDA runs
+    the same tensor pipeline on the CPU (torchvision's libjpeg decoder), which is what the tests check."""
+    path, tensor_pre = decode_path(decode, encoder.device, encoder.preprocess)
+    if decode == "gpu" and path == "cpu":
+        console.warn(f"--decode gpu: the model's preprocessing ({encoder.preprocess_description()}) has a "
+                     f"step the tensor pipeline does not reproduce; decoding on the CPU with PIL")
+    elif decode == "gpu" and not encoder.device.startswith("cuda"):
         console.info("--decode gpu without a CUDA device: decoding JPEGs with torchvision on the CPU")
-    return "gpu", tensor_pre
+    return path, tensor_pre
 
 
 class _BatchDecoder:
@@ -392,17 +397,106 @@ class _DecodeAhead:
             self.thread.join(timeout=10)
 
 
+@dataclass(frozen=True)
+class _LoaderPlan:
+    """What decode workers are started for: a loader made for one plan serves only a run with that plan."""
+    batches: list
+    transform: str  # the preprocess transform's description
+    raw_jpeg: bool
+    draft_side: int | None
+    workers: int
+    pin_memory: bool
+
+
+def _image_loader(sources: Sequence, preprocess: Callable, plan: _LoaderPlan):
+    import torch
+
+    return torch.utils.data.DataLoader(
+        _ImageDataset(sources, preprocess, plan.draft_side, raw_jpeg=plan.raw_jpeg), batch_sampler=plan.batches,
+        num_workers=plan.workers, collate_fn=_collate, pin_memory=plan.pin_memory, worker_init_fn=_quiet_worker,
+        persistent_workers=False, prefetch_factor=prefetch_for(plan.workers) if plan.workers > 0 else None)
+
+
+class _Prefetch:
+    """A loader's iterator started before the model loads: its workers fork (small, without the model) and
+    decode the first batches while the model is built; the run takes it when its plan is the same."""
+
+    def __init__(self, sources: Sequence, preprocess: Callable, plan: _LoaderPlan):
+        self.plan = plan
+        self.iterator = iter(_image_loader(sources, preprocess, plan))
+
+    def take(self):
+        iterator, self.iterator = self.iterator, None
+        return iterator
+
+    def close(self) -> None:
+        """Stop the workers now (an interrupted model load, or a plan that changed)."""
+        iterator, self.iterator = self.iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
+
+
+def run_precision(precision: str, device: str) -> dict:
+    """What a store records of the encoder's precision (Encoder.precision_info), known before any model
+    loads (on a machine without a GPU driver, without importing torch)."""
+    from vlmtools.models import compute_precision, resolve_device
+
+    return {"precision": precision, "compute": compute_precision(precision, resolve_device(device))}
+
+
+def image_run_info(records: Sequence[dict], sources: Sequence | None, extra_info: dict | None,
+                   precision: dict) -> dict:
+    """The store info keys that identify an `embed images` run: its input, the images' files, precision."""
+    return {**(extra_info or {}), "input_sha": input_digest(records), "input_count": len(records),
+            "files_sha": files_digest(records, sources), **precision}
+
+
+def finished_run(out: str, *, kind: str, spec, run_info: dict, n_shards: int, dtype: str, shard_size: int,
+                 rank: int | None = None, world_size: int | None = None, force: bool = False,
+                 retry_errors: bool = False) -> EmbedSummary | None:
+    """The summary of a run with nothing to do, decided from the store alone before any model loads: the
+    store at ``out`` was written by this very run (kind, model, layout, input, files, precision) and every
+    shard of this worker is on disk. None otherwise: the run goes on and decides as it always did."""
+    from pathlib import Path
+
+    path = Path(out)
+    if force or not (path / INFO).is_file() or (retry_errors and any(path.glob("errors-*.jsonl"))):
+        return None
+    try:
+        info = read_info(path)
+    except BadInput:
+        return None
+    expected = {"kind": kind, "model": spec.as_dict(), "dtype": dtype, "shard_size": shard_size, **run_info}
+    if any(info.get(key) != value for key, value in expected.items()) or not isinstance(info.get("dim"), int):
+        return None
+    rank, world_size = worker_slot(rank, world_size)
+    mine = [k for k in range(n_shards) if k % world_size == rank]
+    if not all((path / formats.emb_name(formats.shard_stem(k))).exists() for k in mine):
+        return None
+    with _exclusive(out, rank, world_size):
+        writer = StoreWriter(out, kind=kind, model=spec.as_dict(), dim=info["dim"], dtype=dtype,
+                             shard_size=shard_size, extra_info=run_info)
+        done = writer.finalize(n_shards)
+    console.info(f"{out}: all {len(mine)} shard(s) of this worker are already done; nothing to do (the model "
+                 f"was not loaded)")
+    return EmbedSummary(out, (done or {}).get("count") or 0, 0, 0, 0, len(mine), 0.0, done is not None)
+
+
 def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int = 64, workers: int | None = None,
                  shard_size: int = 10000, dtype: str = "float16", rank: int | None = None,
                  world_size: int | None = None, retry_errors: bool = False, force: bool = False,
                  decode: str = "auto", draft: bool = True, sources: Sequence | None = None,
-                 shard_bounds: Sequence[int] | None = None, extra_info: dict | None = None) -> EmbedSummary:
+                 shard_bounds: Sequence[int] | None = None, extra_info: dict | None = None,
+                 run_info: dict | None = None, prefetch: "_Prefetch | None" = None) -> EmbedSummary:
     """Embed manifest ``records`` with ``encoder`` (a models.Encoder) into the store ``out``.
     ``retry_errors`` redoes the shards whose inputs failed before (e.g. after fixing the files);
     ``force`` empties an existing store first.
     ``decode``: auto|cpu|gpu (see resolve_decode); ``draft``: JPEG draft decoding on the PIL path.
     ``sources`` (default: each record's path) says where each input's bytes are (wds.read_source);
-    ``shard_bounds`` makes store shard k hold input rows [bounds[k], bounds[k+1]) (one per input tar)."""
+    ``shard_bounds`` makes store shard k hold input rows [bounds[k], bounds[k+1]) (one per input tar).
+    ``run_info``: image_run_info, when the caller computed it; ``prefetch``: decode workers the caller
+    started before the model loaded (used when they were started for this very run)."""
     if not records:
         raise BadInput("no images to embed (empty input)")
     worker_slot(rank, world_size)
@@ -411,24 +505,24 @@ def embed_images(records: Sequence[dict], out: str, encoder, *, batch_size: int 
         return _embed_images(records, out, encoder, batch_size=batch_size, workers=workers,
                              shard_size=shard_size, dtype=dtype, rank=rank, world_size=world_size,
                              retry_errors=retry_errors, decode=decode, draft=draft, sources=sources,
-                             shard_bounds=shard_bounds, extra_info=extra_info)
+                             shard_bounds=shard_bounds, extra_info=extra_info, run_info=run_info,
+                             prefetch=prefetch)
 
 
 def _embed_images(records, out, encoder, *, batch_size, workers, shard_size, dtype, rank, world_size,
-                  retry_errors, decode, draft, sources, shard_bounds, extra_info) -> EmbedSummary:
+                  retry_errors, decode, draft, sources, shard_bounds, extra_info, run_info, prefetch) -> EmbedSummary:
     import numpy as np
-    import torch
 
     rank, world_size = worker_slot(rank, world_size)
     path, tensor_pre = resolve_decode(decode, encoder)
     if workers is None:
         workers = default_workers(encoder.device)
+    precision = encoder.precision_info()
+    if run_info is None or any(run_info.get(k) != v for k, v in precision.items()):
+        run_info = image_run_info(records, sources, extra_info, precision)
     writer = StoreWriter(out, kind="image", model=encoder.spec.as_dict(), dim=encoder.embed_dim, dtype=dtype,
                          shard_size=shard_size, preprocess=encoder.preprocess_description(),
-                         extra_info={**(extra_info or {}), "input_sha": input_digest(records),
-                                     "input_count": len(records), "files_sha": files_digest(records, sources),
-                                     **encoder.precision_info()},
-                         renewable=("files_sha",) if retry_errors else ())
+                         extra_info=run_info, renewable=("files_sha",) if retry_errors else ())
     if retry_errors:
         reopened = writer.reopen_failed()
         console.info(f"retrying {len(reopened)} shard(s) with failed inputs" if reopened else
@@ -447,11 +541,16 @@ def _embed_images(records, out, encoder, *, batch_size, workers, shard_size, dty
     draft_side = encoder.image_size if draft else None
     to_batch = _BatchDecoder(encoder, tensor_pre, draft_side)
     ahead = path == "gpu" or on_cuda  # decoding or host-to-device copies to overlap with the model
-    loader = torch.utils.data.DataLoader(
-        _ImageDataset(sources, encoder.preprocess, draft_side, raw_jpeg=path == "gpu"),
-        batch_sampler=_shard_batches(todo, ranges, batch_size),
-        num_workers=workers, collate_fn=_collate, pin_memory=on_cuda, worker_init_fn=_quiet_worker,
-        persistent_workers=False, prefetch_factor=prefetch_for(workers) if workers > 0 else None)
+    batches = _shard_batches(todo, ranges, batch_size)
+    plan = _LoaderPlan(batches, encoder.preprocess_description(), path == "gpu", draft_side, workers, on_cuda)
+    if prefetch is not None and prefetch.plan == plan:
+        loader = prefetch.take()  # its workers have been decoding since before the model loaded
+    else:
+        if prefetch is not None:
+            console.debug("the decode workers started before the model loaded were started for another plan "
+                          "(the model's transform or the shards differ); starting them again")
+            prefetch.close()
+        loader = _image_loader(sources, encoder.preprocess, plan)
     shard_of = {}  # last input row of a shard -> the shard
     for k in todo:
         if ranges[k][0] == ranges[k][1]:  # an input shard without images: an empty store shard
@@ -561,10 +660,30 @@ def embed_texts(rows: Sequence[dict], out: str, encoder, *, batch_size: int = 25
                             extra_info=extra_info, rank=rank, world_size=world_size)
 
 
+def text_run_info(rows: Sequence[dict], extra_info: dict | None, precision: dict) -> dict:
+    """The store info keys that identify an `embed text` run: its input and precision."""
+    return {**(extra_info or {}), "input_sha": input_digest(rows), "input_count": len(rows), **precision}
+
+
+def embed_text_input(rows: Sequence[dict], extras: dict, out: str, spec, *, device: str = "auto",
+                     precision: str = "amp", force: bool = False, **options) -> EmbedSummary:
+    """`embed text`: "nothing to do" from the store alone when this run finished before (no model loaded),
+    else load the model and embed ``rows`` (text_records)."""
+    from vlmtools.models import load_model
+
+    shard_size = options.get("shard_size", 10000)
+    finished = finished_run(out, kind="text", spec=spec, run_info=text_run_info(rows, extras, run_precision(
+                                precision, device)), n_shards=max(1, math.ceil(len(rows) / shard_size)),
+                            dtype=options.get("dtype", "float16"), shard_size=shard_size, rank=options.get("rank"),
+                            world_size=options.get("world_size"), force=force)
+    if finished is not None:
+        return finished
+    return embed_texts(rows, out, load_model(spec, device, precision), extra_info=extras, force=force, **options)
+
+
 def _embed_texts(rows, out, encoder, *, batch_size, shard_size, dtype, extra_info, rank, world_size) -> EmbedSummary:
     rank, world_size = worker_slot(rank, world_size)
-    extra = {**(extra_info or {}), "input_sha": input_digest(rows), "input_count": len(rows),
-             **encoder.precision_info()}
+    extra = text_run_info(rows, extra_info, encoder.precision_info())
     writer = StoreWriter(out, kind="text", model=encoder.spec.as_dict(), dim=encoder.embed_dim, dtype=dtype,
                          shard_size=shard_size, extra_info=extra)
     n_shards = max(1, math.ceil(len(rows) / shard_size))
@@ -619,17 +738,76 @@ def read_image_input(arg: str):
     return records, None, None, {}
 
 
-def embed_image_input(arg: str, out: str, load_encoder: Callable, **options) -> EmbedSummary:
-    """`embed images`: read the input (a bad one fails before the model loads), then load the model with
-    ``load_encoder()`` (returns a models.Encoder) and embed. Loading the model in a thread meanwhile was
-    tried and dropped: Ctrl-C during the load then aborted the process inside torch (SIGABRT)."""
+def _start_workers(records, sources, bounds, out: str, spec, device: str, *, batch_size: int = 64,
+                   workers: int | None = None, shard_size: int = 10000, rank: int | None = None,
+                   world_size: int | None = None, retry_errors: bool = False, force: bool = False,
+                   decode: str = "auto", draft: bool = True, **_) -> _Prefetch | None:
+    """Decode workers for the shards this run will embed, started from the model's config (its transform
+    is all they need) before the model loads; None where the config does not say (the run starts them
+    after the load, as before)."""
+    from pathlib import Path
+
+    from vlmtools.models import config_preprocess, resolve_device
+
+    device = resolve_device(device)
+    workers = default_workers(device) if workers is None else workers
+    if workers == 0:
+        return None
+    console.loading("torch and open_clip, and starting the decode workers")
+    preprocess = config_preprocess(spec)
+    if preprocess is None:
+        return None
+    path, _ = decode_path(decode, device, preprocess)
+    size = next(t.size for t in preprocess.transforms if hasattr(t, "size"))  # the Resize step: the image size
+    rank, world_size = worker_slot(rank, world_size)
+    ranges = _shard_ranges(len(records), shard_size, bounds)
+    store = Path(out)
+
+    def done(k: int) -> bool:
+        stem = formats.shard_stem(k)
+        return not force and (store / formats.emb_name(stem)).exists() and not (
+            retry_errors and (store / f"errors-{stem}.jsonl").exists())
+
+    todo = [k for k in range(len(ranges)) if k % world_size == rank and not done(k)]
+    plan = _LoaderPlan(_shard_batches(todo, ranges, batch_size), repr(preprocess).replace("\n", " "),
+                       path == "gpu", (size if isinstance(size, int) else size[0]) if draft else None, workers,
+                       device.startswith("cuda"))
+    return _Prefetch(sources if sources is not None else [r["path"] for r in records], preprocess, plan)
+
+
+def embed_image_input(arg: str, out: str, spec, *, device: str = "auto", precision: str = "amp",
+                      load_encoder: Callable | None = None, **options) -> EmbedSummary:
+    """`embed images`: read the input (a bad one fails before the model loads); say "nothing to do" from the
+    store alone when this run finished before; else start the decode workers, load the model (``spec`` on
+    ``device`` at ``precision``, or ``load_encoder()``) meanwhile, and embed. The model loads in this
+    thread: loading it in another one was tried and dropped, as Ctrl-C during the load then aborted the
+    process inside torch (SIGABRT); the workers ignore Ctrl-C and are stopped here."""
+    from vlmtools.models import load_model
+
     start = time.perf_counter()
     records, sources, bounds, extras = read_image_input(arg)
+    run_info = image_run_info(records, sources, extras, run_precision(precision, device))
     read = time.perf_counter()
-    encoder = load_encoder()
-    loaded = time.perf_counter()
-    summary = embed_images(records, out, encoder, sources=sources, shard_bounds=bounds, extra_info=extras,
-                           **options)
-    summary.timings = {"read_input": round(read - start, 3), "load_model": round(loaded - read, 3),
-                       **summary.timings}
+    shard_size = options.get("shard_size", 10000)
+    finished = finished_run(out, kind="image", spec=spec, run_info=run_info,
+                            n_shards=len(_shard_ranges(len(records), shard_size, bounds)),
+                            dtype=options.get("dtype", "float16"), shard_size=shard_size, rank=options.get("rank"),
+                            world_size=options.get("world_size"), force=options.get("force", False),
+                            retry_errors=options.get("retry_errors", False))
+    if finished is not None:
+        finished.timings = {"read_input": round(read - start, 3)}
+        return finished
+    prefetch = _start_workers(records, sources, bounds, out, spec, device, **options)
+    started = time.perf_counter()
+    try:
+        formats.failpoint("embed.load_model")
+        encoder = load_encoder() if load_encoder is not None else load_model(spec, device, precision)
+        loaded = time.perf_counter()
+        summary = embed_images(records, out, encoder, sources=sources, shard_bounds=bounds, extra_info=extras,
+                               run_info=run_info, prefetch=prefetch, **options)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
+    summary.timings = {"read_input": round(read - start, 3), "start_workers": round(started - read, 3),
+                       "load_model": round(loaded - started, 3), **summary.timings}
     return summary

@@ -68,6 +68,23 @@ def load_rgb(path, draft_side: int | None = None, name: str | None = None):
         return img.convert("RGB")
 
 
+def read_image(path, what: str = "image"):
+    """load_rgb for a command that cannot go on without this image: a missing or unreadable file is
+    BadInput (exit 2) naming it (``what``: how the message names it, e.g. "--image")."""
+    from pathlib import Path
+
+    from vlmtools.errors import BadInput
+    from vlmtools.wds import split_member_path
+
+    if not Path(path).is_file() and split_member_path(path) is None:
+        raise BadInput(f"{what} {path}: no such file" if what != "image" else f"{path}: no such image file")
+    try:
+        return load_rgb(path)
+    except Exception as exc:  # PIL raises many types for truncated or unknown files
+        raise BadInput(f"{what} {path}: cannot read it as an image ({type(exc).__name__}: "
+                       f"{' '.join(str(exc).split())[:160]})") from None
+
+
 def is_jpeg(data: bytes) -> bool:
     return data[:3] == JPEG_MAGIC
 

@@ -18,6 +18,9 @@ The automatic choice follows autofaiss's reasoning (criteo/autofaiss, get_optima
 with nlist ~ 4*sqrt(N) rounded to a power of two (131072 from 300M rows on).
 Measured on 1M x 512 (README, benchmarks/bench_index.py): the fast-scan codes with reranking beat
 byte-coded PQ64 without it on both recall and speed.
+
+The search parameters (nprobe, efSearch, rerank) are then tuned to the cheapest that reach a target
+recall@k on held-out store rows (`--target-recall`, tune_params), and saved in index.json.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from vlmtools import formats
@@ -44,6 +48,13 @@ HNSW_COARSE_FROM = 16_384  # lists; below, a flat coarse quantizer costs less th
 NPROBE_SHARE_PQ = 128  # default nprobe for PQ indexes: max(16, nlist/128)
 DEFAULT_RERANK = 10  # PQ indexes: rescore 10*k candidates from the store (0 turns it off)
 ADD_CHUNK = 65_536  # rows converted to float32 and added at a time
+DEFAULT_TARGET_RECALL = 0.95
+DEFAULT_RECALL_K = 10
+TUNE_QUERIES = 1000  # held-out store rows searched per setting (fewer on huge stores, see tune_query_count)
+TUNE_PAIRS = 2 * 10**9  # queries x rows of the ground truth (one exact pass, done while the rows are added)
+EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
+RERANK_LADDER = (0, 2, 5, 10, 20, 50, 100, 200)
+PLATEAU = 0.002  # recall gained by one more ladder step below which the scan up that ladder stops
 
 
 # ----------------------------------------------------------------------------- choosing a key
@@ -201,9 +212,14 @@ def _sample_rows(reader, size: int, seed: int):
     """A seeded uniform sample of ``size`` store rows as float32, read shard by shard."""
     import numpy as np
 
-    n = len(reader)
-    picks = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-    out = np.empty((size, reader.dim), dtype=np.float32)  # filled in place: the sample is held once
+    return _rows_at(reader, np.sort(np.random.default_rng(seed).choice(len(reader), size=size, replace=False)))
+
+
+def _rows_at(reader, picks):
+    """Store rows ``picks`` (sorted) as float32, read shard by shard."""
+    import numpy as np
+
+    out = np.empty((len(picks), reader.dim), dtype=np.float32)  # filled in place: the sample is held once
     start = 0
     for emb in reader.emb_shards():
         stop = start + emb.shape[0]
@@ -247,12 +263,16 @@ def index_paths(store: str | Path) -> tuple[Path, Path]:
 
 def build_index(store: str | Path, index_key: str = "auto", max_memory: str | int = DEFAULT_MAX_MEMORY,
                 nprobe: int | None = None, ef_search: int | None = None, force: bool = False,
-                seed: int = 0, gpu: bool | None = None, rerank: int | None = None) -> dict:
+                seed: int = 0, gpu: bool | None = None, rerank: int | None = None,
+                target_recall: float | None = None, recall_k: int = DEFAULT_RECALL_K) -> dict:
     """Build (or keep) the store's index; returns its index.json record.
 
     An up-to-date index (same key, or ``auto``) is kept unless ``force``; new nprobe/ef_search values are
     saved without a rebuild. A stale one (the store's row count, dim or model changed) is rebuilt with
     ``index_key`` (``auto`` chooses afresh). Replacing a current index with another key needs ``force``.
+    A new index's search parameters are tuned to reach ``target_recall`` (None: DEFAULT_TARGET_RECALL; 0:
+    no tuning, the defaults) at recall@``recall_k`` on held-out store rows; given nprobe, ef_search and
+    rerank stay fixed. An up-to-date index is tuned again when ``target_recall`` is given and differs.
     """
     import faiss
     import numpy as np
@@ -263,15 +283,23 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
     n, dim = len(reader), reader.dim
     if n == 0:
         raise BadInput(f"{store}: the store is empty; nothing to index")
-    for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search), ("--rerank", rerank)):
+    for name, value in (("--nprobe", nprobe), ("--ef-search", ef_search), ("--rerank", rerank),
+                        ("--recall-k", recall_k)):
         if value is not None and value < (0 if name == "--rerank" else 1):
             raise BadInput(f"{name} must be at least {0 if name == '--rerank' else 1}")
+    if target_recall is not None and not 0 <= target_recall <= 1:
+        raise BadInput(f"--target-recall must be between 0 and 1 (got {target_recall}; 0 turns tuning off)")
     key = choose_index_key(n, dim, max_memory) if index_key == "auto" else index_key.strip()
     faiss_path, info_path = index_paths(store)
 
     old = read_index_info(store)
     if old is not None and not force:
         stale = stale_reasons(old, reader)
+        tuned = old.get("tuning") or {}
+        if not stale and (index_key == "auto" or old.get("index_key") == key) and target_recall \
+                and (tuned.get("target_recall"), tuned.get("k")) != (target_recall, recall_k):
+            return _retune(reader, old, target_recall, recall_k, _fixed_params(old["index_key"], nprobe,
+                                                                               ef_search, rerank), seed)
         if not stale and (index_key == "auto" or old.get("index_key") == key):
             fresh = default_params(old["index_key"], nprobe, ef_search, rerank)
             given = {"nprobe"} if nprobe else set()
@@ -309,6 +337,9 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
         if not on_gpu:
             warn(f"faiss cannot build {key} on the GPU; building on the CPU")
 
+    target = DEFAULT_TARGET_RECALL if target_recall is None else target_recall
+    # the held-out rows' exact neighbours are found while the rows pass by to be added (no second pass)
+    probe = RecallProbe(reader, recall_k, seed) if target > 0 and key != "Flat" and n > recall_k + 1 else None
     started = time.perf_counter()
     n_train = 0
     if not index.is_trained:
@@ -319,14 +350,36 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
                  f"fewer lists (--index-key) or more memory train better")
         info(f"training {key} on {n_train} sampled rows (seed {seed})")
         index.train(_sample_rows(reader, n_train, seed))
+    # The held-out rows are added after tuning, so that they are measured as queries from outside the index
+    # (a stored row left in an HNSW graph leads a search straight to its neighbours: measured on 200k x 512,
+    # 0.953 for such rows against 0.928 for fresh queries). IVF indexes take explicit ids (= store rows);
+    # others are wrapped in an IndexIDMap that maps their insertion order back to store rows.
+    ids_later = probe is not None and (ivf_of(index) is not None or not on_gpu)
+    if ids_later and ivf_of(index) is None:
+        index = faiss.IndexIDMap(index)
+    added = 0
     with progress(f"indexing {key}", total=n, unit="rows") as bar:
         for emb in reader.emb_shards():
             for start in range(0, emb.shape[0], ADD_CHUNK):
                 chunk = np.ascontiguousarray(emb[start:start + ADD_CHUNK], dtype=np.float32)
-                index.add(chunk)
+                if ids_later:
+                    ids = np.arange(added, added + chunk.shape[0], dtype=np.int64)
+                    keep = ~np.isin(ids, probe.rows)
+                    index.add_with_ids(chunk[keep], ids[keep])
+                else:
+                    index.add(chunk)
+                if probe is not None:
+                    probe.add(chunk, added)
+                added += chunk.shape[0]
                 bar.advance(chunk.shape[0])
     if on_gpu:
         index = faiss.index_gpu_to_cpu(index)
+    tuned = None
+    if probe is not None:
+        tuned = tune_params(reader, index, key, probe, target, _fixed_params(key, nprobe, ef_search, rerank),
+                            holds_rows=not ids_later)
+        if ids_later:
+            index.add_with_ids(probe.queries, probe.rows.astype(np.int64))
     if index.ntotal != n:
         raise BadInput(f"{store}: indexed {index.ntotal} rows but the store says {n}; the store is damaged")
     seconds = time.perf_counter() - started
@@ -339,6 +392,7 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
         "count": int(index.ntotal),
         "dim": dim,
         "store_count": n,
+        "store_content_sha256": reader.info.get("content_sha256"),  # the store it was built from
         "model": reader.info.get("model"),
         "params": params,
         "train_size": n_train,
@@ -348,12 +402,291 @@ def build_index(store: str | Path, index_key: str = "auto", max_memory: str | in
         "build_seconds": round(seconds, 3),
         "faiss_version": faiss.__version__,
     }
+    if tuned is not None:
+        record["params"], record["tuning"] = tuned
+        report_tuning(record["tuning"], key)
     # index.json goes first and comes back last: an index.faiss without index.json is not an index.
     info_path.unlink(missing_ok=True)
     with formats.atomic_path(faiss_path) as tmp:
         faiss.write_index(index, str(tmp))
+        record["faiss_bytes"], record["faiss_sha256"] = tmp.stat().st_size, formats.file_sha256(tmp)
     formats.write_json(info_path, record)
     info(f"{key} over {n} rows (dim {dim}) in {seconds:.1f} s -> {faiss_path}")
+    return record
+
+
+# ----------------------------------------------------------------------------- tuning for a target recall
+# autofaiss tunes efSearch/nprobe for a query-time budget (the most recall within 10 ms per query); here the
+# user names the recall, and the cheapest search parameters that reach it are measured on the store itself.
+
+def tune_query_count(n: int) -> int:
+    """Held-out queries for n rows: 1000, fewer from 2M rows on (at least 200), never more than n."""
+    return min(n, max(200, min(TUNE_QUERIES, TUNE_PAIRS // max(n, 1))))
+
+
+class RecallProbe:
+    """Held-out queries for measuring recall@k on the store itself: a seeded sample of store rows, kept out
+    of the index while it is measured (IVF: added only after tuning; HNSW: unlinked from the graph for the
+    while, see held_out), each asked for its k nearest rows among the others. Their exact neighbours are
+    accumulated chunk by chunk (``add``) while the rows are indexed, or in one pass (``fill``); held-out
+    rows are dropped from the truth and from the answers alike."""
+
+    def __init__(self, reader, k: int, seed: int):
+        import numpy as np
+
+        from vlmtools.search import RunningTopK
+
+        n = len(reader)
+        self.k = k
+        self.rows = np.sort(np.random.default_rng(seed + 1).choice(n, size=tune_query_count(n), replace=False))
+        self.queries = _rows_at(reader, self.rows)
+        # 2k + 1: the k nearest non-held-out rows are among them unless k + 1 held-out rows crowd in
+        self.truth = RunningTopK(self.queries, 2 * k + 1)
+        self.add = self.truth.add
+        self.skip: set[int] = set()  # rows that cannot be held out (an HNSW graph's entry point)
+        # where the held-out rows are in the index (a retune), they take answer slots that are then dropped:
+        # the query itself, and about k * share of the others; three times that, to be safe (held_in)
+        self.extra = 0
+        self._extra = 1 + math.ceil(3 * k * len(self.rows) / n)
+
+    def held_in(self, yes: bool) -> None:
+        """Whether the index being measured holds the held-out rows: then searches fetch ``extra`` more hits
+        and candidates (beside the k and rerank*k of a real search), for the held-out ones dropped."""
+        self.extra = self._extra if yes else 0
+
+    def fill(self, reader) -> None:
+        import numpy as np
+
+        from vlmtools.search import EXACT_CHUNK
+
+        offset = 0
+        with progress("exact search of the held-out rows", total=len(reader), unit="rows") as bar:
+            for emb in reader.emb_shards():
+                for start in range(0, emb.shape[0], EXACT_CHUNK):
+                    self.add(np.ascontiguousarray(emb[start:start + EXACT_CHUNK], dtype=np.float32), offset + start)
+                    bar.advance(min(EXACT_CHUNK, emb.shape[0] - start))
+                offset += emb.shape[0]
+
+    def recall(self, found) -> float:
+        """Mean share of each query's k true neighbours among its first k answers (held-out rows and -1
+        padding dropped from both)."""
+        held = set(self.rows.tolist())
+        hits = total = 0
+        for own, truth, got in zip(self.rows.tolist(), self.truth.rows.tolist(), found.tolist()):
+            if own in self.skip:
+                continue
+            truth = [r for r in truth if r not in held][:self.k]
+            hits += len(set(truth) & set([r for r in got if r >= 0 and r not in held][:self.k]))
+            total += len(truth)
+        return hits / max(total, 1)
+
+    def measure(self, reader, index, key: str, params: dict) -> tuple[float, float]:
+        """(recall@k, queries/s) of searching the held-out rows with ``params`` as `vlmtools search` would."""
+        from vlmtools.search import search_vectors
+
+        started = time.perf_counter()
+        _, found, _ = search_vectors(reader, self.queries, self.k, extra=self.extra,
+                                     loaded=(index, {"index_key": key, "params": params}))
+        seconds = time.perf_counter() - started
+        return self.recall(found), len(self.rows) / max(seconds, 1e-9)
+
+
+def ivf_of(index):
+    """The IVF index inside ``index`` (behind OPQ/PCA transforms), or None."""
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+@contextmanager
+def held_out(index, probe: RecallProbe):
+    """Tuning an HNSW index that holds the probe's rows (an up-to-date index tuned again): while the block
+    runs, every link to them is dropped from the graph (each neighbour list keeps its order, the freed slots
+    at its end), so that a search cannot reach them through their own links; restored after. This errs the
+    other way (their neighbours lose a link each: measured on 20k x 64, 0.79-0.93 for efSearch 16-64
+    against 0.84-0.95 for fresh queries), so a target reached this way holds for fresh queries. Indexes that
+    do not hold the rows (a build adds them after tuning) and other kinds: as they are."""
+    import faiss
+    import numpy as np
+
+    graph = _graph(index)
+    if graph is None:
+        yield
+        return
+    idmap, hnsw = graph
+    labels = faiss.vector_to_array(idmap.id_map) if idmap is not None else None  # graph node -> store row
+    nodes = probe.rows if labels is None else np.flatnonzero(np.isin(labels, probe.rows))
+    original = faiss.vector_to_array(hnsw.neighbors)
+    layers = faiss.vector_to_array(hnsw.levels).astype(np.int64)  # per node: its layers (level + 1)
+    sizes = np.diff(faiss.vector_to_array(hnsw.cum_nneighbor_per_level).astype(np.int64))
+    first = np.cumsum(layers) - layers  # each node's first segment
+    layer_of = np.arange(int(layers.sum())) - np.repeat(first, layers)
+    segment = np.repeat(np.arange(len(layer_of), dtype=np.int32), sizes[layer_of])
+    if len(segment) != len(original):
+        raise RuntimeError("unexpected HNSW layout")  # a faiss whose graph this code does not know
+    drop = (original < 0) | np.isin(original, nodes)
+    order = np.lexsort((drop, segment))  # by segment, kept links first, each group in its own order
+    links = original[order]
+    links[drop[order]] = -1
+    del segment, order, drop
+    entry = int(hnsw.entry_point)  # the search starts there: it cannot be unlinked
+    probe.skip = {entry if labels is None else int(labels[entry])}
+    faiss.copy_array_to_vector(links, hnsw.neighbors)
+    try:
+        yield
+    finally:
+        faiss.copy_array_to_vector(original, hnsw.neighbors)
+        probe.skip = set()
+
+
+def _ladder(values, top: int) -> list[int]:
+    return sorted({v for v in values if v <= top} | {top})
+
+
+def tune_params(reader, index, key: str, probe: RecallProbe, target: float, fixed: dict,
+                holds_rows: bool = True) -> tuple[dict, dict]:
+    """The cheapest search parameters whose recall@k on the held-out rows reaches ``target``: (params, the
+    tuning record saved in index.json). Recall grows with nprobe, efSearch and rerank, so each is searched
+    for its least value that reaches the target; where two trade off (IVF-PQ: lists visited vs candidates
+    reranked), the fastest of the settings that reach it wins. ``fixed``: parameters the user set (kept).
+    ``holds_rows``: the index holds the held-out rows (see held_out), else they are added after."""
+    import contextlib
+
+    probe.held_in(holds_rows and _graph(index) is None)  # unlinked graph rows cannot be reached
+    with held_out(index, probe) if holds_rows else contextlib.nullcontext():
+        params, record = _tune_params(reader, index, key, probe, target, fixed)
+    record["held_out"] = "added after tuning" if not holds_rows else (
+        "unlinked from the graph" if _graph(index) is not None else "in the index, dropped from answers")
+    return params, record
+
+
+def _graph(index):
+    """(the IndexIDMap or None, the HNSW graph) of an HNSW index (bare or in an IndexIDMap), else None."""
+    import faiss
+
+    if ivf_of(index) is not None:
+        return None
+    outer = faiss.downcast_index(index)
+    idmap = outer if isinstance(outer, faiss.IndexIDMap) else None
+    hnsw = getattr(faiss.downcast_index(idmap.index) if idmap is not None else outer, "hnsw", None)
+    return None if hnsw is None else (idmap, hnsw)
+
+
+def _tune_params(reader, index, key: str, probe: RecallProbe, target: float, fixed: dict) -> tuple[dict, dict]:
+    started = time.perf_counter()
+    tried: list[dict] = []
+
+    def measure(params: dict) -> tuple[float, float]:
+        recall, qps = probe.measure(reader, index, key, params)
+        tried.append({**params, "recall": round(recall, 4), "qps": round(qps, 1)})
+        return recall, qps
+
+    def least(values, params_for):
+        """The least value reaching the target, or None. Recall grows with the value, and so does the cost,
+        about in step with the ladders' steps (x1.5 to x2), so a scan upwards costs 2 to 3 times the answer.
+        It stops early when a step adds less than PLATEAU (more of this parameter cannot reach the target:
+        what the scan would pay most for)."""
+        previous = None
+        for value in values:
+            recall = measure(params_for(value))[0]
+            if recall >= target:
+                return value
+            if previous is not None and recall - previous < PLATEAU:
+                return None
+            previous = recall
+        return None
+
+    ivf = re.search(r"IVF(\d+)", key)
+    pq = has_pq_codes(key)
+    reranks = [fixed["rerank"]] if "rerank" in fixed else list(RERANK_LADDER if pq else (0,))
+    chosen = None
+    if ivf:
+        nlist = int(ivf.group(1))
+        probes = [fixed["nprobe"]] if "nprobe" in fixed else _ladder([2 ** i for i in range(20)], nlist)
+
+        def params_for(rerank):
+            def make(nprobe):
+                params = {"nprobe": nprobe, "rerank": rerank}
+                if "_HNSW" in key:
+                    params["quantizer_efSearch"] = fixed.get("quantizer_efSearch") or max(DEFAULT_EF_SEARCH, 2 * nprobe)
+                return params
+            return make
+
+        finalists = []
+        for rerank in reranks:
+            nprobe = least(probes, params_for(rerank))
+            if nprobe is not None:
+                finalists.append(params_for(rerank)(nprobe))
+                probes = [p for p in probes if p <= nprobe]  # more reranking needs no more lists
+                if len(finalists) == 2:  # a further rerank step rarely pays: its candidates cost more
+                    break
+        if len(finalists) > 1:
+            for params in finalists:
+                measure(params)  # timed again: each counts its faster timing
+        if finalists:
+            chosen = max(finalists, key=lambda p: max(t["qps"] for t in tried if _same(t, p)))
+    elif "HNSW" in key:
+        efs = [fixed["efSearch"]] if "efSearch" in fixed else list(EF_LADDER)
+        ef = least(efs, lambda ef: {"efSearch": ef, "rerank": reranks[0]})
+        chosen = {"efSearch": ef, "rerank": reranks[0]} if ef is not None else None
+    else:  # Flat, or codes without lists (PQ32, SQ8): only reranking to choose
+        rerank = least(reranks, lambda r: {"rerank": r})
+        chosen = {"rerank": rerank} if rerank is not None else None
+    reached = chosen is not None
+    if not reached:  # the most accurate setting tried, the faster of equals
+        best = max(tried, key=lambda t: (t["recall"], t["qps"]))
+        chosen = {k: v for k, v in best.items() if k not in ("recall", "qps")}
+    final = [t for t in tried if _same(t, chosen)]
+    if not pq and "rerank" not in fixed:  # exact distances: nothing to rerank, nothing to save
+        chosen = {k: v for k, v in chosen.items() if k != "rerank"}
+    record = {"target_recall": target, "k": probe.k, "queries": len(probe.rows), "reached": reached,
+              "params": chosen, "recall": final[-1]["recall"], "qps": max(t["qps"] for t in final),
+              "seconds": round(time.perf_counter() - started, 1), "tried": tried}
+    return chosen, record
+
+
+def _same(tried: dict, params: dict) -> bool:
+    return all(tried.get(k) == v for k, v in params.items())
+
+
+def report_tuning(record: dict, key: str) -> None:
+    shown = ", ".join(f"{k} {v}" for k, v in record["params"].items())
+    line = (f"recall@{record['k']} {record['recall']:.3f} at {record['qps']:,.0f} queries/s with {shown} "
+            f"({record['queries']} held-out store rows, {len(record['tried'])} setting(s) measured in "
+            f"{record['seconds']:.1f} s)")
+    if record["reached"]:
+        info(f"tuned {key} for recall@{record['k']} >= {record['target_recall']}: {line}")
+    else:
+        warn(f"{key} does not reach recall@{record['k']} {record['target_recall']} within the settings tried; "
+             f"kept the most accurate: {line}. A larger index (--index-key, --max-memory) or a larger --rerank "
+             f"reaches more")
+
+
+def _fixed_params(key: str, nprobe: int | None, ef_search: int | None, rerank: int | None) -> dict:
+    """The search parameters the user set, under their index.json names (tuning keeps them)."""
+    fixed: dict = {} if rerank is None else {"rerank": rerank}
+    if nprobe and "IVF" in key:
+        fixed["nprobe"] = nprobe
+    if ef_search and "HNSW" in key:
+        fixed["quantizer_efSearch" if "IVF" in key else "efSearch"] = ef_search
+    return fixed
+
+
+def _retune(reader, record: dict, target: float, k: int, fixed: dict, seed: int) -> dict:
+    """Tune an up-to-date index for another target (one exact pass over the store for the truth)."""
+    key = record["index_key"]
+    loaded = load_index(reader)
+    if loaded is None:
+        raise BadInput(f"{reader.path}: cannot load its index to tune it; rebuild it with --force")
+    probe = RecallProbe(reader, k, seed)
+    probe.fill(reader)
+    params, tuning = tune_params(reader, loaded[0], key, probe, target, fixed)
+    record = {**record, "params": params, "tuning": tuning}
+    formats.write_json(index_paths(reader.path)[1], record)
+    report_tuning(tuning, key)
     return record
 
 
@@ -371,10 +704,13 @@ def read_index_info(store: str | Path) -> dict | None:
 
 def stale_reasons(record: dict, reader) -> list[str]:
     """Why an index.json no longer describes the store (empty when it does)."""
-    return [f"index {what} {record.get(key)!r}, store {mine!r}"
-            for what, key, mine in (("row count", "store_count", len(reader)), ("dim", "dim", reader.dim),
-                                    ("model", "model", reader.info.get("model")))
-            if record.get(key) != mine]
+    reasons = [f"index {what} {record.get(key)!r}, store {mine!r}"
+               for what, key, mine in (("row count", "store_count", len(reader)), ("dim", "dim", reader.dim),
+                                       ("model", "model", reader.info.get("model")))
+               if record.get(key) != mine]
+    if record.get("store_content_sha256") != reader.info.get("content_sha256"):
+        reasons.append("built for another store content (copied from another store, or the store was rewritten)")
+    return reasons
 
 
 def load_index(reader):

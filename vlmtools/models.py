@@ -126,19 +126,35 @@ def spec_for_store(recorded: dict, model: str | None = None, pretrained: str | N
     return spec
 
 
+def gpu_driver_present() -> bool:
+    """Whether this machine may have a GPU that torch can use: on Linux an NVIDIA driver
+    (/proc/driver/nvidia, /dev/nvidiactl) or ROCm's /dev/kfd; on macOS never (torch has no CUDA there);
+    elsewhere assume so. Without one, torch.cuda.is_available() is False, so --device auto can mean cpu
+    without importing torch (1-2 s, 600 MiB): commands that read every embedding from stores stay light."""
+    import sys
+
+    if sys.platform == "darwin":
+        return False
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd"))
+
+
 def resolve_device(device: str = "auto") -> str:
+    import sys
+
+    if device == "cpu" or (device == "auto" and "torch" not in sys.modules and not gpu_driver_present()):
+        return "cpu"
+    if device != "auto" and not device.startswith("cuda"):
+        raise BadInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise BadInput(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
-        if ":" in device and int(device.split(":", 1)[1]) >= torch.cuda.device_count():
-            raise BadInput(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return device
-    if device != "cpu":
-        raise BadInput(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
+    if ":" in device and int(device.split(":", 1)[1]) >= torch.cuda.device_count():
+        raise BadInput(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 
@@ -168,6 +184,31 @@ TOKEN_ROWS_KEY = "token_embedding.rows"
 def packaged_extras(name: str) -> dict:
     path = packaged_configs().get(name)
     return json.loads(path.read_text()).get(EXTRAS_KEY, {}) if path is not None else {}
+
+
+def config_preprocess(spec: ModelSpec):
+    """The eval transform open_clip builds for ``spec``, made from its configs alone (model config, pretrained
+    tag), without building the model: what image decode workers need, so that they can start while the
+    model loads. None where only the model knows (hf-hub:, local-dir:, a config without an image size);
+    callers compare it with the loaded model's transform and use that one where they differ."""
+    if spec_is_schema(spec.name):
+        return None
+    _register_packaged_configs()
+    from dataclasses import asdict
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    config = open_clip.get_model_config(spec.name) or {}
+    size = config.get("vision_cfg", {}).get("image_size")
+    if size is None:
+        return None
+    cfg = asdict(PreprocessCfg())
+    tag = spec.pretrained
+    if tag and tag not in ("none", PACKAGED_TAG) and os.path.sep not in tag:
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(spec.name, tag) or {})
+    cfg["size"] = size
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
 def _register_packaged_configs() -> None:
@@ -349,34 +390,76 @@ class Encoder:
         hidden states after ln_final, before pooling and projection (what a Q-Former attends to). L is
         the longest tokenized text; mask marks real tokens. Only CLIP-style text towers have them."""
         import numpy as np
+
+        feats, masks = [], []
+        for start in range(0, len(texts), batch_size):
+            x, mask = self.text_token_features(texts[start:start + batch_size])
+            feats.append(x.float().cpu().numpy().astype(np.float16))
+            masks.append(mask.cpu().numpy())
+        if not feats:
+            return np.zeros((0, 1, 1), np.float16), np.zeros((0, 1), bool)
+        length = max(f.shape[1] for f in feats)
+        pad = [((0, 0), (0, length - f.shape[1]), (0, 0)) for f in feats]
+        return (np.concatenate([np.pad(f, p) for f, p in zip(feats, pad)]),
+                np.concatenate([np.pad(m, p[:2]) for m, p in zip(masks, pad)]))
+
+    def text_token_features(self, texts: list[str]):
+        """One batch of texts -> (token features (B, L, width), mask (B, L) bool) as torch tensors on the
+        device, without gradients; L is the batch's longest tokenized text (the tower's causal attention
+        makes a token's features independent of the padding after it)."""
         import torch
 
         m = self.model
         if not all(hasattr(m, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
             raise BadInput(f"{self.spec}: its text tower does not expose token features (a CLIP-style "
                            f"transformer is needed for this)")
-        feats, masks = [], []
-        for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(list(texts[start:start + batch_size])).to(self.device)
-            with torch.inference_mode(), self.autocast():
-                cast = m.transformer.get_cast_dtype()
-                x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
-                x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
-            feats.append(x.float().cpu().numpy().astype(np.float16))
-            masks.append((tokens != 0).cpu().numpy())
-        if not feats:
-            return np.zeros((0, 1, 1), np.float16), np.zeros((0, 1), bool)
-        mask = np.concatenate(masks)
-        length = max(1, int(mask.any(axis=0).nonzero()[0].max()) + 1) if mask.any() else 1
-        return np.concatenate(feats)[:, :length], mask[:, :length]
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with torch.no_grad(), self.autocast():
+            cast = m.transformer.get_cast_dtype()
+            x = m.token_embedding(tokens).to(cast) + m.positional_embedding.to(cast)
+            x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        mask = tokens != 0
+        length = max(1, int(mask.any(dim=0).nonzero().max()) + 1) if bool(mask.any()) else 1
+        return x[:, :length], mask[:, :length]
 
     def preprocess_description(self) -> str:
         return repr(self.preprocess).replace("\n", " ")
 
 
+# Models kept loaded by keep_loaded(): (name, pretrained, device, precision) -> Encoder, least recently
+# used first; None outside keep_loaded().
+_kept: dict | None = None
+_kept_limit = 2
+
+
+@contextmanager
+def keep_loaded(limit: int = 2):
+    """Within the block, load_model returns the model already built for the same spec, device and precision
+    instead of loading it again (`vlmtools batch`: many commands, one process); at most ``limit`` models
+    stay loaded, the least recently used one is dropped first."""
+    global _kept, _kept_limit
+    saved = _kept, _kept_limit
+    _kept, _kept_limit = ({} if _kept is None else _kept), limit
+    try:
+        yield
+    finally:
+        _kept, _kept_limit = saved
+
+
 def load_model(spec: ModelSpec, device: str = "auto", precision: str = DEFAULT_PRECISION) -> Encoder:
     """Build the model for ``spec`` at ``precision`` (PRECISIONS); raise ModelUnavailable with an
-    actionable message on failure."""
+    actionable message on failure. Inside keep_loaded(), a model built before is returned as it is."""
+    if _kept is None:
+        return _load_model(spec, device, precision)
+    key = (spec.name, spec.pretrained, resolve_device(device), precision)
+    encoder = _kept.pop(key, None) or _load_model(spec, device, precision)
+    _kept[key] = encoder
+    while len(_kept) > _kept_limit:
+        _kept.pop(next(iter(_kept)))
+    return encoder
+
+
+def _load_model(spec: ModelSpec, device: str, precision: str) -> Encoder:
     from vlmtools.console import loading
 
     loading(f"model {spec}")

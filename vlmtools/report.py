@@ -63,13 +63,23 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
+SKIPPED_DIRS = ("__pycache__", "node_modules", "site-packages")
+
+
+def _not_a_run_dir(path: Path) -> bool:
+    """Folders that hold no results: hidden ones (.git, .venv, caches), Python virtual environments
+    (a pyvenv.cfg) and package trees (`vlmtools report .` in a checkout must not read a venv's PNGs)."""
+    return path.name.startswith(".") or path.name in SKIPPED_DIRS or (path / "pyvenv.cfg").exists()
+
+
 def _files(run_dir: Path) -> tuple[list[Path], int]:
-    """The files under RUN_DIR in name order, and how many paths were left out because a symbolic link
-    takes them out of RUN_DIR (their content is not read; links to directories are never followed)."""
+    """The files under RUN_DIR in name order (hidden folders and virtual environments skipped), and how
+    many paths were left out because a symbolic link takes them out of RUN_DIR (their content is not
+    read; links to directories are never followed)."""
     root = Path(os.path.realpath(run_dir))
     files, outside = [], 0
     for top, dirs, names in os.walk(run_dir, followlinks=False):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not _not_a_run_dir(Path(top) / d))
         outside += sum(not _inside(Path(top) / d, root) for d in dirs if os.path.islink(Path(top) / d))
         for name in sorted(names):
             path = Path(top) / name

@@ -28,25 +28,40 @@ def _merge_topk(scores, rows, k: int):
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
+class RunningTopK:
+    """Exact top-k by inner product of fixed queries over rows that arrive chunk by chunk (exact search, and
+    the ground truth `vlmtools index` measures recall against while it adds the same chunks). Each chunk
+    goes through faiss' blocked brute-force kNN (a GEMM plus a heap per query, no (Q x chunk) score matrix
+    to sort); the per-chunk winners are merged."""
+
+    def __init__(self, queries, k: int):
+        import numpy as np
+
+        self.queries, self.k = np.ascontiguousarray(queries, dtype=np.float32), k
+        self.scores = np.zeros((len(queries), 0), dtype=np.float32)
+        self.rows = np.zeros((len(queries), 0), dtype=np.int64)
+
+    def add(self, chunk, first_row: int) -> None:
+        """``chunk``: float32 rows first_row, first_row + 1, ... of the store."""
+        import faiss
+        import numpy as np
+
+        scores, rows = faiss.knn(self.queries, chunk, min(self.k, chunk.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
+        self.scores, self.rows = _merge_topk(np.concatenate([self.scores, scores], 1),
+                                             np.concatenate([self.rows, rows.astype(np.int64) + first_row], 1), self.k)
+
+
 def exact_search(reader, queries, k: int):
-    """Brute-force top-k by inner product over every store row: (scores, rows), each (Q, min(k, N)).
-    Each chunk of rows goes through faiss' blocked brute-force kNN (a GEMM plus a heap per query, no
-    (Q x chunk) score matrix to sort); the per-chunk winners are merged."""
-    import faiss
+    """Brute-force top-k by inner product over every store row: (scores, rows), each (Q, min(k, N))."""
     import numpy as np
 
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    best_s = np.zeros((len(queries), 0), dtype=np.float32)
-    best_r = np.zeros((len(queries), 0), dtype=np.int64)
+    top = RunningTopK(queries, k)
     offset = 0
     for emb in reader.emb_shards():
         for start in range(0, emb.shape[0], EXACT_CHUNK):
-            chunk = np.ascontiguousarray(emb[start:start + EXACT_CHUNK], dtype=np.float32)
-            scores, rows = faiss.knn(queries, chunk, min(k, chunk.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
-            best_s, best_r = _merge_topk(np.concatenate([best_s, scores], 1),
-                                         np.concatenate([best_r, rows.astype(np.int64) + offset + start], 1), k)
+            top.add(np.ascontiguousarray(emb[start:start + EXACT_CHUNK], dtype=np.float32), offset + start)
         offset += emb.shape[0]
-    return best_s, best_r
+    return top.scores, top.rows
 
 
 def rerank_exact(reader, queries, rows, k: int):
@@ -76,13 +91,15 @@ def check_search_params(nprobe: int | None, rerank: int | None) -> None:
 
 
 def search_vectors(reader, queries, k: int, exact: bool = False, rows=None, loaded=False,
-                   nprobe: int | None = None, rerank: int | None = None):
+                   nprobe: int | None = None, rerank: int | None = None, extra: int = 0):
     """Top-k store rows for each query vector: (scores, rows, method), method "exact" or the index key.
     ``rows``: search only these store rows (exactly). ``loaded``: an index already loaded by the caller
     (a (index, record) pair, or None for none); by default the store's index is loaded here.
     Rows missing from an approximate result (faiss pads with -1) are dropped by the caller. ``nprobe`` and
     ``rerank`` override the index's saved search parameters: rerank R fetches R*k candidates from the index
-    and rescores them exactly from the store (what makes compressed (PQ) indexes accurate)."""
+    and rescores them exactly from the store (what makes compressed (PQ) indexes accurate). ``extra``: as
+    many more hits (and candidates) beside a k-search's own, for a caller that drops some (index tuning
+    drops its held-out rows)."""
     import numpy as np
 
     from vlmtools.index import apply_params, default_rerank, load_index
@@ -116,13 +133,13 @@ def search_vectors(reader, queries, k: int, exact: bool = False, rows=None, load
     if rerank is not None:
         params["rerank"] = rerank
     factor = int(params.pop("rerank", default_rerank(record["index_key"])) or 0)
-    candidates = min(len(reader), k * factor) if factor > 1 else k
+    candidates = min(len(reader), (k * factor if factor > 1 else k) + extra)
     apply_params(index, params, candidates)
     scores, rows = index.search(queries, candidates)
     rows = rows.astype(np.int64)
     method = record["index_key"]
     if factor >= 1:
-        scores, rows = rerank_exact(reader, queries, rows, k)
+        scores, rows = rerank_exact(reader, queries, rows, min(k + extra, candidates))
         method += f", reranked {candidates}"
     return scores, rows, method
 
@@ -141,17 +158,9 @@ def query_spec(reader, model: str | None = None, pretrained: str | None = None):
 
 
 def _load_images(paths: Sequence[str]):
-    from vlmtools.images import load_rgb
+    from vlmtools.images import read_image
 
-    images = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise BadInput(f"--image {path}: no such file")
-        try:
-            images.append(load_rgb(path))
-        except Exception as exc:  # PIL raises many types for truncated/unknown files
-            raise BadInput(f"--image {path}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
-    return images
+    return [read_image(path, "--image") for path in paths]
 
 
 def read_query_lines(path: str, what: str = "--text-file") -> list[str]:

@@ -70,10 +70,10 @@ class StoreWriter:
                                     f"{_describe(key, this_run)}: {fix}")
         return info
 
-    def _write_info(self, count: int | None) -> None:
+    def _write_info(self, count: int | None, content_sha256: str | None = None) -> None:
         info = formats.store_info(kind=self.kind, model=self.model, dim=self.dim, dtype=self.dtype,
                                   shard_size=self.shard_size, count=count, preprocess=self.preprocess,
-                                  extra=self.extra_info)
+                                  extra=self.extra_info, content_sha256=content_sha256)
         formats.write_json(self.path / INFO, info)
 
     def stem(self, shard: int) -> str:
@@ -136,7 +136,8 @@ class StoreWriter:
         else:
             (self.path / ERRORS).unlink(missing_ok=True)
         formats.failpoint("store.finalize")
-        self._write_info(count=count)
+        self._write_info(count=count, content_sha256=content_digest(self.path, {
+            "kind": self.kind, "model": self.model, "dim": self.dim, "dtype": self.dtype}))
         return formats.read_json(self.path / INFO)
 
 
@@ -196,6 +197,26 @@ def _shard_rows(path: Path) -> list[tuple[str, int]]:
     return [(stem, shard_header(f)[0][0]) for stem, f in _shard_files(path)]
 
 
+DIGEST_KEYS = ("kind", "model", "dim", "dtype")
+
+
+def content_digest(path: Path, info: dict) -> str:
+    """sha256 over what a reader takes from a store: info.json's kind, model, dim and dtype, then each
+    shard's name, embedding bytes and metadata bytes, in row order. Written into info.json when a store
+    is finished ("content_sha256"), recorded by its index, and recomputed by `store check`: an edited
+    setting, a swapped or replaced shard or meta file, or an index copied from another store shows."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [f for stem, emb in _shard_files(path) for f in (emb, path / formats.meta_name(stem))]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL on large blocks
+        sums = list(pool.map(lambda f: formats.file_sha256(f) if f.exists() else "missing", files))
+    h = hashlib.sha256(formats.dumps({k: info.get(k) for k in DIGEST_KEYS}, sort_keys=True).encode("utf-8"))
+    for f, digest in zip(files, sums):
+        h.update(f"\n{f.name} {digest}".encode("utf-8"))
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------- validation
 # One validator for every reader (classify, search, index, eval's stores, `store check`): it names the
 # file and what is wrong before any work starts, instead of a traceback from numpy or a wrong answer.
@@ -228,6 +249,9 @@ def shard_header(f: Path) -> tuple[tuple, str, int]:
     expected = offset + shape[0] * shape[1] * dtype.itemsize
     if size < expected:
         raise StoreProblem(f"{f}: truncated ({size} bytes, its header promises {expected})")
+    if size > expected:
+        raise StoreProblem(f"{f}: {size - expected} bytes after its data (its header promises {expected}); "
+                           f"not a shard vlmtools wrote (appended to, or two files joined?)")
     return shape, dtype.name, offset
 
 
@@ -264,27 +288,38 @@ def read_info(path: Path) -> dict:
     return check_info(formats.read_json(info_path), str(info_path))
 
 
-def validate_shards(path: Path, info: dict) -> list[tuple[str, Path, int]]:
-    """(stem, emb file, rows) of every shard, each checked against info (dim) and its meta file
-    (row count); StoreProblem naming the first bad file."""
-    shards = []
-    for stem, f in _shard_files(path):
-        (rows, dim), _, _ = shard_header(f)
-        if dim != info["dim"]:
-            raise StoreProblem(f"{f}: rows of dim {dim}, but {INFO} says dim {info['dim']} (shards of "
-                               f"different models mixed in one store?)")
-        meta = path / formats.meta_name(stem)
-        if not meta.exists():
-            raise StoreProblem(f"{f}: its metadata {meta.name} is missing")
-        n_meta = _count_lines(meta)
-        if n_meta != rows:
-            raise StoreProblem(f"{f}: {rows} rows but {meta.name} has {n_meta} lines")
-        shards.append((stem, f, rows))
+def validate_shard(path: Path, info: dict, stem: str, f: Path) -> int:
+    """The rows of one shard, checked against info (dim, dtype) and its meta file (row count)."""
+    (rows, dim), dtype, _ = shard_header(f)
+    if dim != info["dim"]:
+        raise StoreProblem(f"{f}: rows of dim {dim}, but {INFO} says dim {info['dim']} (shards of "
+                           f"different models mixed in one store?)")
+    if dtype != info["dtype"]:
+        raise StoreProblem(f"{f}: dtype {dtype}, but {INFO} says {info['dtype']} (was {INFO} edited?)")
+    meta = path / formats.meta_name(stem)
+    if not meta.is_file():
+        raise StoreProblem(f"{f}: its metadata {meta.name} " + ("is not a file" if meta.exists() else "is missing"))
+    n_meta = _count_lines(meta)
+    if n_meta != rows:
+        raise StoreProblem(f"{f}: {rows} rows but {meta.name} has {n_meta} lines")
+    return rows
+
+
+def _count_problem(path: Path, info: dict, total: int) -> str | None:
     count = info.get("count")
-    total = sum(n for _, _, n in shards)
     if count is not None and total != count:
-        raise StoreProblem(f"{path}: the shards hold {total} rows but {INFO} counts {count}; the store is "
-                           f"damaged (rerun the embed command with --force)")
+        return (f"{path}: the shards hold {total} rows but {INFO} counts {count}; the store is damaged "
+                f"(rerun the embed command with --force)")
+    return None
+
+
+def validate_shards(path: Path, info: dict) -> list[tuple[str, Path, int]]:
+    """(stem, emb file, rows) of every shard, each checked against info (dim, dtype) and its meta file
+    (row count); StoreProblem naming the first bad file."""
+    shards = [(stem, f, validate_shard(path, info, stem, f)) for stem, f in _shard_files(path)]
+    problem = _count_problem(path, info, sum(n for _, _, n in shards))
+    if problem:
+        raise StoreProblem(problem)
     return shards
 
 
@@ -312,10 +347,18 @@ def load_shard(f: Path, check: bool = True):
     return emb
 
 
+UNIT_TOLERANCE = 0.01  # |norm - 1| allowed in a normalized store (float16 rounding is ~1e-3)
+_CANONICAL_SHARD = re.compile(r"^emb-\d{5,}\.npy$")
+
+
 def check_store(path: str | Path, deep: bool = True) -> dict:
     """The report `vlmtools store check` prints: {"store", "ok", "problems", "rows", "shards",
-    "missing_shards", "errors", "duplicate_ids", "info"}. ``deep`` also reads every row (NaN/inf) and
-    every id (duplicates)."""
+    "missing_shards", "errors", "duplicate_ids", "info"}. It looks for what any reader would trip on or
+    misuse, every shard on its own (rows and shards count the readable ones): headers, dims, dtypes,
+    sizes, meta row counts, missing shards, stray shard files and the index files' sizes. ``deep`` also
+    reads every row (NaN/inf; rows of a normalized store that are not unit length, all-zero rows) and
+    every id (duplicates), and recomputes the content digest (edited settings, swapped or replaced
+    files) and the index's digests."""
     path = Path(path)
     report: dict = {"store": str(path), "ok": False, "problems": [], "rows": 0, "shards": 0,
                     "missing_shards": [], "errors": 0, "duplicate_ids": 0, "info": None}
@@ -324,35 +367,58 @@ def check_store(path: str | Path, deep: bool = True) -> dict:
         if not path.is_dir():
             raise BadInput(f"{path}: {'is a file, not a store directory' if path.exists() else 'no such store directory'}")
         info = report["info"] = read_info(path)
-        shards = validate_shards(path, info)
     except BadInput as exc:
         problems.append(str(exc))
         return report
+    shards, files = [], _shard_files(path)
+    for stem, f in files:
+        try:
+            shards.append((stem, f, validate_shard(path, info, stem, f)))
+        except BadInput as exc:
+            problems.append(str(exc))
     report["rows"] = sum(n for _, _, n in shards)
     report["shards"] = len(shards)
+    stray = sorted(f.name for f in path.glob("*.npy") if not _CANONICAL_SHARD.match(f.name))
+    if stray:
+        problems.append(f"{path}: {', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''}: not shards vlmtools "
+                        f"writes (emb-NNNNN.npy); readers would take an emb-*.npy file for a shard: remove it")
+    have = {int(stem) for stem, _ in files if stem.isdigit()}
     expected = info.get("input_count"), info.get("shard_size")
     if all(isinstance(v, int) and v > 0 for v in expected):
         import math
 
-        have = {int(stem) for stem, _, _ in shards if stem.isdigit()}
         # webdataset input: one shard per input tar, whatever its size
         n_shards = info.get("input_shards") or math.ceil(expected[0] / expected[1])
-        report["missing_shards"] = [k for k in range(n_shards) if k not in have]
+    else:  # a store written from arrays: at least the gaps show
+        n_shards = max(have) + 1 if have else 0
+    report["missing_shards"] = [k for k in range(n_shards) if k not in have]
+    count_problem = _count_problem(path, info, sum(n for _, _, n in shards)) if len(shards) == len(files) else None
     if info.get("count") is None:
         missing = report["missing_shards"]
         problems.append(f"{path}: incomplete (an embed run did not finish"
                         + (f"; shards {', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''} "
                            f"are missing: with --world-size W, shard k belongs to rank k mod W" if missing else "")
                         + "); rerun it to resume")
+    elif report["missing_shards"]:
+        missing = report["missing_shards"]
+        problems.append(f"{path}: shard(s) {', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''} "
+                        f"missing from a finished store (deleted?); rerun the embed command with --force")
+    elif count_problem:
+        problems.append(count_problem)
     errors = path / ERRORS
     report["errors"] = _count_lines(errors) if errors.exists() else 0
+    problems.extend(_index_problems(path, info, deep))
     if deep:
         import numpy as np
 
+        unit = info.get("normalized") is True and info.get("kind") in ("image", "text")
         seen: set[str] = set()
         for stem, f, _ in shards:
             try:
-                check_finite(np.load(f, mmap_mode="r", allow_pickle=False), f)
+                emb = np.load(f, mmap_mode="r", allow_pickle=False)
+                check_finite(emb, f)
+                if unit:
+                    _check_unit(emb, f)
                 for lineno, rec in formats.iter_jsonl(path / formats.meta_name(stem)):
                     key = str(rec.get("id")) if isinstance(rec, dict) else None
                     if key in seen:
@@ -362,8 +428,58 @@ def check_store(path: str | Path, deep: bool = True) -> dict:
                     seen.add(key)
             except BadInput as exc:
                 problems.append(str(exc))
+        recorded = info.get("content_sha256")
+        if recorded is not None and len(shards) == len(files) and content_digest(path, info) != recorded:
+            problems.append(f"{path}: its content differs from the digest {INFO} records (a setting in {INFO} "
+                            f"was edited, or a shard or meta file was changed, swapped or replaced); rerun the "
+                            f"embed command with --force")
     report["ok"] = not problems
     return report
+
+
+def _check_unit(emb, f: Path, block: int = 65536) -> None:
+    """StoreProblem naming the first row of a normalized store that is all zeros or not unit length:
+    search and classify scores of such rows are not cosine similarities (scores of 2,500 or 0)."""
+    import numpy as np
+
+    for start in range(0, emb.shape[0], block):
+        norms = np.linalg.norm(np.asarray(emb[start:start + block], dtype=np.float32), axis=1)
+        bad = np.flatnonzero(np.abs(norms - 1) > UNIT_TOLERANCE)
+        if bad.size:
+            row = int(bad[0])
+            what = "all zeros" if norms[row] == 0 else f"of length {norms[row]:.4g}"
+            raise StoreProblem(f"{f}: {bad.size} row(s) in rows {start}..{start + block - 1} are not unit length "
+                               f"(first: row {start + row}, {what}); a store holds normalized embeddings")
+
+
+def _index_problems(path: Path, info: dict, deep: bool) -> list[str]:
+    """What is wrong with the store's index files, as a reader would find it (index.json's record of
+    index.faiss and of the store it was built from)."""
+    from vlmtools.index import INDEX_FILE, INDEX_INFO
+
+    faiss_path, info_path = path / INDEX_FILE, path / INDEX_INFO
+    if not info_path.exists():
+        return []
+    try:
+        record = formats.read_json(info_path)
+        formats.check_format(record, formats.INDEX_FORMAT, str(info_path))
+    except BadInput as exc:
+        return [str(exc)]
+    if not faiss_path.is_file():
+        return [f"{faiss_path}: missing, but {INDEX_INFO} describes an index; rebuild it: vlmtools index {path} --force"]
+    out = []
+    size = record.get("faiss_bytes")
+    if size is not None and faiss_path.stat().st_size != size:
+        out.append(f"{faiss_path}: {faiss_path.stat().st_size} bytes, {INDEX_INFO} records {size} (truncated "
+                   f"or replaced); rebuild it: vlmtools index {path} --force")
+    elif deep and record.get("faiss_sha256") and formats.file_sha256(faiss_path) != record["faiss_sha256"]:
+        out.append(f"{faiss_path}: its digest differs from the one {INDEX_INFO} records; rebuild it: "
+                   f"vlmtools index {path} --force")
+    built_for = record.get("store_content_sha256")
+    if built_for is not None and built_for != info.get("content_sha256"):
+        out.append(f"{info_path}: built for another store content (copied from another store, or the store "
+                   f"was rewritten since); rebuild it: vlmtools index {path} --force")
+    return out
 
 
 class StoreReader:
@@ -420,7 +536,7 @@ class StoreReader:
         """(embeddings memmap, meta rows) per shard, in row order."""
         for stem, f, _ in self._shards:
             emb = self._load(f)
-            meta = [rec for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem), strict=False)]
+            meta = formats.read_meta_rows(self.path / formats.meta_name(stem))
             if len(meta) != emb.shape[0]:
                 raise BadInput(f"{f}: {emb.shape[0]} rows but {len(meta)} meta rows; the store is damaged")
             yield emb, meta
@@ -460,7 +576,7 @@ class StoreReader:
     def meta(self) -> list[dict]:
         if self._meta is None:
             self._meta = [rec for stem, _, _ in self._shards
-                          for _, rec in formats.iter_jsonl(self.path / formats.meta_name(stem), strict=False)]
+                          for rec in formats.read_meta_rows(self.path / formats.meta_name(stem))]
             self._check_rows(len(self._meta), "meta")
         return self._meta
 

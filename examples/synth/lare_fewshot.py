@@ -24,7 +24,6 @@ def main() -> None:
     ap.add_argument("--shots", default="1,2,4,8,16")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--epochs", type=int, default=100)
     args = ap.parse_args()
     out = Path(args.out)
     shots = [int(s) for s in args.shots.split(",")]
@@ -38,7 +37,7 @@ def main() -> None:
 
     from vlmtools.console import set_quiet
     from vlmtools.heads.lare import train_lare
-    from vlmtools.heads.loop import FitOptions
+    from vlmtools.heads.linear import probe_options
     from vlmtools.heads.predict import classify_with_head
     from vlmtools.tables import build_table
 
@@ -51,9 +50,9 @@ def main() -> None:
         for seed in range(args.seeds):
             for method, k in (("probe", 0), ("LARE", args.samples)):
                 head = work / f"{method}-shots{n}-s{seed}"
-                options = FitOptions(epochs=args.epochs, patience=0, seed=seed, device="cpu")
+                options = probe_options(seed=seed, device="cpu")  # train lare's defaults
                 train_lare(out / "store", head, options=options, where=["split=train", "domain=photo"],
-                           val_fraction=0, samples=k, shots=n, descriptors=desc)
+                           samples=k, shots=n, descriptors=desc)
                 pred = work / f"{head.name}.jsonl"
                 classify_with_head(out / "store", head, pred, where=["split=test"], device="cpu")
                 runs.append(f"{method}={pred}")

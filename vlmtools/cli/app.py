@@ -76,7 +76,7 @@ app = typer.Typer(
 # Each module defines register(app). Modules that are not written yet are skipped, so the app grows
 # as command groups land.
 COMMAND_MODULES = ["models", "data", "embed", "index", "search", "describe", "classify", "eval_table", "train",
-                   "explain", "explain_box", "synth", "demo", "store", "report"]
+                   "explain", "explain_box", "synth", "demo", "store", "report", "batch"]
 
 
 def _register_all() -> None:

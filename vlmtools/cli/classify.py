@@ -160,10 +160,8 @@ def register(app: typer.Typer) -> None:
         width: int = typer.Option(30, "--width", help="Bar width in characters."),
     ) -> None:
         """Per-descriptor scores of the predicted (and, with classify --explain-true, the true) class."""
-        from rich.console import Console
-
         from vlmtools import formats
-        from vlmtools.console import info
+        from vlmtools.console import SafeConsole, info
         from vlmtools.errors import BadInput
         from vlmtools.explain.textual import save_figures, select, terminal_view
 
@@ -176,7 +174,7 @@ def register(app: typer.Typer) -> None:
             info("no misclassified image to explain" if wrong else "no image to explain")
             return
         # the view is this command's output, so it goes to stdout (pipe to `less -R` for colour)
-        out = Console(highlight=False)
+        out = SafeConsole(highlight=False)
         for rec in chosen:
             out.print(terminal_view(rec, width=width, max_descriptors=top, total_width=out.width))
             out.print()

@@ -50,7 +50,8 @@ def register(app: typer.Typer) -> None:
                                                  show_default="100 for cbd as in the paper, more for others"),
         n: int = typer.Option(1, "--n", help="Samples per class, merged and de-duplicated."),
         concurrency: int = typer.Option(4, "--workers", "--concurrency", "-j", help="Requests in flight."),
-        timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request attempt."),
+        timeout: float = typer.Option(60.0, "--timeout", help="Seconds per request attempt, in all (a server "
+                                      "sending slowly is cut off then)."),
         max_retries: int = typer.Option(4, "--max-retries", help="Retries on 429/5xx/timeouts, with backoff."),
         exemplars: Optional[str] = typer.Option(None, "--exemplars", "--exemplar", help="Worked examples "
                                                 "(domain/background): a shipped set (cub: study 000's Sooty "
@@ -165,14 +166,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write descriptor JSONL as one JSON object, in file order: the CBD dict, or (--format vlmtools)
         everything, which `descriptors import` reads back unchanged."""
-        import json
-
         from vlmtools.describe.interchange import export_object, read_any_descriptors
-        from vlmtools.formats import open_output
+        from vlmtools.formats import dumps_line, open_output
 
         obj = export_object(read_any_descriptors(file), fmt, kind)
         with open_output(output) as fh:  # one line: stdout never gets indented JSON
-            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            fh.write(dumps_line(obj))
 
     @group.command("exemplars")
     @handle_errors

@@ -59,11 +59,10 @@ def images_cmd(
     is merged into its row). Unreadable images go to STORE/errors.jsonl; the run goes on (exit 1 if none
     could be read). Rerunning resumes; without --model an existing store keeps its own."""
     from vlmtools.embed import check_options, embed_image_input, output_spec
-    from vlmtools.models import load_model
 
     check_options(dtype=dtype, shard_size=shard_size, rank=rank, world_size=world_size)
     spec = output_spec(output, model, pretrained, force)
-    summary = embed_image_input(manifest, output, lambda: load_model(spec, device, precision),
+    summary = embed_image_input(manifest, output, spec, device=device, precision=precision,
                                 batch_size=batch_size, workers=workers, shard_size=shard_size, dtype=dtype,
                                 rank=rank, world_size=world_size, retry_errors=retry_errors, force=force,
                                 decode=decode)
@@ -94,14 +93,13 @@ def text_cmd(
     json_: bool = JsonOpt,
 ) -> None:
     """Embed texts. Descriptor JSONL keeps class, descriptor and kind in each row's meta."""
-    from vlmtools.embed import check_options, embed_texts, output_spec, text_records
-    from vlmtools.models import load_model
+    from vlmtools.embed import check_options, embed_text_input, output_spec, text_records
 
     rows, extras = text_records(source, wrap)
     check_options(dtype=dtype, shard_size=shard_size, rank=rank, world_size=world_size)
-    encoder = load_model(output_spec(output, model, pretrained, force), device, precision)
-    summary = embed_texts(rows, output, encoder, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
-                          extra_info=extras, rank=rank, world_size=world_size, force=force)
+    summary = embed_text_input(rows, extras, output, output_spec(output, model, pretrained, force), device=device,
+                               precision=precision, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
+                               rank=rank, world_size=world_size, force=force)
     _emit(summary, json_)
 
 

@@ -83,11 +83,23 @@ def register(app: typer.Typer) -> None:
         maps_dirs: List[Path] = typer.Argument(..., metavar="MAPS_DIR", help="Maps directories from `vlmtools explain visual` "
                                                "(several: e.g. one per RISE seed; mean ± std over them)."),
         manifest: str = typer.Option(..., "--manifest", help="Manifest with a \"mask\" per image."),
-        steps: int = typer.Option(50, "--steps", help="Insertion/deletion steps."),
+        threshold: str = typer.Option("0.5", "--threshold", metavar="0.5|T|mean+std", help="mIoU: salient pixels. 0.5: the map as an "
+                                      "8-bit grey image > 127 (the ALA authors' compute_miou.py); T: grey > "
+                                      "floor(255·T); mean+std: above the map's mean + one std."),
+        step: Optional[int] = typer.Option(None, "--step", metavar="PIXELS", help="Insertion/deletion: pixels changed per step "
+                                           "(default ceil(H·W/224) of the model's input: RISE's 224 at 224²)."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Coarser: about N steps instead of --step "
+                                            "(faster; not the study's protocol)."),
         causal: bool = typer.Option(True, "--causal/--no-causal", help="Insertion, deletion and ID score "
                                     "(needs the model); --no-causal: mIoU only."),
-        blur: float = typer.Option(1.0, "--blur", help="Insertion canvas: Gaussian σ in pixels of the model's "
-                                   "input (default 1: RISE's reference kernel)."),
+        scorer: str = typer.Option("own", "--scorer", metavar="own|clip", help="Who scores insertion/deletion: own (each map's "
+                                   "model: an ALA head for ala maps, the CLIP classifier it explained for the "
+                                   "others) or clip (every map by the CLIP classifier of its info.json)."),
+        blur: str = typer.Option("11,5", "--blur", metavar="KLEN,SIGMA|0", help="Insertion canvas: KLEN,SIGMA of RISE's gkern, zero "
+                                 "padded (default 11,5: RISE's), or 0 for none."),
+        descriptors: bool = typer.Option(False, "--descriptors", help="Grounding: score the per-descriptor "
+                                         "maps (explain visual --descriptors) against the region each names: "
+                                         "object descriptors the mask, background ones its complement."),
         output: str = typer.Option("-", "--output", "-o", help="Per-map JSONL (default stdout)."),
         summary: Optional[str] = typer.Option(None, "--summary", help="Also write the summary JSON here."),
         batch_size: int = typer.Option(64, "--batch-size", help="Images per forward pass."),
@@ -95,12 +107,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Saliency maps against object masks (mIoU) and by insertion/deletion (ID score).
 
-        mIoU thresholds each map at its mean + std; insertion and deletion are RISE's causal AUCs;
-        ID score = insertion - deletion. Per-map JSONL on stdout (or -o), the table on stderr."""
-        from vlmtools.explain.visual import evaluate_maps, summary_table
+        mIoU binarises each map as the ALA authors do (8-bit grey > 127); insertion and deletion are RISE's
+        CausalMetric, scored by the model that made the map; ID score = insertion - deletion. With
+        --descriptors: how often each descriptor's map lands on the region it names. Per-map JSONL on
+        stdout (or -o), the table on stderr."""
+        from vlmtools.explain.visual import EvalOptions, evaluate_maps, summary_table
 
-        res = evaluate_maps([str(d) for d in maps_dirs], manifest, steps=steps, causal=causal, output=output,
-                            summary_out=summary, batch=batch_size, device=device, blur=blur)
+        opts = EvalOptions(threshold=threshold, step=step, steps=steps, blur=blur, scorer=scorer, causal=causal,
+                           descriptors=descriptors, batch=batch_size)
+        res = evaluate_maps([str(d) for d in maps_dirs], manifest, opts=opts, output=output, summary_out=summary,
+                            device=device)
         summary_table(res)
 
     from vlmtools.cli.train import (JsonOpt, PatienceOpt, PlotsOpt, SeedOpt,
@@ -116,13 +132,14 @@ def register(app: typer.Typer) -> None:
                                    "NAME.safetensors)."),
         layers: Optional[str] = typer.Option(None, "--layers", help="Tower layers the side branch reads, "
                                              "e.g. 0,2,4 (ResNet: 0 = stem, 1-4 = stages; ViT: blocks) "
-                                             "(default: all, or 6 evenly spaced; the last always)"),
+                                             "(default: every layer, as the study; the last always)"),
         cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache directory (default: "
                                              "NAME.features beside the head); reused and resumed."),
         d_model: int = typer.Option(64, "--d-model", help="Side branch width."),
         heads: int = typer.Option(4, "--heads", help="Attention heads per side branch layer."),
         grid: Optional[int] = typer.Option(None, "--grid", help="Side of the attention lattice (default: "
-                                           "the finest chosen layer's, at most 8)."),
+                                           "the tower's token grid, e.g. 7 for ViT-B/32 at 224; ResNet: the "
+                                           "finest chosen stage's)."),
         lam: float = typer.Option(1.0, "--lam", help="Weight λ of the attention branch's loss."),
         aea: bool = typer.Option(True, "--aea/--no-aea", help="Alternative Epoch Architect: freeze the "
                                  "side and attention branches every other epoch."),
@@ -143,7 +160,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Attention Lattice Adapter (study 003) on the frozen image tower.
 
-        A side branch over several tower layers, an attention branch (the map α′ of `explain visual
+        A side branch over every tower layer at its token grid, an attention branch (the map α′ of `explain visual
         --method ala`) and a perception branch; loss CE(PB) + λ·CE(AB), the Alternative Epoch Architect.
         The tower's features are cached once (--cache), so epochs do not rerun it."""
         from vlmtools.errors import BadInput
@@ -156,6 +173,13 @@ def register(app: typer.Typer) -> None:
             except ValueError:
                 raise BadInput(f"--layers {layers!r}: expected comma-separated layer numbers") from None
         options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
-        emit(train_ala(manifest, output, options=options, layers=chosen, cache=cache, where=where,
-                       val_where=val_where, val_fraction=val_fraction, d_model=d_model, heads=heads, grid=grid,
-                       lam=lam, aea=aea, model=model, pretrained=pretrained), json_, plots)
+        summary = train_ala(manifest, output, options=options, layers=chosen, cache=cache, where=where,
+                            val_where=val_where, val_fraction=val_fraction, d_model=d_model, heads=heads, grid=grid,
+                            lam=lam, aea=aea, model=model, pretrained=pretrained)
+        emit(summary, json_, plots)
+        if summary["unreadable_images"]:  # as explain visual: some images failed, the rest were used
+            from vlmtools.console import error
+
+            error(f"{summary['unreadable_images']} image(s) could not be read and were left out of training "
+                  f"(see the feature cache's errors.jsonl)")
+            raise typer.Exit(1)

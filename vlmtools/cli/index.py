@@ -25,7 +25,14 @@ def register(app: typer.Typer) -> None:
         rerank: Optional[int] = typer.Option(None, "--rerank", help="Saved search parameter: fetch N*k "
                                              "candidates and rescore them exactly from the store (default: "
                                              "10 for PQ indexes, else off; 0 = off)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the training sample (IVF/PQ)."),
+        target_recall: Optional[float] = typer.Option(None, "--target-recall", metavar="R", help="Tune nprobe, "
+                                                      "efSearch and rerank to the cheapest setting whose recall@k "
+                                                      "on held-out store rows reaches R, measured against exact "
+                                                      "search while building; saved in index.json (default 0.95; "
+                                                      "0 = no tuning; on an up-to-date index: tune it again)."),
+        recall_k: int = typer.Option(10, "--recall-k", metavar="K", help="The k of --target-recall's recall@k."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the training sample (IVF/PQ) and of the held-out "
+                                 "rows."),
         gpu: Optional[bool] = typer.Option(None, "--gpu/--no-gpu", help="Build on the GPU (default: when "
                                            "faiss has GPU support and sees a CUDA device; HNSW and 4-bit "
                                            "fast-scan PQ, auto's choice from 1M rows, stay on the CPU)."),
@@ -35,4 +42,4 @@ def register(app: typer.Typer) -> None:
         from vlmtools.index import build_index
 
         build_index(store, index_key=index_key, max_memory=max_memory, nprobe=nprobe, ef_search=ef_search,
-                    force=force, seed=seed, gpu=gpu, rerank=rerank)
+                    force=force, seed=seed, gpu=gpu, rerank=rerank, target_recall=target_recall, recall_k=recall_k)

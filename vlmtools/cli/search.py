@@ -72,6 +72,8 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(1234, "--port", min=0, max=65535, help="TCP port (0: any free one; the "
                                  "address is printed on stderr)."),
         max_k: int = typer.Option(1000, "--max-k", min=1, help="Largest k a request may ask for."),
+        request_timeout: float = typer.Option(10.0, "--request-timeout", help="Seconds a client may take to "
+                                              "send a whole request (then 408)."),
         exact: bool = typer.Option(False, "--exact", help="Ignore the index; score every row."),
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
@@ -81,8 +83,9 @@ def register(app: typer.Typer) -> None:
         """Serve a store as a small HTTP JSON API on localhost; the store, its index and its model load once.
 
         POST /search with {"text"|"id"|"image_base64"|"embedding", "k", "where"} answers the hits that
-        `vlmtools search` prints; GET / the store's summary. ^C stops it. See `man vlmtools-search`."""
+        `vlmtools search` prints; GET / the store's summary; POST /knn-service is clip-retrieval's. ^C or
+        SIGTERM stops it once the requests in flight are answered. See `man vlmtools-search`."""
         from vlmtools.serve import serve
 
         serve(store, host=host, port=port, max_k=max_k, model=model, pretrained=pretrained, device=device,
-              exact=exact, precision=precision)
+              exact=exact, precision=precision, request_deadline=request_timeout)

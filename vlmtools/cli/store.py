@@ -37,8 +37,8 @@ def register(app: typer.Typer) -> None:
                                              "every row (NaN/inf) and every id (duplicates)."),
                   json_: bool = JsonOpt) -> None:
         """Check a store the way every reader does, and more: info.json, each shard's header, dtype, dims,
-        truncation, meta row counts, NaN/inf rows, duplicate ids, missing shards (ranks). Exit 2 when
-        something is wrong, naming the file."""
+        size, meta row counts, NaN/inf, zero and non-unit rows, duplicate ids, missing or stray shards,
+        the content digest, the index files. Exit 2 when something is wrong, naming the file."""
         from vlmtools.console import error, info
         from vlmtools.formats import dumps_line
         from vlmtools.store import check_store

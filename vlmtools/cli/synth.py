@@ -59,9 +59,9 @@ def register(app: typer.Typer) -> None:
 
         Writes images/, masks/, manifest.jsonl, attributes.jsonl, classes.txt, descriptors.jsonl (oracle),
         captions.jsonl and world.json into OUT, atomically, and prints a one-line JSON summary on stdout."""
-        import json
 
         from vlmtools.console import info
+        from vlmtools.formats import dumps_line
         from vlmtools.synth.make import make_world, resolve_preset
 
         classes = classes_alias if classes_alias is not None else classes
@@ -74,6 +74,6 @@ def register(app: typer.Typer) -> None:
         if preset:
             summary["preset"] = preset
         info(f"wrote {summary['images']} images of {summary['classes']} classes to {out}")
-        typer.echo(json.dumps(summary))
+        typer.echo(dumps_line(summary), nl=False)
 
     app.add_typer(synth, name="synth")

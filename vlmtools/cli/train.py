@@ -29,6 +29,16 @@ ValWhereOpt = typer.Option([], "--val-where", help="Val rows: those whose KEY=VA
                            "split=val), instead of --val-fraction.")
 ValFractionOpt = typer.Option(None, "--val-fraction", help="Share of each class's train rows held out "
                               "(seeded) for early stopping and val metrics; 0: none (default 0.1).")
+ProbeEpochsOpt = typer.Option(100, "--epochs", help="--solver lbfgs: the most L-BFGS iterations (scikit-learn's "
+                              "max_iter); adamw: the most epochs (early stopping may end sooner).")
+ProbeValFractionOpt = typer.Option(None, "--val-fraction", help="Share of each class's train rows held out "
+                                   "(seeded) for val metrics (and early stopping with adamw); 0: none "
+                                   "(default: 0 with --solver lbfgs, 0.1 with adamw).")
+SolverOpt = typer.Option("lbfgs", "--solver", help="The probe's solver: lbfgs (full batch, scikit-learn's "
+                         "LogisticRegression objective, last iterate kept) or adamw (mini-batches, --lr, "
+                         "--batch-size, --patience; best val epoch kept).")
+L2Opt = typer.Option(1.0, "--l2", help="lbfgs: L2 penalty (l2/2)|W|^2 on the summed cross-entropy "
+                     "(scikit-learn's 1/C; bias unpenalised).")
 HeadOutOpt = typer.Option(..., "--output", "-o", metavar="HEAD", help="The head to write: NAME (writes NAME.json and "
                           "NAME.safetensors).")
 JsonOpt = typer.Option(False, "--json", help="Print the training summary as one JSON line on stdout.")
@@ -41,18 +51,23 @@ class Balance(str, Enum):
     global_ = "global"
 
 
+class Solver(str, Enum):
+    lbfgs = "lbfgs"
+    adamw = "adamw"
+
+
 class Arch(str, Enum):
     mlp = "mlp"
     qformer = "qformer"
 
 
 def fit_options(epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int, patience: int,
-                device: str):
+                device: str, solver: "Solver | str" = "adamw", l2: float = 1.0):
     """The loop options as a FitOptions (checked: bad values are BadInput, exit 2)."""
     from vlmtools.heads.loop import FitOptions
 
     return FitOptions(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                      patience=patience, device=device).check()
+                      patience=patience, device=device, solver=getattr(solver, "value", solver), l2=l2).check()
 
 
 def emit(summary: dict, json_: bool, plots: Optional[Path] = None) -> None:
@@ -88,8 +103,10 @@ def register(app: typer.Typer) -> None:
         output: str = HeadOutOpt,
         where: List[str] = WhereOpt,
         val_where: List[str] = ValWhereOpt,
-        val_fraction: Optional[float] = ValFractionOpt,
-        epochs: int = EpochsOpt,
+        val_fraction: Optional[float] = ProbeValFractionOpt,
+        solver: Solver = SolverOpt,
+        l2: float = L2Opt,
+        epochs: int = ProbeEpochsOpt,
         lr: float = LrOpt,
         weight_decay: float = WeightDecayOpt,
         batch_size: int = BatchSizeOpt,
@@ -103,11 +120,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Linear probe: one FC layer with cross-entropy on labelled image embeddings.
 
-        Classes are the training labels in first-seen order. Writes NAME.json + NAME.safetensors
+        By default scikit-learn's LogisticRegression (C = 1/--l2 = 1), solved full-batch by L-BFGS on every
+        train row. Classes are the training labels in first-seen order. Writes NAME.json + NAME.safetensors
         (format vlmtools.head/1, see vlmtools-formats(5))."""
         from vlmtools.heads.linear import train_probe
 
-        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device, solver, l2)
         emit(train_probe(image_store, output, options=options, where=where, val_where=val_where,
                          val_fraction=val_fraction, model=model, pretrained=pretrained), json_, plots)
 
@@ -185,8 +203,13 @@ def register(app: typer.Typer) -> None:
                                              "the val rows."),
         where: List[str] = WhereOpt,
         val_where: List[str] = ValWhereOpt,
-        val_fraction: Optional[float] = ValFractionOpt,
-        epochs: int = EpochsOpt,
+        val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of each class's train "
+                                                     "rows held out (seeded); 0: none (default: 0 with "
+                                                     "--solver lbfgs, 0.1 with adamw or when --sweep reports "
+                                                     "on val rows)."),
+        solver: Solver = SolverOpt,
+        l2: float = L2Opt,
+        epochs: int = ProbeEpochsOpt,
         lr: float = LrOpt,
         weight_decay: float = WeightDecayOpt,
         batch_size: int = BatchSizeOpt,
@@ -205,7 +228,7 @@ def register(app: typer.Typer) -> None:
         from vlmtools.errors import BadInput
         from vlmtools.heads.adapter import check_ratio, parse_ratios, sweep_adapter, train_adapter
 
-        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device, solver, l2)
         check_ratio(image_ratio)
         if sweep is not None:
             if image_only:
@@ -239,10 +262,9 @@ ClassesOpt = typer.Option(None, "--classes", "-c", help="Class list to check the
 TextStoreOpt = typer.Option(None, "--text-store", help="Text store (`vlmtools embed text`, same model) to take "
                             "the prompt embeddings from (others are encoded with the store's model).")
 AlphaOpt = typer.Option(0.5, "--alpha", help="Loss weight in [0, 1] (see the command's help).")
-HiddenOpt = typer.Option(None, "--hidden", help="Hidden width of the 2-layer augmenter (default: the "
-                         "embedding width).")
-LogitScaleOpt = typer.Option(100.0, "--logit-scale", help="s in softmax(s * embedding . T) of the class "
-                             "consistency losses (CLIP's 100).")
+LogitScaleOpt = typer.Option(1.0, "--logit-scale", help="s in softmax(s * embedding . T) of the class "
+                             "consistency losses (default 1: unscaled, as the study and the LADS code; CLIP "
+                             "scales by 100).")
 ShotsOpt = typer.Option(None, "--shots", help="Few-shot: keep N train rows per class (chosen with --seed, "
                         "after the val split).")
 NoCacheOpt = typer.Option(False, "--no-cache", help="Do not read or write the text embedding cache.")
@@ -259,23 +281,27 @@ def register_lare_lads(train: typer.Typer) -> None:
                                     "(0: no boxes, the plain probe)."),
         alpha: float = AlphaOpt,
         volume_loss: VolumeLoss = typer.Option(VolumeLoss.log_side, "--volume-loss", help="L_BV: log-side "
-                                               "(bounded, the default) or literal (the study's sum X+ . X-, "
-                                               "unbounded)."),
-        box_size: float = typer.Option(1.0, "--box-size", help="log-side: the side length b the volume loss "
-                                       "rewards growing to, in units of the embeddings' mean per-dimension std."),
-        box_epochs: int = typer.Option(20, "--box-epochs", help="Epochs of step 1 (f_Box)."),
+                                               "(ours, the default: sum over dimensions of (log side - log b)^2, "
+                                               "a finite optimum at side b) or literal (the study's X+ . X-, "
+                                               "unbounded below)."),
+        box_size: float = typer.Option(1.0, "--box-size", help="log-side: the side length b every box side is "
+                                       "drawn to, in units of the train embeddings' mean per-dimension std."),
+        box_epochs: int = typer.Option(10, "--box-epochs", help="Epochs of step 1 (f_Box, AdamW with --lr, "
+                                       "--weight-decay, --batch-size)."),
         templates: Optional[str] = TemplatesOpt,
         descriptors: Optional[str] = typer.Option(None, "--descriptors", "-d", help="Descriptor JSONL: T(class) "
                                                   "= the mean of its \"{class}, which has {descriptor}\" "
                                                   "embeddings instead of class-name prompts."),
         classes: Optional[str] = ClassesOpt,
         text_store: Optional[Path] = TextStoreOpt,
-        hidden: Optional[int] = HiddenOpt,
+        hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden width of f_Box (default 128)."),
         logit_scale: float = LogitScaleOpt,
         shots: Optional[int] = ShotsOpt,
         val_where: List[str] = ValWhereOpt,
-        val_fraction: Optional[float] = ValFractionOpt,
-        epochs: int = EpochsOpt,
+        val_fraction: Optional[float] = ProbeValFractionOpt,
+        solver: Solver = SolverOpt,
+        l2: float = L2Opt,
+        epochs: int = ProbeEpochsOpt,
         lr: float = LrOpt,
         weight_decay: float = WeightDecayOpt,
         batch_size: int = BatchSizeOpt,
@@ -290,14 +316,14 @@ def register_lare_lads(train: typer.Typer) -> None:
     ) -> None:
         """LARE (study 004): a box per image embedding, K samples per box, a linear probe on both.
 
-        Step 1 trains f_Box (2 layers, d -> 2d: centre offset and half-width; X- = centre - softplus,
-        X+ = centre + softplus, so X- <= X+) with L = (1-alpha) L_BV + (alpha/3)(L_CC+ + L_CC- + L_CC),
-        the class-consistency terms being cross-entropies of the corners and the midpoint against the
-        class text embeddings. Step 2 is `train probe` on the train rows + K samples per box (L2-
-        normalized). The head keeps f_Box: `vlmtools explain box HEAD STORE`."""
+        Step 1 trains f_Box (2 layers, d -> 2d: how far the box reaches below and above the image, so
+        X- < x < X+) with L = (1-alpha) L_BV + (alpha/3)(L_CC+ + L_CC- + L_CC), the class-consistency
+        terms being cross-entropies of the corners and the midpoint against the class text embeddings.
+        Step 2 is `train probe` (same --solver) on the train rows + K samples per box (L2-normalized).
+        The head keeps f_Box: `vlmtools explain box HEAD STORE`."""
         from vlmtools.heads.lare import train_lare
 
-        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device, solver, l2)
         emit(train_lare(image_store, output, options=options, where=where, val_where=val_where,
                         val_fraction=val_fraction, model=model, pretrained=pretrained, templates=templates,
                         descriptors=descriptors, classes=classes, text_store=text_store, samples=samples, alpha=alpha,
@@ -311,24 +337,36 @@ def register_lare_lads(train: typer.Typer) -> None:
         output: str = HeadOutOpt,
         where: List[str] = WhereOpt,
         source: str = typer.Option("a photo of a {}.", "--source", help="Prompt of the training domain, {} = "
-                                   "class."),
+                                   "class (the authors' CUB config: \"a photo of a {} bird.\")."),
         target: str = typer.Option("a painting of a {}.", "--target", help="Prompt of the unseen domain, {} = "
-                                   "class."),
-        alpha: float = AlphaOpt,
-        aug_epochs: int = typer.Option(20, "--aug-epochs", help="Epochs of step 1 (the augmentation network)."),
+                                   "class (their CUB config: \"a painting of a {} bird.\")."),
+        cc_template: str = typer.Option("a photo of a {}", "--cc-template", help="Class prompt of the class "
+                                        "consistency term (the authors' code hard-codes this one)."),
+        alpha: float = typer.Option(0.5, "--alpha", help="L = alpha L_dir + (1 - alpha) L_cc."),
+        aug_epochs: int = typer.Option(200, "--aug-epochs", help="Epochs of step 1 (the augmenter); the "
+                                       "epoch of the lowest val loss is kept."),
+        ensemble: bool = typer.Option(False, "--ensemble", help="Predict with the mean of the probe's and CLIP "
+                                      "zero-shot's probabilities (source + target prompts), as the authors' "
+                                      "CUB config does."),
         classes: Optional[str] = ClassesOpt,
         text_store: Optional[Path] = TextStoreOpt,
-        hidden: Optional[int] = HiddenOpt,
+        hidden: Optional[int] = typer.Option(None, "--hidden", help="Hidden width of the augmenter (default "
+                                             "384, the authors')."),
         logit_scale: float = LogitScaleOpt,
         shots: Optional[int] = ShotsOpt,
         val_where: List[str] = ValWhereOpt,
         val_fraction: Optional[float] = ValFractionOpt,
-        epochs: int = EpochsOpt,
-        lr: float = LrOpt,
-        weight_decay: float = WeightDecayOpt,
+        solver: Solver = typer.Option(Solver.adamw, "--solver", help="The probe's solver: adamw (the "
+                                      "authors') or lbfgs (train probe's)."),
+        l2: float = L2Opt,
+        epochs: int = typer.Option(400, "--epochs", help="Epochs of the probe (adamw; the best val epoch is "
+                                   "kept) or its most L-BFGS iterations."),
+        lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate of both steps."),
+        weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay of both steps."),
         batch_size: int = BatchSizeOpt,
         seed: int = SeedOpt,
-        patience: int = PatienceOpt,
+        patience: int = typer.Option(0, "--patience", help="Stop the probe after this many epochs without a "
+                                     "better val balanced accuracy (0: never, as the authors)."),
         device: str = DeviceOpt,
         model: Optional[str] = ModelOpt,
         pretrained: Optional[str] = PretrainedOpt,
@@ -336,18 +374,20 @@ def register_lare_lads(train: typer.Typer) -> None:
         json_: bool = JsonOpt,
         plots: Optional[Path] = PlotsOpt,
     ) -> None:
-        """LADS (Dunlap et al., ICLR 2023), study 004's baseline: text-guided augmentation, then a probe.
+        """LADS (Dunlap et al., ICLR 2023), study 004's baseline, as its authors' code: text-guided
+        augmentation, then a probe.
 
-        Each train embedding is augmented into the --target domain; the linear probe is fit on the
-        original + augmented rows.
-        Step 1 trains f_aug(x) = x + MLP(x) with L = alpha L_DA + (1-alpha) L_CC: L_DA = 1 - cos(f_aug(x)
-        - x, T(target, y) - T(source, y)) (the image moves as the text moves), L_CC = cross-entropy of
-        f_aug(x) against the target prompts of all classes. Step 2 is `train probe` on both."""
+        Step 1 trains f_aug (Linear-ReLU-Linear, 384 wide) with L = alpha L_dir + (1-alpha) L_cc: L_dir =
+        1 - cos(f_aug(x) - x, the class's text direction from --source to --target), L_cc = class-weighted
+        cross-entropy of the unscaled cosines of f_aug(x) to the --cc-template class prompts; the epoch of
+        the lowest val loss is kept. Step 2: one linear layer on the original + augmented rows, class-
+        weighted, AdamW, the first epoch of the best val balanced accuracy kept. Defaults and their sources:
+        man vlmtools-train."""
         from vlmtools.heads.lads import train_lads
 
-        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device)
+        options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device, solver, l2)
         emit(train_lads(image_store, output, options=options, where=where, val_where=val_where,
                         val_fraction=val_fraction, model=model, pretrained=pretrained, source=source,
-                        target=target, classes=classes, text_store=text_store, alpha=alpha,
-                        aug_epochs=aug_epochs, hidden=hidden, logit_scale=logit_scale, shots=shots,
-                        use_cache=not no_cache), json_, plots)
+                        target=target, cc_template=cc_template, classes=classes, text_store=text_store,
+                        alpha=alpha, aug_epochs=aug_epochs, hidden=hidden, logit_scale=logit_scale,
+                        ensemble=ensemble, shots=shots, use_cache=not no_cache), json_, plots)

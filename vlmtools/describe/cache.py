@@ -2,7 +2,7 @@
 
 One JSON file per request, named by sha256 of the request (base URL, model, messages, temperature,
 max_tokens, sample index). The request is stored beside the answer for inspection; it never holds the
-API key because the key is not part of a request.
+API key because the key is not part of a request, and the JSON writer redacts it from any field.
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ import json
 import os
 from pathlib import Path
 
-from vlmtools.formats import atomic_path
+from vlmtools.errors import BadInput
+from vlmtools.formats import MAX_JSON, parse_json, read_capped, write_json
 from vlmtools.paths import cache_dir
+
+MAX_ENTRY = MAX_JSON
 
 
 def default_cache_dir() -> Path:
@@ -36,15 +39,14 @@ class ResponseCache:
     def get(self, request: dict) -> dict | None:
         path = self._path(request_key(request))
         try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None  # missing or unreadable: ask again
+            entry = parse_json(read_capped(path, MAX_ENTRY).decode("utf-8"))
+        except (OSError, ValueError, BadInput):
+            return None  # missing, unreadable, too large or not JSON: ask again
         if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
             return None
         return entry
 
     def put(self, request: dict, text: str, finish_reason: str | None) -> None:
         path = self._path(request_key(request))
-        entry = {"request": request, "text": text, "finish_reason": finish_reason}
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(entry, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        # through the one JSON writer: no registered secret reaches the cache, whatever field holds it
+        write_json(path, {"request": request, "text": text, "finish_reason": finish_reason})

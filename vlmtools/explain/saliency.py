@@ -213,6 +213,26 @@ class ClipTower:
         side = int(round(math.sqrt(tokens.shape[1])))
         return tokens.reshape(batch, side, side, -1).permute(0, 3, 1, 2)
 
+    def lattice(self, size: int, method: str) -> list[int] | None:
+        """The cell grid [h, w] a method's maps are drawn at, before upsampling: the Grad-CAM layer's
+        (found by one forward pass of a blank image), the ViT's token grid for rollout; None for others."""
+        import torch
+
+        if method == "rollout" and self.kind == "vit":
+            return [int(v) for v in self.visual.grid_size]
+        if method != "gradcam":
+            return None
+        acts: list = []
+        handle = self.cam_layer.register_forward_hook(
+            lambda _m, _i, out: acts.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            with torch.no_grad():
+                p = next(self.model.parameters())
+                self.model.encode_image(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+        finally:
+            handle.remove()
+        return [int(v) for v in self.to_grid(acts[-1], 1).shape[-2:]]
+
     def attentions(self, x):
         """Head-averaged attention (B, L, L) of every ViT block, recomputed from the block's ln_1 output
         and its attention weights (open_clip asks nn.MultiheadAttention for no weights)."""

@@ -1,6 +1,7 @@
 """`explain visual` and `eval explanations`: saliency maps for images, written as a maps directory, and
-their evaluation against the manifest's object masks (mIoU) and by the causal metrics (insertion,
-deletion, ID score).
+their evaluation against the manifest's object masks (mIoU, beside the lattice's ceiling), by RISE's causal
+metrics (insertion, deletion, ID score; each map scored by the model it explains) and, for per-descriptor
+maps, against the region each descriptor names (grounding).
 
 A maps directory (formats.MAPS_FORMAT) holds info.json (model, method, classes, templates, method
 settings), maps.jsonl (one line per map) and per map NAME.npy (float16 in [0, 1] at the image's
@@ -92,12 +93,14 @@ class Judge:
     def cosine_fn(self, target):
         return lambda x: self.tower.embed(x) @ target
 
-    def prob_fn(self, c: int):
+    def probs(self, x):
+        """The classifier's class probabilities (B, K): softmax of logit scale × cosine to the classes."""
         import torch
 
-        def fn(x):
-            return torch.softmax(self.logit_scale * self.tower.embed(x) @ self.class_emb.T, dim=-1)[:, c]
-        return fn
+        return torch.softmax(self.logit_scale * self.tower.embed(x) @ self.class_emb.T, dim=-1)
+
+    def prob_fn(self, c: int):
+        return lambda x: self.probs(x)[:, c]
 
     def text_embeddings(self, texts: Sequence[str]):
         import torch
@@ -304,6 +307,20 @@ def compute_maps(judge: Judge, x, c: int, opts: VisualOptions, targets=None, hea
     return [sal.rise(x, fn, opts.masks, opts.cell, opts.p, opts.seed, opts.batch, mask_tensor=masks) for fn in fns]
 
 
+def _head_prediction(head, x, wanted: str | None):
+    """(class index, class, logits, probabilities) of an ALA head on x: its prediction, or ``wanted``."""
+    import torch
+
+    logits = head.logits(x)[0]
+    probs = torch.softmax(logits, dim=-1)
+    names = head.classes
+    if wanted is not None and wanted not in names:
+        raise BadInput(f"class {wanted!r} is not one of the ALA head's classes ({', '.join(names[:5])}"
+                       f"{', ...' if len(names) > 5 else ''})")
+    c = names.index(wanted) if wanted is not None else int(probs.argmax())
+    return c, names[c], logits, probs
+
+
 def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str | None = None,
                    pretrained: str | None = None, classes: str | None = None, templates: str = "photo",
                    cls: str | None = None, descriptors: str | None = None, head: str | None = None,
@@ -329,6 +346,10 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
         raise BadInput(f"{input_path}: no images to explain" + (" (after --where)" if conditions else ""))
     desc_records = formats.read_descriptors(descriptors) if descriptors is not None else None
     cbd_records = formats.read_descriptors(cbd) if cbd is not None else None
+    for recs, path in ((desc_records, descriptors), (cbd_records, cbd)):
+        if cls is not None and recs is not None and not (recs.get(cls) or {}).get("descriptors"):
+            raise BadInput(f"--class {cls!r} has no descriptors in {path}"
+                           + ("" if cls in recs else f" (its classes: {', '.join(list(recs)[:5])}, ...)"))
     names = class_list(records, classes, desc_records or cbd_records, cls)
     template_list = load_templates(templates)
     final = Path(out_dir)
@@ -349,9 +370,11 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
             head_obj, spec = load_ala_for_explain(head, model, pretrained, device)
         else:
             spec = ModelSpec.parse(model, pretrained)
+        if is_pred:
+            _warn_other_model(records, spec, input_path)
         judge = make_judge(spec, names, template_list, device, cam_layer=opts.layer, cbd=cbd_records)
         if head_obj is not None:
-            head_obj.attach(judge)
+            head_obj.attach(judge.encoder)
         index = {c: i for i, c in enumerate(names)}
 
         import torch
@@ -370,8 +393,11 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
                 with torch.no_grad():
                     cos = (judge.tower.embed(x) @ judge.class_emb.T)[0]
                     probs = torch.softmax(judge.logit_scale * cos, dim=-1)
-                target = cls or (rec["pred"] if is_pred else names[int(probs.argmax())])
-                c = index[target]
+                if head_obj is not None:  # an ALA map: the head's own prediction, logit and probability
+                    c, target, cos, probs = _head_prediction(head_obj, x, cls or (rec["pred"] if is_pred else None))
+                else:
+                    target = cls or (rec["pred"] if is_pred else names[int(probs.argmax())])
+                    c = index[target]
                 if rec.get("label") is not None:
                     explained_vs_label.append(str(rec["label"]) == target)
                 base = {k: rec[k] for k in ("id", "path", "label") if rec.get(k) is not None}
@@ -400,20 +426,25 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
                     (m,) = compute_maps(judge, x, c, opts, head=head_obj)
                     stem = _safe_stem(rec["id"], used)
                     full = to_image_size(m, image)
-                    title = (f"{rec['id']} · {opts.method}\nexplains {target} (cos {float(cos[c]):.3f}, p {float(probs[c]):.2f})"
-                             + _truth(rec))
+                    what = "logit" if head_obj is not None else "cos"
+                    title = (f"{rec['id']} · {opts.method}\nexplains {target} ({what} {float(cos[c]):.3f}, "
+                             f"p {float(probs[c]):.2f})" + _truth(rec))
                     rows.append({**base, **save_map(out, stem, image, full, title, png)})
                 bar.advance(1)
+        if not rows:  # nothing to show: exit 2 and leave no maps directory behind
+            first = errors[0]["error"] if errors else "no class of theirs has descriptors"
+            raise BadInput(f"{input_path}: no map made for any of {len(records)} image(s) (first: {first})")
         _warn_off_label(explained_vs_label, cls, is_pred, cbd)
         settings = {"masks": opts.masks, "cell": opts.cell, "p": opts.p, "seed": opts.seed} \
             if opts.method == "rise" else ({"layer": opts.layer} if opts.layer is not None else {})
         if head_obj is not None:
             settings = _head_settings(head_obj.info)
+        lattice = head_obj.lattice if head_obj is not None else judge.tower.lattice(judge.size, opts.method)
         formats.write_json(out / MAPS_INFO, formats.maps_info(
             method=opts.method, model=spec.as_dict(), classes=names, templates=template_list,
             settings=settings, head=str(Path(head).resolve()) if head else None,
             descriptors=str(Path(descriptors).resolve()) if descriptors else None,
-            cbd=str(Path(cbd).resolve()) if cbd else None))
+            cbd=str(Path(cbd).resolve()) if cbd else None, lattice=lattice))
         formats.write_jsonl(out / MAPS_INDEX, rows)
         if errors:
             formats.write_jsonl(out / MAPS_ERRORS, errors)
@@ -424,9 +455,21 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
     return {"maps": len(rows), "images": len(records), "failed": len(errors), "out": str(final)}
 
 
+def _warn_other_model(records: Sequence[dict], spec, input_path) -> None:
+    """The predictions' model (classify records it) is the one whose decisions are explained: say so when
+    the maps are made with another."""
+    made_with = {str(r["model"]) for r in records if r.get("model")}
+    if made_with and made_with != {str(spec)}:
+        warn(f"{input_path}: the predictions were made with {', '.join(sorted(made_with))}; the maps are made "
+             f"with {spec}, which may not predict the same classes (pass the predictions' model)")
+
+
 # ----------------------------------------------------------------------------- eval explanations
 
 def read_maps_dir(path) -> tuple[dict, list[dict]]:
+    """(info.json, maps.jsonl rows) of a maps directory, checked as far as its index goes: each row an
+    object with an "id" and a "map" file name that stays inside the directory (no "..", no absolute
+    path, no symlink out of it) and exists; no (id, descriptor) listed twice. BadInput naming the line."""
     d = Path(path)
     if not d.is_dir():
         raise BadInput(f"{d}: not a directory (expected the -o directory of `vlmtools explain visual`)")
@@ -434,8 +477,44 @@ def read_maps_dir(path) -> tuple[dict, list[dict]]:
     if meta is None:
         raise BadInput(f"{d}: no {MAPS_INFO}; not a maps directory from `vlmtools explain visual`")
     formats.check_format(meta, formats.MAPS_FORMAT, str(d / MAPS_INFO))
-    rows = [rec for _, rec in formats.iter_jsonl(d / MAPS_INDEX)]
+    rows, seen = [], {}
+    root = d.resolve()
+    for lineno, rec in formats.iter_jsonl(d / MAPS_INDEX):
+        where = f"{d / MAPS_INDEX}:{lineno}"
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), (str, int)) or isinstance(rec.get("id"), bool) \
+                or not isinstance(rec.get("map"), str) or not rec["map"]:
+            raise BadInput(f"{where}: a maps line needs an \"id\" and a \"map\" file name")
+        target = (d / rec["map"]).resolve()
+        if Path(rec["map"]).is_absolute() or ".." in Path(rec["map"]).parts or not target.is_relative_to(root):
+            raise BadInput(f"{where}: map {rec['map']!r} is outside {d}; a maps line names a file in its directory")
+        if not target.is_file():
+            raise BadInput(f"{where}: map file {d / rec['map']} is missing")
+        key = (str(rec["id"]), rec.get("descriptor"))
+        if key in seen:
+            raise BadInput(f"{where}: image {key[0]!r} is listed again (first at line {seen[key]})"
+                           + (f" for descriptor {key[1]!r}" if key[1] is not None else "")
+                           + "; each map is scored once")
+        seen[key] = lineno
+        rows.append(rec)
     return meta, rows
+
+
+def load_map(d, row: dict):
+    """A map of a checked maps directory (read_maps_dir) as float32: a 2-D array of finite values, else
+    BadInput naming the file (NaN or inf would make every metric of it meaningless)."""
+    import numpy as np
+
+    f = Path(d) / row["map"]
+    try:
+        sal = np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise BadInput(f"{f}: not a readable map ({' '.join(str(exc).split())[:120]})") from None
+    if sal.ndim != 2 or sal.dtype.kind != "f" or 0 in sal.shape:
+        raise BadInput(f"{f}: a map is a non-empty 2-D float array, not {sal.dtype} of shape {sal.shape}")
+    finite = np.isfinite(sal)
+    if not finite.all():
+        raise BadInput(f"{f}: {int((~finite).sum())} of {sal.size} values are NaN or inf; not a map to score")
+    return sal.astype(np.float32)
 
 
 def _load_mask(path: str):
@@ -446,51 +525,234 @@ def _load_mask(path: str):
         return np.asarray(m.convert("L")) > 127
 
 
-def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, causal: bool = True,
-                  output: str = "-", summary_out: str | None = None, batch: int = 64,
-                  device: str = "auto", blur: float = 1.0) -> dict:
-    """mIoU (and insertion, deletion, ID with ``causal``) of the class maps of each directory; per-map
-    JSONL to ``output``; returns (and writes to ``summary_out``) per-directory means and, per row of
-    directories whose settings differ only in the seed (group_runs), mean ± std over them (seeds)."""
-    import numpy as np
-    import torch
+@dataclass
+class EvalOptions:
+    """How `eval explanations` scores maps. The defaults are the study's protocol: the ALA authors' mIoU
+    rule, RISE's causal metric (its kernel and its share of pixels per step), each map scored by the model
+    it explains."""
+    threshold: str = "0.5"          # metrics.binarize: 8-bit grey > 127, or mean+std, or another T
+    step: int | None = None         # pixels per insertion/deletion step (None: ceil(H·W/224), RISE's)
+    steps: int | None = None        # coarser: about this many steps (not the study's protocol)
+    blur: str = "11,5"              # insertion canvas: gkern KLEN,SIGMA (RISE's 11,5), or 0: no blur
+    scorer: str = "own"             # own: each map's model; clip: the CLIP classifier of its info.json
+    causal: bool = True
+    descriptors: bool = False       # grounding: per-descriptor maps against the region they name
+    batch: int = 64
 
-    from vlmtools.explain.metrics import auc, causal_curve, iou
-    from vlmtools.explain.saliency import upsample
-    from vlmtools.images import load_rgb
+    def check(self) -> "EvalOptions":
+        from vlmtools.explain.metrics import parse_threshold
+
+        try:
+            self.threshold = parse_threshold(self.threshold)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from None
+        if self.step is not None and self.steps is not None:
+            raise BadInput("--step and --steps: give one (--step N pixels per step is the study's protocol)")
+        if self.step is not None and self.step < 1:
+            raise BadInput("--step must be at least 1 pixel")
+        if self.steps is not None and self.steps < 1:
+            raise BadInput("--steps must be at least 1")
+        if self.scorer not in SCORERS:
+            raise BadInput(f"--scorer {self.scorer!r}: expected one of {', '.join(SCORERS)}")
+        if self.batch < 1:
+            raise BadInput("--batch-size must be at least 1")
+        self.kernel()  # checks --blur
+        return self
+
+    def kernel(self):
+        """The insertion canvas's kernel: gkern(KLEN, SIGMA), or the 1 × 1 identity for no blur (--blur 0)."""
+        import numpy as np
+
+        from vlmtools.explain.metrics import gkern
+
+        text = str(self.blur).replace(" ", "")
+        if text in ("0", "0.0", "none"):
+            return np.ones((1, 1), dtype=np.float32)
+        try:
+            klen, sigma = text.split(",")
+            klen, sigma = int(klen), float(sigma)
+        except ValueError:
+            raise BadInput(f"--blur {self.blur!r}: expected KLEN,SIGMA of RISE's gkern (default 11,5), or 0 "
+                           f"for no blur") from None
+        if klen < 1 or klen % 2 == 0 or not sigma > 0:
+            raise BadInput(f"--blur {self.blur!r}: KLEN must be odd and >= 1, SIGMA > 0")
+        return gkern(klen, sigma)
+
+    def pixel_step(self, n_pixels: int) -> int:
+        import math
+
+        from vlmtools.explain.metrics import default_step
+
+        if self.step is not None:
+            return self.step
+        if self.steps is not None:
+            return max(1, math.ceil(n_pixels / self.steps))
+        return default_step(n_pixels)
+
+    def describe_steps(self) -> str:
+        if self.step is not None:
+            return f"{self.step} px per step"
+        if self.steps is not None:
+            return f"{self.steps} steps (not the study's protocol)"
+        return "ceil(H·W/224) px per step"
+
+
+SCORERS = ("own", "clip")
+
+
+class ClipScorer:
+    """Insertion/deletion scored by a CLIP classifier (class-name prompts, or CBD with --cbd)."""
+
+    def __init__(self, judge: Judge, meta: dict):
+        self.judge, self.classes = judge, judge.classes
+        how = f"cbd {Path(meta['cbd']).name}" if meta.get("cbd") else "names"
+        model = meta["model"]
+        tag = model.get("pretrained")
+        self.name = f"clip {model['name']}{':' + tag if tag and tag not in ('none', 'vlmtools') else ''} {how}"
+
+    def tensor(self, image):
+        return self.judge.tensor(image)
+
+    def probs(self, x):
+        return self.judge.probs(x)
+
+
+class AlaScorer:
+    """Insertion/deletion scored by an ALA head: its perception branch's softmax, on its own tower."""
+
+    def __init__(self, head_path: str, device: str):
+        from vlmtools.heads.ala import load_ala_for_explain
+        from vlmtools.images import normalize_params
+        from vlmtools.models import load_model
+
+        if not Path(head_path).with_suffix(".json").exists() and not Path(str(head_path) + ".json").exists():
+            raise BadInput(f"{head_path}: the ALA head of these maps is gone; its maps are scored by it (pass "
+                           f"--scorer clip to score them with the CLIP classifier instead)")
+        self.head, spec = load_ala_for_explain(head_path, None, None, device)
+        self.encoder = load_model(spec, device)
+        for p in self.encoder.model.parameters():
+            p.requires_grad_(False)
+        self.head.attach(self.encoder)
+        self.mean, self.std = (t.to(self.encoder.device) for t in normalize_params(self.encoder.preprocess))
+        self.classes = self.head.classes
+        self.name = f"ala {Path(head_path).name}"
+
+    def tensor(self, image):
+        from vlmtools.images import square_tensor
+
+        return square_tensor(image, self.encoder.image_size, self.mean, self.std).to(self.encoder.device)
+
+    def probs(self, x):
+        return self.head.probs(x)
+
+
+def _scorer_key(meta: dict, scorer: str) -> tuple:
+    if meta["method"] == "ala" and scorer == "own":
+        return ("ala", meta.get("head"))
+    return ("clip",) + _scorer(meta)
+
+
+def _make_scorer(meta: dict, scorer: str, device: str):
     from vlmtools.models import ModelSpec
 
-    if steps < 1:
-        raise BadInput("--steps must be at least 1")
-    if blur < 0:
-        raise BadInput("--blur must be >= 0 (0: insert into the unblurred image)")
-    if not maps_dirs:
-        raise BadInput("give at least one maps directory")
-    by_id = {r["id"]: r for r in formats.read_manifest(manifest)}
-    loaded = [(str(d), *read_maps_dir(d)) for d in maps_dirs]
-    labels = group_runs(loaded)
-    if causal:
-        _warn_mixed_scorers(loaded, labels)
-    # check everything before the (slow) evaluation: masks present, maps of the masks' size
+    if _scorer_key(meta, scorer)[0] == "ala":
+        if not meta.get("head"):
+            raise BadInput("ala maps without a \"head\" in info.json: pass --scorer clip")
+        return AlaScorer(meta["head"], device)
+    spec = ModelSpec(meta["model"]["name"], meta["model"].get("pretrained"))
+    cbd = formats.read_descriptors(meta["cbd"]) if meta.get("cbd") else None
+    return ClipScorer(make_judge(spec, meta["classes"], meta["templates"], device, cbd=cbd), meta)
+
+
+def _causal_scores(scorer, image, sal, opts: EvalOptions, kernel) -> dict:
+    """RISE's insertion and deletion AUCs of one map, scored by ``scorer`` for its own prediction on the
+    full image (RISE's class: the top class of the model's output on the unchanged input)."""
+    import torch
+
+    from vlmtools.explain.metrics import auc, causal_curve
+    from vlmtools.explain.saliency import upsample
+
+    x = scorer.tensor(image)
+    with torch.no_grad():
+        c = int(scorer.probs(x)[0].argmax())
+    s = upsample(torch.from_numpy(sal), tuple(x.shape[-2:])).numpy()
+    step = opts.pixel_step(x.shape[-2] * x.shape[-1])
+
+    def fn(t):
+        return scorer.probs(t)[:, c]
+
+    ins = auc(causal_curve(x, s, fn, "insertion", step, opts.batch, kernel=kernel)[1])
+    dele = auc(causal_curve(x, s, fn, "deletion", step, opts.batch)[1])
+    return {"insertion": round(ins, 6), "deletion": round(dele, 6), "id_score": round(ins - dele, 6),
+            "scorer": scorer.name, "scored_class": scorer.classes[c], "step": step}
+
+
+def _grounding(sal, mask, kind: str, threshold: str) -> dict:
+    """A per-descriptor map against the region its descriptor names (object: the mask; background: the
+    rest): hit = the map's peak (first maximum in raster order) lies in the region; energy = the share of
+    the map's mass inside it; chance = the region's share of the image (a random peak's hit rate)."""
+    import numpy as np
+
+    from vlmtools.explain.metrics import iou
+
+    region = mask if kind == "object" else ~mask
+    total = float(sal.sum())
+    peak = int(np.argmax(sal))
+    return {"kind": kind, "hit": bool(total > 0 and region.reshape(-1)[peak]),
+            "energy": round(float(sal[region].sum()) / total, 6) if total > 0 else 0.0,
+            "chance": round(float(region.mean()), 6), "iou": round(iou(sal, region, threshold), 6)}
+
+
+def _check_maps(loaded, by_id: dict, manifest: str, descriptors: bool, causal: bool) -> list:
+    """(directory, info, map row, manifest record) of every map to evaluate; BadInput before any work."""
     todo = []
     for d, meta, rows in loaded:
-        class_rows = [r for r in rows if "descriptor" not in r]
-        if not class_rows:
-            raise BadInput(f"{d}: no class maps to evaluate (per-descriptor maps are not evaluated)")
-        for r in class_rows:
+        chosen = [r for r in rows if ("descriptor" in r) == descriptors]
+        if not chosen:
+            raise BadInput(f"{d}: no per-descriptor maps (make them with explain visual --descriptors)"
+                           if descriptors else
+                           f"{d}: no class maps to evaluate (per-descriptor maps: pass --descriptors)")
+        for r in chosen:
             rec = by_id.get(str(r["id"]))
             if rec is None:
                 raise BadInput(f"{d}: image {r['id']!r} is not in {manifest}")
             if not rec.get("mask"):
-                n = sum(1 for rr in class_rows if not by_id.get(str(rr["id"]), {}).get("mask"))
+                n = sum(1 for rr in chosen if not by_id.get(str(rr["id"]), {}).get("mask"))
                 raise BadInput(f"{manifest}: image {r['id']!r} (and {n - 1} more) has no \"mask\"; eval "
                                f"explanations needs an object mask per image (a \"mask\" path in the manifest)")
+            load_map(d, r)  # every map readable and finite before the slow part
+            if causal and not Path(rec["path"]).is_file():
+                raise BadInput(f"{manifest}: image {r['id']!r}: {rec['path']}: no such image file")
             todo.append((d, meta, r, rec))
-    results, per_dir = [], {}
-    judges: dict = {}
+    return todo
+
+
+def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, opts: EvalOptions | None = None,
+                  output: str = "-", summary_out: str | None = None, device: str = "auto") -> dict:
+    """mIoU (and insertion, deletion, ID with ``opts.causal``; the grounding of per-descriptor maps with
+    ``opts.descriptors``) of the maps of each directory; per-map JSONL to ``output``; returns (and writes
+    to ``summary_out``) per-directory means and, per row of directories whose settings differ only in the
+    seed (group_runs), mean ± std over them (seeds)."""
+    import numpy as np
+
+    from vlmtools.explain.metrics import iou, lattice_ceiling
+    from vlmtools.images import read_image
+
+    opts = (opts or EvalOptions()).check()
+    causal = opts.causal and not opts.descriptors
+    kernel = opts.kernel()
+    if not maps_dirs:
+        raise BadInput("give at least one maps directory")
+    by_id = {r["id"]: r for r in formats.read_manifest(manifest)}
+    loaded = [(str(d), *read_maps_dir(d)) for d in maps_dirs]
+    labels = group_runs(loaded, descriptors=opts.descriptors)
+    if causal:
+        _warn_mixed_scorers(loaded, labels, opts.scorer)
+    todo = _check_maps(loaded, by_id, manifest, opts.descriptors, causal)
+    results, per_dir, scorers, mismatched = [], {}, {}, 0
     with progress("evaluating maps", total=len(todo), unit="maps") as bar:
         for d, meta, r, rec in todo:
-            sal = np.load(Path(d) / r["map"]).astype(np.float32)
+            sal = load_map(d, r)
             try:
                 mask = _load_mask(rec["mask"])
             except Exception as exc:
@@ -499,51 +761,87 @@ def evaluate_maps(maps_dirs: Sequence[str], manifest: str, *, steps: int = 50, c
                 raise BadInput(f"{Path(d) / r['map']}: map is {sal.shape[1]}x{sal.shape[0]} but the mask "
                                f"{rec['mask']} is {mask.shape[1]}x{mask.shape[0]}: maps of another size (made "
                                f"from other images?)")
-            row = {"id": r["id"], "method": meta["method"], "label": labels[d], "maps": d, "class": r["class"],
-                   "iou": round(iou(sal, mask), 6)}
+            row = {"id": r["id"], "method": meta["method"], "label": labels[d], "maps": d, "class": r["class"]}
+            if opts.descriptors:
+                row.update(descriptor=r["descriptor"], **_grounding(sal, mask, r.get("kind", "object"),
+                                                                    opts.threshold))
+            else:
+                row["iou"] = round(iou(sal, mask, opts.threshold), 6)
+                if meta.get("lattice"):
+                    row["iou_ceiling"] = round(lattice_ceiling(mask, meta["lattice"]), 6)
             if causal:
-                key = _scorer(meta)
-                if key not in judges:
-                    spec = ModelSpec(meta["model"]["name"], meta["model"].get("pretrained"))
-                    cbd = formats.read_descriptors(meta["cbd"]) if meta.get("cbd") else None
-                    judges[key] = make_judge(spec, meta["classes"], meta["templates"], device, cbd=cbd)
-                judge = judges[key]
-                image = load_rgb(rec["path"])
-                x = judge.tensor(image)
-                s = upsample(torch.from_numpy(sal), tuple(x.shape[-2:])).numpy()
-                fn = judge.prob_fn(judge.classes.index(r["class"]))
-                ins = auc(*causal_curve(x, s, fn, "insertion", steps, batch, sigma=blur))
-                dele = auc(*causal_curve(x, s, fn, "deletion", steps, batch))
-                row.update({"insertion": round(ins, 6), "deletion": round(dele, 6), "id_score": round(ins - dele, 6)})
+                key = _scorer_key(meta, opts.scorer)
+                if key not in scorers:
+                    scorers[key] = _make_scorer(meta, opts.scorer, device)
+                row.update(_causal_scores(scorers[key], read_image(rec["path"]), sal, opts, kernel))
+                mismatched += row["scored_class"] != r["class"]
             results.append(row)
             per_dir.setdefault(d, []).append(row)
             bar.advance(1)
+    if mismatched:
+        warn(f"{mismatched} of {len(results)} maps explain a class other than their scorer's prediction on the "
+             f"full image; insertion and deletion score the prediction (\"scored_class\"), as RISE does")
     from vlmtools.console import data_to_terminal, hint_data_elsewhere
 
     if data_to_terminal(output):  # a terminal gets the table (summary_table); a pipe or -o the rows
         hint_data_elsewhere("the per-map NDJSON rows")
     else:
         formats.write_jsonl(output, results)
-    keys = ["iou", "insertion", "deletion", "id_score"] if causal else ["iou"]
-    dirs = []
-    for d, meta, _ in loaded:
-        rs = per_dir[d]
-        dirs.append({"maps": d, "method": meta["method"], "label": labels[d],
-                     "seed": meta.get("settings", {}).get("seed"),
-                     "n": len(rs), **{k: float(np.mean([x[k] for x in rs])) for k in keys}})
-    groups: dict = {}
-    for row in dirs:
-        groups.setdefault(row["label"], []).append(row)
-    summary = {"format": formats.EXPLAIN_EVAL_FORMAT, "threshold": "mean + std of each map", "steps": steps,
-               "blur": blur if causal else None,
-               "directories": dirs, "methods": [
-                   {"method": rs[0]["method"], "label": label, "runs": len(rs), "maps": [r["maps"] for r in rs],
-                    **{k: float(np.mean([r[k] for r in rs])) for k in keys},
-                    **{f"{k}_std": float(np.std([r[k] for r in rs])) for k in keys}}
-                   for label, rs in groups.items()]}
+    summary = _summarize(loaded, labels, per_dir, opts, causal)
     if summary_out is not None:
         formats.write_json(summary_out, summary)
     return summary
+
+
+def _means(rows: list[dict], descriptors: bool) -> dict:
+    import numpy as np
+
+    if descriptors:
+        out = {"n": len(rows), "hit": float(np.mean([r["hit"] for r in rows]))}
+        for kind in ("object", "background"):
+            rs = [r for r in rows if r["kind"] == kind]
+            out[f"n_{kind}"] = len(rs)
+            for k in ("hit", "energy", "chance", "iou"):
+                out[f"{k}_{kind}"] = float(np.mean([r[k] for r in rs])) if rs else None
+        return out
+    keys = [k for k in ("iou", "iou_ceiling", "insertion", "deletion", "id_score") if k in rows[0]]
+    out = {"n": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
+    if "scorer" in rows[0]:
+        out["scorer"] = rows[0]["scorer"]
+        out["step"] = rows[0]["step"]
+    return out
+
+
+def _summarize(loaded, labels: dict, per_dir: dict, opts: EvalOptions, causal: bool) -> dict:
+    import numpy as np
+
+    dirs = []
+    for d, meta, _ in loaded:
+        dirs.append({"maps": d, "method": meta["method"], "label": labels[d],
+                     "seed": meta.get("settings", {}).get("seed"), "lattice": meta.get("lattice"),
+                     **_means(per_dir[d], opts.descriptors)})
+    groups: dict = {}
+    for row in dirs:
+        groups.setdefault(row["label"], []).append(row)
+    methods = []
+    for label, rs in groups.items():
+        m = {"method": rs[0]["method"], "label": label, "runs": len(rs), "maps": [r["maps"] for r in rs],
+             "lattice": rs[0]["lattice"]}
+        for k, v in rs[0].items():
+            if k in ("maps", "method", "label", "seed", "lattice", "n") or k.startswith("n_"):
+                continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                vals = [r[k] for r in rs if r.get(k) is not None]
+                m[k] = float(np.mean(vals))
+                m[f"{k}_std"] = float(np.std(vals))
+            else:
+                m[k] = v
+        methods.append(m)
+    return {"format": formats.EXPLAIN_EVAL_FORMAT, "kind": "grounding" if opts.descriptors else "maps",
+            "threshold": "8-bit grey > 127 (ALA authors' compute_miou.py)" if opts.threshold == "0.5"
+            else opts.threshold, "scorer": opts.scorer if causal else None,
+            "steps": opts.describe_steps() if causal else None, "blur": opts.blur if causal else None,
+            "directories": dirs, "methods": methods}
 
 
 def run_settings(meta: dict) -> dict:
@@ -575,10 +873,11 @@ def _scorer(meta: dict) -> tuple:
     return (json_key(meta["model"]), tuple(meta["classes"]), tuple(meta["templates"]), meta.get("cbd"))
 
 
-def group_runs(loaded: Sequence[tuple[str, dict, list]]) -> dict[str, str]:
+def group_runs(loaded: Sequence[tuple[str, dict, list]], descriptors: bool = False) -> dict[str, str]:
     """{directory: row label}. Directories whose info.json agree in everything but the seed share a row
-    (their class maps must be of the same images; else exit 2); a label is the method and the settings in
-    which its row differs from another row, e.g. "gradcam layer=2"."""
+    (their class maps, or per-descriptor maps with ``descriptors``, must be of the same images; else exit
+    2); a label is the method and the settings in which its row differs from another row, e.g. "gradcam
+    layer=2"."""
     keys = {d: run_settings(meta) for d, meta, _ in loaded}
     distinct: dict[str, dict] = {}
     for d, _, _ in loaded:
@@ -594,7 +893,7 @@ def group_runs(loaded: Sequence[tuple[str, dict, list]]) -> dict[str, str]:
         names[key] = label
     images: dict[str, tuple[str, set]] = {}
     for d, _, rows in loaded:
-        ids = {str(r["id"]) for r in rows if "descriptor" not in r}
+        ids = {str(r["id"]) for r in rows if ("descriptor" in r) == descriptors}
         first = images.setdefault(json_key(keys[d]), (d, ids))
         if first[1] != ids:
             extra = sorted(first[1] ^ ids)
@@ -604,9 +903,13 @@ def group_runs(loaded: Sequence[tuple[str, dict, list]]) -> dict[str, str]:
     return {d: names[json_key(keys[d])] for d, _, _ in loaded}
 
 
-def _warn_mixed_scorers(loaded, labels: dict[str, str]) -> None:
+def _warn_mixed_scorers(loaded, labels: dict[str, str], scorer: str = "own") -> None:
+    """Rows scored by different CLIP classifiers are not comparable: warn. (ALA maps scored by their own
+    head are the study's protocol, shown in the table's scorer column.)"""
     scorers: dict[tuple, tuple[str, list[str]]] = {}
     for d, meta, _ in loaded:
+        if _scorer_key(meta, scorer)[0] == "ala":
+            continue
         how = "descriptors " + Path(meta["cbd"]).name if meta.get("cbd") else "class-name prompts"
         _, rows = scorers.setdefault(_scorer(meta), (f"{_short('model', meta['model'])} with {how}", []))
         if labels[d] not in rows:
@@ -644,23 +947,72 @@ def short_labels(labels: Sequence[tuple[str, str]]) -> list[str]:
 
 
 def summary_table(summary: dict) -> None:
-    """The per-method table on stderr (mIoU, Ins, Del, ID as mean ± std over runs): short row labels, so
-    the numbers keep their width at 80 columns, and a legend below for what each label stands for."""
+    """The per-method table on stderr: mIoU (with the lattice ceiling), Ins, Del, ID as mean ± std over
+    runs; short row labels, so the numbers keep their width at 80 columns, and a legend below for what each
+    label stands for and who scored it; with --descriptors, the grounding hit rates."""
     from rich.table import Table
 
-    keys = [k for k in ("iou", "insertion", "deletion", "id_score") if k in summary["methods"][0]]
+    if summary.get("kind") == "grounding":
+        return _grounding_table(summary)
+    first = summary["methods"][0]
+    keys = [k for k in ("iou", "insertion", "deletion", "id_score") if k in first]
     heads = {"iou": "mIoU ↑", "insertion": "Ins ↑", "deletion": "Del ↓", "id_score": "ID ↑"}
-    table = Table(title=f"explanations (threshold: mean + std; steps {summary['steps']})")
+    ceiling = any(m.get("iou_ceiling") is not None for m in summary["methods"])
+    title = f"explanations (mIoU: {summary['threshold']}"
+    if summary.get("steps"):
+        title += f"; insertion/deletion: {summary['steps']}, scored by " + \
+            ("each map's own model" if summary["scorer"] == "own" else "the CLIP classifier of each map (--scorer clip)")
+    table = Table(title=title + ")")
     table.add_column("method", no_wrap=True)
     table.add_column("runs", justify="right")
     for k in keys:  # "0.275 ± 0.058" may break after the ±, never inside a number
         table.add_column(heads[k], justify="right", min_width=5)
+        if k == "iou" and ceiling:
+            table.add_column("ceiling", justify="right", min_width=5)
     shown = short_labels([(m["method"], m["label"]) for m in summary["methods"]])
     for m, label in zip(summary["methods"], shown):
-        cells = [f"{m[k]:.3f}" + (f" ± {m[k + '_std']:.3f}" if m["runs"] > 1 else "") for k in keys]
+        cells = []
+        for k in keys:
+            cells.append(f"{m[k]:.3f}" + (f" ± {m[k + '_std']:.3f}" if m["runs"] > 1 else ""))
+            if k == "iou" and ceiling:
+                lat = m.get("lattice")
+                cells.append(f"{m['iou_ceiling']:.3f} ({lat[0]}×{lat[1]})" if m.get("iou_ceiling") is not None
+                             else "–")
         table.add_row(label, str(m["runs"]), *cells)
     info_table(table)
+    _legend(summary, shown)
+
+
+def _grounding_table(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="grounding: how often a descriptor's map peaks on the region it names (obj: the "
+                        "mask; bg: the rest; chance: the region's share of the image; energy: the map's share "
+                        "inside it)")
+    table.add_column("method", no_wrap=True)
+    table.add_column("runs", justify="right")
+    short = {"object": "obj", "background": "bg"}
+    for kind in ("object", "background"):
+        for what in ("hit", "chance", "energy"):
+            table.add_column(f"{short[kind]} {what}", justify="right", min_width=5)
+    shown = short_labels([(m["method"], m["label"]) for m in summary["methods"]])
+    for m, label in zip(summary["methods"], shown):
+        cells = []
+        for kind in ("object", "background"):
+            for what in ("hit", "chance", "energy"):
+                v = m.get(f"{what}_{kind}")
+                sd = m.get(f"{what}_{kind}_std")
+                cells.append("–" if v is None else f"{v:.3f}" + (f" ± {sd:.3f}" if m["runs"] > 1 and what != "chance"
+                                                                   and sd is not None else ""))
+        table.add_row(label, str(m["runs"]), *cells)
+    info_table(table)
+    _legend(summary, shown)
+
+
+def _legend(summary: dict, shown: list[str]) -> None:
+    """Below the table: what each short row label stands for, its maps and who scored its insertion/deletion."""
     legend = [f"{label}: " + (f"{m['label']}; " if label != m["label"] else "") + f"maps {', '.join(m['maps'])}"
+              + (f"; scored by {m['scorer']}" if m.get("scorer") else "")
               for m, label in zip(summary["methods"], shown) if label != m["label"] or len(summary["methods"]) > 1]
     if legend:
         from vlmtools import console as c

@@ -5,10 +5,13 @@
     data.py    labelled embeddings from a store (--where, label -> class index, seeded val split or
                --val-where), input digests
     loop.py    FitOptions and fit(): the one training loop every head uses (custom loss, metric and
-               per-epoch hook; early stopping on the val metric; deterministic for a seed on CPU)
+               per-epoch hook; early stopping on the val metric; deterministic for a seed on CPU), with
+               AdamW or full-batch L-BFGS
+    logreg.py  L-BFGS and scikit-learn's LogisticRegression objective in numpy (no torch)
     linear.py  the linear head (one FC layer): `train probe` and `train adapter`; classify --head
     t2i.py     text -> image translators (mlp, qformer): `train t2i`
     adapter.py the study-001 adapter: image/text mixing, --image-ratio, --sweep
+    augmented.py, lare.py, lads.py  study 004: an augmenter (f_Box, f_aug) trained first, then the probe
 
 Importing this package imports torch: CLI modules import it inside their command functions.
 """

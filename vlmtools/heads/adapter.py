@@ -162,10 +162,12 @@ def train_adapter(image_store, output, *, text_store, options, image_ratio: floa
     """`vlmtools train adapter` (one head): returns the summary."""
     from vlmtools.heads.base import check_head_output, train_and_save
     from vlmtools.heads.data import load_train_val
+    from vlmtools.heads.linear import probe_val_fraction
 
     check_ratio(image_ratio)
     options.check()
     check_head_output(output)
+    val_fraction = probe_val_fraction(val_fraction, options)
     data = load_train_val(image_store, where=where, val_where=val_where, val_fraction=val_fraction,
                           seed=options.seed, model=model, pretrained=pretrained)
     texts = None if image_only else read_text_samples(text_store, data, t2i=t2i, device=options.device)
@@ -227,6 +229,10 @@ def sweep_adapter(image_store, *, text_store, options, ratios: Sequence[float] =
         raise BadInput(f"--balance {balance!r}: expected one of {', '.join(BALANCES)}")
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise BadInput(f"{out_dir}: is a file; with --sweep, -o names a directory for the heads")
+    if test_where:  # else the val rows are what the table reports: keep the loop's default share
+        from vlmtools.heads.linear import probe_val_fraction
+
+        val_fraction = probe_val_fraction(val_fraction, options)
     data = load_train_val(image_store, where=where, val_where=val_where, val_fraction=val_fraction,
                           seed=options.seed, model=model, pretrained=pretrained)
     texts = read_text_samples(text_store, data, t2i=t2i, device=options.device)

@@ -1,8 +1,10 @@
 """The Attention Lattice Adapter (study 003, ALA) on a frozen open_clip image tower.
 
-- Side Branch Network (SBN): one transformer layer per chosen tower layer. Layer i adds the i-th
-  layer's feature map (1x1-projected to ``d_model`` and pooled to a ``grid`` × ``grid`` lattice) to the
-  running tokens, then attends; so no single layer has to be picked by hand.
+- Side Branch Network (SBN): one transformer layer per tower layer, over every layer of the tower by
+  default (a lattice over all layers: no layer is picked by hand, as the study asks). Layer i adds the
+  i-th tower layer's feature map (1x1-projected to ``d_model``, at a ``grid`` × ``grid`` lattice: by
+  default the tower's own token grid, e.g. 7 × 7 for ViT-B/32 at 224 px) to the running tokens, then
+  attends.
 - Attention Branch (AB): per-class response maps from the SBN tokens; their mean over the lattice is the
   AB's class scores, and a sigmoid of a linear mix of them is the attention map α′ (grid × grid).
 - Perception Branch (PB): the tower's last feature map (resampled to the lattice), pooled with α′ as
@@ -30,9 +32,6 @@ from torch import nn
 from vlmtools.errors import BadInput
 from vlmtools.heads.base import Head, register
 
-MAX_DEFAULT_LAYERS = 6
-
-
 # ----------------------------------------------------------------------------- the tower's layers
 
 def tower_layers(visual) -> int:
@@ -46,17 +45,15 @@ def tower_layers(visual) -> int:
 
 
 def choose_layers(n: int, layers: Sequence[int] | None) -> list[int]:
-    """The layers the SBN reads: ``layers`` (checked), else all when there are at most 6, else 6 evenly
-    spaced; the last layer is always included (the PB classifies its features)."""
+    """The layers the SBN reads: every layer of the tower, or ``layers`` (checked; not the study's
+    protocol); the last layer is always included (the PB classifies its features)."""
     if layers:
         bad = [i for i in layers if not -n <= i < n]
         if bad:
             raise BadInput(f"--layers {bad[0]}: the tower has layers 0..{n - 1}")
         chosen = sorted({i % n for i in layers})
-    elif n <= MAX_DEFAULT_LAYERS:
-        chosen = list(range(n))
     else:
-        chosen = sorted({int(round(i * (n - 1) / (MAX_DEFAULT_LAYERS - 1))) for i in range(MAX_DEFAULT_LAYERS)})
+        chosen = list(range(n))
     if chosen[-1] != n - 1:
         chosen.append(n - 1)
     return chosen
@@ -127,7 +124,10 @@ class AlaHead(Head):
         return self.pb(self.pb_norm(pooled))
 
     def forward(self, x):
-        feats = self.split(x)
+        return self.classify(self.split(x))
+
+    def classify(self, feats):
+        """PB class scores (logits) of the tower layers' feature maps, attention on."""
         alpha, _ = self.attention(feats)
         return self.perceive(feats[-1], alpha)
 
@@ -152,6 +152,12 @@ def aea_hook(epoch: int, model: AlaHead) -> dict:
 
 # ----------------------------------------------------------------------------- feature cache
 
+def token_grid(shapes: Sequence[Sequence[int]]) -> int:
+    """The side of the lattice: the tower's own token grid (a ViT's layers share it: 7 for B/32 at 224,
+    14 for B/16, 16 for L/14, 24 for L/14 at 336); a ResNet's finest stage."""
+    return max(h for _, h, _ in shapes)
+
+
 def feature_shapes(visual, size: int, layers: Sequence[int], device) -> list[list[int]]:
     with torch.no_grad():
         feats = tower_features(visual, torch.zeros(1, 3, size, size, device=device), layers)
@@ -164,7 +170,7 @@ def cache_features(records: list[dict], cache_dir, encoder, layers: list[int], *
     on disk are kept (a killed run resumes); images that cannot be read are listed in errors.jsonl."""
     import numpy as np
 
-    from vlmtools.console import progress, warn
+    from vlmtools.console import info, progress, warn
     from vlmtools.heads.data import digest
     from vlmtools.images import load_rgb, normalize_params, square_tensor
     from vlmtools.store import StoreWriter, open_store
@@ -173,6 +179,8 @@ def cache_features(records: list[dict], cache_dir, encoder, layers: list[int], *
     size = encoder.image_size
     shapes = feature_shapes(visual, size, layers, encoder.device)
     dim = sum(c * h * w for c, h, w in shapes)
+    info(f"feature cache: {len(layers)} tower layers, {dim:,} float16 values ({dim * 2 / 2**20:.2f} MiB) per "
+         f"image, {dim * 2 * len(records) / 2**30:.2f} GiB for {len(records)} images")
     mean, std = normalize_params(encoder.preprocess)
     n = len(records)
     extra = {"normalized": False, "layers": list(layers), "shapes": shapes, "image_size": size,
@@ -252,10 +260,13 @@ def train_ala(manifest: str, output, *, options, layers: Sequence[int] | None = 
     cache_dir = Path(cache) if cache is not None else Path(str(formats.head_paths(output)[0])[:-5] + ".features")
     reader = cache_features(records, cache_dir, encoder, chosen, batch=batch_images)
     info(f"tower features: {len(reader)} images × {reader.dim} values in {cache_dir}")
+    unreadable = len(reader.errors())
+    if unreadable and not len(reader):
+        raise BadInput(f"{manifest}: none of {unreadable} images could be read (see {cache_dir}/errors.jsonl)")
     data = load_train_val(cache_dir, where=where, val_where=val_where, val_fraction=val_fraction,
                           seed=options.seed, model=spec.name, pretrained=spec.pretrained, kind="features")
     shapes = reader.info["shapes"]
-    g = grid or min(8, max(h for _, h, _ in shapes))
+    g = grid or token_grid(shapes)
     config = dict(input_dim=reader.dim, n_classes=len(data.classes), shapes=shapes, layers=chosen,
                   d_model=d_model, heads=heads, grid=g, lam=lam, aea=aea)
     return train_and_save(
@@ -263,7 +274,7 @@ def train_ala(manifest: str, output, *, options, layers: Sequence[int] | None = 
         training={"manifest": str(Path(manifest).resolve()), "where": list(where), "val_where": list(val_where),
                   "val_fraction": val_fraction, "cache": str(cache_dir)},
         inputs=data.inputs("features"), description="train ala",
-        extra={"image_size": encoder.image_size, "layers": chosen},
+        extra={"image_size": encoder.image_size, "layers": chosen, "unreadable_images": unreadable},
         loss_fn=ala_loss, on_epoch=aea_hook)
 
 
@@ -276,12 +287,22 @@ class AlaExplainer:
         self.head, self.info, self.where = head, info, where
         self.visual = None
 
-    def attach(self, judge) -> None:
+    def attach(self, encoder) -> None:
+        """Run on ``encoder``'s tower (the model the head was trained on)."""
         size = self.info.get("image_size")
-        if size is not None and size != judge.size:
-            raise BadInput(f"{self.where}: trained at {size} px, the model's input is {judge.size} px")
-        self.visual = judge.encoder.model.visual
-        self.head.to(judge.encoder.device)
+        if size is not None and size != encoder.image_size:
+            raise BadInput(f"{self.where}: trained at {size} px, the model's input is {encoder.image_size} px")
+        self.visual = encoder.model.visual
+        self.head.to(encoder.device)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+    @property
+    def lattice(self) -> list[int]:
+        g = int(self.head.config["grid"])
+        return [g, g]
 
     def attention_map(self, x):
         from vlmtools.explain.saliency import unit_range, upsample
@@ -290,6 +311,15 @@ class AlaExplainer:
             feats = tower_features(self.visual, x, self.head.config["layers"])
             alpha, _ = self.head.attention(feats)
         return unit_range(upsample(alpha[0], tuple(x.shape[-2:])).cpu().numpy())
+
+    def logits(self, x):
+        """The head's own class scores (B, K): the perception branch's logits, attention on."""
+        with torch.no_grad():
+            return self.head.classify(tower_features(self.visual, x, self.head.config["layers"])).float()
+
+    def probs(self, x):
+        """The head's class probabilities: the perception branch's softmax."""
+        return torch.softmax(self.logits(x), dim=-1)
 
 
 def load_ala_for_explain(path, model: str | None, pretrained: str | None, device: str = "auto"):

@@ -109,22 +109,26 @@ def check_class_list(classes_file, data) -> None:
         raise BadInput(f"{data.reader.path}: train label {unlisted[0]!r} is not in {classes_file}")
 
 
-def fit_augmenter(module, data, loss_fn, options, epochs: int, description: str):
-    """Step 1: ``module`` trained alone on the train rows with ``loss_fn(module, x, y)``; no early stop.
-    Its metric (in the log and the result) is minus the loss."""
+def fit_augmenter(module, train, loss_fn, options, epochs: int, description: str, val=None):
+    """Step 1: ``module`` trained alone on the ``train`` arrays (x, y) with ``loss_fn(module, x, y)`` by AdamW
+    (whatever the probe's solver); no early stop. Its metric is minus the loss: with ``val`` rows (x, y)
+    the epoch of the lowest val loss is kept, else the last."""
     from dataclasses import replace
 
     from vlmtools.heads.loop import fit
 
-    opts = replace(options, epochs=epochs, patience=0)
-    return fit(module, (data.train.x, data.train.y), None, opts, loss_fn=loss_fn, description=description,
+    opts = replace(options, epochs=epochs, patience=0, solver="adamw")
+    return fit(module, train, val, opts, loss_fn=loss_fn, description=description,
                metric_fn=lambda m, x, y: -loss_fn(m, x, y).item(), metric="neg_loss")
 
 
 def fit_probe_with(kind: str, config: dict, aug_state: dict, data, extra_x, extra_y, output, options, *,
-                   training: dict, inputs: dict, extra: dict, description: str) -> dict:
-    """Step 2: the probe on train rows + (extra_x, extra_y); the head keeps ``aug_state`` frozen."""
+                   training: dict, inputs: dict, extra: dict, description: str, buffers: dict | None = None,
+                   **fit_kwargs) -> dict:
+    """Step 2: the probe on train rows + (extra_x, extra_y); the head keeps ``aug_state`` frozen (and
+    ``buffers``, named tensors of the head). ``fit_kwargs`` go to loop.fit (loss_fn, metric_fn, ...)."""
     import numpy as np
+    import torch
 
     from vlmtools.heads.base import train_and_save
 
@@ -133,6 +137,9 @@ def fit_probe_with(kind: str, config: dict, aug_state: dict, data, extra_x, extr
             model.aug.load_state_dict(aug_state)
             for p in model.aug.parameters():
                 p.requires_grad_(False)
+            with torch.no_grad():
+                for name, value in (buffers or {}).items():
+                    getattr(model, name).copy_(value)
         return None
 
     x = np.concatenate([data.train.x, np.asarray(extra_x, dtype=np.float32)])
@@ -140,7 +147,7 @@ def fit_probe_with(kind: str, config: dict, aug_state: dict, data, extra_x, extr
     val = (data.val.x, data.val.y) if data.val is not None else None
     return train_and_save(kind, config, data, output, options, training=training, inputs=inputs,
                           train_arrays=(x, y), val_arrays=val, extra=extra, description=description,
-                          on_epoch=load_augmenter)
+                          on_epoch=load_augmenter, **fit_kwargs)
 
 
 def check_output(output) -> None:

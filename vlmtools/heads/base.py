@@ -9,8 +9,12 @@ A head is an ``nn.Module`` whose constructor takes only JSON-able keyword argume
             super().__init__(input_dim=input_dim, n_classes=n_classes, hidden=hidden)
             ...
 
-Weights are saved with safetensors only (never pickle); load_head checks the tensors' names and shapes
-and the class list against what the JSON's config builds, so a file edited by hand is a clear BadInput.
+Weights are saved with safetensors only (never pickle), under a lock (NAME.lock), weights first and the
+JSON last; the JSON records the sha256 of its weights file. load_head checks, before any real tensor is
+allocated, the config (built on torch's meta device: a class count of -1 or 10^12 is refused, not
+attempted), the tensors' names, shapes and dtypes and the class list against what the config builds,
+then the weights' digest (a kill between the two renames leaves new weights beside an old JSON) and that
+every weight is finite; anything else is a clear BadInput.
 """
 
 from __future__ import annotations
@@ -65,15 +69,22 @@ def _import_builtin_kinds() -> None:
                 raise
 
 
-def build_head(kind: str, config: dict, where: str = "head") -> Head:
+def build_head(kind: str, config: dict, where: str = "head", device: str | None = None) -> Head:
+    """A ``kind`` head built from ``config``; ``device="meta"`` builds it without allocating its weights
+    (to check a config read from a file before trusting its sizes)."""
     _import_builtin_kinds()
     cls = HEADS.get(kind)
     if cls is None:
         raise BadInput(f"{where}: unknown head kind {kind!r} (known: {', '.join(sorted(HEADS))})")
     try:
-        return cls(**config)
-    except TypeError as exc:
-        raise BadInput(f"{where}: \"config\" does not fit head kind {kind!r} ({exc})") from None
+        if device is None:
+            return cls(**config)
+        with torch.device(device):
+            return cls(**config)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        # TypeError: unknown keys; RuntimeError/ValueError: sizes torch refuses (negative, too large)
+        msg = " ".join(str(exc).split())[:200]
+        raise BadInput(f"{where}: \"config\" does not fit head kind {kind!r} ({msg})") from None
 
 
 def tensor_shapes(module: nn.Module) -> dict[str, list[int]]:
@@ -81,17 +92,29 @@ def tensor_shapes(module: nn.Module) -> dict[str, list[int]]:
 
 
 def save_head(path: str | os.PathLike, head: Head, info: dict) -> tuple[Path, Path]:
-    """Write NAME.safetensors, then NAME.json (``info``, from formats.head_info), each atomically.
-    ``path`` may be NAME, NAME.json or NAME.safetensors. Returns (json path, weights path)."""
+    """Write NAME.safetensors, then NAME.json (``info``, from formats.head_info, plus the weights' sha256),
+    each atomically, holding NAME.lock. ``path`` may be NAME, NAME.json or NAME.safetensors. Returns
+    (json path, weights path)."""
     from safetensors.torch import save_file
 
     json_path, st_path = formats.head_paths(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"head weights {', '.join(bad[:3])} hold NaN or inf; not saved")
     info = {**info, "tensors": {k: list(v.shape) for k, v in state.items()}}
-    with formats.atomic_path(st_path) as tmp:
-        save_file(state, str(tmp), metadata={"format": formats.HEAD_FORMAT, "kind": info["kind"]})
-    formats.write_json(json_path, info)
+    with formats.output_lock(head_stem(path)):
+        with formats.atomic_path(st_path) as tmp:
+            save_file(state, str(tmp), metadata={"format": formats.HEAD_FORMAT, "kind": info["kind"]})
+            info["weights_sha256"] = formats.file_sha256(tmp)
+        formats.failpoint("head.between_renames")
+        formats.write_json(json_path, info)
     return json_path, st_path
+
+
+def head_stem(path: str | os.PathLike) -> Path:
+    """NAME of a head given as NAME, NAME.json or NAME.safetensors (its lock is NAME.lock)."""
+    return formats.head_paths(path)[0].with_suffix("")
 
 
 def read_head_info(path: str | os.PathLike) -> dict:
@@ -102,35 +125,60 @@ def read_head_info(path: str | os.PathLike) -> dict:
 
 
 def load_head(path: str | os.PathLike, device: str = "cpu") -> tuple[Head, dict]:
-    """Rebuild a head from its files: (module in eval mode on ``device``, the JSON info)."""
-    from safetensors import SafetensorError
+    """Rebuild a head from its files: (module in eval mode on ``device``, the JSON info). Everything the
+    files claim is checked before the weights are allocated (see the module docstring)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     json_path, st_path = formats.head_paths(path)
     info = read_head_info(path)
     where = str(json_path)
-    head = build_head(info["kind"], info["config"], where)
     if info["config"].get("input_dim", info["input_dim"]) != info["input_dim"]:
         raise BadInput(f"{where}: \"input_dim\" {info['input_dim']} differs from config's "
                        f"{info['config'].get('input_dim')}")
-    expected = tensor_shapes(head)
+    shell = build_head(info["kind"], info["config"], where, device="meta")  # sizes checked, nothing allocated
+    expected = tensor_shapes(shell)
     if info["tensors"] != expected:
         raise BadInput(f"{where}: \"tensors\" {_shapes(info['tensors'])} do not fit a {info['kind']} head of "
                        f"this config, which has {_shapes(expected)}; was the file edited by hand?")
     classes = info.get("classes")
-    if classes is not None and head.n_classes is not None and len(classes) != head.n_classes:
-        raise BadInput(f"{where}: {len(classes)} \"classes\" but the head has {head.n_classes} outputs")
+    if classes is not None and shell.n_classes is not None and len(classes) != shell.n_classes:
+        raise BadInput(f"{where}: {len(classes)} \"classes\" but the head has {shell.n_classes} outputs")
     if not st_path.exists():
         raise BadInput(f"{st_path}: no such file (the weights of head {json_path})")
+    if st_path.is_dir():
+        raise BadInput(f"{st_path}: is a directory, expected the weights of head {json_path}")
     try:
-        state = load_file(str(st_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BadInput(f"{st_path}: not a safetensors file ({exc})") from None
-    got = {k: list(v.shape) for k, v in state.items()}
+        with safe_open(str(st_path), framework="pt") as fh:  # the header only: names, shapes, dtypes
+            header = {k: fh.get_slice(k) for k in fh.keys()}
+            got = {k: list(v.get_shape()) for k, v in header.items()}
+            dtypes = {k: v.get_dtype() for k, v in header.items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BadInput(f"{st_path}: not a safetensors file ({' '.join(str(exc).split())[:160]})") from None
     if got != expected:
         raise BadInput(f"{st_path}: tensors {_shapes(got)} do not match {json_path} ({_shapes(expected)})")
+    want_float = {k: v.is_floating_point() for k, v in shell.state_dict().items()}
+    odd = [f"{k} ({dtypes[k]})" for k in got if want_float[k] and dtypes[k] not in FLOAT_DTYPES]
+    if odd:
+        raise BadInput(f"{st_path}: tensor {odd[0]} is not floating point; a head's weights are F16/BF16/F32/F64")
+    digest = info.get("weights_sha256")
+    if digest is not None and formats.file_sha256(st_path) != digest:
+        raise BadInput(f"{st_path}: these weights are not the ones {json_path} was written with (digest "
+                       f"differs): the head was interrupted while being saved, or one of its two files was "
+                       f"replaced; train it again")
+    try:
+        state = load_file(str(st_path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BadInput(f"{st_path}: not a safetensors file ({' '.join(str(exc).split())[:160]})") from None
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BadInput(f"{st_path}: tensor {name} holds NaN or inf values; the head is damaged (train it again)")
+    head = build_head(info["kind"], info["config"], where)
     head.load_state_dict(state)
     return head.to(device).eval(), info
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 def _shapes(shapes: dict) -> str:
@@ -157,6 +205,14 @@ def train_and_save(kind: str, config: dict, data, output, options, *, training: 
     classify); ``extra_fn(head) -> dict`` adds keys, computed on the kept weights, to the head file and
     summary. ``fit_kwargs`` go to loop.fit (loss_fn, metric_fn, on_epoch, metric, ...)."""
     check_head_output(output)
+    with formats.output_lock(head_stem(output)):  # a second run training the same head is refused now
+        return _train_and_save(kind, config, data, output, options, training=training, inputs=inputs,
+                               classes=classes, train_arrays=train_arrays, val_arrays=val_arrays,
+                               description=description, extra=extra, extra_fn=extra_fn, **fit_kwargs)
+
+
+def _train_and_save(kind, config, data, output, options, *, training, inputs, classes, train_arrays, val_arrays,
+                    description, extra, extra_fn, **fit_kwargs) -> dict:
     if classes is ...:
         classes = data.classes
     if train_arrays is None:
@@ -172,6 +228,7 @@ def train_and_save(kind: str, config: dict, data, output, options, *, training: 
             "classes": len(classes) if classes is not None else None,
             "train_rows": len(train_arrays[0]), "val_rows": len(val_arrays[0]) if val_arrays is not None else 0,
             "epochs": len(result.curve), "best_epoch": result.best_epoch, "metrics": result.metrics,
+            **({"converged": result.converged} if result.converged is not None else {}),
             "seconds": result.seconds, "device": result.device, **extra}
 
 
@@ -182,7 +239,8 @@ def save_trained(output, kind: str, head: Head, result, *, classes, spec, option
         kind=kind, config=head.config, tensors={}, classes=classes, input_dim=head.config["input_dim"],
         model=spec.as_dict(), training={**options.as_dict(), **training}, seed=options.seed,
         inputs=inputs, curve=result.curve, best_epoch=result.best_epoch, metrics=result.metrics,
-        extra={"device": result.device, "stopped_early": result.stopped_early, **(extra or {})})
+        extra={"device": result.device, "stopped_early": result.stopped_early,
+               **({"converged": result.converged} if result.converged is not None else {}), **(extra or {})})
     return save_head(output, head, info)
 
 

@@ -58,10 +58,16 @@ def digest(*parts) -> str:
     """sha256 (first 16 hex digits) of arrays and string lists: the identity of a head's inputs."""
     import numpy as np
 
+    from vlmtools.store import RowView
+
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, (list, tuple)):
             h.update("\n".join(map(str, part)).encode("utf-8"))
+        elif isinstance(part, RowView):  # read in chunks, hashed as the float32 matrix it reads as
+            h.update(str((np.dtype(np.float32).str, (len(part), part.dim))).encode())
+            for i in range(0, len(part), 65536):
+                h.update(np.ascontiguousarray(part[i:i + 65536]).tobytes())
         else:
             arr = np.ascontiguousarray(part)
             h.update(str((arr.dtype.str, arr.shape)).encode())
@@ -104,6 +110,10 @@ def labelled_rows(reader, where: Sequence[str] = (), classes: Sequence[str] | No
     if not rows:
         raise BadInput(f"{reader.path}: no rows left to train on (all are val rows)")
     labelled = [i for i in rows if meta[i].get("label") is not None]
+    blank = next((i for i in labelled if not str(meta[i]["label"]).strip()), None)
+    if blank is not None:
+        raise BadInput(f"{reader.path}: row {blank} (id {meta[blank].get('id')!r}) has an empty \"label\"; "
+                       f"a class needs a name (leave \"label\" out for unlabelled images)")
     if not labelled:
         raise BadInput(f"{reader.path}: no selected row has a \"label\"; training a head needs labelled "
                        f"embeddings (embed a manifest with labels)")
@@ -167,6 +177,9 @@ def load_train_val(store, *, where: Sequence[str] = (), val_where: Sequence[str]
         val_rows, val_meta = labelled_rows(reader, val_where)
     rows, meta = labelled_rows(reader, where, exclude=val_rows)
     classes = list(dict.fromkeys(rec["label"] for rec in meta))
+    if len(classes) < 2:
+        raise BadInput(f"{store}: the training rows hold one class ({classes[0]!r}); a classifier needs at "
+                       f"least two" + (" (check --where)" if where else ""))
     train = to_labelled(reader, rows, meta, classes, "train")
     val = None
     if val_where:

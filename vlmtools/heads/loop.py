@@ -16,6 +16,12 @@ on_epoch=...)``.
 - AdamW over ``params`` (default: all of the model's parameters); mini-batches drawn by a generator
   seeded with ``options.seed``, and torch's global seed set to it too, so a run on CPU is deterministic
   for a seed (build the model under ``seeded(seed)`` so its initial weights are too).
+- ``solver="lbfgs"`` instead: full-batch L-BFGS (heads.logreg.lbfgs) on the mean loss + (l2 / 2n) * the
+  squared norm of every weight matrix (parameters with 2+ dimensions; biases are not penalised), i.e.
+  scikit-learn's LogisticRegression objective with C = 1 / l2 for a linear head; at most ``epochs``
+  iterations, stopping when every gradient entry is within logreg.TOL (scikit-learn's default tol). The
+  final weights are kept (no early stopping: val rows, if any, are only measured). It takes no torch.optim
+  optimizer: constructing one imports torch._dynamo (about a second, once per process).
 - The data is moved to the device once when it fits (on a GPU: under half the free memory), so batches
   are index slices there, with no host-to-device copy per step; ``batch_size=0`` trains full-batch.
 """
@@ -23,14 +29,18 @@ on_epoch=...)``.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from vlmtools.console import info, progress
-from vlmtools.errors import BadInput
+from vlmtools.errors import BadInput, VlmError
 
 EVAL_CHUNK = 8192
+SOLVERS = ("adamw", "lbfgs")
+LBFGS_CHUNK = 65536        # rows per forward/backward of the full-batch objective (bounded memory)
+MAX_LR = 10.0  # beyond it no head here trains: a typo (1e30) is refused instead of training to NaN
 TRAIN_METRIC_ROWS = 20000  # the final train metric is measured on at most this many (seeded) rows
 
 
@@ -43,22 +53,33 @@ class FitOptions:
     seed: int = 0
     patience: int = 10         # epochs without a better val metric before stopping; 0: never stop early
     device: str = "auto"
+    solver: str = "adamw"      # "lbfgs": full batch (epochs = most iterations; lr, batch_size, patience unused)
+    l2: float = 1.0            # lbfgs: L2 strength on the summed loss (scikit-learn's 1 / C)
 
     def check(self) -> "FitOptions":
         if self.epochs < 1:
             raise BadInput(f"--epochs {self.epochs}: expected at least 1")
-        if not self.lr > 0:
-            raise BadInput(f"--lr {self.lr}: expected a positive learning rate")
-        if self.weight_decay < 0:
-            raise BadInput(f"--weight-decay {self.weight_decay}: expected >= 0")
+        if not 0 < self.lr <= MAX_LR:  # NaN fails too
+            raise BadInput(f"--lr {self.lr}: expected a learning rate above 0 and at most {MAX_LR:g}")
+        if not 0 <= self.weight_decay < 1 / self.lr:
+            # AdamW shrinks each weight by lr * weight_decay per step: at 1 or more it flips signs and diverges
+            raise BadInput(f"--weight-decay {self.weight_decay}: expected >= 0 and below 1/lr ({1 / self.lr:g})")
         if self.batch_size < 0:
             raise BadInput(f"--batch-size {self.batch_size}: expected >= 1 (or 0 for full batch)")
         if self.patience < 0:
             raise BadInput(f"--patience {self.patience}: expected >= 0 (0: no early stopping)")
+        if self.solver not in SOLVERS:
+            raise BadInput(f"--solver {self.solver!r}: expected one of {', '.join(SOLVERS)}")
+        if not self.l2 >= 0:
+            raise BadInput(f"--l2 {self.l2}: expected >= 0")
         return self
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+class NonFiniteLoss(VlmError):
+    """Training diverged (NaN or inf loss): stop with exit 1 and write no head."""
 
 
 @dataclass
@@ -70,6 +91,7 @@ class FitResult:
     stopped_early: bool
     seconds: float
     device: str
+    converged: bool | None = None  # lbfgs: the gradient tolerance was reached within --epochs iterations
 
 
 @contextlib.contextmanager
@@ -98,6 +120,17 @@ def to_tensors(arrays: Sequence, device=None) -> tuple:
             t = t.long()
         out.append(t.to(device) if device is not None else t)
     return tuple(out)
+
+
+def _train_tensors(train: Sequence) -> tuple[tuple, int]:
+    """The train arrays as tensors and their common length (BadInput when there are no rows)."""
+    train_t = to_tensors(train)
+    n = len(train_t[0])
+    if n == 0:
+        raise BadInput("no training rows")
+    if any(len(t) != n for t in train_t):
+        raise ValueError("fit: the train arrays differ in length")
+    return train_t, n
 
 
 def cross_entropy_loss(model, x, y):
@@ -132,22 +165,21 @@ def _fits_on(device: str, tensors: Sequence) -> bool:
 def fit(model, train: Sequence, val: Sequence | None = None, options: FitOptions | None = None, *,
         loss_fn: Callable | None = None, metric_fn: Callable | None = None,
         on_epoch: Callable | None = None, params=None, metric: str = "acc",
-        train_eval: Sequence | None = None, description: str = "train") -> FitResult:
-    """Train ``model`` (see the module docstring); returns the curve and the kept weights."""
+        train_eval: Sequence | None = None, description: str = "train", ties: str = "later") -> FitResult:
+    """Train ``model`` (see the module docstring); returns the curve and the kept weights. ``ties``: which
+    of several epochs with the best val metric is kept, "later" (further trained) or "first"."""
     import torch
 
     from vlmtools.models import resolve_device
 
     opts = (options or FitOptions()).check()
+    if opts.solver == "lbfgs":
+        return _fit_lbfgs(model, train, val, opts, loss_fn=loss_fn, metric_fn=metric_fn, on_epoch=on_epoch,
+                          params=params, metric=metric, train_eval=train_eval, description=description)
     device = resolve_device(opts.device)
     loss_fn = loss_fn or cross_entropy_loss
     metric_fn = metric_fn or accuracy
-    train_t = to_tensors(train)
-    n = len(train_t[0])
-    if n == 0:
-        raise BadInput("no training rows")
-    if any(len(t) != n for t in train_t):
-        raise ValueError("fit: the train arrays differ in length")
+    train_t, n = _train_tensors(train)
     val_t = to_tensors(val) if val is not None and len(val[0]) else None
     resident = _fits_on(device, train_t + (val_t or ()))
     data_device = device if resident else "cpu"
@@ -180,13 +212,17 @@ def fit(model, train: Sequence, val: Sequence | None = None, options: FitOptions
                 optimizer.step()
                 total += loss.detach() * len(idx)
             entry["loss"] = round(float(total) / n, 6)
+            if not math.isfinite(entry["loss"]):
+                raise NonFiniteLoss(f"{description}: the loss became {entry['loss']} at epoch {epoch} (--lr {opts.lr:g}, "
+                                    f"--weight-decay {opts.weight_decay:g}); nothing was written. Lower --lr, "
+                                    f"or check the inputs for extreme values")
             if val_dev is not None:
                 model.eval()
                 value = float(metric_fn(model, *val_dev))
                 entry[f"val_{metric}"] = round(value, 6)
-                # a tie keeps the later weights (further trained) but does not reset the patience
+                # a tie keeps the later weights (unless ties="first") but does not reset the patience
                 stale = 0 if best_val is None or value > best_val else stale + 1
-                if best_val is None or value >= best_val:
+                if best_val is None or value > best_val or (value == best_val and ties == "later"):
                     best_epoch, best_val = epoch, value
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             curve.append(entry)
@@ -221,3 +257,91 @@ def _sample(tensors: tuple, seed: int, device: str) -> tuple:
         return tuple(t.to(device) for t in tensors)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:TRAIN_METRIC_ROWS]
     return tuple(t[idx.to(t.device)].to(device) for t in tensors)
+
+
+# ----------------------------------------------------------------------------- full-batch L-BFGS
+
+def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_epoch, params, metric,
+               train_eval, description) -> FitResult:
+    """``fit`` with solver "lbfgs" (see the module docstring)."""
+    import torch
+
+    from vlmtools.heads.logreg import lbfgs
+    from vlmtools.models import resolve_device
+
+    device = resolve_device(opts.device)
+    loss_fn = loss_fn or cross_entropy_loss
+    metric_fn = metric_fn or accuracy
+    train_t, n = _train_tensors(train)
+    val_t = to_tensors(val, device) if val is not None and len(val[0]) else None
+    model.to(device)
+    torch.manual_seed(opts.seed)
+    t0 = time.perf_counter()
+    curve: list[dict] = []
+    extra = (on_epoch(1, model) or {}) if on_epoch is not None else {}
+    trainable = [p for p in (list(params) if params is not None else model.parameters()) if p.requires_grad]
+    penalised = [p for p in trainable if p.dim() >= 2]
+    resident = _fits_on(device, train_t)
+    train_d = tuple(t.to(device if resident else "cpu") for t in train_t)
+    chunk = LBFGS_CHUNK
+
+    sizes = [p.numel() for p in trainable]
+
+    def set_params(theta) -> None:
+        flat = torch.from_numpy(theta).to(device=device, dtype=torch.float32)
+        with torch.no_grad():
+            for p, part in zip(trainable, torch.split(flat, sizes)):
+                p.copy_(part.view_as(p))
+
+    def objective(theta):
+        """Mean loss over all rows (chunked; a chunk's loss weighs by its rows) + the L2 term, and its
+        gradient, at the flat parameters ``theta`` (float64 numpy, as logreg.lbfgs keeps them)."""
+        set_params(theta)
+        for p in trainable:
+            p.grad = None
+        total = 0.0
+        for start in range(0, n, chunk):
+            part = tuple(t[start:start + chunk].to(device, non_blocking=True) for t in train_d)
+            loss = loss_fn(model, *part) * (len(part[0]) / n)
+            loss.backward()
+            total += float(loss.detach())
+        if opts.l2 and penalised:
+            reg = sum((p * p).sum() for p in penalised) * (opts.l2 / (2 * n))
+            reg.backward()
+            total += float(reg.detach())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
+        return total, torch.cat([g.reshape(-1) for g in grads]).double().cpu().numpy()
+
+    def measure(it: int, f: float) -> None:
+        entry = {"epoch": it, "loss": round(f, 6), **(extra if it == 1 else {})}
+        if val_t is not None:
+            model.eval()
+            entry[f"val_{metric}"] = round(float(metric_fn(model, *val_t)), 6)
+            model.train()
+        curve.append(entry)
+
+    model.train()
+    with progress(description, total=opts.epochs, unit="iterations") as bar:
+        def step(it: int, theta, f: float) -> None:
+            set_params(theta)
+            measure(it, f)
+            shown = f" val {metric} {curve[-1][f'val_{metric}']:.4f}" if val_t is not None else ""
+            bar.advance(1, description=f"{description} loss {f:.4f}{shown}")
+
+        with torch.no_grad():
+            theta0 = torch.cat([p.detach().reshape(-1) for p in trainable]).double().cpu().numpy()
+        theta, f, iterations, converged = lbfgs(objective, theta0, max_iter=opts.epochs, on_iteration=step)
+        set_params(theta)
+    model.eval()
+    if not curve:  # converged before the first step (e.g. a zero gradient at the start)
+        measure(1, f)
+    train_rows = _sample(train_t, opts.seed, device) if train_eval is None else to_tensors(train_eval, device)
+    metrics = {"train": {metric: round(float(metric_fn(model, *train_rows)), 6), "rows": n}}
+    if val_t is not None:
+        metrics["val"] = {metric: curve[-1][f"val_{metric}"], "rows": len(val_t[0])}
+    seconds = time.perf_counter() - t0
+    state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    val_txt = f", val {metric} {metrics['val'][metric]:.4f}" if val_t is not None else ""
+    info(f"{description}: L-BFGS, {iterations} iterations ({'converged' if converged else 'stopped at --epochs'}"
+         f"{val_txt}) on {device} in {seconds:.1f} s")
+    return FitResult(state, curve, curve[-1]["epoch"], metrics, False, round(seconds, 3), device, converged)

@@ -100,29 +100,69 @@ def recall_at(pred, images, target, ks=(1, 5)) -> dict:
     return {f"r{k}": round(float((rank < k).float().mean()), 6) for k in ks}
 
 
-class Pairs:
-    """Text/image pairs: text inputs (pooled embeddings, or token features + mask), the text's image
-    (row into ``images``) and the candidate image embeddings."""
+class TextSource:
+    """What a t2i head reads for caption k of a pair set, fetched per batch so that memory is bounded by a
+    batch, not by the caption count: pooled embeddings (mlp) read from the text store's memory-mapped
+    shards, or token features (qformer) computed by the frozen text tower (COCO's ~590k captions as
+    ViT-L-14 token features held at once would be ~65 GB)."""
 
-    def __init__(self, text_inputs: tuple, target, images, image_ids: list[str]):
-        self.text_inputs, self.target, self.images, self.image_ids = text_inputs, target, images, image_ids
+    def __init__(self, texts, rows: list[int], uses_tokens: bool, encoder=None):
+        import numpy as np
+
+        self.rows = np.asarray(rows, dtype=np.int64)  # text-store row of each caption
+        self.uses_tokens = uses_tokens
+        if uses_tokens:
+            strings = [texts.meta[r].get("text") for r in rows]
+            if any(not isinstance(t, str) for t in strings):
+                raise BadInput(f"{texts.path}: --arch qformer needs the texts (\"text\" in the store's rows)")
+            self.strings, self.encoder = strings, encoder
+            self.dim = int(encoder.text_token_features(strings[:1])[0].shape[-1])
+        else:
+            self.view, self.dim = texts.row_view(), texts.dim
+
+    def __call__(self, idx, device) -> tuple:
+        """The inputs of captions ``idx`` (a tensor or array of positions) on ``device``."""
+        import numpy as np
+
+        idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64)
+        if self.uses_tokens:
+            tokens, mask = self.encoder.text_token_features([self.strings[i] for i in idx])
+            return tokens.to(device).float(), mask.to(device)
+        return (torch.from_numpy(self.view.take(self.rows[idx])).to(device),)
+
+
+class Pairs:
+    """Caption/image pairs: caption k is text-store row ``source.rows[k]`` of image ``target[k]`` (a row of
+    ``images``: the train images, then the val images). Captions of train images come first."""
+
+    def __init__(self, source: TextSource, target, images, image_ids: list[str], n_train_images: int):
+        import numpy as np
+
+        self.source, self.target, self.images, self.image_ids = source, target, images, image_ids
+        self.n_train_images = n_train_images
+        self.n_train = int(np.searchsorted(target, n_train_images))  # captions of train images
 
     def __len__(self) -> int:
         return len(self.target)
 
-    def train_arrays(self) -> tuple:
-        return (*self.text_inputs, self.images[self.target], self.target)
+    def arrays(self, split: str) -> tuple:
+        """What fit batches for "train" or "val": (caption positions, their images' rows)."""
+        import numpy as np
 
-    def val_arrays(self) -> tuple:
-        return (*self.text_inputs, self.target, self.images)
+        span = slice(0, self.n_train) if split == "train" else slice(self.n_train, len(self))
+        return (np.arange(len(self), dtype=np.int64)[span], self.target[span])
 
+    def predict(self, head, positions, device: str, chunk: int = 1024):
+        """Captions ``positions`` through ``head``, chunk by chunk: (N, d) on ``device``."""
+        with torch.no_grad():
+            out = [head(*self.source(positions[i:i + chunk], device)) for i in range(0, len(positions), chunk)]
+        return torch.cat(out) if out else torch.zeros((0, self.images.shape[1]), device=device)
 
-def recall_metric(model, *rows):
-    """fit's metric_fn for t2i: recall@1 of (*text inputs, target, candidate images)."""
-    *inputs, target, images = rows
-    with torch.no_grad():
-        pred = torch.cat([model(*(t[i:i + 4096] for t in inputs)) for i in range(0, len(target), 4096)])
-    return recall_at(pred, images, target, ks=(1,))["r1"]
+    def recall(self, head, positions, target, device: str, ks=(1, 5)) -> dict:
+        """Recall@k of captions ``positions`` among the images they belong to (a split's images)."""
+        cand, row = torch.unique(torch.as_tensor(target), return_inverse=True)
+        pred = self.predict(head, positions, device).cpu().float()
+        return recall_at(pred, torch.from_numpy(self.images)[cand], row, ks=ks)
 
 
 def load_pairs(image_store, text_store, *, where: Sequence[str] = (), val_where: Sequence[str] = (),
@@ -172,40 +212,33 @@ def load_pairs(image_store, text_store, *, where: Sequence[str] = (), val_where:
     return images, texts, spec, train_rows, sorted(val_rows), by_image
 
 
-def text_inputs(kind_tokens: bool, texts, rows: list[int], spec, device: str, *, encoder=None):
-    """What a t2i head reads for these text-store rows: pooled embeddings, or (token features, mask)."""
+def _pairs(images, texts, train_rows, val_rows, by_image, uses_tokens, encoder=None) -> Pairs:
     import numpy as np
 
-    if not kind_tokens:
-        return (texts.embeddings[np.asarray(rows, dtype=np.int64)],)
-    strings = [texts.meta[r].get("text") for r in rows]
-    if any(not isinstance(s, str) for s in strings):
-        raise BadInput(f"{texts.path}: --arch qformer needs the texts (\"text\" in the store's rows)")
-    return token_features(strings, spec, device, encoder=encoder)
-
-
-def token_features(strings: list[str], spec, device: str, *, encoder=None):
-    from vlmtools.console import progress
-    from vlmtools.models import load_model
-
-    encoder = encoder or load_model(spec, device)
-    with progress("text tokens", total=1, unit="sets") as bar:
-        tokens, mask = encoder.encode_text_tokens(strings)
-        bar.advance(1)
-    return tokens, mask
-
-
-def _pairs(images, texts, rows, by_image, spec, device, uses_tokens, encoder=None) -> Pairs:
-    import numpy as np
-
+    rows = list(train_rows) + list(val_rows)
     text_rows, target = [], []
     for j, i in enumerate(rows):
         for t in by_image[i]:
             text_rows.append(t)
             target.append(j)
-    inputs = text_inputs(uses_tokens, texts, text_rows, spec, device, encoder=encoder)
-    emb = images.embeddings[np.asarray(rows, dtype=np.int64)]
-    return Pairs(inputs, np.asarray(target, dtype=np.int64), emb, [str(images.meta[i]["id"]) for i in rows])
+    return Pairs(TextSource(texts, text_rows, uses_tokens, encoder), np.asarray(target, dtype=np.int64),
+                 images.row_view(rows)[:], [str(images.meta[i]["id"]) for i in rows], len(train_rows))
+
+
+def _fit_functions(pairs: Pairs, device: str, contrastive_weight: float):
+    """loss_fn and metric_fn for loop.fit over Pairs.arrays(): a batch is (caption positions, image rows),
+    its inputs fetched then. The metric is recall@1 among the images of the captions it is given (the val
+    images for val; for train, those of the sampled train captions)."""
+    images = torch.from_numpy(pairs.images).to(device)
+
+    def loss(model, positions, target):
+        return t2i_loss(model, *pairs.source(positions, device), images[target], target,
+                        contrastive_weight=contrastive_weight)
+
+    def metric(model, positions, target):
+        return pairs.recall(model, positions, target.cpu(), device, ks=(1,))["r1"]
+
+    return loss, metric
 
 
 def train_t2i(text_store, output, *, images: str, options, arch: str = "mlp", where: Sequence[str] = (),
@@ -213,8 +246,6 @@ def train_t2i(text_store, output, *, images: str, options, arch: str = "mlp", wh
               contrastive_weight: float = CONTRASTIVE_WEIGHT, model: str | None = None,
               pretrained: str | None = None) -> dict:
     """`vlmtools train t2i`: returns the summary, with val recall@1/5 before and after translation."""
-    import numpy as np
-
     from vlmtools.heads.base import train_and_save
     from vlmtools.heads.data import TrainData, digest
     from vlmtools.models import load_model, resolve_device
@@ -230,82 +261,71 @@ def train_t2i(text_store, output, *, images: str, options, arch: str = "mlp", wh
     device = resolve_device(options.device)
     uses_tokens = arch == "qformer"
     encoder = load_model(spec, device) if uses_tokens else None
-    train = _pairs(img, txt, train_rows, by_image, spec, device, uses_tokens, encoder)
-    val = _pairs(img, txt, val_rows, by_image, spec, device, uses_tokens, encoder) if val_rows else None
-    if uses_tokens:
-        kind, config = "t2i-qformer", dict(input_dim=int(train.text_inputs[0].shape[-1]), output_dim=img.dim)
-    else:
-        kind, config = "t2i-mlp", dict(input_dim=txt.dim, output_dim=img.dim)
+    pairs = _pairs(img, txt, train_rows, val_rows, by_image, uses_tokens, encoder)
+    train_arrays, val_arrays = pairs.arrays("train"), pairs.arrays("val") if val_rows else None
+    config = dict(input_dim=pairs.source.dim, output_dim=img.dim)
     retrieval = {}
-    if val is not None:
-        before_pred = torch.from_numpy(np.ascontiguousarray(_pooled(txt, val_rows, by_image)))
-        retrieval["before"] = recall_at(F.normalize(before_pred, dim=-1), torch.from_numpy(val.images),
-                                        torch.from_numpy(val.target))
-        retrieval.update(val_images=len(val_rows), val_texts=len(val))
-
-    def loss(m, *batch):
-        return t2i_loss(m, *batch, contrastive_weight=contrastive_weight)
-
+    if val_arrays is not None:  # the raw text embeddings as the translation
+        pooled = Pairs(TextSource(txt, pairs.source.rows.tolist(), False), pairs.target, pairs.images,
+                       pairs.image_ids, len(train_rows))
+        retrieval["before"] = pooled.recall(lambda x: F.normalize(x, dim=-1), *val_arrays, "cpu")
+        retrieval.update(val_images=len(val_rows), val_texts=len(val_arrays[0]))
+    loss, metric = _fit_functions(pairs, device, contrastive_weight)
     data = TrainData(img, spec, None, None)
-    inputs = {"image_store": {"path": str(img.path), "sha": digest(train.images, train.image_ids),
+    inputs = {"image_store": {"path": str(img.path), "sha": digest(pairs.images[:len(train_rows)],
+                                                                   pairs.image_ids[:len(train_rows)]),
                               "rows": len(train_rows)},
-              "text_store": {"path": str(txt.path), "sha": digest(txt.embeddings, [r.get("id") for r in txt.meta]),
-                             "rows": len(train)}}
+              "text_store": {"path": str(txt.path), "sha": digest(txt.row_view(), [r.get("id") for r in txt.meta]),
+                             "rows": len(train_arrays[0])}}
+
+    def after(head) -> dict:
+        if val_arrays is None:
+            return {}
+        return {"retrieval": {**retrieval, "after": pairs.recall(head, *val_arrays, device)}}
+
     summary = train_and_save(
-        kind, config, data, output, options, classes=None,
+        "t2i-qformer" if uses_tokens else "t2i-mlp", config, data, output, options, classes=None,
         training={"arch": arch, "images": str(images), "where": list(where), "val_where": list(val_where),
                   "val_fraction": val_fraction, "contrastive_weight": contrastive_weight,
                   "temperature": TEMPERATURE},
-        inputs=inputs, train_arrays=train.train_arrays(), val_arrays=val.val_arrays() if val else None,
-        train_eval=train.val_arrays(),
-        description=f"train t2i ({arch})", loss_fn=loss, metric_fn=recall_metric, metric="r1",
-        extra_fn=lambda head: _after(head, val, retrieval, device))
-    if val is not None:
+        inputs=inputs, train_arrays=train_arrays, val_arrays=val_arrays,
+        description=f"train t2i ({arch})", loss_fn=loss, metric_fn=metric, metric="r1", extra_fn=after)
+    if val_arrays is not None:
         b, a = summary["retrieval"]["before"], summary["retrieval"]["after"]
         info(f"val text->image recall@1 {100 * b['r1']:.1f}% -> {100 * a['r1']:.1f}%, recall@5 "
-             f"{100 * b['r5']:.1f}% -> {100 * a['r5']:.1f}% ({len(val_rows)} images, {len(val)} texts)")
+             f"{100 * b['r5']:.1f}% -> {100 * a['r5']:.1f}% ({len(val_rows)} images, {len(val_arrays[0])} texts)")
     return summary
 
 
-def _pooled(txt, rows, by_image):
-    import numpy as np
-
-    return txt.embeddings[np.asarray([t for i in rows for t in by_image[i]], dtype=np.int64)]
-
-
-def _after(head, val, retrieval: dict, device: str) -> dict:
-    if val is None:
-        return {}
-    from vlmtools.heads.loop import to_tensors
-
-    inputs = to_tensors(val.text_inputs, device)
-    with torch.no_grad():
-        pred = torch.cat([head(*(t[i:i + 4096] for t in inputs)) for i in range(0, len(val), 4096)]).cpu()
-    after = recall_at(pred, torch.from_numpy(val.images), torch.from_numpy(val.target))
-    return {"retrieval": {**retrieval, "after": after}}
-
-
-def translate(head_path, strings: list[str], pooled, spec, device: str = "auto"):
+def translate(head_path, strings: list[str], pooled, spec, device: str = "auto", chunk: int = 1024):
     """Texts through a t2i head: (N, d) float32 numpy, L2-normalized. ``pooled``: their text embeddings
-    (for mlp); qformer heads encode the strings' token features with ``spec``'s text tower."""
+    (for mlp); qformer heads encode the strings' token features with ``spec``'s text tower, ``chunk``
+    texts at a time (memory bounded by a chunk, not by the number of texts)."""
     import numpy as np
 
     from vlmtools.heads.base import load_head
-    from vlmtools.heads.loop import to_tensors
     from vlmtools.heads.predict import check_model
-    from vlmtools.models import resolve_device
+    from vlmtools.models import load_model, resolve_device
 
     device = resolve_device(device)
     head, hinfo = load_head(head_path, device)
     if not hinfo["kind"].startswith("t2i"):
         raise BadInput(f"--t2i {head_path}: a {hinfo['kind']} head, not a t2i head")
     check_model(hinfo, spec.as_dict(), head_path, "the text store")
-    inputs = (token_features(strings, spec, device) if getattr(head, "uses_tokens", False)
-              else (np.asarray(pooled, dtype=np.float32),))
-    if inputs[0].shape[-1] != hinfo["input_dim"]:
-        raise BadInput(f"--t2i {head_path}: takes {hinfo['input_dim']}-d inputs, these texts give "
-                       f"{inputs[0].shape[-1]}-d")
-    tensors = to_tensors(inputs, device)
+    encoder = load_model(spec, device) if getattr(head, "uses_tokens", False) else None
+
+    def inputs(i: int) -> tuple:
+        if encoder is not None:
+            tokens, mask = encoder.text_token_features(strings[i:i + chunk])
+            return tokens.to(device).float(), mask.to(device)
+        return (torch.from_numpy(np.ascontiguousarray(pooled[i:i + chunk], dtype=np.float32)).to(device),)
+
+    out = []
     with torch.no_grad():
-        out = [head(*(t[i:i + 4096] for t in tensors)).float().cpu() for i in range(0, len(strings), 4096)]
+        for i in range(0, len(strings), chunk):
+            x = inputs(i)
+            if x[0].shape[-1] != hinfo["input_dim"]:
+                raise BadInput(f"--t2i {head_path}: takes {hinfo['input_dim']}-d inputs, these texts give "
+                               f"{x[0].shape[-1]}-d")
+            out.append(head(*x).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, hinfo["config"]["output_dim"]), np.float32)

@@ -8,7 +8,6 @@ run leaves nothing behind. Files are byte-identical for the same arguments.
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -18,7 +17,7 @@ import numpy as np
 
 from vlmtools.console import progress
 from vlmtools.errors import BadInput
-from vlmtools.formats import descriptor_record, dumps_line, iter_jsonl, manifest_record, read_json
+from vlmtools.formats import descriptor_record, dumps, dumps_line, iter_jsonl, manifest_record, read_json
 from vlmtools.synth.world import (DOMAINS, VOCAB, WORLD_VERSION, caption, class_captions, make_classes,
                                   oracle_descriptors, sample_attributes, vague_descriptors)
 from vlmtools.synth.render import render
@@ -249,7 +248,7 @@ def _generate(root: Path, n_classes: int, per_class: int, domain: str, seed: int
         "vocabulary": {k: list(v) for k, v in VOCAB.items()},
         "definitions": defs,
     }
-    (root / "world.json").write_text(json.dumps(world, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (root / "world.json").write_text(dumps(world, indent=2) + "\n", encoding="utf-8")
     return {"classes": n_classes, "images": total, "train": total - n_test * n_classes,
             "test": n_test * n_classes, "domain": domain, "seed": seed, "image_size": image_size}
 
