@@ -45,8 +45,11 @@ class Config:
     seeds: int = 5
     classes: int | None = None       # None: the preset's
     per_class: int | None = None
-    maps_per_class: int = 2
+    maps_per_class: int = 1
+    map_classes: int | None = 20     # maps of the test photos of the first N classes (None: all): CPU time
     rise_masks: int = 500
+    eval_steps: int | None = 50      # insertion/deletion steps (None: RISE's ceil(H·W/224) pixels per step)
+    grounding_masks: int = 200       # RISE masks of the per-descriptor maps (grounding)
     sweep: str = "1.0,0.9,0.5,0.2,0.1,0.0"
     shots: str = "1,2,4,8,16"
     epochs: int = 100
@@ -54,8 +57,8 @@ class Config:
     samples: int = 10                # LARE's K
 
 
-QUICK = Config(seeds=2, classes=8, per_class=16, maps_per_class=1, rise_masks=100, sweep="1.0,0.5,0.1,0.0",
-               shots="1,4", epochs=30, ala_epochs=4, samples=4)
+QUICK = Config(seeds=2, classes=8, per_class=16, maps_per_class=1, map_classes=None, rise_masks=100, eval_steps=16,
+               grounding_masks=50, sweep="1.0,0.5,0.1,0.0", shots="1,4", epochs=30, ala_epochs=4, samples=4)
 
 
 @dataclass
@@ -126,7 +129,8 @@ def seed_steps(s: int, cfg: Config) -> list[Step]:
     steps.append(Step("003", ["classify", f"{S}/img-v", "--method", "cbd", "-d", f"{W}/descriptors.jsonl",
                               "--no-explain", *photo_test, "-o", f"{P}/003-cbd-all.jsonl"], f"{P}/003-cbd-all.jsonl"))
     steps.append(Step("003", ["subset", f"{P}/003-cbd-all.jsonl", f"{P}/003-cbd.jsonl", f"{W}/003-manifest.jsonl",
-                              str(cfg.maps_per_class)], f"{W}/003-manifest.jsonl", python=subset_maps))
+                              str(cfg.maps_per_class), str(cfg.map_classes or 0)], f"{W}/003-manifest.jsonl",
+                      python=subset_maps))
     steps.append(Step("003", ["train", "ala", f"{W}/manifest.jsonl", "-m", VIT, *photo_train, "--epochs",
                               str(cfg.ala_epochs), *seed, "--cache", f"{S}/ala-cache", "-o", f"{H}/ala"], f"{H}/ala.json"))
     steps.append(Step("003", ["explain", "visual", f"{W}/003-manifest.jsonl", "--method", "ala", "--head", f"{H}/ala",
@@ -136,8 +140,18 @@ def seed_steps(s: int, cfg: Config) -> list[Step]:
         steps.append(Step("003", ["explain", "visual", f"{P}/003-cbd.jsonl", "--method", method, "--cbd",
                                   f"{W}/descriptors.jsonl", "-m", VIT, *args, "--no-overlays", "-o", f"{M}/{method}"],
                           f"{M}/{method}/info.json"))
+    coarse = ["--steps", str(cfg.eval_steps)] if cfg.eval_steps else []
     steps.append(Step("003", ["eval", "explanations", f"{M}/ala", f"{M}/gradcam", f"{M}/rollout", f"{M}/rise",
-                              "--manifest", f"{W}/manifest.jsonl", "-o", f"{P}/003-maps.jsonl"], f"{P}/003-maps.jsonl"))
+                              "--manifest", f"{W}/manifest.jsonl", *coarse, "-o", f"{P}/003-maps.jsonl"],
+                      f"{P}/003-maps.jsonl"))
+    # grounding: a map per descriptor sentence (Grad-CAM, RISE), scored against the region the sentence names
+    for method, args in (("gradcam", []), ("rise", ["--masks", str(cfg.grounding_masks), "--seed", str(s)])):
+        steps.append(Step("003", ["explain", "visual", f"{P}/003-cbd.jsonl", "--method", method, "--cbd",
+                                  f"{W}/descriptors.jsonl", "--descriptors", f"{W}/descriptors.jsonl", "-m", VIT,
+                                  *args, "--no-overlays", "-o", f"{M}/{method}-desc"], f"{M}/{method}-desc/info.json"))
+    steps.append(Step("003", ["eval", "explanations", f"{M}/gradcam-desc", f"{M}/rise-desc", "--descriptors",
+                              "--manifest", f"{W}/manifest.jsonl", "-o", f"{P}/003-grounding.jsonl"],
+                      f"{P}/003-grounding.jsonl"))
     # 004: in / out of domain
     test = ["--where", "split=test"]
     steps.append(Step("004", ["classify", f"{S}/img-r", "--method", "clip", "--classes", f"{W}/classes.txt", *test,
@@ -160,18 +174,21 @@ def seed_steps(s: int, cfg: Config) -> list[Step]:
     return steps
 
 
-def subset_maps(out: Path, predictions: str, kept: str, manifest: str, per_class: str) -> None:
-    """The first ``per_class`` test photos of each class: their CBD predictions (for Grad-CAM, rollout, RISE)
-    and their manifest rows (for ALA, which explains its own prediction)."""
+def subset_maps(out: Path, predictions: str, kept: str, manifest: str, per_class: str, classes: str = "0") -> None:
+    """The first ``per_class`` test photos of each class (of the first ``classes`` classes of the world's
+    class list; 0: all): their CBD predictions (for Grad-CAM, rollout, RISE) and their manifest rows (for
+    ALA, which explains its own prediction)."""
     rows = [json.loads(line) for line in (out / predictions).read_text().splitlines() if line.strip()]
+    world = Path(manifest).parent
+    names = [c for c in (out / world / "classes.txt").read_text(encoding="utf-8").splitlines() if c]
+    wanted = set(names[:int(classes)] if int(classes) else names)
     count: dict[str, int] = {}
     keep = []
     for r in rows:
-        if count.get(r["label"], 0) < int(per_class):
+        if r["label"] in wanted and count.get(r["label"], 0) < int(per_class):
             count[r["label"]] = count.get(r["label"], 0) + 1
             keep.append(r)
     ids = {r["id"] for r in keep}
-    world = Path(manifest).parent
     manifest_rows = [json.loads(line) for line in (out / world / "manifest.jsonl").read_text().splitlines()]
     _write_lines(out / kept, keep)
     _write_lines(out / manifest, [m for m in manifest_rows if m["id"] in ids])  # paths stay relative to the world
@@ -277,12 +294,27 @@ def pval(p: float) -> str:
 
 # ----------------------------------------------------------------------------- the tables
 
-def tables(out: Path, seeds: list[int], cfg: Config) -> dict[str, list[list[str]]]:
-    P = [out / f"s{s}" / "pred" for s in seeds]
-    photo = {"domain": "photo"}
-    result = {}
+# the file whose existence means a seed has finished a study (its last step's output)
+FINISHED = {"000": "000-background.jsonl", "001": "001-class-mix-t2i-050.jsonl", "003": "003-grounding.jsonl",
+            "004": "004-lare.jsonl"}
+PHOTO, PAINTING = {"domain": "photo"}, {"domain": "painting"}
 
-    # 000
+
+def tables(out: Path, seeds: list[int], cfg: Config, studies=STUDIES) -> tuple[dict, dict]:
+    """({table name: rows}, {study: the seeds it is over}): each study's tables over the seeds that have
+    finished it (a run cut short still gives the tables of what finished)."""
+    result, over = {}, {}
+    makers = {"000": table_000, "001": table_001, "003": table_003, "004": table_004}
+    for study in studies:
+        done = [s for s in seeds if (out / f"s{s}" / "pred" / FINISHED[study]).exists()]
+        if done:
+            over[study] = done
+            result.update(makers[study]([out / f"s{s}" / "pred" for s in done], done, cfg))
+    return result, over
+
+
+def table_000(P: list[Path], seeds: list[int], cfg: Config) -> dict:
+    result = {}
     rows = [["row", "top-1 %", "top-5 %", "vs row above: only above / only this / McNemar p"]]
     names = [("names", "CLIP (class names)"), ("cbd", "CBD (vague descriptors)"),
              ("exemplar", "domain exemplar (object descriptors)"), ("background", "+ background (habitat line)")]
@@ -298,8 +330,11 @@ def tables(out: Path, seeds: list[int], cfg: Config) -> dict[str, list[list[str]
                      pct(mean_std(np.mean(list(r.values())) for r in top5)), test])
         prev = runs
     result["000"] = rows
+    return result
 
-    # 001
+
+def table_001(P: list[Path], seeds: list[int], cfg: Config) -> dict:
+    result = {}
     sweeps = {}
     for balance in ("class", "global"):
         for text in ("raw", "t2i"):
@@ -328,15 +363,19 @@ def tables(out: Path, seeds: list[int], cfg: Config) -> dict[str, list[list[str]
         tests.append([what, f"only first right {a}, only second {b}, McNemar p = {pval(p)}"])
     result["001"] = rows
     result["001-tests"] = [["paired test (test photos, all seeds)", "result"]] + tests
+    return result
 
-    # 003
+
+def table_003(P: list[Path], seeds: list[int], cfg: Config) -> dict:
+    result = {}
     maps = [read_jsonl(p / "003-maps.jsonl") for p in P]
     methods = []
     for rows_ in maps:
         for r in rows_:
             if r["method"] not in methods:
                 methods.append(r["method"])
-    keys = [("iou", "mIoU ↑"), ("insertion", "Ins ↑"), ("deletion", "Del ↓"), ("id_score", "ID ↑")]
+    keys = [("iou", "mIoU ↑"), ("iou_ceiling", "lattice ceiling"), ("insertion", "Ins ↑"), ("deletion", "Del ↓"),
+            ("id_score", "ID ↑")]
     rows = [["method"] + [k[1] for k in keys] + ["maps"]]
     per_image: dict[str, dict] = {}
     for m in methods:
@@ -361,14 +400,42 @@ def tables(out: Path, seeds: list[int], cfg: Config) -> dict[str, list[list[str]
                     tests.append([f"{a} − {b}, {label}", f"{mean:+.3f} over {len(d)} images, bootstrap p = {pval(p)}"])
     result["003"] = rows
     result["003-tests"] = [["paired test (per image, all seeds)", "result"]] + tests
+    result["003-grounding"] = table_grounding([read_jsonl(p / "003-grounding.jsonl") for p in P])
+    return result
 
-    # 004
+
+def table_grounding(per_seed: list[list[dict]]) -> list[list[str]]:
+    """Per method and region kind: how often a descriptor's map peaks on the region it names (hit), the
+    region's share of the image (a random peak's hit rate), the map's mass inside it (energy); mean ± std
+    over seeds."""
+    methods = []
+    for rows_ in per_seed:
+        for r in rows_:
+            if r["method"] not in methods:
+                methods.append(r["method"])
+    rows = [["method", "descriptors", "hit ↑", "chance", "energy ↑", "maps"]]
+    for m in methods:
+        for kind in ("object", "background"):
+            cells = []
+            for key in ("hit", "chance", "energy"):
+                seed_means = [np.mean([float(r[key]) for r in rows_ if r["method"] == m and r["kind"] == kind])
+                              for rows_ in per_seed if any(r["method"] == m and r["kind"] == kind for r in rows_)]
+                cells.append("–" if not seed_means else f"{np.mean(seed_means):.3f} ± "
+                             f"{(np.std(seed_means, ddof=1) if len(seed_means) > 1 else 0):.3f}")
+            n = sum(r["method"] == m and r["kind"] == kind for rows_ in per_seed for r in rows_)
+            if n:
+                rows.append([m, kind, *cells, str(n)])
+    return rows
+
+
+def table_004(P: list[Path], seeds: list[int], cfg: Config) -> dict:
+    result, photo = {}, PHOTO
     rows = [["method", "in domain (photo) %", "out of domain (painting) %", "drop"]]
     by = {}
     for key, label in (("clip", "CLIP zero-shot (names)"), ("cbd", "CBD zero-shot (descriptors)"),
                        ("probe", "probe"), ("lads", "LADS"), ("lare", "LARE")):
         ins = [correct(p / f"004-{key}.jsonl", where=photo) for p in P]
-        outs = [correct(p / f"004-{key}.jsonl", where={"domain": "painting"}) for p in P]
+        outs = [correct(p / f"004-{key}.jsonl", where=PAINTING) for p in P]
         by[key] = (ins, outs)
         a_in = [np.mean(list(r.values())) for r in ins]
         a_out = [np.mean(list(r.values())) for r in outs]
@@ -384,7 +451,7 @@ def tables(out: Path, seeds: list[int], cfg: Config) -> dict[str, list[list[str]
     rows = [["shots", "probe in %", "LARE in %", "probe out %", "LARE out %"]]
     for shots in cfg.shots.split(","):
         line = [shots]
-        for where in (photo, {"domain": "painting"}):
+        for where in (photo, PAINTING):
             for method in ("probe", "lare"):
                 accs = [np.mean(list(correct(p / f"004-fewshot-{method}-{shots}.jsonl", where=where).values()))
                         for p in P]
@@ -406,10 +473,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=None, help="world seeds 0..N-1 [5; --quick: 2]")
     ap.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
     ap.add_argument("--studies", default=",".join(STUDIES), help="comma list of studies to run")
+    ap.add_argument("--tables-only", action="store_true", help="run nothing: the tables of what has finished")
+    ap.add_argument("--dry-run", action="store_true", help="run nothing: write OUT/pipeline.sh and list the steps")
     args = ap.parse_args()
     cfg = QUICK if args.quick else Config()
     if args.seeds is not None:
         cfg.seeds = args.seeds
+    studies = args.studies.split(",")
+    bad = [s for s in studies if s not in STUDIES]
+    if bad or args.seeds is not None and args.seeds < 1:
+        ap.error(f"--studies: {bad[0]!r} is not one of {','.join(STUDIES)}" if bad else "--seeds must be at least 1")
     if args.threads:
         import torch
 
@@ -418,27 +491,38 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    studies = ["world"] + args.studies.split(",")
     seeds = list(range(cfg.seeds))
-    steps = [st for s in seeds for st in seed_steps(s, cfg) if st.study in studies]
+    steps = [st for s in seeds for st in seed_steps(s, cfg) if st.study in ["world", *studies]]
     (out / "pipeline.sh").write_text("#!/bin/sh\n# The steps reproduce_all ran, from this directory.\nset -e\n"
                                      + "".join(st.shell() + "\n" for st in steps))
+    if args.dry_run:
+        print("".join(st.shell() + "\n" for st in steps), end="")
+        return
     start = time.perf_counter()
-    set_quiet(True)
-    timings = run_steps(out, steps, lambda m: print(m, file=sys.stderr, flush=True))
-    set_quiet(False)
-    result = tables(out, seeds, cfg)
+    timings = {}
+    if not args.tables_only:
+        set_quiet(True)
+        try:
+            timings = run_steps(out, steps, lambda m: print(m, file=sys.stderr, flush=True))
+        finally:
+            set_quiet(False)
+    result, over = tables(out, seeds, cfg, studies)
     (out / "tables").mkdir(exist_ok=True)
     text = []
     for name, rows in result.items():
         (out / "tables" / f"{name}.tsv").write_text("".join("\t".join(r) + "\n" for r in rows))
-        text.append(f"== {name}\n{aligned(rows)}\n")
+        n = len(over[name.split("-")[0]])
+        text.append(f"== {name} ({n} seed{'s' if n > 1 else ''})\n{aligned(rows)}\n")
+    missing = [s for s in studies if s not in over]
+    if missing:
+        text.append(f"(no seed has finished stud{'ies' if len(missing) > 1 else 'y'} {', '.join(missing)} yet)\n")
     total = time.perf_counter() - start
     (out / "tables.txt").write_text("\n".join(text))
     previous = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     for k, v in timings.items():
         previous[k] = round(previous.get(k, 0.0) + v, 1)
-    previous["last_run_seconds"] = round(total, 1)
+    if not args.tables_only:
+        previous["last_run_seconds"] = round(total, 1)
     previous["config"] = {**cfg.__dict__, "quick": args.quick}
     (out / "timings.json").write_text(json.dumps(previous, indent=2) + "\n")
     print("\n".join(text))
