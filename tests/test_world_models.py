@@ -87,6 +87,20 @@ def test_vit_ala_sits_on_every_transformer_layer(small_world, tmp_path):
 
 
 @pytest.mark.slow
+@needs_weights(VIT)
+def test_vit_zero_shot_is_level_with_the_resnet_on_photos():
+    """The issue's bar for the ViT: colour, pattern and habitat within 0.05 of vlmtools-micro, shape >= 0.7
+    (held-out world, photos)."""
+    from vlmtools.synth.evaluate import evaluate_world
+
+    vit, resnet = (evaluate_world(load_model(ModelSpec.parse(name), "cpu"), classes=20, per_class=15, seed=1001)
+                   ["attributes"] for name in (VIT, "vlmtools-micro"))
+    for attribute in ("colour", "pattern", "habitat"):
+        assert vit[attribute] >= resnet[attribute] - 0.05, (attribute, vit, resnet)
+    assert vit["shape"] >= 0.7, vit
+
+
+@pytest.mark.slow
 def test_photo_only_model_shift_to_paintings_is_real():
     """A probe trained on photos loses at least 10 points on paintings with the photo-only model, and
     more than with vlmtools-micro, which saw paintings in training."""
