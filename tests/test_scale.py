@@ -88,7 +88,7 @@ def test_embed_decode_gpu_path_on_cpu_matches_cpu_path(tmp_path):
         assert result.exit_code == 0, result.output
         summary = json.loads(result.stdout)
         assert summary["skipped"] == 2
-        assert set(summary["timings"]) == {"read_input", "load_model", "first_batch", "loop", "finalize"}
+        assert set(summary["timings"]) == {"read_input", "start_workers", "load_model", "first_batch", "loop", "finalize"}
         assert summary["timings"]["loop"] == pytest.approx(summary["seconds"], abs=1e-3)
         stores[decode] = open_store(out)
     a, b = stores["cpu"], stores["gpu"]
@@ -275,15 +275,15 @@ def test_embed_webdataset_tars_and_resume_per_shard(tmp_path, shards):
     assert result.exit_code == 2 and "00003.tar" in result.output and not (tmp_path / "y").exists()
 
 
-def test_three_ranks_as_processes_equal_one_process(tmp_path, image_dir):
+def test_three_ranks_as_processes_equal_one_process(tmp_path, image_dir, spawn):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"id": f"i{k}", "path": str(p)}) + "\n"
                                 for k, p in enumerate(sorted(image_dir.glob("*.png")))))
     common = ["-m", "vlmtools", "embed", "images", str(manifest), "--shard-size", "3", "--workers", "0",
               "--dtype", "float32", *TINY]
     env = {**os.environ, "WORLD_SIZE": "3", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, *common, "-o", str(tmp_path / "multi")],
-                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = [spawn([sys.executable, *common, "-o", str(tmp_path / "multi")],
+                   env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for r in range(3)]
     single = runner.invoke(app, [*common[2:], "-o", str(tmp_path / "single"), "--world-size", "1", "--rank", "0"])
     assert single.exit_code == 0, single.output
@@ -344,7 +344,8 @@ def test_ivfpq_index_nprobe_and_rerank_from_store(tmp_path):
     store = tmp_path / "s"
     write_arrays(store, x, [{"id": str(i)} for i in range(len(x))], kind="image", model={"name": "m"},
                  dtype="float16", shard_size=5000)
-    result = runner.invoke(app, ["index", str(store), "--index-key", "IVF64,PQ8", "--max-memory", "64M"])
+    result = runner.invoke(app, ["index", str(store), "--index-key", "IVF64,PQ8", "--max-memory", "64M",
+                                 "--target-recall", "0"])  # the untuned defaults
     assert result.exit_code == 0, result.output
     index_info = json.loads((store / "index.json").read_text())
     assert index_info["train_size"] == 10000  # max(64 per list, 10k), within half of 64M
@@ -410,7 +411,7 @@ def test_rerank_reads_and_checks_only_the_candidate_rows(tmp_path):
     store = tmp_path / "s"
     write_arrays(store, x, [{"id": str(i)} for i in range(len(x))], kind="image", model={"name": "m"},
                  dtype="float32", shard_size=5000)
-    build_index(store, index_key="IVF16,PQ8x4fs")
+    build_index(store, index_key="IVF16,PQ8x4fs", target_recall=0)  # the untuned default: rerank 10
     reader = open_store(store)
     scores, rows, method = search_vectors(reader, x[:5], 3)
     assert method.endswith("reranked 30") and (rows[:, 0] == np.arange(5)).all()
