@@ -278,12 +278,12 @@ def mcnemar_pooled(a: list[dict[str, bool]], b: list[dict[str, bool]]) -> tuple[
     return only_a, only_b, float(mcnemar(only_a, only_b)["p_exact"])
 
 
-def paired_bootstrap(diffs: np.ndarray, n: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean paired difference, its 95% interval, and the two-sided bootstrap p of "no difference"."""
+def paired_bootstrap(diffs: np.ndarray, n: int = 10000, seed: int = 0) -> tuple[float, float, float, float]:
+    """Mean paired difference, its 95% percentile interval, and the two-sided bootstrap p of "no difference"."""
     rng = np.random.default_rng(seed)
     means = diffs[rng.integers(0, len(diffs), (n, len(diffs)))].mean(axis=1)
-    p = 2 * min((means <= 0).mean(), (means >= 0).mean())
-    return float(diffs.mean()), float(np.percentile(means, 2.5)), float(min(1.0, p)) if len(diffs) else float("nan")
+    p = min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean()))
+    return float(diffs.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)), float(p)
 
 
 def pct(mean_sd) -> str:
@@ -392,15 +392,17 @@ def table_003(P: list[Path], seeds: list[int], cfg: Config) -> dict:
         rows.append(line)
         per_image[m] = {(s, r["id"]): r for s, rows_ in zip(seeds, maps) for r in rows_ if r["method"] == m}
     tests = []
-    for a, b in (("ala", "rise"), ("ala", "gradcam"), ("rise", "gradcam")):
+    for a, b in (("ala", "rise"), ("ala", "gradcam"), ("ala", "rollout"), ("rollout", "rise"), ("rise", "gradcam")):
         if a in per_image and b in per_image:
             common = sorted(per_image[a].keys() & per_image[b].keys())
             for key, label in (("iou", "mIoU"), ("id_score", "ID")):
                 d = np.array([per_image[a][c].get(key, np.nan) - per_image[b][c].get(key, np.nan) for c in common])
                 d = d[np.isfinite(d)]
                 if len(d):
-                    mean, lo, p = paired_bootstrap(d)
-                    tests.append([f"{a} − {b}, {label}", f"{mean:+.3f} over {len(d)} images, bootstrap p = {pval(p)}"])
+                    mean, lo, hi, p = paired_bootstrap(d)
+                    shown = f"= {pval(p)}" if p > 0 else "< 1e-4"  # 10,000 resamples resolve no smaller p
+                    tests.append([f"{a} − {b}, {label}", f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] over {len(d)} images, "
+                                  f"bootstrap p {shown}"])
     result["003"] = rows
     result["003-tests"] = [["paired test (per image, all seeds)", "result"]] + tests
     result["003-grounding"] = table_grounding([read_jsonl(p / "003-grounding.jsonl") for p in P])
