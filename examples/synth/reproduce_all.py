@@ -10,14 +10,19 @@ paintings of the same classes) and the studies run on it with the photo-only mic
        for Menon's off-domain prompt) / object descriptors (the domain exemplar's) / + habitat (background)
   001  `train adapter --sweep` on train photos: image ratio x {class-balanced, global} x {image only,
        + descriptor text raw, + text through a `train t2i` head trained on the world's image captions}
-  003  maps of 2 test photos per class (vlmtools-micro-vit): ALA (its own prediction), and Grad-CAM,
-       rollout, RISE of the CBD classifier; `eval explanations` (mIoU, insertion, deletion, ID)
+  003  maps of a test photo per class of the first 20 classes (vlmtools-micro-vit): ALA (its own
+       prediction), and Grad-CAM, rollout, RISE of the CBD classifier; `eval explanations` (mIoU beside the
+       lattice ceiling; insertion, deletion, ID with 50 steps); grounding: Grad-CAM and RISE maps per
+       descriptor sentence, `eval explanations --descriptors` (does a descriptor's map land on its region)
   004  CLIP names / CBD zero-shot, probe, LADS, LARE trained on train photos, tested on test photos
        (in domain) and test paintings (out of domain); the few-shot curve (probe vs LARE)
 Every step is a real `vlmtools` command (written to OUT/pipeline.sh), run in this process to spare a
 torch import per step; a step whose output exists is skipped, so a rerun resumes. Tables (mean ± std
-over seeds; McNemar exact p pooled over the seeds' images, or a paired bootstrap for map metrics) go
-to OUT/tables/*.tsv and, aligned, to OUT/tables.txt and stdout. OUT/timings.json has each study's time.
+over the seeds that have finished the study; McNemar exact p pooled over the seeds' images, or a paired
+bootstrap for per-image map scores) go to OUT/tables/*.tsv and, aligned, to OUT/tables.txt and stdout;
+--tables-only makes them from what has finished, --dry-run only lists the steps. OUT/timings.json has
+each study's time. The CPU-time choices (maps of 20 classes, 50 insertion/deletion steps, RISE's
+per-descriptor maps on 10 images) are in Config.
 """
 
 from __future__ import annotations
