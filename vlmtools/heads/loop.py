@@ -264,6 +264,7 @@ def _sample(tensors: tuple, seed: int, device: str) -> tuple:
 def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_epoch, params, metric,
                train_eval, description) -> FitResult:
     """``fit`` with solver "lbfgs" (see the module docstring)."""
+    import numpy as np
     import torch
 
     from vlmtools.heads.logreg import lbfgs
@@ -331,6 +332,11 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
         with torch.no_grad():
             theta0 = torch.cat([p.detach().reshape(-1) for p in trainable]).double().cpu().numpy()
         theta, f, iterations, converged = lbfgs(objective, theta0, max_iter=opts.epochs, on_iteration=step)
+        # A line search accepts only decreases, so a non-finite loss is one at the start (inputs or initial
+        # weights), after which L-BFGS stops at once: without this check the head would be written as is.
+        if not (math.isfinite(f) and np.isfinite(theta).all()):
+            raise NonFiniteLoss(f"{description}: the loss became {f} at epoch {iterations + 1} (L-BFGS, --l2 "
+                                f"{opts.l2:g}); nothing was written. Check the inputs for extreme values")
         set_params(theta)
     model.eval()
     if not curve:  # converged before the first step (e.g. a zero gradient at the start)
