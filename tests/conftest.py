@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,65 @@ def tiny_encoder():
     from vlmtools.models import ModelSpec, load_model
 
     return load_model(ModelSpec.parse("vlmtools-tiny"), "cpu")
+
+
+# ----------------------------------------------------------------------------- processes and waits
+# A test that starts a process waits on what the process does (a file, a line, a state), with a deadline
+# that bounds a hang rather than timing the code: a loaded laptop may be ten times slower than an idle one.
+# Every process a test starts is ended at teardown, whether the test passed or not.
+
+LOADED_DEADLINE = 120.0  # seconds; generous on purpose
+
+
+def wait_until(predicate, what: str, timeout: float = LOADED_DEADLINE, every: float = 0.05) -> None:
+    """Poll ``predicate`` until it holds; fail the test saying that ``what`` did not happen in ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:g} s")
+        time.sleep(every)
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat ("R", "S", "T" stopped, "Z" zombie...), None when gone (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def end_process(proc: subprocess.Popen, group: bool = False) -> None:
+    """Kill ``proc`` (its whole process group when ``group``: workers too) if still there, reap it, close its pipes."""
+    if group:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    elif proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout=60)
+    finally:
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def spawn():
+    """``spawn(args, **popen_kwargs)`` starts a process; at teardown each one is ended (end_process; the whole
+    group when started with start_new_session=True), whether the test passed or failed."""
+    started: list[tuple[subprocess.Popen, bool]] = []
+
+    def start(args, **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(args, **kwargs)
+        started.append((proc, bool(kwargs.get("start_new_session"))))
+        return proc
+
+    yield start
+    for proc, group in started:
+        end_process(proc, group)
 
 
 def run_cli(*args, input=None, env=None, timeout=120):

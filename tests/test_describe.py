@@ -18,6 +18,7 @@ from pytest_httpserver import HTTPServer
 from typer.testing import CliRunner
 from werkzeug import Response
 
+from tests.conftest import LOADED_DEADLINE, wait_until
 from vlmtools.cli.app import app
 from vlmtools.describe.parse import parse_background, parse_cbd, parse_lines, parse_structured
 from vlmtools.describe.styles import build_plan, builtin_template
@@ -436,7 +437,7 @@ def test_concurrency_and_stdout_keeps_class_order(tmp_path, llm):
         # one: then the gate opens after its timeout and max_in_flight tells), then later classes finish first.
         if llm.in_flight >= 4:
             four_at_once.set()
-        four_at_once.wait(10)
+        four_at_once.wait(LOADED_DEADLINE)  # opens as soon as 4 are in flight: long only when the test fails
         time.sleep(0.02 * (8 - int(cls.split()[1])))
         return f"- feature of {cls}"
 
@@ -459,32 +460,27 @@ def test_file_output_is_in_class_order_after_concurrent_run(tmp_path, llm):
 
 # ----------------------------------------------------------------------------- resume
 
-def test_resume_after_a_killed_run(tmp_path, llm):
+def test_resume_after_a_killed_run(tmp_path, llm, spawn):
     names = [f"Bird {i}" for i in range(6)]
     classes = class_file(tmp_path, names, llm)
     release = threading.Event()
 
     def hang_after_three(cls, body):
         if int(cls.split()[1]) >= 3:
-            release.wait(20)  # the first run is killed while these are in flight
+            release.wait(2 * LOADED_DEADLINE)  # the first run is killed while these are in flight
         return f"- feature of {cls}"
 
     llm.answer = hang_after_three
     out = tmp_path / "d.jsonl"
     args = [sys.executable, "-m", "vlmtools", "describe", str(classes), "-o", str(out), "--base-url", llm.url,
-            "-j", "1", "--no-cache"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+            "-j", "1", "--no-cache", "--timeout", str(4 * LOADED_DEADLINE)]
+    proc = spawn(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if len(classes_so_far(out)) == 3 and len(llm.requests) >= 4:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("first run never reached the hanging class")
-    finally:
+        wait_until(lambda: len(classes_so_far(out)) == 3 and len(llm.requests) >= 4,
+                   "the first run reaching the hanging class")
         proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=10)
+        proc.communicate(timeout=LOADED_DEADLINE)
+    finally:
         release.set()
     assert proc.returncode == -signal.SIGKILL
     assert [r["class"] for r in read_jsonl(out)] == names[:3]
@@ -580,34 +576,29 @@ def test_interrupt_before_any_result_keeps_the_old_file(tmp_path, llm, monkeypat
     assert out.read_text(encoding="utf-8") == OLD_LINE
 
 
-def test_ctrl_c_exits_at_once_keeping_whole_lines(tmp_path, llm):
+def test_ctrl_c_exits_at_once_keeping_whole_lines(tmp_path, llm, spawn):
     names = [f"Bird {i}" for i in range(6)]
     classes = class_file(tmp_path, names, llm)
     out = tmp_path / "d.jsonl"
     out.write_text(OLD_LINE, encoding="utf-8")
     release = threading.Event()
+    hang = 4 * LOADED_DEADLINE  # the requests in flight would take this long: far past the exit's deadline
 
     def hang_after_two(cls, body):
         if int(cls.split()[1]) >= 2:
-            release.wait(60)  # far longer than the test waits for the interrupted run to exit
+            release.wait(hang)
         return f"- feature of {cls}"
 
     llm.answer = hang_after_two
     args = [sys.executable, "-m", "vlmtools", "describe", str(classes), "-o", str(out), "--base-url", llm.url,
-            "-j", "2", "--no-cache", "--no-resume", "--timeout", "120"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-    try:
-        deadline = time.monotonic() + 30
-        while sorted(classes_so_far(out)) != names[:2] or len(llm.requests) < 4:  # Bird 2 and 3 in flight
-            if time.monotonic() > deadline:
-                pytest.fail("the run never reached the hanging classes")
-            time.sleep(0.05)
+            "-j", "2", "--no-cache", "--no-resume", "--timeout", str(2 * hang)]
+    proc = spawn(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:  # Bird 0 and 1 written, Bird 2 and 3 in flight
+        wait_until(lambda: sorted(classes_so_far(out)) == names[:2] and len(llm.requests) >= 4,
+                   "the run reaching the hanging classes")
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=20)  # not the 60 s the requests in flight would take
+        _, stderr = proc.communicate(timeout=LOADED_DEADLINE)  # at once: not after the requests in flight
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
         release.set()
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
@@ -712,19 +703,20 @@ def test_500_forever_goes_to_the_errors_file_and_exit_code(tmp_path, llm):
 def test_timeouts(tmp_path, llm):
     classes = class_file(tmp_path, ["Slow Bird", "Fast Bird"], llm)
     release = threading.Event()
-    # Slow Bird's answer would take 5 s, well past --timeout 2; Fast Bird's is immediate, with room to
-    # spare on a loaded machine.
-    llm.answer = lambda cls, body: (release.wait(5) if cls == "Slow Bird" else None, f"- feature of {cls}")[1]
+    # Slow Bird's answer never comes before --timeout 4; Fast Bird's is immediate, with room to spare on a
+    # loaded machine.
+    llm.answer = lambda cls, body: (release.wait(LOADED_DEADLINE) if cls == "Slow Bird" else None,
+                                    f"- feature of {cls}")[1]
     out = tmp_path / "d.jsonl"
     try:
         result = runner.invoke(app, ["describe", str(classes), "-o", str(out), "--base-url", llm.url,
-                                     "--timeout", "2", "--max-retries", "0", "--errors", str(tmp_path / "err.jsonl")])
+                                     "--timeout", "4", "--max-retries", "0", "--errors", str(tmp_path / "err.jsonl")])
     finally:
         release.set()  # let the server's handler finish now, not during a later test
     assert result.exit_code == 1
     assert [r["class"] for r in read_jsonl(out)] == ["Fast Bird"]
     errors = read_jsonl(tmp_path / "err.jsonl")
-    assert [e["class"] for e in errors] == ["Slow Bird"] and "timed out after 2s" in errors[0]["reason"]
+    assert [e["class"] for e in errors] == ["Slow Bird"] and "timed out after 4s" in errors[0]["reason"]
     deadline = time.monotonic() + 5
     while len(llm.server.log) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)

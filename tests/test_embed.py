@@ -3,13 +3,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.conftest import LOADED_DEADLINE, end_process, process_state, wait_until
 from vlmtools.cli.app import app
 from vlmtools.embed import embed_images, text_records
 from vlmtools.images import load_rgb
@@ -131,14 +131,14 @@ def _embed_cmd(listing, out):
             "-b", "5", "--workers", "0", "--dtype", "float32", *TINY]
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path, many_images):
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, many_images, spawn):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_embed_cmd(many_images, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(killed.glob("emb-*.npy"))) < 2:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = spawn(_embed_cmd(many_images, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: len(list(killed.glob("emb-*.npy"))) >= 2 or proc.poll() is not None,
+                   "two shards written", every=0.01)
+    finally:
+        end_process(proc)
     done_before = len(list(killed.glob("emb-*.npy")))
     assert 2 <= done_before < 16, "the run was not interrupted mid-way"
     with pytest.raises(Exception, match="incomplete"):
@@ -303,24 +303,16 @@ def test_decode_workers_start_before_the_model_loads(tmp_path, image_dir, monkey
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_the_model_loads_stops_the_workers_cleanly(tmp_path, many_images):
+def test_ctrl_c_while_the_model_loads_stops_the_workers_cleanly(tmp_path, many_images, spawn):
     """The workers run while the model loads; a Ctrl-C then ends the run with 130, one line, no traceback,
     and no worker left behind."""
     out = tmp_path / "ctrl-c-store"
-    proc = subprocess.Popen([sys.executable, "-m", "vlmtools", "embed", "images", str(many_images), "-o", str(out),
-                             "--workers", "2", *TINY], stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "VLMTOOLS_FAILPOINT": "embed.load_model=stop"})
+    proc = spawn([sys.executable, "-m", "vlmtools", "embed", "images", str(many_images), "-o", str(out),
+                  "--workers", "2", *TINY], stderr=subprocess.PIPE, text=True, start_new_session=True,
+                 env={**os.environ, "VLMTOOLS_FAILPOINT": "embed.load_model=stop"})
+    state = process_state
+    wait_until(lambda: state(proc.pid) == "T", "the run stopping at the model load")
 
-    def state(pid):
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                return fh.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return None
-
-    deadline = time.monotonic() + 90
-    while state(proc.pid) != "T" and time.monotonic() < deadline:  # stopped at the model load
-        time.sleep(0.05)
     def group(pid):
         try:
             return os.getpgid(pid)
@@ -332,8 +324,7 @@ def test_ctrl_c_while_the_model_loads_stops_the_workers_cleanly(tmp_path, many_i
     assert workers, "no decode worker was running while the model loaded"
     os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal's Ctrl-C
     os.killpg(proc.pid, signal.SIGCONT)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=LOADED_DEADLINE)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
-    time.sleep(1)
-    assert [p for p in workers if state(p) not in (None, "Z")] == []
+    wait_until(lambda: all(state(p) in (None, "Z") for p in workers), "every worker ending")

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import LOADED_DEADLINE, process_state, wait_until
 from vlmtools.cli.app import app
 
 runner = CliRunner()
@@ -599,24 +600,16 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(world, tmp_path, point):
     assert not (tmp_path / "s.lock").exists()
 
 
-def test_two_rankless_writers_are_refused_by_the_lock(world, tmp_path):
-    first = subprocess.Popen([sys.executable, "-m", "vlmtools", "embed", "images", str(world / "manifest.jsonl"),
-                              "-o", str(tmp_path / "s"), "--workers", "0", "--shard-size", "2", *TINY],
-                             stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "VLMTOOLS_FAILPOINT": "store.after_shard:0=stop"})
-    try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "s" / "emb-00000.npy").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        second = runner.invoke(app, ["embed", "images", str(world / "manifest.jsonl"), "-o", str(tmp_path / "s"),
-                                     "--workers", "0", "--shard-size", "2", *TINY])
-        _check(second, 2, f"pid {first.pid}")
-        assert "another vlmtools run" in second.stderr
-        assert not (tmp_path / "s" / "emb-00001.npy").exists()  # the second wrote nothing
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
-        first.stderr.close()
+def test_two_rankless_writers_are_refused_by_the_lock(world, tmp_path, spawn):
+    first = spawn([sys.executable, "-m", "vlmtools", "embed", "images", str(world / "manifest.jsonl"),
+                   "-o", str(tmp_path / "s"), "--workers", "0", "--shard-size", "2", *TINY],
+                  stderr=subprocess.PIPE, text=True, env={**os.environ, "VLMTOOLS_FAILPOINT": "store.after_shard:0=stop"})
+    wait_until(lambda: process_state(first.pid) == "T", "the first run stopping after its first shard")
+    second = runner.invoke(app, ["embed", "images", str(world / "manifest.jsonl"), "-o", str(tmp_path / "s"),
+                                 "--workers", "0", "--shard-size", "2", *TINY])
+    _check(second, 2, f"pid {first.pid}")
+    assert "another vlmtools run" in second.stderr
+    assert not (tmp_path / "s" / "emb-00001.npy").exists()  # the second wrote nothing
 
 
 # ----------------------------------------------------------------------------- caches, images, temp files
@@ -685,18 +678,17 @@ def test_synth_make_removes_temp_folders_of_killed_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_decoder_workers_without_tracebacks(world, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "vlmtools", "embed", "images", str(world / "manifest.jsonl"),
-                             "-o", str(tmp_path / "s"), "--workers", "2", "--shard-size", "2", *TINY],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "VLMTOOLS_FAILPOINT": "store.after_shard:0=stop"})
-    deadline = time.monotonic() + 90
-    while not (tmp_path / "s" / "emb-00000.npy").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
+def test_ctrl_c_stops_decoder_workers_without_tracebacks(world, tmp_path, spawn):
+    proc = spawn([sys.executable, "-m", "vlmtools", "embed", "images", str(world / "manifest.jsonl"),
+                  "-o", str(tmp_path / "s"), "--workers", "2", "--shard-size", "2", *TINY],
+                 stderr=subprocess.PIPE, text=True, start_new_session=True,
+                 env={**os.environ, "VLMTOOLS_FAILPOINT": "store.after_shard:0=stop"})
+    # Stopped by the failpoint, never a guessed sleep: a ^C sent before the stop would be continued by the
+    # SIGCONT first and then the run would stop itself for good.
+    wait_until(lambda: process_state(proc.pid) == "T", "the run stopping after its first shard")
     os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal's Ctrl-C
     os.killpg(proc.pid, signal.SIGCONT)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=LOADED_DEADLINE)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     rerun = runner.invoke(app, ["embed", "images", str(world / "manifest.jsonl"), "-o", str(tmp_path / "s"),
@@ -830,7 +822,7 @@ def test_serve_trickled_headers_are_cut_off_at_the_deadline(served):
             except OSError:
                 closed = True
                 break
-    assert closed and time.monotonic() - started < SERVE_DEADLINE + 3
+    assert closed and time.monotonic() - started < SERVE_DEADLINE + 5  # cut off, not served the whole trickle
     _search_ok(served)
 
 
@@ -968,7 +960,7 @@ def test_a_trickling_server_is_cut_off_at_the_timeout_in_all(tmp_path, hostile):
     server = hostile(lambda r: trickle(http_response(chat_body("- wings " * 20)), 0.05))  # ~20 s in all
     started = time.monotonic()
     result = _describe(tmp_path, server.url, "--timeout", "1")
-    assert time.monotonic() - started < 8, result.stderr  # one attempt of 1 s, not 20 s
+    assert time.monotonic() - started < 12, result.stderr  # one attempt of 1 s, not 20 s (slack for a loaded machine)
     assert result.exit_code == 1 and "timed out after 1s" in result.stderr
     assert not (tmp_path / "d.jsonl").exists()
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.conftest import LOADED_DEADLINE, end_process
 from tests.test_train import TINY, blobs
 from vlmtools.cli.app import app
 from vlmtools.store import write_arrays
@@ -94,17 +95,20 @@ def _on_a_terminal(args, cwd):
                             stderr=subprocess.PIPE, cwd=cwd, env={**os.environ, "COLUMNS": "100"})
     os.close(slave)
     chunks = []
-    while True:
-        try:
-            data = os.read(master, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    err = proc.stderr.read().decode()
-    proc.wait(timeout=60)
-    os.close(master)
+    try:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=LOADED_DEADLINE)
+    finally:
+        end_process(proc)
+        os.close(master)
     return b"".join(chunks).decode(), err
 
 

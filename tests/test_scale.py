@@ -275,15 +275,15 @@ def test_embed_webdataset_tars_and_resume_per_shard(tmp_path, shards):
     assert result.exit_code == 2 and "00003.tar" in result.output and not (tmp_path / "y").exists()
 
 
-def test_three_ranks_as_processes_equal_one_process(tmp_path, image_dir):
+def test_three_ranks_as_processes_equal_one_process(tmp_path, image_dir, spawn):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"id": f"i{k}", "path": str(p)}) + "\n"
                                 for k, p in enumerate(sorted(image_dir.glob("*.png")))))
     common = ["-m", "vlmtools", "embed", "images", str(manifest), "--shard-size", "3", "--workers", "0",
               "--dtype", "float32", *TINY]
     env = {**os.environ, "WORLD_SIZE": "3", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, *common, "-o", str(tmp_path / "multi")],
-                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = [spawn([sys.executable, *common, "-o", str(tmp_path / "multi")],
+                   env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for r in range(3)]
     single = runner.invoke(app, [*common[2:], "-o", str(tmp_path / "single"), "--world-size", "1", "--rank", "0"])
     assert single.exit_code == 0, single.output

@@ -105,13 +105,15 @@ class ServeProcess:
     """`vlmtools serve` in a subprocess; stderr is read by a thread into a list, so that a test waits on
     what the server says (its readiness line, a connection it opened), never on a tuned sleep."""
 
-    def __init__(self, store, *args):
+    def __init__(self, store, *args, started: list | None = None):
         import queue
 
         env = {**os.environ, "VLMTOOLS_PROGRESS": "0"}
         self.proc = subprocess.Popen([sys.executable, "-m", "vlmtools", "-v", "serve", str(store), "--port", "0",
                                       "--device", "cpu", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
+        if started is not None:
+            started.append(self)  # before waiting for readiness: a server that never says it is ready is killed too
         self.lines: list[str] = []
         self._new = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -164,8 +166,8 @@ def serve_process():
     started: list[ServeProcess] = []
 
     def start(store, *args) -> ServeProcess:
-        started.append(ServeProcess(store, *args))
-        return started[-1]
+        server = ServeProcess(store, *args, started=started)
+        return server
 
     yield start
     for process in started:
