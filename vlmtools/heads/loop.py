@@ -311,7 +311,18 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
             reg.backward()
             total += float(reg.detach())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
-        return total, torch.cat([g.reshape(-1) for g in grads]).double().cpu().numpy()
+        flat = torch.cat([g.reshape(-1) for g in grads]).double().cpu().numpy()
+        if not calls:  # at the start point a non-finite loss or gradient is divergence, not a trial step
+            calls.append(1)
+            if not (math.isfinite(total) and np.isfinite(flat).all()):
+                _diverged(total, 1)
+        return total, flat
+
+    def _diverged(value: float, it: int):
+        raise NonFiniteLoss(f"{description}: the loss became {value} at epoch {it} (L-BFGS iteration {it}, "
+                            f"--l2 {opts.l2:g}); nothing was written. Check the inputs for extreme values")
+
+    calls: list[int] = []
 
     def measure(it: int, f: float) -> None:
         entry = {"epoch": it, "loss": round(f, 6), **(extra if it == 1 else {})}
@@ -324,6 +335,8 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
     model.train()
     with progress(description, total=opts.epochs, unit="iterations") as bar:
         def step(it: int, theta, f: float) -> None:
+            if not math.isfinite(f):
+                _diverged(f, it)
             set_params(theta)
             measure(it, f)
             shown = f" val {metric} {curve[-1][f'val_{metric}']:.4f}" if val_t is not None else ""
@@ -332,11 +345,6 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
         with torch.no_grad():
             theta0 = torch.cat([p.detach().reshape(-1) for p in trainable]).double().cpu().numpy()
         theta, f, iterations, converged = lbfgs(objective, theta0, max_iter=opts.epochs, on_iteration=step)
-        # A line search accepts only decreases, so a non-finite loss is one at the start (inputs or initial
-        # weights), after which L-BFGS stops at once: without this check the head would be written as is.
-        if not (math.isfinite(f) and np.isfinite(theta).all()):
-            raise NonFiniteLoss(f"{description}: the loss became {f} at epoch {iterations + 1} (L-BFGS, --l2 "
-                                f"{opts.l2:g}); nothing was written. Check the inputs for extreme values")
         set_params(theta)
     model.eval()
     if not curve:  # converged before the first step (e.g. a zero gradient at the start)
