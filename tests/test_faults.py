@@ -1019,12 +1019,13 @@ def test_console_messages_escape_control_characters_and_redact_secrets(capsys):
 
 # ----------------------------------------------------------------------------- training that diverges, heads half-written
 
-def test_a_loss_that_becomes_non_finite_stops_training_with_exit_1(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("solver", ["lbfgs", "adamw"])
+def test_a_loss_that_becomes_non_finite_stops_training_with_exit_1(world, tmp_path, monkeypatch, solver):
     import vlmtools.heads.loop as loop
 
     monkeypatch.setattr(loop, "cross_entropy_loss", lambda model, x, y: model(x).sum() * float("inf"))
     result = runner.invoke(app, ["train", "probe", str(world / "store"), "-o", str(tmp_path / "head"),
-                                 "--epochs", "3", "--val-fraction", "0"])
+                                 "--epochs", "3", "--val-fraction", "0", "--solver", solver])
     _check(result, 1, "the loss became", [tmp_path / "head.json", tmp_path / "head.safetensors"])
     assert "epoch 1" in result.stderr and not (tmp_path / "head.lock").exists()
 

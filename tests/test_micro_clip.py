@@ -101,9 +101,10 @@ def test_training_script_is_deterministic_and_writes_loadable_weights(tmp_path, 
         train_micro.main(["--steps", "2", "--batch-size", "8", "--log-every", "1", "--eval-per-class", "2",
                           "--out", str(out)])
         evaluation = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        assert set(evaluation) == {"photo", "both"} and "domain" in evaluation["both"]["attributes"]
+        assert set(evaluation) == {"photo", "painting"} and "shape" in evaluation["painting"]["attributes"]
         record = json.loads(out.with_suffix(".json").read_text())
         assert record["steps_done"] == 2 and [s for s, _ in record["loss_curve"]] == [1, 2]
+        assert record["domains"] == ["photo", "painting"] and record["weights"]["bytes"] == out.stat().st_size
         assert record["seconds"] > 0 and record["eval"] == evaluation
         runs.append(out.read_bytes())
         weights = load_file(str(out))
@@ -122,3 +123,78 @@ def test_training_can_continue_from_weights(tmp_path, capsys):
     record = json.loads(first.with_suffix(".json").read_text())
     assert record["init"]["previous_record"]["settings"]["seed"] == 0
     assert "--init" in record["command"] and len(record["init"]["sha256"]) == 64
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, capsys):
+    """Stopped after 2 of 4 steps and resumed: the same fp16 bytes, the same loss curve, two runs recorded."""
+    from vlmtools.synth import train_micro
+
+    common = ["--model", "vlmtools-micro-vit", "--domains", "photo", "--steps", "4", "--batch-size", "6",
+              "--log-every", "1", "--eval-per-class", "0", "--nuisance", "0.5", "--threads", "1"]
+    whole = tmp_path / "whole" / "w.safetensors"
+    train_micro.main(common + ["--out", str(whole)])
+    parts = tmp_path / "parts" / "w.safetensors"
+    train_micro.main(common + ["--out", str(parts), "--stop-at", "2"])
+    stopped = json.loads(parts.with_suffix(".json").read_text())
+    assert stopped["steps_done"] == 2 and "eval" not in stopped
+    assert parts.with_suffix(".ckpt.safetensors").exists()
+    train_micro.main(common + ["--out", str(parts), "--resume"])
+    capsys.readouterr()
+    assert parts.read_bytes() == whole.read_bytes()
+    a, b = (json.loads(p.with_suffix(".json").read_text()) for p in (whole, parts))
+    assert a["loss_curve"] == b["loss_curve"] and b["steps_done"] == 4
+    assert [(r["from_step"], r["to_step"]) for r in b["runs"]] == [(0, 2), (2, 4)]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    from vlmtools.synth import train_micro
+
+    out = tmp_path / "w.safetensors"
+    base = ["--model", "vlmtools-micro-photo", "--domains", "photo", "--steps", "3", "--batch-size", "4",
+            "--eval-per-class", "0", "--out", str(out), "--threads", "1"]
+    train_micro.main(base + ["--stop-at", "1"])
+    with pytest.raises(SystemExit, match="other settings.*lr"):
+        train_micro.main(base + ["--resume", "--lr", "0.01"])
+
+
+def test_compact_weights_store_only_trained_token_rows_and_load_back(tmp_path, capsys):
+    """A photo-only micro model saves the token rows training touched; load_model rebuilds the full
+    embedding (untouched rows = the fixed base draw) and encodes exactly as the trained model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vlmtools.models import TOKEN_ROWS_KEY, base_token_embedding, load_model
+    from vlmtools.synth import train_micro
+
+    out = tmp_path / "w.safetensors"
+    train_micro.main(["--model", "vlmtools-micro-photo", "--domains", "photo", "--steps", "2", "--batch-size",
+                      "8", "--eval-per-class", "0", "--out", str(out), "--threads", "1"])
+    capsys.readouterr()
+    stored = load_file(str(out))
+    rows = stored[TOKEN_ROWS_KEY]
+    assert 10 < len(rows) < 2000 and stored["token_embedding.weight"].shape == (len(rows), 96)
+    assert out.stat().st_size < 8 * 2 ** 20
+    encoder = load_model(ModelSpec.parse("vlmtools-micro-photo", str(out)), "cpu")
+    full = encoder.model.token_embedding.weight.detach().half()
+    base = base_token_embedding(49408, 96)
+    untouched = torch.ones(49408, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(full[untouched], base[untouched])
+    assert torch.equal(full[rows], stored["token_embedding.weight"])
+
+
+def test_vit_has_a_conv_stem_and_an_8x8_token_grid():
+    import torch
+
+    from vlmtools.models import create_packaged_model
+
+    model = create_packaged_model("vlmtools-micro-vit")
+    visual = model.visual
+    assert len(visual.transformer.resblocks) >= 6
+    assert isinstance(visual.conv1, torch.nn.Sequential)
+    tokens = visual.conv1(torch.zeros(1, 3, 64, 64))
+    assert tokens.shape[-2:] == (8, 8) and tokens.shape[1] == visual.transformer.width
+    with torch.no_grad():
+        out = visual.forward_intermediates(torch.zeros(1, 3, 64, 64), indices=[0, 5], intermediates_only=True,
+                                           output_fmt="NCHW")
+    assert [tuple(t.shape[-2:]) for t in out["image_intermediates"]] == [(8, 8), (8, 8)]

@@ -143,6 +143,16 @@ def test_training_curve_png_and_a_plain_stop_message(trained):
     with Image.open(d / "plots" / "probe-s0.curve.png") as im:
         assert im.info["Description"] == "train" and "probe head probe-s0" in im.info["Title"]
     info = json.loads((d / "probe-s0.json").read_text())
+    # the default solver (L-BFGS) says how many iterations and whether it converged
+    iterations = len(info["curve"])
+    assert f"L-BFGS, {iterations} iterations (converged, val acc" in message or \
+        f"L-BFGS, {iterations} iterations (stopped at --epochs, val acc" in message
+    # the mini-batch loop says how it stopped and which epoch it kept
+    res = invoke("train", "probe", d / "images", "-o", d / "probe-adamw", "--where", "split=train",
+                 "--val-where", "split=val", "--epochs", 40, "--solver", "adamw")
+    assert res.exit_code == 0, res.output
+    message = flat(res.stderr)
+    info = json.loads((d / "probe-adamw.json").read_text())
     epochs, best = len(info["curve"]), info["best_epoch"]
     if info["stopped_early"]:
         assert f"stopped after epoch {epochs} of 40" in message and f"kept epoch {best}" in message

@@ -88,7 +88,7 @@ def test_embed_decode_gpu_path_on_cpu_matches_cpu_path(tmp_path):
         assert result.exit_code == 0, result.output
         summary = json.loads(result.stdout)
         assert summary["skipped"] == 2
-        assert set(summary["timings"]) == {"read_input", "load_model", "first_batch", "loop", "finalize"}
+        assert set(summary["timings"]) == {"read_input", "start_workers", "load_model", "first_batch", "loop", "finalize"}
         assert summary["timings"]["loop"] == pytest.approx(summary["seconds"], abs=1e-3)
         stores[decode] = open_store(out)
     a, b = stores["cpu"], stores["gpu"]
@@ -344,7 +344,8 @@ def test_ivfpq_index_nprobe_and_rerank_from_store(tmp_path):
     store = tmp_path / "s"
     write_arrays(store, x, [{"id": str(i)} for i in range(len(x))], kind="image", model={"name": "m"},
                  dtype="float16", shard_size=5000)
-    result = runner.invoke(app, ["index", str(store), "--index-key", "IVF64,PQ8", "--max-memory", "64M"])
+    result = runner.invoke(app, ["index", str(store), "--index-key", "IVF64,PQ8", "--max-memory", "64M",
+                                 "--target-recall", "0"])  # the untuned defaults
     assert result.exit_code == 0, result.output
     index_info = json.loads((store / "index.json").read_text())
     assert index_info["train_size"] == 10000  # max(64 per list, 10k), within half of 64M
@@ -410,7 +411,7 @@ def test_rerank_reads_and_checks_only_the_candidate_rows(tmp_path):
     store = tmp_path / "s"
     write_arrays(store, x, [{"id": str(i)} for i in range(len(x))], kind="image", model={"name": "m"},
                  dtype="float32", shard_size=5000)
-    build_index(store, index_key="IVF16,PQ8x4fs")
+    build_index(store, index_key="IVF16,PQ8x4fs", target_recall=0)  # the untuned default: rerank 10
     reader = open_store(store)
     scores, rows, method = search_vectors(reader, x[:5], 3)
     assert method.endswith("reranked 30") and (rows[:, 0] == np.arange(5)).all()

@@ -17,7 +17,7 @@ from vlmtools.synth.world import OBJECT_ATTRIBUTES, _ATTRIBUTE_WORDS
 
 runner = CliRunner()
 WORLD_FILES = {"images", "masks", "manifest.jsonl", "attributes.jsonl", "classes.txt", "descriptors.jsonl",
-               "captions.jsonl", "image_captions.jsonl", "world.json"}
+               "descriptors-vague.jsonl", "captions.jsonl", "image_captions.jsonl", "world.json"}
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +156,17 @@ def test_sample_class_images_follow_the_classes():
     assert {a["style"] for a in attrs} <= {"posterized", "brush", "ink"}
 
 
-def test_generation_is_fast(tmp_path):
+def test_generation_costs_little_beyond_rendering(tmp_path):
+    """Writing a world (PNGs, masks, JSONL) costs at most about as much again as rendering its images in
+    memory: a ratio measured in one run, so it holds on a busy machine too (200 images: ~3 s idle)."""
     import time
 
-    start = time.time()
+    start = time.perf_counter()
+    sample_class_images(np.random.default_rng(0), make_classes(10, seed=0), 20, "photo")
+    render_only = time.perf_counter() - start
+    start = time.perf_counter()
     make_world(tmp_path / "w", classes=10, per_class=20, seed=0)
-    assert time.time() - start < 10  # 200 images; 1,000 take a few seconds
+    assert time.perf_counter() - start < 2.5 * render_only + 1.0
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -68,8 +68,8 @@ def test_eval_explanations_table_has_short_labels_and_a_legend(at80):
                 "iou": 0.3, "insertion": 0.5, "deletion": 0.2, "id_score": 0.3},
                {"method": "gradcam", "label": "gradcam layer=2", "runs": 1, "maps": ["maps/gc"],
                 "iou": 0.29, "insertion": 0.495, "deletion": 0.284, "id_score": 0.211}]
-    summary_table({"steps": 50, "scorer": "own", "threshold": "8-bit grey > 127 (ALA authors' compute_miou.py)",
-                   "methods": methods})  # as eval explanations writes it
+    summary_table({"steps": "ceil(H·W/224) px per step", "threshold": "8-bit grey > 127", "scorer": "own",
+                   "methods": methods})
     out = at80.getvalue()
     assert_intact(out, {"0.275", "0.058", "0.496", "0.268", "0.228", "0.300", "0.290", "0.211"})
     rows = [line for line in out.splitlines() if "│" in line]

@@ -470,13 +470,14 @@ def finished_run(out: str, *, kind: str, spec, run_info: dict, n_shards: int, dt
     expected = {"kind": kind, "model": spec.as_dict(), "dtype": dtype, "shard_size": shard_size, **run_info}
     if any(info.get(key) != value for key, value in expected.items()) or not isinstance(info.get("dim"), int):
         return None
-    rank, world_size = worker_slot(rank, world_size)
-    mine = [k for k in range(n_shards) if k % world_size == rank]
+    slot, size = worker_slot(rank, world_size)
+    mine = [k for k in range(n_shards) if k % size == slot]
     if not all((path / formats.emb_name(formats.shard_stem(k))).exists() for k in mine):
         return None
-    with _exclusive(out, rank, world_size):
+    with _exclusive(out, rank, world_size):  # the caller's rank arguments: a rankless run takes the lock
         writer = StoreWriter(out, kind=kind, model=spec.as_dict(), dim=info["dim"], dtype=dtype,
-                             shard_size=shard_size, extra_info=run_info)
+                             shard_size=shard_size, extra_info=run_info,
+                             preprocess=info.get("preprocess"))  # the transform the shards were made with
         done = writer.finalize(n_shards)
     console.info(f"{out}: all {len(mine)} shard(s) of this worker are already done; nothing to do (the model "
                  f"was not loaded)")

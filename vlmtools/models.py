@@ -13,6 +13,7 @@ torch and open_clip are imported inside functions so that ``vlmtools --help`` st
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -170,6 +171,21 @@ def compute_precision(precision: str, device: str) -> str:
     return "fp32"
 
 
+# A packaged config may hold a top-level "vlmtools" section for what open_clip's configs cannot say (a
+# convolutional stem in place of the ViT's patch embedding); open_clip must not see it.
+EXTRAS_KEY = "vlmtools"
+# Packaged weights may store only the token-embedding rows training changed ("token_embedding.rows" lists
+# them); every other row is this fixed draw, which training starts from (normal, std 0.02, as open_clip's
+# init). A 49,408-token vocabulary of which the world uses a few hundred then costs kilobytes, not 10 MB.
+TOKEN_BASE_SEED = 49408
+TOKEN_ROWS_KEY = "token_embedding.rows"
+
+
+def packaged_extras(name: str) -> dict:
+    path = packaged_configs().get(name)
+    return json.loads(path.read_text()).get(EXTRAS_KEY, {}) if path is not None else {}
+
+
 def config_preprocess(spec: ModelSpec):
     """The eval transform open_clip builds for ``spec``, made from its configs alone (model config, pretrained
     tag), without building the model: what image decode workers need, so that they can start while the
@@ -200,6 +216,88 @@ def _register_packaged_configs() -> None:
 
     if "vlmtools-tiny" not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
+        from open_clip import factory
+
+        for name in packaged_configs():  # get_model_config() hands out deep copies of this registry
+            factory._MODEL_CONFIGS.get(name, {}).pop(EXTRAS_KEY, None)
+
+
+def apply_extras(model, name: str):
+    """Give a freshly created open_clip model of a packaged config what its "vlmtools" section adds
+    (in place; returns the model). ``conv_stem: [[channels, stride], ...]``: the ViT's patch embedding
+    (conv1, one patch-size convolution) becomes 3x3 convolutions with group norms and GELUs through those
+    channels and strides, then a stride-2 3x3 convolution to the tower's width, down to the same token grid (Xiao et
+    al. 2021, "Early convolutions help transformers see better"): a tiny ViT with plain patches stayed
+    at chance on shape here. ``pool: avg`` pools the tokens by their mean instead of the class token."""
+    from torch import nn
+
+    extras = packaged_extras(name)
+    stem = extras.get("conv_stem")
+    visual = model.visual
+    if stem:
+        patch = visual.conv1.kernel_size[0]
+        stride = 2 * math.prod(s for _, s in stem)
+        if stride != patch:
+            raise ValueError(f"{name}: conv_stem {stem} makes stride {stride}, the patch size is {patch}")
+        layers, c_in = [], 3
+        for c_out, s in stem:  # conv, group norm (no train/eval difference, unlike batch norm), GELU
+            layers += [nn.Conv2d(c_in, c_out, 3, s, 1, bias=False), nn.GroupNorm(8, c_out), nn.GELU()]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, visual.conv1.out_channels, 3, 2, 1, bias=False))
+        visual.conv1 = nn.Sequential(*layers).to(visual.conv1.weight.dtype)
+    if extras.get("pool"):
+        visual.pool_type = extras["pool"]
+    return model
+
+
+def base_token_embedding(vocab: int, width: int):
+    """The fixed token-embedding rows (float16 torch tensor) that compact packaged weights leave out."""
+    import numpy as np
+    import torch
+
+    rows = np.random.default_rng(TOKEN_BASE_SEED).standard_normal((vocab, width), dtype=np.float32) * 0.02
+    return torch.from_numpy(rows).half()
+
+
+def compact_state(state: dict) -> dict:
+    """A float16 state dict with only the token-embedding rows that differ from base_token_embedding."""
+    import torch
+
+    weight = state["token_embedding.weight"]
+    changed = (weight != base_token_embedding(*weight.shape)).any(dim=1).nonzero().flatten()
+    out = dict(state)
+    out["token_embedding.weight"] = weight[changed].contiguous()
+    out[TOKEN_ROWS_KEY] = changed.to(torch.int64)
+    return out
+
+
+def expand_state(state: dict, vocab: int) -> dict:
+    """compact_state undone: the full token embedding, the listed rows put back onto the base."""
+    if TOKEN_ROWS_KEY not in state:
+        return state
+    out = dict(state)
+    rows, kept = out.pop(TOKEN_ROWS_KEY), out["token_embedding.weight"]
+    full = base_token_embedding(vocab, kept.shape[1]).to(kept.dtype)
+    full[rows.long()] = kept
+    out["token_embedding.weight"] = full
+    return out
+
+
+def create_packaged_model(name: str, seed: int = 0):
+    """A packaged architecture with random weights from ``seed`` (extras applied; the token embedding
+    starts at base_token_embedding when the config says "compact_tokens"), fp32, in train mode."""
+    import torch
+
+    _register_packaged_configs()
+    import open_clip
+
+    torch.manual_seed(seed)
+    with _quiet_loggers():
+        model = apply_extras(open_clip.create_model(name, pretrained=None), name)
+    if packaged_extras(name).get("compact_tokens"):
+        with torch.no_grad():
+            model.token_embedding.weight.copy_(base_token_embedding(*model.token_embedding.weight.shape).float())
+    return model
 
 
 def _hf_cache_dir() -> str:
@@ -391,6 +489,11 @@ def _load_model(spec: ModelSpec, device: str, precision: str) -> Encoder:
         pretrained = None
     elif pretrained == "none":
         pretrained = None
+    elif (pretrained is not None and pretrained.endswith(".safetensors") and Path(pretrained).is_file()
+          and spec.name in packaged_configs()):
+        # our own checkpoints of our architectures (train_micro's output) load as the shipped ones do:
+        # after the extras are applied, compact token rows expanded
+        weights_file, pretrained = Path(pretrained), None
     elif pretrained is not None and os.path.sep in pretrained and not Path(pretrained).exists():
         raise ModelUnavailable(f"--pretrained {pretrained}: no such file")
     elif (schema is None and pretrained is not None and os.path.sep not in pretrained
@@ -411,6 +514,8 @@ def _load_model(spec: ModelSpec, device: str, precision: str) -> Encoder:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.name, pretrained=pretrained, device="cpu",
                 precision="fp16" if precision == "fp16" else "fp32")
+            if schema is None:  # inside the seeded block: a stem's random weights are reproducible too
+                apply_extras(model, spec.name)
     except Exception as exc:
         if pretrained is not None and Path(pretrained).is_file():
             # torch's own message here advises weights_only=False, i.e. unpickling an untrusted file: never
@@ -429,11 +534,17 @@ def _load_model(spec: ModelSpec, device: str, precision: str) -> Encoder:
     if weights_file is not None:
         from safetensors.torch import load_file
 
-        state = load_file(str(weights_file))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        shipped = spec.pretrained == PACKAGED_TAG
+        try:
+            state = expand_state(load_file(str(weights_file)), model.token_embedding.weight.shape[0])
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except Exception as exc:  # a damaged file, or tensors of the wrong shapes
+            missing, unexpected = [f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"], []
         if missing or unexpected:
-            raise ModelUnavailable(f"shipped weights {weights_file} do not match the {spec.name} config "
-                                   f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
+            what = f"shipped weights {weights_file}" if shipped else f"--pretrained {weights_file}"
+            error = ModelUnavailable if shipped else BadInput
+            raise error(f"{what} do not match the {spec.name} config (missing {len(missing)}, unexpected "
+                        f"{len(unexpected)} tensors{'; ' + missing[0] if missing else ''})")
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(spec.name)
     return Encoder(spec, model, preprocess, tokenizer, device, precision)

@@ -981,6 +981,11 @@ def summary_table(summary: dict) -> None:
         table.add_row(label, str(m["runs"]), *cells)
     info_table(table)
     _legend(summary, shown)
+    if ceiling:
+        from vlmtools import console as c
+
+        c.info("ceiling: the lattice ceiling, the best mIoU of any map constant on each cell of the lattice the "
+               "maps are drawn at (rows × columns), against the same masks")
 
 
 def _grounding_table(summary: dict) -> None:

@@ -264,6 +264,7 @@ def _sample(tensors: tuple, seed: int, device: str) -> tuple:
 def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_epoch, params, metric,
                train_eval, description) -> FitResult:
     """``fit`` with solver "lbfgs" (see the module docstring)."""
+    import numpy as np
     import torch
 
     from vlmtools.heads.logreg import lbfgs
@@ -310,7 +311,18 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
             reg.backward()
             total += float(reg.detach())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
-        return total, torch.cat([g.reshape(-1) for g in grads]).double().cpu().numpy()
+        flat = torch.cat([g.reshape(-1) for g in grads]).double().cpu().numpy()
+        if not calls:  # at the start point a non-finite loss or gradient is divergence, not a trial step
+            calls.append(1)
+            if not (math.isfinite(total) and np.isfinite(flat).all()):
+                _diverged(total, 1)
+        return total, flat
+
+    def _diverged(value: float, it: int):
+        raise NonFiniteLoss(f"{description}: the loss became {value} at epoch {it} (L-BFGS iteration {it}, "
+                            f"--l2 {opts.l2:g}); nothing was written. Check the inputs for extreme values")
+
+    calls: list[int] = []
 
     def measure(it: int, f: float) -> None:
         entry = {"epoch": it, "loss": round(f, 6), **(extra if it == 1 else {})}
@@ -323,6 +335,8 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
     model.train()
     with progress(description, total=opts.epochs, unit="iterations") as bar:
         def step(it: int, theta, f: float) -> None:
+            if not math.isfinite(f):
+                _diverged(f, it)
             set_params(theta)
             measure(it, f)
             shown = f" val {metric} {curve[-1][f'val_{metric}']:.4f}" if val_t is not None else ""

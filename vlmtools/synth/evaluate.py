@@ -127,3 +127,83 @@ def evaluate_world(encoder, classes: int = 20, per_class: int = 30, seed: int = 
         "chance": round(1 / classes, 4),
     }
     return result
+
+
+def linear_probe(train_features: np.ndarray, train_labels: list[str], weight_decay: float = 1e-3,
+                 iterations: int = 200):
+    """A multinomial logistic regression on L2-normalised features (L-BFGS, L2 penalty): what the
+    world's figures call "a probe". Returns predict(features) -> labels."""
+    import torch
+
+    classes = sorted(set(train_labels))
+    x = torch.from_numpy(np.ascontiguousarray(train_features, dtype=np.float32))
+    y = torch.tensor([classes.index(label) for label in train_labels])
+    w = torch.zeros(x.shape[1], len(classes), requires_grad=True)
+    b = torch.zeros(len(classes), requires_grad=True)
+    scale = 10.0  # unit vectors: logits need room
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(scale * x @ w + b, y) + weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+    def predict(features: np.ndarray) -> list[str]:
+        with torch.no_grad():
+            logits = scale * torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)) @ w + b
+        return [classes[i] for i in logits.argmax(dim=1).tolist()]
+
+    return predict
+
+
+def probe_shift(encoder, classes: int = 20, per_class: int = 40, seed: int = 1000, image_size: int = 64,
+                **world_options) -> dict:
+    """Top-1 of a linear probe trained on photos of a held-out world, on held-out photos (in domain) and
+    on paintings of the same classes (out of domain): how far the encoder's features shift with the domain."""
+    defs = make_classes(classes, seed, **world_options)
+    rng = np.random.default_rng([seed, 6])
+    out = {"world": {"classes": classes, "per_class": per_class, "seed": seed, **world_options}}
+    feats, labels, styles = {}, {}, {}
+    for part, domain in (("train", "photo"), ("photo", "photo"), ("painting", "painting")):
+        images, _, attrs, labels[part] = sample_class_images(rng, defs, per_class, domain, image_size)
+        feats[part] = encode_images(encoder, images)
+        styles[part] = np.array([a["style"] for a in attrs])
+    predict = linear_probe(feats["train"], labels["train"])
+    for part in ("photo", "painting"):
+        right = np.array([p == t for p, t in zip(predict(feats[part]), labels[part])])
+        out[part] = float(right.mean())
+        if part == "painting":
+            out["painting_by_style"] = {s: float(right[styles[part] == s].mean()) for s in sorted(set(styles[part]))}
+    out["drop"] = round(out["photo"] - out["painting"], 4)
+    return out
+
+
+def world_figures(encoder, world_dir, descriptors: str = "descriptors.jsonl") -> dict:
+    """Top-1 on a world directory's test split, per domain it holds: zero-shot by class name, CBD with
+    its descriptors, and a linear probe trained on its train-split photos. What a preset is tuned by."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from vlmtools.formats import read_descriptors, read_manifest
+
+    root = Path(world_dir)
+    records = read_manifest(root / "manifest.jsonl")
+    images = np.stack([np.asarray(Image.open(r["path"]).convert("RGB")) for r in records])
+    feats = encode_images(encoder, images)
+    labels = [r["label"] for r in records]
+    names = [line for line in (root / "classes.txt").read_text(encoding="utf-8").splitlines() if line]
+    desc = {c: rec["descriptors"] for c, rec in read_descriptors(root / descriptors).items()}
+    train = [i for i, r in enumerate(records) if r["split"] == "train" and r.get("domain", "photo") == "photo"]
+    predict = linear_probe(feats[train], [labels[i] for i in train])
+    out = {}
+    for domain in sorted({r.get("domain", "photo") for r in records}):
+        test = [i for i, r in enumerate(records) if r["split"] == "test" and r.get("domain", "photo") == domain]
+        f, y = feats[test], [labels[i] for i in test]
+        out[domain] = {"n": len(test), "names": class_name_accuracy(encoder, f, y, names),
+                       "descriptors": descriptor_accuracy(encoder, f, y, desc),
+                       "probe": float(np.mean([p == t for p, t in zip(predict(f), y)]))}
+    return out

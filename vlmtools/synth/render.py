@@ -114,10 +114,11 @@ def pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray, phase: float) -> np
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def draw_object(rng: np.random.Generator, canvas: np.ndarray, attrs: dict) -> tuple[np.ndarray, dict]:
+def draw_object(rng: np.random.Generator, canvas: np.ndarray, attrs: dict,
+                scale: float = 1.0) -> tuple[np.ndarray, dict]:
     """Composite the object onto ``canvas`` (in place); return its exact mask and its geometry."""
     size = canvas.shape[0]
-    radius = SIZE_RADIUS[attrs["size"]] * size * rng.uniform(0.92, 1.08)
+    radius = SIZE_RADIUS[attrs["size"]] * scale * size * rng.uniform(0.92, 1.08)
     margin = radius + 2
     cx, cy = rng.uniform(margin, size - margin, 2)
     angle = rng.uniform(-0.3, 0.3)
@@ -137,6 +138,70 @@ def draw_object(rng: np.random.Generator, canvas: np.ndarray, attrs: dict) -> tu
     geometry = {"x": round(float(cx) / size, 4), "y": round(float(cy) / size, 4),
                 "radius": round(float(radius) / size, 4), "angle": round(float(angle), 4)}
     return outline, geometry
+
+
+# ----------------------------------------------------------------------------- nuisances
+# What makes a harder world's images harder without changing what they show: neutral clutter (pebbles and
+# twigs in colours no class has), an occluding branch over part of the object, a smaller object, noise.
+# None of them is named by a caption or a descriptor; the object's mask is what stays visible.
+
+NEUTRALS = np.array([[0.45, 0.33, 0.22], [0.62, 0.52, 0.40], [0.55, 0.55, 0.52], [0.36, 0.30, 0.26],
+                     [0.72, 0.68, 0.60]])  # browns, greys, beige: no class colour is near them
+NUISANCES = ("scale", "clutter", "occlusion", "noise")
+
+
+def draw_clutter(rng: np.random.Generator, canvas: np.ndarray, n: int) -> None:
+    """``n`` pebbles (ellipses) or twigs (thin bars), each 5-12% of the side, in neutral colours."""
+    size = canvas.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    for _ in range(n):
+        cx, cy = rng.uniform(0, size, 2)
+        r = rng.uniform(0.05, 0.12) * size
+        a = rng.uniform(0, np.pi)
+        u = ((xx - cx) * np.cos(a) + (yy - cy) * np.sin(a)) / r
+        v = (-(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)) / r
+        inside = (u * u + (v / 0.6) ** 2 <= 1) if rng.random() < 0.6 else ((np.abs(u) <= 1.4) & (np.abs(v) <= 0.12))
+        colour = np.clip(NEUTRALS[rng.integers(len(NEUTRALS))] + rng.normal(0, 0.03, 3), 0, 1)
+        canvas[inside] = 0.8 * colour + 0.2 * canvas[inside]
+
+
+def draw_occluder(rng: np.random.Generator, canvas: np.ndarray, mask: np.ndarray, fraction: float) -> np.ndarray:
+    """A branch (a neutral bar across the image) in front of the object, placed to hide about ``fraction``
+    of its pixels; returns the object's mask minus what the branch hides."""
+    size = canvas.shape[0]
+    ys, xs = np.nonzero(mask)
+    if fraction <= 0 or len(ys) == 0:
+        return mask
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    a = rng.uniform(0, np.pi)
+    d = (xx - xs.mean()) * np.cos(a) + (yy - ys.mean()) * np.sin(a)    # signed distance across the bar
+    dm = d[mask]
+    width = max(2.0, rng.uniform(0.08, 0.16) * size)
+    # slide the bar across the object and keep the offset whose hidden share is closest to the target
+    offsets = np.linspace(dm.min() - width, dm.max(), 48)
+    hidden = np.array([((dm >= o) & (dm < o + width)).mean() for o in offsets])
+    best = offsets[np.argmin(np.abs(hidden - fraction) + 1e-3 * rng.random(len(offsets)))]
+    bar = (d >= best) & (d < best + width)
+    colour = np.clip(NEUTRALS[rng.integers(len(NEUTRALS))] + rng.normal(0, 0.03, 3), 0, 1)
+    grain = 0.85 + 0.3 * smooth_noise(rng, size, 8)[..., None]
+    canvas[bar] = np.clip(colour * grain, 0, 1)[bar]
+    return mask & ~bar
+
+
+def random_nuisance(rng: np.random.Generator) -> dict:
+    """One training image's nuisances: each kind with probability 1/2 (at least one)."""
+    kinds = [k for k in NUISANCES if rng.random() < 0.5] or [NUISANCES[rng.integers(len(NUISANCES))]]
+    out = {}
+    for kind in kinds:
+        if kind == "scale":
+            out["scale"] = float(rng.uniform(0.6, 1.0))
+        elif kind == "clutter":
+            out["clutter"] = int(rng.integers(1, 5))
+        elif kind == "occlusion":
+            out["occlusion"] = float(rng.uniform(0.1, 0.4))
+        else:
+            out["noise"] = float(rng.uniform(0.02, 0.08))
+    return out
 
 
 # ----------------------------------------------------------------------------- domains
@@ -183,16 +248,31 @@ def paint_finish(rng: np.random.Generator, img: np.ndarray, style: str) -> np.nd
     return np.clip(img + canvas_grain, 0, 1)
 
 
-def render(rng: np.random.Generator, attrs: dict, size: int = 64) -> tuple[np.ndarray, np.ndarray, dict]:
+def render(rng: np.random.Generator, attrs: dict, size: int = 64,
+           nuisance: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """attrs (colour, shape, pattern, size, habitat, domain, style) -> (uint8 HxWx3, bool HxW mask, geometry).
 
-    The mask is the object's silhouette including its outline, before any domain stylization."""
+    ``nuisance`` (optional): {"scale": radius factor, "clutter": pieces, "occlusion": share of the object
+    hidden, "noise": extra pixel noise σ}; without it the generator is drawn exactly as before nuisances
+    existed, so earlier worlds keep their bytes. The mask is the object's visible silhouette including its
+    outline, before any domain stylization."""
+    nuisance = nuisance or {}
     img = background(rng, attrs["habitat"], size)
-    mask, geometry = draw_object(rng, img, attrs)
+    if nuisance.get("clutter"):
+        draw_clutter(rng, img, int(nuisance["clutter"]))
+    mask, geometry = draw_object(rng, img, attrs, float(nuisance.get("scale", 1.0)))
+    if nuisance.get("occlusion"):
+        visible = draw_occluder(rng, img, mask, float(nuisance["occlusion"]))
+        geometry["occluded"] = round(1 - float(visible.sum()) / max(1, int(mask.sum())), 4)
+        mask = visible
     if attrs["domain"] == "photo":
         img = photo_finish(rng, img)
     else:
         img = paint_finish(rng, img, attrs["style"])
+    if nuisance.get("noise"):
+        sigma = float(nuisance["noise"])
+        blotches = smooth_noise(rng, size, 6)[..., None] - 0.5
+        img = np.clip(img + rng.normal(0, sigma, img.shape) + 2 * sigma * blotches, 0, 1)
     return (img * 255 + 0.5).astype(np.uint8), mask, geometry
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from vlmtools.formats import WORLD_FORMAT
 from vlmtools.prompts import cbd_clause
 from vlmtools.synth.render import (COLOURS, DOMAINS, HABITATS, PAINT_STYLES, PATTERNS, SHAPES, SIZES,
-                                   render)
+                                   random_nuisance, render)
 
 WORLD_VERSION = WORLD_FORMAT
 OBJECT_ATTRIBUTES = ("colour", "shape", "pattern", "size")
@@ -114,10 +114,10 @@ def _size_dist(main: str) -> list:
     return [[main, 0.9], [other, 0.1]]
 
 
-def _sibling(rng: np.random.Generator, base: dict, attribute: str) -> dict:
+def _sibling(rng: np.random.Generator, base: dict, attribute: str, exclude: tuple = ()) -> dict:
     """A fine-grained sibling (one object attribute changed) or a habitat sibling (same object, other place)."""
     sib = {k: [list(p) for p in v] for k, v in base.items()}
-    used = [p[0] for p in base[attribute]]
+    used = [p[0] for p in base[attribute]] + list(exclude)
     if attribute == "size":
         sib["size"] = _size_dist("large" if base["size"][0][0] == "small" else "small")
     else:
@@ -130,52 +130,112 @@ def _signature(defn: dict) -> tuple:
     return tuple(defn[a][0][0] for a in ("colour", "shape", "pattern", "size", "habitat"))
 
 
-def make_classes(n: int, seed: int = 0) -> list[dict]:
-    """``n`` class definitions: about 30% in fine-grained pairs (one object attribute differs), about 20%
-    in habitat pairs (identical objects, different habitats), the rest independent."""
+FINE_ATTRIBUTES = ("colour", "pattern", "shape", "colour", "pattern", "size")
+NAME_STYLES = ("made-up", "informative")
+# informative names: which attribute a name carries (CUB's names mostly name a colour: "Red-winged
+# Blackbird", "Yellow Warbler"; some a pattern, a shape or a place: "Spotted Towhee", "Marsh Wren")
+NAME_ATTRIBUTE_WEIGHTS = {"colour": 0.5, "pattern": 0.2, "shape": 0.15, "habitat": 0.15}
+NAME_WORDS = {"pattern": {"solid": "Plain", "striped": "Striped", "dotted": "Dotted"}}
+NAME_TWO_WORDS = 0.5  # share of informative names with two attribute words ("Black-throated Blue Warbler")
+
+
+def _family(rng: np.random.Generator, base: dict, attribute: str, size: int) -> list[dict]:
+    """``size`` classes that differ from ``base`` (the first) in ``attribute`` only, each with its own value."""
+    members = [base]
+    for _ in range(size - 1):
+        taken = tuple(m[attribute][0][0] for m in members)
+        members.append(_sibling(rng, base, attribute, exclude=taken if size > 2 else ()))
+    return members
+
+
+def _blend(members: list[dict], attribute: str, overlap: float) -> None:
+    """Confusable siblings: each keeps its own value of ``attribute`` with probability 1 - overlap and
+    takes one of its siblings' values otherwise, so no image tells the classes apart for sure."""
+    values = [m[attribute][0][0] for m in members]
+    for m, own in zip(members, values):
+        others = [v for v in values if v != own]
+        m[attribute] = [[own, round(1 - overlap, 4)]] + [[v, round(overlap / len(others), 4)] for v in others]
+
+
+def make_classes(n: int, seed: int = 0, *, fine: float = 0.3, family: int = 2, overlap: float = 0.0,
+                 names: str = "made-up") -> list[dict]:
+    """``n`` class definitions: about ``fine`` of them in fine-grained families of ``family`` classes
+    (one object attribute differs), about 20% in habitat pairs (identical objects, different habitats),
+    the rest independent. ``overlap`` > 0 makes siblings confusable (see _blend). ``names``: made-up
+    (they say nothing), or informative (a made-up name after one or two of the class's attribute words,
+    as "Red-winged Blackbird", "Black-throated Blue Warbler"). The defaults draw the same classes as before these options existed."""
+    if family < 2:
+        raise ValueError(f"family {family}: expected at least 2")
     rng = np.random.default_rng([seed, 1])
-    n_fine = 2 * max(1, round(0.15 * n)) if n >= 4 else 0
+    n_fine = family * max(1, round(fine / family * n)) if n >= 2 * family and fine > 0 else 0
+    n_fine = min(n_fine, family * (n // family))
     n_habitat = 2 * round(0.1 * n) if n >= 6 else 0
+    n_habitat = min(n_habitat, 2 * ((n - n_fine) // 2))
+    choices = [a for a in FINE_ATTRIBUTES if family == 2 or (a != "size" and len(VOCAB[a]) >= family)]
     defs: list[tuple[dict, str]] = []
     seen: set[tuple] = set()
-    names: set[str] = set()
+    names_used: set[str] = set()
 
-    def add(defn, group):
-        sig = _signature(defn)
-        if sig in seen:
-            return False
-        seen.add(sig)
-        defs.append((defn, group))
-        return True
+    def add_group(members, group):
+        sigs = [_signature(m) for m in members]
+        if len(set(sigs)) < len(sigs) or any(sig in seen for sig in sigs):
+            return
+        seen.update(sigs)
+        defs.extend((m, group) for m in members)
 
     while len(defs) < n_fine:
         base = _random_definition(rng)
-        attribute = str(rng.choice(["colour", "pattern", "shape", "colour", "pattern", "size"]))
-        sib = _sibling(rng, base, attribute)
-        if _signature(base) not in seen and _signature(sib) not in seen and _signature(base) != _signature(sib):
-            add(base, f"fine:{attribute}")
-            add(sib, f"fine:{attribute}")
+        attribute = str(rng.choice(choices))
+        members = _family(rng, base, attribute, family)
+        if overlap > 0:
+            _blend(members, attribute, overlap)
+        add_group(members, f"fine:{attribute}")
     while len(defs) < n_fine + n_habitat:
         base = _random_definition(rng)
         base["habitat"] = [[_pick(rng, HABITATS)[0], 1.0]]
-        sib = _sibling(rng, base, "habitat")
-        if _signature(base) not in seen and _signature(sib) not in seen:
-            add(base, "habitat")
-            add(sib, "habitat")
+        members = [base, _sibling(rng, base, "habitat")]
+        if overlap > 0:
+            _blend(members, "habitat", overlap)
+        add_group(members, "habitat")
     while len(defs) < n:
-        add(_random_definition(rng), "single")
+        defn = _random_definition(rng)
+        if _signature(defn) not in seen:
+            seen.add(_signature(defn))
+            defs.append((defn, "single"))
 
     classes = []
     for defn, group in defs:
         name = made_up_name(rng)
-        while name in names:
+        while name in names_used:
             name = made_up_name(rng)
-        names.add(name)
-        classes.append({"name": name, "group": group, "partner": None, "attributes": defn})
-    for i, c in enumerate(classes):  # pairs were added side by side: (0, 1), (2, 3), ...
-        if c["group"] != "single":
-            c["partner"] = classes[i ^ 1]["name"]
+        names_used.add(name)
+        classes.append({"name": name, "group": group, "partner": None, "family": None, "attributes": defn})
+    if names == "informative":
+        name_rng = np.random.default_rng([seed, 2])  # the made-up part stays the made-up world's name
+        attributes, weights = zip(*NAME_ATTRIBUTE_WEIGHTS.items())
+        for c in classes:
+            k = 1 + int(name_rng.random() < NAME_TWO_WORDS)
+            picked = set(name_rng.choice(len(attributes), size=k, replace=False, p=np.array(weights)).tolist())
+            named = [a for i, a in enumerate(attributes) if i in picked]
+            words = [name_word(a, c["attributes"][a][0][0]) for a in named]
+            c["name"] = " ".join(words + [c["name"]])
+            c["named_attributes"] = named
+    elif names != "made-up":
+        raise ValueError(f"names {names!r}: expected one of {', '.join(NAME_STYLES)}")
+    # groups were added side by side: families of ``family`` classes first, then habitat pairs
+    starts = list(range(0, n_fine, family)) + list(range(n_fine, n_fine + n_habitat, 2))
+    for f, start in enumerate(starts):
+        size = family if start < n_fine else 2
+        members = classes[start:start + size]
+        for i, c in enumerate(members):
+            c["family"] = f
+            c["partner"] = members[1 - i if size == 2 else (i + 1) % size]["name"]
     return classes
+
+
+def name_word(attribute: str, value: str) -> str:
+    """The word an informative name carries for an attribute value: "Red", "Striped", "Crescent", "Snow"."""
+    return NAME_WORDS.get(attribute, {}).get(value, value).capitalize()
 
 
 def likely_values(dist: list, threshold: float = 0.15) -> list[str]:
@@ -191,6 +251,20 @@ def oracle_descriptors(cls: dict) -> tuple[list[str], list[str]]:
     descriptors.append(descriptor_phrase("habitat", likely_values(cls["attributes"]["habitat"])))
     kinds.append("background")
     return descriptors, kinds
+
+
+def vague_descriptors(rng: np.random.Generator, cls: dict) -> tuple[list[str], list[str]]:
+    """A stand-in for descriptors an LLM writes without a worked example from the domain (study 000's
+    "CBD" row, Menon's lemur prompt): the oracle's object lines, each naming one more value the class
+    does not have ("red or blue colouring"): true to the class, vaguer than the oracle. No habitat line."""
+    descriptors = []
+    for attribute in OBJECT_ATTRIBUTES:
+        values = likely_values(cls["attributes"][attribute], 0.3)
+        extra = _pick(rng, VOCAB[attribute], 1, exclude=values)
+        mixed = values + extra
+        rng.shuffle(mixed)
+        descriptors.append(descriptor_phrase(attribute, mixed))
+    return descriptors, ["object"] * len(descriptors)
 
 
 def sample_attributes(rng: np.random.Generator, cls: dict | None, domain: str) -> dict:
@@ -269,12 +343,13 @@ HARD_NEGATIVE_ATTRIBUTES = ("shape", "shape", "shape", "colour", "pattern", "hab
 
 def sample_batch(rng: np.random.Generator, n: int, image_size: int = 64, domain: str = "both",
                  hard_negatives: float = 0.0, hard_attributes: tuple[str, ...] = HARD_NEGATIVE_ATTRIBUTES,
-                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+                 nuisance: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """``n`` images with uniform random attributes -> (uint8 (n,H,W,3), bool (n,H,W), attributes).
 
     With ``hard_negatives`` = p, each image copies the previous one's attributes with probability p and
     changes just one, drawn from ``hard_attributes`` (shape, most often, by default), so a contrastive
-    batch holds near-duplicates to tell apart."""
+    batch holds near-duplicates to tell apart. With ``nuisance`` = q, an image gets random nuisances
+    (render.random_nuisance) with probability q."""
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
     masks = np.empty((n, image_size, image_size), dtype=bool)
     attrs_list = []
@@ -285,7 +360,8 @@ def sample_batch(rng: np.random.Generator, n: int, image_size: int = 64, domain:
             attrs[attribute] = _pick(rng, VOCAB[attribute], 1, exclude=[attrs[attribute]])[0]
         else:
             attrs = sample_attributes(rng, None, domain)
-        images[i], masks[i], _ = render(rng, attrs, image_size)
+        extra = random_nuisance(rng) if nuisance and rng.random() < nuisance else None
+        images[i], masks[i], _ = render(rng, attrs, image_size, extra)
         attrs_list.append(attrs)
     return images, masks, attrs_list
 
