@@ -33,3 +33,19 @@ def test_bad_choices_name_the_valid_ones(call, message):
     with pytest.raises(BadInput) as err:
         call()
     assert str(err.value) == message
+
+
+def test_a_template_file_takes_c_or_braces_and_its_errors_name_the_line(tmp_path):
+    good = tmp_path / "t.txt"
+    good.write_text("a photo of a {c}.\n\n  itap of a {}.  \n", encoding="utf-8")
+    assert [t.format("fox") for t in load_templates(str(good))] == ["a photo of a fox.", "itap of a fox."]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("a photo of a {}.\na {} and a {}.\n", encoding="utf-8")
+    with pytest.raises(BadInput) as err:
+        load_templates(str(bad))
+    assert str(err.value) == f"{bad}:2: a template needs exactly one {{}} (or {{c}}) for the class name"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(BadInput) as err:
+        load_templates(str(empty))
+    assert str(err.value) == f"{empty}: no templates"
