@@ -10,7 +10,8 @@ import pytest
 
 from vlmtools import formats
 from vlmtools.errors import BadInput
-from vlmtools.tables import build_table, cell_text, mean_std, parse_columns, parse_runs, run_accuracies, table_file
+from vlmtools.tables import (build_table, cell_text, mean_std, parse_columns, parse_runs, run_accuracies, table_file,
+                             write_table)
 
 
 def _preds(path, right_by_domain: dict[str, int], n: int = 10):
@@ -88,3 +89,30 @@ def test_tsv_and_json_lines_written(tmp_path):
     row = json.loads((tmp_path / "t.jsonl").read_text())
     assert row["method"] == "lare" and row["runs"] == 2 and row["by"] == "domain"
     assert row["cells"]["painting"] == {"mean": pytest.approx(0.5), "std": pytest.approx(0.1), "n": 2}
+
+
+def test_defaults_write_tsv_to_stdout_and_images_without_the_key_form_a_dash_column(tmp_path, capsys):
+    a = _preds(tmp_path / "a.jsonl", {"photo": 6})
+    recs = [json.loads(line) for line in open(a)]
+    for r in recs[:4]:
+        del r["domain"]  # 4 images without the key, all right; 2 of the other 6
+    formats.write_jsonl(tmp_path / "b.jsonl", recs)
+    table = table_file([f"m={tmp_path / 'b.jsonl'}"], by="domain")
+    assert table["columns"] == ["-", "photo"]
+    assert capsys.readouterr().out.splitlines() == ["method\truns\t-\tphoto", "m\t1\t100.00\t33.33"]
+    write_table(table)
+    assert capsys.readouterr().out.startswith("method\truns\t-\tphoto\n")
+
+
+def test_the_messages_a_user_sees(tmp_path):
+    a = _preds(tmp_path / "a.jsonl", {"photo": 5})
+    for call, message in (
+            (lambda: parse_runs([]), "no runs given: pass NAME=PREDICTIONS.jsonl arguments"),
+            (lambda: build_table([f"m={a}"], columns=["x=photo"]),
+             "--column VALUE needs --by KEY (the manifest key whose values are the columns)"),
+            (lambda: build_table([f"m={a}"], by="domain", columns=["sketch", "clipart"]),
+             "no run has images with domain = sketch, clipart")):
+        with pytest.raises(BadInput) as err:
+            call()
+        assert str(err.value) == message
+    assert parse_columns(["in=key=value"]) == [("in", "key=value")]  # a value may hold "="
