@@ -40,4 +40,5 @@ def test_fields_are_matched_however_the_answer_spells_them_and_the_first_line_wi
 def test_an_exemplar_answer_gives_its_name_or_none():
     assert parse_exemplar_answer("**Name:** Xantus's Hummingbird\n- green back") == \
         ("Xantus's Hummingbird", ["green back"], ["object"])
+    assert parse_exemplar_answer("Name: Xantus's Hummingbird")[0] == "Xantus's Hummingbird"  # only '*' stripped
     assert parse_exemplar_answer("- green back") == (None, ["green back"], ["object"])
