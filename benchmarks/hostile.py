@@ -486,17 +486,20 @@ def explain_visual(h: Harness, w: Path) -> None:
 def describe_sizes(h: Harness) -> None:
     cls = "describe answers"
     cases = [("200,000 descriptors", chat_body("".join(f"- feature {i}\n" for i in range(200_000)))),
+             ("5,000 descriptors", chat_body("".join(f"- f{i}\n" for i in range(5000)))),
              ("a 70 MB line", chat_body("- " + "x" * (70 << 20))),
              ("nested 100,000 deep", '{"choices": ' + "[" * 100_000 + "]" * 100_000 + "}")]
     for name, body in cases:
         d = h.scratch()
-        server = HostileServer(lambda r, b=body: [(http_response(b), 0)])
+        # one server, sane for the rerun: the same URL, so a refused answer kept in the cache would be
+        # replayed instead of asked again
+        answers = [body, chat_body("- wings")]
+        server = HostileServer(lambda r: [(http_response(answers[0]), 0)])
         run = describe(h, d, server.url)
-        server.close()
         big = (d / "out.jsonl").exists() and (d / "out.jsonl").stat().st_size > 1 << 20
-        server2 = HostileServer(lambda r: [(http_response(chat_body("- wings")), 0)])
-        rerun = describe(h, d, server2.url)
-        server2.close()
+        answers.pop(0)
+        rerun = describe(h, d, server.url)
+        server.close()
         if big or rerun.rc != 0:
             verdict = "bad"
         elif run.rc == 1 and "Traceback" not in run.err and "unexpected" not in run.err:

@@ -715,3 +715,16 @@ def test_grounding_scores_each_descriptor_map_against_the_region_it_names(world,
         assert m["hit_object"] == m["hit_background"] == (0.0 if flip else 1.0)
         assert 0 < m["chance_object"] < 0.5 < m["chance_background"] < 1
     assert "bg hit" in r.output and "obj hit" in r.output
+
+
+def test_off_label_warning_names_who_picked_the_class(capsys):
+    """A manifest explained by an ALA head: the head picked the class, not class names or --cbd, so the
+    warning says so and offers no --cbd hint."""
+    from vlmtools.explain import visual as V
+
+    V._warn_off_label([False, False, True], None, False, None, head=True)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "the ALA head's own top class" in said and "--cbd" not in said and "by name" not in said
+    V._warn_off_label([False, False, True], None, False, None)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "by name" in said and "--cbd FILE" in said

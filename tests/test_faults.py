@@ -984,6 +984,68 @@ def test_answers_too_large_or_too_deep_fail_the_class_and_write_nothing(tmp_path
     assert (tmp_path / "d.jsonl.errors.jsonl").stat().st_size < 1 << 20  # the reason, not the answer
 
 
+REFUSED_ANSWERS = {  # (the first run's answer for Puffin as (bytes, delay) pieces, extra options, reason)
+    "200000-descriptors": (lambda: [(_chat("".join(f"- feature {i}\n" for i in range(200_000))), 0)], [],
+                           "characters (at most"),
+    "5000-descriptors": (lambda: [(_chat("".join(f"- f{i}\n" for i in range(5000))), 0)], [],
+                         "5,000 descriptors for one class"),
+    "nested-100000": (lambda: [(_http('{"choices": ' + "[" * 100_000 + "]" * 100_000 + "}"), 0)], [],
+                      "malformed response"),
+    "trickled": (lambda: _trickle(_chat("- wings " * 20), 0.05), ["--timeout", "1"], "timed out after 1s"),
+}
+
+
+def _http(body):
+    from tests.hostile_server import http_response
+    return http_response(body)
+
+
+def _chat(text):
+    from tests.hostile_server import chat_body
+    return _http(chat_body(text))
+
+
+def _trickle(data, every):
+    from tests.hostile_server import trickle
+    return trickle(data, every)
+
+
+@pytest.mark.parametrize("name", list(REFUSED_ANSWERS))
+def test_a_rerun_after_a_refused_answer_resumes_and_asks_again(tmp_path, hostile, name):
+    # The refused class leaves nothing behind that a rerun would trip on: not a line in the output (a rerun
+    # would refuse to read the file back), and not the refused answer in the cache (a rerun would replay
+    # it and fail again without asking the server). The rerun keeps the class that succeeded and asks
+    # the server once, for the refused class only.
+    bad, extra, reason = REFUSED_ANSWERS[name]
+    (tmp_path / "classes.txt").write_text("Puffin\nTern\n")
+    first_run = [True]
+
+    def script(request):
+        if first_run[0] and "Puffin" in json.dumps(request["body"]):
+            return bad()
+        return [(_chat("- black back\n- orange beak"), 0)]
+
+    server = hostile(script)
+    result = _describe(tmp_path, server.url, *extra)
+    assert result.exit_code == 1 and reason in " ".join(result.stderr.split()), result.stderr
+    assert [json.loads(line)["class"] for line in (tmp_path / "d.jsonl").read_text().splitlines()] == ["Tern"]
+    assert [json.loads(line)["class"] for line in (tmp_path / "d.jsonl.errors.jsonl").read_text().splitlines()] \
+        == ["Puffin"]
+    cached = "".join(p.read_text() for p in (tmp_path / "cache").rglob("*.json"))
+    assert "feature 1\\n" not in cached and "- f1\\n" not in cached  # no refused answer kept
+
+    first_run[0] = False
+    asked = len(server.requests)
+    result = _describe(tmp_path, server.url, *extra)
+    assert result.exit_code == 0, result.stderr
+    assert "1 of 2 classes already in" in " ".join(result.stderr.split())
+    assert len(server.requests) == asked + 1 and "Puffin" in json.dumps(server.requests[-1]["body"])
+    records = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert [(r["class"], r["descriptors"]) for r in records] == [("Puffin", ["black back", "orange beak"]),
+                                                                 ("Tern", ["black back", "orange beak"])]
+    assert not (tmp_path / "d.jsonl.errors.jsonl").exists()  # the earlier failure is resolved
+
+
 # ----------------------------------------------------------------------------- the JSON writer and the console
 
 def test_no_writer_puts_nan_or_infinity_into_json(tmp_path):
@@ -1028,6 +1090,7 @@ def test_a_loss_that_becomes_non_finite_stops_training_with_exit_1(world, tmp_pa
                                  "--epochs", "3", "--val-fraction", "0", "--solver", solver])
     _check(result, 1, "the loss became", [tmp_path / "head.json", tmp_path / "head.safetensors"])
     assert "epoch 1" in result.stderr and not (tmp_path / "head.lock").exists()
+    assert ("L-BFGS" in result.stderr) == (solver == "lbfgs")
 
 
 @pytest.mark.slow

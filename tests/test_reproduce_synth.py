@@ -97,3 +97,12 @@ def test_study_000_pairs_each_image_with_itself_across_rows_and_seeds(ra, tmp_pa
     # only names right: seed 0 images 0-1, seed 1 images 5-9; only descriptors: seed 0 images 4-9
     assert rows["CBD (vague descriptors)"][3].startswith("7 / 6 / ")
     assert rows["domain exemplar (object descriptors)"][3] == "0 / 0 / 1"
+
+
+def test_paired_bootstrap_interval_and_p(ra):
+    import numpy as np
+
+    mean, lo, hi, p = ra.paired_bootstrap(np.array([0.1, 0.2, 0.3, 0.4] * 5))
+    assert mean == pytest.approx(0.25) and 0.1 <= lo < 0.25 < hi <= 0.4 and p == 0.0  # never at or below 0
+    mean, lo, hi, p = ra.paired_bootstrap(np.array([1.0, -1.0] * 10))
+    assert mean == 0.0 and lo < 0 < hi and p == 1.0

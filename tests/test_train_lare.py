@@ -112,6 +112,7 @@ def test_lads_end_to_end(stores, tmp_path):
     assert (t["solver"], t["lr"], t["weight_decay"], t["batch_size"], t["patience"], t["hidden"]) == (
         "adamw", 1e-3, 0.05, 256, 0, 384)
     assert t["cc_template"] == "a photo of a {}" and t["logit_scale"] == 1.0 and 1 <= t["aug_best_epoch"] <= 5
+    assert t["l2"] == 1.0 and t["probe_l2"] == 2.0  # one augmented row per image: the prior counts images
     res = invoke("classify", stores / "images", "--head", tmp_path / "lads", "-o", tmp_path / "p.jsonl")
     assert res.exit_code == 0, res.output
     res = invoke("explain", "box", tmp_path / "lads", stores / "images")

@@ -10,14 +10,19 @@ paintings of the same classes) and the studies run on it with the photo-only mic
        for Menon's off-domain prompt) / object descriptors (the domain exemplar's) / + habitat (background)
   001  `train adapter --sweep` on train photos: image ratio x {class-balanced, global} x {image only,
        + descriptor text raw, + text through a `train t2i` head trained on the world's image captions}
-  003  maps of 2 test photos per class (vlmtools-micro-vit): ALA (its own prediction), and Grad-CAM,
-       rollout, RISE of the CBD classifier; `eval explanations` (mIoU, insertion, deletion, ID)
+  003  maps of a test photo per class of the first 20 classes (vlmtools-micro-vit): ALA (its own
+       prediction), and Grad-CAM, rollout, RISE of the CBD classifier; `eval explanations` (mIoU beside the
+       lattice ceiling; insertion, deletion, ID with 50 steps); grounding: Grad-CAM and RISE maps per
+       descriptor sentence, `eval explanations --descriptors` (does a descriptor's map land on its region)
   004  CLIP names / CBD zero-shot, probe, LADS, LARE trained on train photos, tested on test photos
        (in domain) and test paintings (out of domain); the few-shot curve (probe vs LARE)
 Every step is a real `vlmtools` command (written to OUT/pipeline.sh), run in this process to spare a
 torch import per step; a step whose output exists is skipped, so a rerun resumes. Tables (mean ± std
-over seeds; McNemar exact p pooled over the seeds' images, or a paired bootstrap for map metrics) go
-to OUT/tables/*.tsv and, aligned, to OUT/tables.txt and stdout. OUT/timings.json has each study's time.
+over the seeds that have finished the study; McNemar exact p pooled over the seeds' images, or a paired
+bootstrap for per-image map scores) go to OUT/tables/*.tsv and, aligned, to OUT/tables.txt and stdout;
+--tables-only makes them from what has finished, --dry-run only lists the steps. OUT/timings.json has
+each study's time. The CPU-time choices (maps of 20 classes, 50 insertion/deletion steps, RISE's
+per-descriptor maps on 10 images) are in Config.
 """
 
 from __future__ import annotations
@@ -278,12 +283,12 @@ def mcnemar_pooled(a: list[dict[str, bool]], b: list[dict[str, bool]]) -> tuple[
     return only_a, only_b, float(mcnemar(only_a, only_b)["p_exact"])
 
 
-def paired_bootstrap(diffs: np.ndarray, n: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean paired difference, its 95% interval, and the two-sided bootstrap p of "no difference"."""
+def paired_bootstrap(diffs: np.ndarray, n: int = 10000, seed: int = 0) -> tuple[float, float, float, float]:
+    """Mean paired difference, its 95% percentile interval, and the two-sided bootstrap p of "no difference"."""
     rng = np.random.default_rng(seed)
     means = diffs[rng.integers(0, len(diffs), (n, len(diffs)))].mean(axis=1)
-    p = 2 * min((means <= 0).mean(), (means >= 0).mean())
-    return float(diffs.mean()), float(np.percentile(means, 2.5)), float(min(1.0, p)) if len(diffs) else float("nan")
+    p = min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean()))
+    return float(diffs.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)), float(p)
 
 
 def pct(mean_sd) -> str:
@@ -392,15 +397,17 @@ def table_003(P: list[Path], seeds: list[int], cfg: Config) -> dict:
         rows.append(line)
         per_image[m] = {(s, r["id"]): r for s, rows_ in zip(seeds, maps) for r in rows_ if r["method"] == m}
     tests = []
-    for a, b in (("ala", "rise"), ("ala", "gradcam"), ("rise", "gradcam")):
+    for a, b in (("ala", "rise"), ("ala", "gradcam"), ("ala", "rollout"), ("rollout", "rise"), ("rise", "gradcam")):
         if a in per_image and b in per_image:
             common = sorted(per_image[a].keys() & per_image[b].keys())
             for key, label in (("iou", "mIoU"), ("id_score", "ID")):
                 d = np.array([per_image[a][c].get(key, np.nan) - per_image[b][c].get(key, np.nan) for c in common])
                 d = d[np.isfinite(d)]
                 if len(d):
-                    mean, lo, p = paired_bootstrap(d)
-                    tests.append([f"{a} − {b}, {label}", f"{mean:+.3f} over {len(d)} images, bootstrap p = {pval(p)}"])
+                    mean, lo, hi, p = paired_bootstrap(d)
+                    shown = f"= {pval(p)}" if p > 0 else "< 1e-4"  # 10,000 resamples resolve no smaller p
+                    tests.append([f"{a} − {b}, {label}", f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] over {len(d)} images, "
+                                  f"bootstrap p {shown}"])
     result["003"] = rows
     result["003-tests"] = [["paired test (per image, all seeds)", "result"]] + tests
     result["003-grounding"] = table_grounding([read_jsonl(p / "003-grounding.jsonl") for p in P])

@@ -37,8 +37,14 @@ ProbeValFractionOpt = typer.Option(None, "--val-fraction", help="Share of each c
 SolverOpt = typer.Option("lbfgs", "--solver", help="The probe's solver: lbfgs (full batch, scikit-learn's "
                          "LogisticRegression objective, last iterate kept) or adamw (mini-batches, --lr, "
                          "--batch-size, --patience; best val epoch kept).")
-L2Opt = typer.Option(1.0, "--l2", help="lbfgs: L2 penalty (l2/2)|W|^2 on the summed cross-entropy "
-                     "(scikit-learn's 1/C; bias unpenalised).")
+L2_HELP = "lbfgs: L2 penalty (l2/2)|W|^2 on the summed cross-entropy (scikit-learn's 1/C; bias unpenalised)."
+L2Opt = typer.Option(1.0, "--l2", help=L2_HELP)
+# The augmented probes scale it (ours): K extra rows per image are augmentations of one observation, so the
+# prior keeps its weight against the images (heads/lare.py, heads/lads.py).
+LareL2Opt = typer.Option(1.0, "--l2", help=L2_HELP + " LARE's probe uses l2 * (1 + K), K = --samples "
+                         "(the head records l2 and probe_l2).")
+LadsL2Opt = typer.Option(1.0, "--l2", help=L2_HELP + " LADS's probe uses l2 * 2 (one augmented row per "
+                         "image; the head records l2 and probe_l2).")
 HeadOutOpt = typer.Option(..., "--output", "-o", metavar="HEAD", help="The head to write: NAME (writes NAME.json and "
                           "NAME.safetensors).")
 JsonOpt = typer.Option(False, "--json", help="Print the training summary as one JSON line on stdout.")
@@ -300,7 +306,7 @@ def register_lare_lads(train: typer.Typer) -> None:
         val_where: List[str] = ValWhereOpt,
         val_fraction: Optional[float] = ProbeValFractionOpt,
         solver: Solver = SolverOpt,
-        l2: float = L2Opt,
+        l2: float = LareL2Opt,
         epochs: int = ProbeEpochsOpt,
         lr: float = LrOpt,
         weight_decay: float = WeightDecayOpt,
@@ -358,7 +364,7 @@ def register_lare_lads(train: typer.Typer) -> None:
         val_fraction: Optional[float] = ValFractionOpt,
         solver: Solver = typer.Option(Solver.adamw, "--solver", help="The probe's solver: adamw (the "
                                       "authors') or lbfgs (train probe's)."),
-        l2: float = L2Opt,
+        l2: float = LadsL2Opt,
         epochs: int = typer.Option(400, "--epochs", help="Epochs of the probe (adamw; the best val epoch is "
                                    "kept) or its most L-BFGS iterations."),
         lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate of both steps."),

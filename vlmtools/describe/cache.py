@@ -50,3 +50,9 @@ class ResponseCache:
         path = self._path(request_key(request))
         # through the one JSON writer: no registered secret reaches the cache, whatever field holds it
         write_json(path, {"request": request, "text": text, "finish_reason": finish_reason})
+
+    def discard(self, request: dict) -> None:
+        try:
+            self._path(request_key(request)).unlink()
+        except FileNotFoundError:
+            pass

@@ -36,6 +36,7 @@ LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 APIS = ("chat", "completions")
 MAX_RESPONSE_BYTES = 16 << 20  # one HTTP answer; a chat answer of even 32k tokens is far smaller
+MAX_ANSWER_CHARS = 1 << 20     # characters in one answer (100 tokens is ~400; a long answer ~100k)
 
 
 class LLMError(VlmError):
@@ -240,14 +241,24 @@ class LLMClient:
         request = self.request(prompt, temperature=temperature, max_tokens=max_tokens, sample=sample)
         if self.cache is not None:
             hit = self.cache.get(request)
-            if hit is not None:
+            if hit is not None and len(hit["text"]) <= MAX_ANSWER_CHARS:
                 return Answer(self.redact(hit["text"]), _finish(hit.get("finish_reason")), cached=True)
         text, finish_reason = self._ask(request)
+        if len(text) > MAX_ANSWER_CHARS:  # refused before the cache keeps it: a rerun asks again
+            raise LLMError(f"malformed response: an answer of {len(text):,} characters (at most "
+                           f"{MAX_ANSWER_CHARS:,}; is --max-tokens ignored by the server?)")
         text = self.redact(text)  # a server may echo the key or the URL's credentials
         finish_reason = _finish(finish_reason)
         if self.cache is not None and text.strip():
             self.cache.put(request, text, finish_reason)
         return Answer(text, finish_reason, cached=False)
+
+    def forget(self, prompt: str, *, temperature: float, max_tokens: int, sample: int = 0) -> None:
+        """Drop the cached answer to this request: the caller refused it, and a rerun must ask the server
+        again rather than replay it."""
+        if self.cache is not None:
+            self.cache.discard(self.request(prompt, temperature=temperature, max_tokens=max_tokens,
+                                            sample=sample))
 
     def _ask(self, request: dict) -> tuple[str, str | None]:
         import openai

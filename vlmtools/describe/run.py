@@ -30,9 +30,10 @@ from vlmtools.formats import (atomic_path, output_lock, descriptor_record, dumps
                               validate_descriptor_record, write_jsonl)
 
 DOMAIN_EXEMPLAR_MAX_TOKENS = 400
-# Bounds on what one class may bring back, checked before anything is written: a server that answers
-# 200,000 descriptors or a 70 MB line would otherwise write a line that a rerun cannot read back.
-MAX_ANSWER_CHARS = 1 << 20   # characters in one answer (100 tokens is ~400; a long answer ~100k)
+# Bounds on what one class may bring back, checked before anything is written (the output line, and the
+# answer in the cache; the client bounds one answer at MAX_ANSWER_CHARS): a server that answers 200,000
+# descriptors or a 70 MB line would otherwise write a line that a rerun cannot read back, or an answer
+# that a rerun replays from the cache and refuses again without asking the server.
 MAX_DESCRIPTORS = 1000       # descriptors per class, all samples merged
 MAX_RECORD_BYTES = 8 << 20   # one output line (well under formats.MAX_LINE, which readers enforce)
 
@@ -101,9 +102,6 @@ def describe_class(cls: str, plan: Plan, client: LLMClient, n: int = 1,
     raws, descs, kinds, all_cached = [], [], [], True
     for sample in range(n):
         answer = client.complete(prompt, temperature=plan.temperature, max_tokens=plan.max_tokens, sample=sample)
-        if len(answer.text) > MAX_ANSWER_CHARS:
-            raise LLMError(f"malformed response: an answer of {len(answer.text):,} characters (at most "
-                           f"{MAX_ANSWER_CHARS:,}; is --max-tokens ignored by the server?)")
         raws.append(answer.text)
         all_cached &= answer.cached
         counts.truncated += answer.finish_reason == "length"
@@ -126,15 +124,23 @@ def describe_class(cls: str, plan: Plan, client: LLMClient, n: int = 1,
         reason = "empty answer" if not any(r.strip() for r in raws) else "no descriptors found in the answer"
         raise NoDescriptors(reason, raws)
     if len(descs) > MAX_DESCRIPTORS:
+        _forget(client, prompt, plan, n)
         raise LLMError(f"malformed response: {len(descs):,} descriptors for one class (at most {MAX_DESCRIPTORS:,})")
     counts.cached = int(all_cached)
     record = descriptor_record(cls, descs, kinds if plan.style == "background" else None, style=plan.style,
                                model=client.model, prompt_sha=plan.prompt_sha, raw=raws if keep_raw else None)
     size = len(dumps_line(record).encode("utf-8"))
     if size > MAX_RECORD_BYTES:
+        _forget(client, prompt, plan, n)
         raise LLMError(f"malformed response: the class's line would be {size >> 20} MiB (at most "
                        f"{MAX_RECORD_BYTES >> 20} MiB)")
     return record, counts
+
+
+def _forget(client: LLMClient, prompt: str, plan: Plan, n: int) -> None:
+    """Drop a refused class's answers from the cache, so that a rerun asks the server again."""
+    for sample in range(n):
+        client.forget(prompt, temperature=plan.temperature, max_tokens=plan.max_tokens, sample=sample)
 
 
 # ----------------------------------------------------------------------------- output file

@@ -227,7 +227,8 @@ def _truth(rec: dict) -> str:
     return f"\ntrue label: {rec['label']}" if rec.get("label") is not None else ""
 
 
-def _warn_off_label(same: list[bool], cls: str | None, is_pred: bool, cbd: str | None) -> None:
+def _warn_off_label(same: list[bool], cls: str | None, is_pred: bool, cbd: str | None,
+                    head: bool = False) -> None:
     """Most maps explaining a class other than the image's label are seldom what the user meant: say so,
     and how to explain something meaningful."""
     off = same.count(False)
@@ -237,11 +238,13 @@ def _warn_off_label(same: list[bool], cls: str | None, is_pred: bool, cbd: str |
         why = f"--class {cls} is not their label"
     elif is_pred:
         why = "the predictions are mostly wrong"
+    elif head:
+        why = "a manifest is explained for the ALA head's own top class, and the head mostly picks a wrong one"
     else:
         why = ("a manifest is explained for the model's own top class" + (" by description (--cbd)" if cbd else
                " by name, and a model that does not know the class names mostly picks a wrong one"))
-    hint = "" if is_pred else ("; explain a classify output (its \"pred\")" + ("" if cbd else
-                                                                             " or score classes with --cbd FILE"))
+    hint = "" if is_pred or head else ("; explain a classify output (its \"pred\")" + ("" if cbd else
+                                                                                     " or score classes with --cbd FILE"))
     warn(f"the explained class differs from the true label for {off} of {len(same)} images ({why}); every "
          f"overlay's title names both{hint}")
 
@@ -434,7 +437,7 @@ def explain_visual(input_path: str, out_dir, *, opts: VisualOptions, model: str 
         if not rows:  # nothing to show: exit 2 and leave no maps directory behind
             first = errors[0]["error"] if errors else "no class of theirs has descriptors"
             raise BadInput(f"{input_path}: no map made for any of {len(records)} image(s) (first: {first})")
-        _warn_off_label(explained_vs_label, cls, is_pred, cbd)
+        _warn_off_label(explained_vs_label, cls, is_pred, cbd, head=head_obj is not None)
         settings = {"masks": opts.masks, "cell": opts.cell, "p": opts.p, "seed": opts.seed} \
             if opts.method == "rise" else ({"layer": opts.layer} if opts.layer is not None else {})
         if head_obj is not None:
