@@ -97,8 +97,10 @@ def run_module(module: str, tests: list[str], shared: dict, children: int) -> di
                        check=False)
     seconds = time.monotonic() - started
     stats_file = work / "mutants" / "mutmut-cicd-stats.json"
-    if not stats_file.exists():
-        raise SystemExit(f"{module}: mutmut produced no results; see {work / 'mutmut.log'}")
+    log_text = (work / "mutmut.log").read_text(errors="replace")
+    if not stats_file.exists() or "failed to collect stats" in log_text or "Failed to run clean test" in log_text:
+        # the area's tests fail without any mutant: a score would be meaningless
+        raise SystemExit(f"{module}: the area's tests did not pass unmutated; see {work / 'mutmut.log'}")
     stats = json.loads(stats_file.read_text())
     results = subprocess.run([*mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True,
                              text=True, check=False).stdout

@@ -80,13 +80,22 @@ def end_process(proc: subprocess.Popen, group: bool = False) -> None:
                 stream.close()
 
 
+def default_sigint() -> None:
+    """preexec_fn for a child a test will ^C: SIGINT back to its default disposition, as under a terminal.
+    A suite started as a background job of a script (`cmd &`, nohup) runs with SIGINT ignored, children
+    inherit that, and a Python child whose SIGINT is ignored at start-up never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def spawn():
-    """``spawn(args, **popen_kwargs)`` starts a process; at teardown each one is ended (end_process; the whole
-    group when started with start_new_session=True), whether the test passed or failed."""
+    """``spawn(args, **popen_kwargs)`` starts a process (SIGINT at its default: default_sigint); at teardown
+    each one is ended (end_process; the whole group when started with start_new_session=True), whether the
+    test passed or failed."""
     started: list[tuple[subprocess.Popen, bool]] = []
 
     def start(args, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("preexec_fn", default_sigint)
         proc = subprocess.Popen(args, **kwargs)
         started.append((proc, bool(kwargs.get("start_new_session"))))
         return proc

@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 from PIL import Image
 
+from tests.conftest import default_sigint
 from vlmtools.search import Searcher
 from vlmtools.serve import MAX_QUERIES, Service, make_server
 from vlmtools.store import write_arrays
@@ -111,7 +112,7 @@ class ServeProcess:
         env = {**os.environ, "VLMTOOLS_PROGRESS": "0"}
         self.proc = subprocess.Popen([sys.executable, "-m", "vlmtools", "-v", "serve", str(store), "--port", "0",
                                       "--device", "cpu", *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+                                     text=True, env=env, preexec_fn=default_sigint)
         if started is not None:
             started.append(self)  # before waiting for readiness: a server that never says it is ready is killed too
         self.lines: list[str] = []
