@@ -264,6 +264,7 @@ def _sample(tensors: tuple, seed: int, device: str) -> tuple:
 def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_epoch, params, metric,
                train_eval, description) -> FitResult:
     """``fit`` with solver "lbfgs" (see the module docstring)."""
+    import numpy as np
     import torch
 
     from vlmtools.heads.logreg import lbfgs
@@ -310,11 +311,18 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
             reg.backward()
             total += float(reg.detach())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
-        return total, torch.cat([g.reshape(-1) for g in grads]).double().cpu().numpy()
+        flat = torch.cat([g.reshape(-1) for g in grads]).double().cpu().numpy()
+        if not calls:  # at the start point a non-finite loss or gradient is divergence, not a trial step
+            calls.append(1)
+            if not (math.isfinite(total) and np.isfinite(flat).all()):
+                _diverged(total, 1)
+        return total, flat
 
     def _diverged(value: float, it: int):
         raise NonFiniteLoss(f"{description}: the loss became {value} at epoch {it} (L-BFGS iteration {it}, "
                             f"--l2 {opts.l2:g}); nothing was written. Check the inputs for extreme values")
+
+    calls: list[int] = []
 
     def measure(it: int, f: float) -> None:
         entry = {"epoch": it, "loss": round(f, 6), **(extra if it == 1 else {})}
@@ -337,8 +345,6 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
         with torch.no_grad():
             theta0 = torch.cat([p.detach().reshape(-1) for p in trainable]).double().cpu().numpy()
         theta, f, iterations, converged = lbfgs(objective, theta0, max_iter=opts.epochs, on_iteration=step)
-        if not math.isfinite(f):  # non-finite from the start: no step was taken (step checks every later one)
-            _diverged(f, max(iterations, 1))
         set_params(theta)
     model.eval()
     if not curve:  # converged before the first step (e.g. a zero gradient at the start)
