@@ -98,6 +98,47 @@ def test_val_where_and_no_val(store, tmp_path):
     assert res.exit_code == 0, res.output
     summary = lines(res.stdout)[0]
     assert summary["val_rows"] == 0 and summary["epochs"] == 5 and summary["best_epoch"] == 5
+    # the head file says how its val rows were chosen (what a paper's methods section reports)
+    training = {n: json.loads((tmp_path / f"{n}.json").read_text())["training"] for n in "vn"}
+    assert training["v"]["val_where"] == ["split=val"] and training["n"]["val_where"] == []
+    assert training["n"]["val_fraction"] == 0
+    assert train_probe(store, tmp_path / "f", "--val-fraction", 0.25, "--epochs", 5, "--solver", "adamw").exit_code == 0
+    assert json.loads((tmp_path / "f.json").read_text())["training"]["val_fraction"] == 0.25
+
+
+def test_probe_with_a_val_fraction_holds_out_the_same_rows_for_a_seed(store, tmp_path):
+    # --seed fixes the stratified val split too: the same seed, the same held-out rows and the same head
+    args = ("--val-fraction", 0.25, "--epochs", 5, "--solver", "adamw")
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert train_probe(store, tmp_path / name, *args, "--seed", seed).exit_code == 0
+    a, b, c = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc")
+    assert a["inputs"]["image_store_val"]["sha"] == b["inputs"]["image_store_val"]["sha"]
+    assert a["inputs"]["image_store_val"]["sha"] != c["inputs"]["image_store_val"]["sha"]
+    assert a["curve"] == b["curve"]
+
+
+def test_probe_refuses_another_model_than_the_stores(store, tmp_path):
+    res = invoke("train", "probe", store, "-o", tmp_path / "h", "--model", "vlmtools-micro")
+    assert res.exit_code == 2 and "vlmtools-tiny" in res.output, res.output
+    res = invoke("train", "probe", store, "-o", tmp_path / "h", "--model", "vlmtools-tiny", "--pretrained", "vlmtools")
+    assert res.exit_code == 2, res.output
+    assert not list(tmp_path.iterdir())
+    assert invoke("train", "probe", store, "-o", tmp_path / "h", "--model", "vlmtools-tiny").exit_code == 0
+
+
+def test_the_library_probe_defaults_are_the_cli_defaults(store, tmp_path):
+    # heads.linear.probe_options() is what `vlmtools train probe` does without options (L-BFGS, l2 1, no val)
+    from safetensors.numpy import load_file
+
+    from vlmtools.heads.linear import probe_options
+    from vlmtools.heads.linear import train_probe as library_train_probe
+
+    assert invoke("train", "probe", store, "-o", tmp_path / "cli", "--where", "split=train").exit_code == 0
+    library_train_probe(store, tmp_path / "lib", options=probe_options(), where=["split=train"])
+    cli, lib = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cli", "lib"))
+    assert lib["training"] == cli["training"] and lib["training"]["solver"] == "lbfgs"
+    wa, wb = (load_file(str(tmp_path / f"{n}.safetensors")) for n in ("cli", "lib"))
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
 
 
 def test_stratified_split_is_seeded_and_keeps_a_train_row():
