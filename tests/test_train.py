@@ -395,8 +395,8 @@ def test_unlabelled_rows_and_val_rows_of_unknown_classes_are_left_out_and_counte
     assert res.exit_code == 0, res.output
     said = " ".join(res.stderr.split())
     n_train = sum(m["split"] == "train" for m in meta)
-    assert f"3 of {n_train} selected rows of {tmp_path / 's'} have no label; they are left out" in said
-    assert "6 val rows have labels with no training rows and are left out: 'u0', 'u1', 'u2', 'u3', 'u4' ..." in said
+    assert f"warning: 3 of {n_train} selected rows of {tmp_path / 's'} have no label; they are left out" in said
+    assert "warning: 6 val rows have labels with no training rows and are left out: 'u0', 'u1', 'u2', 'u3', 'u4' ..." in said
     n_val = sum(m["split"] == "val" for m in meta)
     assert (lines(res.stdout)[0]["train_rows"], lines(res.stdout)[0]["val_rows"]) == (n_train - 3, n_val - 6)
     res = invoke("train", "probe", tmp_path / "s", "-o", tmp_path / "h1", "--where", "split=train",
