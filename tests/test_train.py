@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 from typer.testing import CliRunner
 
@@ -293,3 +294,40 @@ def test_train_help_imports_no_heavy_modules():
             "    assert r.invoke(app, args).exit_code == 0\n")
     heavy = sorted(m for m in _modules_after(code) if m.split(".")[0] in HEAVY)
     assert heavy == [], heavy
+
+
+def test_cpu_probe_imports_no_torch_and_writes_the_torch_heads_files(store, tmp_path):
+    """On a CPU `train probe` runs without torch (a fresh process imports neither torch nor pydantic), and
+    its files are the torch path's (heads.loop.fit on LinearHead, the GPU path): the same JSON keys, curve
+    keys, metrics and class list, weights at the same optimum (within scikit-learn's tolerance's reach),
+    the same predictions; torch's load_head reads them."""
+    from tests.conftest import run_cli_modules
+    from vlmtools.heads.base import load_head, train_and_save
+    from vlmtools.heads.data import load_train_val
+    from vlmtools.heads.linear import probe_options
+    from vlmtools.models import gpu_driver_present
+
+    if gpu_driver_present():
+        pytest.skip("a GPU driver: --device auto means the torch path")
+    proc, loaded = run_cli_modules("train", "probe", store, "-o", tmp_path / "np", "--where", "split=train",
+                                   "--val-where", "split=val", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert loaded == []
+    data = load_train_val(store, where=["split=train"], val_where=["split=val"], val_fraction=0)
+    training = {"where": ["split=train"], "val_where": ["split=val"], "val_fraction": 0.0}
+    torch_summary = train_and_save("probe", dict(input_dim=16, n_classes=4), data, tmp_path / "pt",
+                                   probe_options(), training=training, inputs=data.inputs(),
+                                   description="train probe")
+    ours, theirs = json.loads((tmp_path / "np.json").read_text()), json.loads((tmp_path / "pt.json").read_text())
+    assert ours.keys() == theirs.keys() and ours["curve"][0].keys() == theirs["curve"][0].keys()
+    for key in ("format", "kind", "config", "tensors", "classes", "input_dim", "model", "training", "inputs",
+                "device", "stopped_early", "converged"):
+        assert ours[key] == theirs[key], key
+    assert ours["metrics"]["train"] == theirs["metrics"]["train"] and ours["metrics"]["val"] == theirs["metrics"]["val"]
+    assert json.loads(proc.stdout).keys() == torch_summary.keys()
+    head_np, _ = load_head(tmp_path / "np")
+    head_pt, _ = load_head(tmp_path / "pt")
+    x = torch.from_numpy(np.concatenate([data.train.x, data.val.x]))
+    with torch.no_grad():
+        assert torch.equal(head_np(x).argmax(1), head_pt(x).argmax(1))
+        assert (head_np.fc.weight - head_pt.fc.weight).abs().max() < 1e-2
