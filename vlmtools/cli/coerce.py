@@ -55,18 +55,12 @@ def converter(annotation, info):
             except ValueError:
                 raise Unsure from None
         return convert_choice
-    if annotation is str:
-        def convert_str(value, param, ctx):
-            if type(value) is not str:
+    if annotation in (str, bool):  # a str is the str; a flag's value is already a bool
+        def convert_exact(value, param, ctx):
+            if type(value) is not annotation:
                 raise Unsure
             return value
-        return convert_str
-    if annotation is bool:
-        def convert_bool(value, param, ctx):
-            if type(value) is not bool:
-                raise Unsure
-            return value
-        return convert_bool
+        return convert_exact
     if annotation in (int, float):
         if getattr(info, "clamp", False):
             return None
