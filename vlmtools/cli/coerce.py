@@ -5,8 +5,8 @@ the adapters of one command's parameters costs about 90 ms, a third of `vlmtools
 (benchmarks/bench_classify.py --peer numpy). Most values need none of it: a str is already the str, "5"
 is the int 5, a choice is typer's own ``coerce_cli_choice``, a path typer's own ``coerce_cli_path``. This
 converts those directly and hands every other value, and every value it is unsure of, to typer's adapter:
-bad input gets typer's own error message, word for word. ``install()`` does nothing on a typer whose
-internals differ (the adapter path then does everything, as stock typer does).
+bad input gets typer's own error message, word for word. ``install()`` does nothing on a typer other than
+0.29.x, whose internals it was tested against (the adapter path then does everything, as stock typer does).
 """
 
 from __future__ import annotations
@@ -102,13 +102,14 @@ def _literal():
 
 def install() -> None:
     """Give typer's parameters the fast conversion (see the module doc)."""
-    try:
-        from dataclasses import dataclass
+    import typer
 
-        from typer._coercion import RuntimeParam, build_runtime_param
-        from typer.core import _TyperParameter
-    except ImportError:  # another typer: stock behaviour
+    if not typer.__version__.startswith("0.29."):  # the internals this relies on, tested with 0.29: else stock
         return
+    from dataclasses import dataclass
+
+    from typer._coercion import RuntimeParam, build_runtime_param
+    from typer.core import _TyperParameter
     if getattr(_TyperParameter, "_vlmtools_fast", False):
         return
 
@@ -121,7 +122,10 @@ def install() -> None:
             try:
                 return self.convert(value, param, ctx)
             except Unsure:
-                return build_runtime_param(self.descriptor)._coerce_value(value, param=param, ctx=ctx)
+                stock = self.__dict__.get("stock")
+                if stock is None:  # typer's own, built once (frozen dataclass: set through __dict__)
+                    stock = self.__dict__["stock"] = build_runtime_param(self.descriptor)
+                return stock._coerce_value(value, param=param, ctx=ctx)
 
     def get_runtime_param(self):
         if self._runtime_param is None:

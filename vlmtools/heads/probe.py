@@ -3,10 +3,11 @@ embeddings. No torch import here.
 
 The default solver is full-batch L-BFGS on scikit-learn's LogisticRegression objective (mean cross-entropy
 + (l2 / 2n) |W|^2, l2 = 1/C = 1, bias unpenalised) on all train rows: nothing is held out, because nothing
-is early-stopped (``probe_val_fraction``). On a CPU it runs in numpy (heads.logreg.fit_logreg, from zero
-weights as scikit-learn starts) and writes the head without importing torch (about 1 s and 500 MiB of a
-3 s process); on a GPU, or with --solver adamw, it is heads.loop.fit on the torch head. Both solve the same
-objective to scikit-learn's tolerance and write the same files (tests/test_train.py).
+is early-stopped (``probe_val_fraction``). On a CPU it runs in numpy (heads.logreg's L-BFGS and
+objective, from zero weights as scikit-learn starts) and writes the head without importing torch (about
+1 s and 500 MiB of a 3 s process); on a GPU, or with --solver adamw, it is heads.loop.fit on the torch
+head (L-BFGS from zero weights too). The two L-BFGS paths give the same head to float32 rounding
+(tests/test_train.py).
 """
 
 from __future__ import annotations
@@ -53,7 +54,19 @@ def train_probe(store, output, *, options, where: Sequence[str] = (), val_where:
     from vlmtools.heads.base import train_and_save
 
     return train_and_save("probe", config, data, output, options, training=training, inputs=data.inputs(),
-                          description="train probe")
+                          description="train probe",
+                          on_epoch=zero_start if options.solver == "lbfgs" else None)
+
+
+def zero_start(epoch: int, head) -> None:
+    """loop.fit's hook before epoch 1: L-BFGS starts from zero weights, as the numpy path and scikit-learn
+    do, so that a head does not depend on the device it was trained on."""
+    import torch
+
+    if epoch == 1:
+        with torch.no_grad():
+            for p in head.parameters():
+                p.zero_()
 
 
 def save_numpy_probe(config: dict, data, output, options, *, training: dict, description: str) -> dict:
@@ -75,7 +88,7 @@ def fit_numpy_probe(x, y, n_classes: int, val, options, description: str) -> tup
 
     from vlmtools.console import info, progress
     from vlmtools.heads.logreg import TOL, lbfgs, logreg_objective
-    from vlmtools.heads.loop import TRAIN_METRIC_ROWS, NonFiniteLoss
+    from vlmtools.heads.loop import NonFiniteLoss, train_metric_rows
 
     n, dim = x.shape
     size = n_classes * dim
@@ -124,8 +137,7 @@ def fit_numpy_probe(x, y, n_classes: int, val, options, description: str) -> tup
     if not curve:  # converged before the first step (e.g. a zero gradient at the start)
         measure(1, theta, f)
     w, b = unpack(theta)
-    rows = np.arange(n) if n <= TRAIN_METRIC_ROWS else \
-        np.sort(np.random.default_rng(options.seed).permutation(n)[:TRAIN_METRIC_ROWS])
+    rows = train_metric_rows(n, options.seed)
     metrics = {"train": {"acc": round(acc(w, b, x[rows], y[rows]), 6), "rows": n}}
     if val_rows:
         metrics["val"] = {"acc": curve[-1]["val_acc"], "rows": len(val.y)}
