@@ -112,7 +112,8 @@ def run_cli(*args, input=None, env=None, timeout=120):
                           text=True, env=full_env, timeout=timeout)
 
 
-HEAVY_MODULES = ("torch", "open_clip", "torchvision")
+# pydantic: typer converts option values with it; vlmtools.cli.coerce makes that needless for ordinary values
+HEAVY_MODULES = ("torch", "open_clip", "torchvision", "pydantic")
 _REPORT_MODULES = (
     "import atexit, json, sys\n"
     "atexit.register(lambda: sys.stderr.write('LOADED ' + json.dumps(sorted({m.split('.')[0] for m in sys.modules}"
@@ -124,7 +125,7 @@ _REPORT_MODULES = (
 
 def run_cli_modules(*args, env=None, timeout=120):
     """Run `vlmtools ARGS` in a fresh interpreter: (the completed process, the heavy packages it imported:
-    torch, open_clip, torchvision). Its stderr ends with the LOADED line."""
+    torch, open_clip, torchvision, pydantic). Its stderr ends with the LOADED line."""
     proc = subprocess.run([sys.executable, "-c", _REPORT_MODULES, *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
     loaded = json.loads(proc.stderr.rsplit("LOADED ", 1)[1]) if "LOADED " in proc.stderr else None

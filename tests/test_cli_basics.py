@@ -55,3 +55,40 @@ def test_models_lists_packaged_models():
     names = {r["model"] for r in rows}
     assert {"vlmtools-tiny", "vlmtools-tiny-coca"} <= names
     assert all(r["cached"] for r in rows)
+
+
+def _shape(cmd):
+    """A command's tree: (name, params' names, its subcommands' shapes), to compare two builds of it."""
+    return (cmd.name, tuple(p.name for p in cmd.params),
+            tuple(sorted((n, _shape(c)) for n, c in getattr(cmd, "commands", {}).items())))
+
+
+def test_a_command_run_alone_is_the_whole_apps_command():
+    """main() builds only the modules that register the command it runs (COMMAND_OWNERS): for every
+    top-level command that build has it exactly as the whole app has it, and every module registers
+    only commands the table gives it."""
+    import typer.main
+
+    from vlmtools.cli.app import COMMAND_MODULES, COMMAND_OWNERS, app_for, make_app
+
+    whole = typer.main.get_command(app).commands
+    assert set(whole) == set(COMMAND_OWNERS)
+    for name, owners in COMMAND_OWNERS.items():
+        alone = typer.main.get_command(app_for(["-q", name, "--help"])).commands
+        assert _shape(alone[name]) == _shape(whole[name]), name
+    for module in COMMAND_MODULES:
+        registered = set(typer.main.get_command(make_app([module])).commands)
+        assert registered == {n for n, owners in COMMAND_OWNERS.items() if module in owners}, module
+    assert set(typer.main.get_command(app_for(["--version"])).commands) == set(whole)
+    assert set(typer.main.get_command(app_for(["no-such-command"])).commands) == set(whole)
+
+
+def test_main_runs_a_command_and_the_whole_tool_help():
+    """Through main() in a fresh process: a command built alone runs (with -q before it), and the tool's
+    help still lists every command."""
+    out = run_cli("-q", "models", "--json")
+    assert out.returncode == 0 and {"model": "vlmtools-micro", "pretrained": "vlmtools", "cached": True,
+                                    "source": "vlmtools"} in [json.loads(line) for line in out.stdout.splitlines()]
+    top = run_cli("--help")
+    assert top.returncode == 0
+    assert all(f" {name} " in top.stdout or f" {name}\n" in top.stdout for name in ("classify", "train", "serve"))

@@ -1083,9 +1083,13 @@ def test_console_messages_escape_control_characters_and_redact_secrets(capsys):
 
 @pytest.mark.parametrize("solver", ["lbfgs", "adamw"])
 def test_a_loss_that_becomes_non_finite_stops_training_with_exit_1(world, tmp_path, monkeypatch, solver):
+    import vlmtools.heads.logreg as logreg
     import vlmtools.heads.loop as loop
 
+    # adamw trains the torch head (loop.fit); lbfgs on a CPU fits in numpy (heads.probe, logreg's objective)
     monkeypatch.setattr(loop, "cross_entropy_loss", lambda model, x, y: model(x).sum() * float("inf"))
+    monkeypatch.setattr(logreg, "logreg_objective",
+                        lambda *args, **kwargs: lambda theta: (float("inf"), np.zeros_like(theta)))
     result = runner.invoke(app, ["train", "probe", str(world / "store"), "-o", str(tmp_path / "head"),
                                  "--epochs", "3", "--val-fraction", "0", "--solver", solver])
     _check(result, 1, "the loss became", [tmp_path / "head.json", tmp_path / "head.safetensors"])

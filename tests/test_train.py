@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 from typer.testing import CliRunner
 
@@ -442,3 +443,57 @@ def test_train_help_imports_no_heavy_modules():
             "    assert r.invoke(app, args).exit_code == 0\n")
     heavy = sorted(m for m in _modules_after(code) if m.split(".")[0] in HEAVY)
     assert heavy == [], heavy
+
+
+def test_cpu_probe_imports_no_torch_and_writes_the_torch_heads_files(store, tmp_path):
+    """On a CPU `train probe` runs without torch (a fresh process imports neither torch nor pydantic), and
+    its head is the torch path's (heads.loop.fit on LinearHead from zero weights, the GPU path), on noisy
+    data where a different start would show: the same JSON keys, curve length, metrics and predictions,
+    weights equal to float32 rounding; torch's load_head reads them."""
+    from tests.conftest import run_cli_modules
+    from vlmtools.heads.base import load_head, train_and_save
+    from vlmtools.heads.data import load_train_val
+    from vlmtools.heads.linear import probe_options
+    from vlmtools.heads.probe import zero_start
+    from vlmtools.models import gpu_driver_present
+
+    if gpu_driver_present():
+        pytest.skip("a GPU driver: --device auto means the torch path")
+    proc, loaded = run_cli_modules("train", "probe", store, "-o", tmp_path / "light", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert loaded == []
+    rng = np.random.default_rng(3)
+    y = np.arange(600) % 5
+    x = rng.normal(size=(5, 32))[y] + 4.0 * rng.normal(size=(600, 32))  # classes overlap: train accuracy < 90 %
+    meta = [{"id": str(i), "label": f"c{c}", "split": "val" if i % 6 == 0 else "train"} for i, c in enumerate(y)]
+    write_arrays(tmp_path / "noisy", x, meta, kind="image", model=TINY)
+    res = train_probe(tmp_path / "noisy", tmp_path / "np", "--val-where", "split=val", "--epochs", 100)
+    assert res.exit_code == 0, res.output
+    data = load_train_val(tmp_path / "noisy", where=["split=train"], val_where=["split=val"], val_fraction=0)
+    training = {"where": ["split=train"], "val_where": ["split=val"], "val_fraction": 0.0}
+    torch_summary = train_and_save("probe", dict(input_dim=32, n_classes=5), data, tmp_path / "pt",
+                                   probe_options(), training=training, inputs=data.inputs(),
+                                   description="train probe", on_epoch=zero_start)
+    ours, theirs = json.loads((tmp_path / "np.json").read_text()), json.loads((tmp_path / "pt.json").read_text())
+    assert ours.keys() == theirs.keys() and ours["curve"][0].keys() == theirs["curve"][0].keys()
+    for key in ("format", "kind", "config", "tensors", "classes", "input_dim", "model", "training", "inputs",
+                "device", "stopped_early", "converged", "metrics", "best_epoch"):
+        assert ours[key] == theirs[key], key
+    assert len(ours["curve"]) == len(theirs["curve"]) and 0.5 < ours["metrics"]["train"]["acc"] < 0.9
+    assert lines(res.stdout)[0].keys() == torch_summary.keys()
+    head_np, _ = load_head(tmp_path / "np")
+    head_pt, _ = load_head(tmp_path / "pt")
+    rows = torch.from_numpy(x.astype(np.float32) / np.linalg.norm(x, axis=1, keepdims=True).astype(np.float32))
+    with torch.no_grad():
+        assert torch.equal(head_np(rows).argmax(1), head_pt(rows).argmax(1))
+        assert (head_np.fc.weight - head_pt.fc.weight).abs().max() < 1e-4
+
+
+def test_train_metric_rows_are_one_seeded_sample():
+    """Above TRAIN_METRIC_ROWS the train metric reads one seeded sample, the same for the numpy and the
+    torch path; below it, every row."""
+    from vlmtools.heads.loop import TRAIN_METRIC_ROWS, train_metric_rows
+
+    assert train_metric_rows(50, 0).tolist() == list(range(50))
+    a, b, c = (train_metric_rows(TRAIN_METRIC_ROWS + 5000, s) for s in (1, 1, 2))
+    assert len(a) == TRAIN_METRIC_ROWS == len(set(a.tolist())) and (a == b).all() and not (a == c).all()

@@ -129,7 +129,7 @@ def register(app: typer.Typer) -> None:
         By default scikit-learn's LogisticRegression (C = 1/--l2 = 1), solved full-batch by L-BFGS on every
         train row. Classes are the training labels in first-seen order. Writes NAME.json + NAME.safetensors
         (format vlmtools.head/1, see vlmtools-formats(5))."""
-        from vlmtools.heads.linear import train_probe
+        from vlmtools.heads.probe import train_probe
 
         options = fit_options(epochs, lr, weight_decay, batch_size, seed, patience, device, solver, l2)
         emit(train_probe(image_store, output, options=options, where=where, val_where=val_where,

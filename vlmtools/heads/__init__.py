@@ -8,14 +8,24 @@
                per-epoch hook; early stopping on the val metric; deterministic for a seed on CPU), with
                AdamW or full-batch L-BFGS
     logreg.py  L-BFGS and scikit-learn's LogisticRegression objective in numpy (no torch)
+    probe.py   `train probe`: on a CPU with numpy alone (logreg.py, no torch import), else linear.py's head
+    files.py   a head's two files, written without torch
     linear.py  the linear head (one FC layer): `train probe` and `train adapter`; classify --head
     t2i.py     text -> image translators (mlp, qformer): `train t2i`
     adapter.py the study-001 adapter: image/text mixing, --image-ratio, --sweep
     augmented.py, lare.py, lads.py  study 004: an augmenter (f_Box, f_aug) trained first, then the probe
 
-Importing this package imports torch: CLI modules import it inside their command functions.
+Importing base.py (and every module with a torch head) imports torch; this package itself does not, so
+that data.py, loop.py, logreg.py, files.py and probe.py load without it. CLI modules import heads inside
+their command functions.
 """
 
-from vlmtools.heads.base import HEADS, Head, build_head, load_head, register, save_head
-
 __all__ = ["HEADS", "Head", "build_head", "load_head", "register", "save_head"]
+
+
+def __getattr__(name: str):
+    if name in __all__:  # base.py imports torch: only when one of its names is asked for
+        from vlmtools.heads import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -152,10 +152,6 @@ def fit_probe_with(kind: str, config: dict, aug_state: dict, data, extra_x, extr
 
 def check_output(output) -> None:
     """-o must name head files; checked before the (long) first step."""
-    from vlmtools import formats
+    from vlmtools.heads.files import check_head_output
 
-    if output is None or str(output) in ("", "-"):
-        raise BadInput("-o/--output: a head is two files, NAME.json and NAME.safetensors; give NAME")
-    for p in formats.head_paths(output):
-        if p.is_dir():
-            raise BadInput(f"{p}: is a directory; -o names the head files NAME.json + NAME.safetensors")
+    check_head_output(output)

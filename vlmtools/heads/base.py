@@ -28,6 +28,7 @@ from torch import nn
 
 from vlmtools import formats
 from vlmtools.errors import BadInput
+from vlmtools.heads.files import check_head_output, head_stem, write_head_files  # noqa: F401 (re-exported)
 
 HEADS: dict[str, type["Head"]] = {}
 
@@ -97,24 +98,12 @@ def save_head(path: str | os.PathLike, head: Head, info: dict) -> tuple[Path, Pa
     (json path, weights path)."""
     from safetensors.torch import save_file
 
-    json_path, st_path = formats.head_paths(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(f"head weights {', '.join(bad[:3])} hold NaN or inf; not saved")
     info = {**info, "tensors": {k: list(v.shape) for k, v in state.items()}}
-    with formats.output_lock(head_stem(path)):
-        with formats.atomic_path(st_path) as tmp:
-            save_file(state, str(tmp), metadata={"format": formats.HEAD_FORMAT, "kind": info["kind"]})
-            info["weights_sha256"] = formats.file_sha256(tmp)
-        formats.failpoint("head.between_renames")
-        formats.write_json(json_path, info)
-    return json_path, st_path
-
-
-def head_stem(path: str | os.PathLike) -> Path:
-    """NAME of a head given as NAME, NAME.json or NAME.safetensors (its lock is NAME.lock)."""
-    return formats.head_paths(path)[0].with_suffix("")
+    return write_head_files(path, info, lambda file, metadata: save_file(state, file, metadata=metadata))
 
 
 def read_head_info(path: str | os.PathLike) -> dict:
@@ -184,15 +173,6 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 def _shapes(shapes: dict) -> str:
     items = [f"{k}{tuple(v)}" for k, v in list(shapes.items())[:4]]
     return ", ".join(items) + (" ..." if len(shapes) > 4 else "")
-
-
-def check_head_output(output) -> None:
-    """Refuse an unusable -o before any training."""
-    if output is None or str(output) in ("", "-"):
-        raise BadInput("-o/--output: a head is two files, NAME.json and NAME.safetensors; give NAME")
-    for p in formats.head_paths(output):
-        if p.is_dir():
-            raise BadInput(f"{p}: is a directory; -o names the head files NAME.json + NAME.safetensors")
 
 
 def train_and_save(kind: str, config: dict, data, output, options, *, training: dict, inputs: dict,

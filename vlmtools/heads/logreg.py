@@ -147,6 +147,10 @@ def logreg_objective(x, y, n_classes: int, l2: float = 1.0, chunk: int = 65536) 
     rows = np.arange(n)
 
     def fun(theta):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a non-finite result is the caller's
+            return _value_and_grad(theta)
+
+    def _value_and_grad(theta):
         w = theta[:n_classes * dim].reshape(n_classes, dim)
         b = theta[n_classes * dim:]
         w32, b32 = w.astype(np.float32), b.astype(np.float32)

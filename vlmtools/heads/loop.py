@@ -249,13 +249,23 @@ def fit(model, train: Sequence, val: Sequence | None = None, options: FitOptions
     return FitResult(state, curve, best_epoch, metrics, stopped_early, round(seconds, 3), device)
 
 
+def train_metric_rows(n: int, seed: int):
+    """Which train rows the final train metric is measured on: all of them, or TRAIN_METRIC_ROWS drawn with
+    ``seed`` (numpy, so that the probe's numpy path, heads.probe, measures the same rows)."""
+    import numpy as np
+
+    if n <= TRAIN_METRIC_ROWS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:TRAIN_METRIC_ROWS])
+
+
 def _sample(tensors: tuple, seed: int, device: str) -> tuple:
     import torch
 
     n = len(tensors[0])
     if n <= TRAIN_METRIC_ROWS:
         return tuple(t.to(device) for t in tensors)
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:TRAIN_METRIC_ROWS]
+    idx = torch.from_numpy(train_metric_rows(n, seed))
     return tuple(t[idx.to(t.device)].to(device) for t in tensors)
 
 
