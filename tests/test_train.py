@@ -1,6 +1,7 @@
 """`vlmtools train probe`, the head file format, the training loop, `classify --head`."""
 
 import json
+import time
 
 import numpy as np
 import torch
@@ -52,9 +53,13 @@ def train_probe(store, out, *extra):
 # ----------------------------------------------------------------------------- probe + head file
 
 def test_probe_trains_saves_and_classifies(store, tmp_path):
+    started = time.perf_counter()
     res = train_probe(store, tmp_path / "probe", "--val-where", "split=val")
+    elapsed = time.perf_counter() - started
     assert res.exit_code == 0, res.output
     summary = lines(res.stdout)[0]
+    assert summary["head"] == str(tmp_path / "probe.json") and summary["weights"] == str(tmp_path / "probe.safetensors")
+    assert 0 <= summary["seconds"] <= elapsed  # the fit's own time, within the command's
     assert summary["kind"] == "probe" and summary["classes"] == 4
     info = json.loads((tmp_path / "probe.json").read_text())
     assert info["format"] == "vlmtools.head/1" and info["kind"] == "probe"
@@ -64,6 +69,14 @@ def test_probe_trains_saves_and_classifies(store, tmp_path):
     assert info["training"]["solver"] == "lbfgs" and info["converged"] is True and summary["converged"] is True
     assert len(info["curve"]) == summary["epochs"] and info["curve"][0]["epoch"] == 1
     assert "val_acc" in info["curve"][0] and info["metrics"]["val"]["rows"] > 0
+    # L-BFGS keeps its last iterate: the head's val accuracy is the last curve point's, and stderr says it
+    assert info["metrics"]["val"]["acc"] == info["curve"][-1]["val_acc"] and info["best_epoch"] == len(info["curve"])
+    assert (f"train probe: L-BFGS, {len(info['curve'])} iterations (converged, val acc "
+            f"{info['metrics']['val']['acc']:.4f}) on cpu in") in " ".join(res.stderr.split())
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "probe.safetensors"), "np") as weights:
+        assert weights.metadata() == {"format": "vlmtools.head/1", "kind": "probe"}
     assert len(info["inputs"]["image_store"]["sha"]) == 16
     # vlmtools-formats(5): inputs name the store and count the rows used (train 80, val 40 by --val-where)
     assert {k: v for k, v in info["inputs"]["image_store"].items() if k != "sha"} == {"path": str(store), "rows": 80}
@@ -131,6 +144,75 @@ def test_probe_refuses_another_model_than_the_stores(store, tmp_path):
     assert invoke("train", "probe", store, "-o", tmp_path / "h", "--model", "vlmtools-tiny").exit_code == 0
 
 
+def _start_then(later):
+    """An objective with value 1 and gradient 1 at the start point (zero weights), ``later`` elsewhere."""
+    return lambda theta: (1.0, np.ones_like(theta)) if not theta.any() else later(theta)
+
+
+@pytest.mark.parametrize("objective, said", [
+    (lambda theta: (float("inf"), np.zeros_like(theta)), "the loss became inf at epoch 1"),
+    (lambda theta: (1.0, np.full_like(theta, np.nan)), "the loss became 1.0 at epoch 1"),  # a NaN gradient
+    (_start_then(lambda theta: (float("nan"), np.zeros_like(theta))), "the loss became nan at epoch 1"),
+])
+def test_a_cpu_probe_whose_objective_is_not_finite_stops_with_exit_1_and_writes_nothing(store, tmp_path, monkeypatch,
+                                                                                        objective, said):
+    # at the start point, or at the point an L-BFGS step accepted: the run stops, names the iteration, keeps no head
+    import vlmtools.heads.logreg as logreg
+
+    monkeypatch.setattr(logreg, "logreg_objective", lambda *args, **kwargs: objective)
+    res = invoke("train", "probe", store, "-o", tmp_path / "h", "--epochs", 3, "--device", "cpu")
+    assert res.exit_code == 1 and f"train probe: {said} (L-BFGS iteration 1" in " ".join(res.output.split()), \
+        res.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_cpu_probe_stops_at_epochs_iterations_and_says_so(store, tmp_path):
+    res = invoke("train", "probe", store, "-o", tmp_path / "h", "--where", "split=train", "--val-where", "split=val",
+                 "--epochs", 2, "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "h.json").read_text())
+    assert [e["epoch"] for e in info["curve"]] == [1, 2] and all("val_acc" in e for e in info["curve"])
+    assert info["converged"] is False and info["best_epoch"] == 2 and lines(res.stdout)[0]["epochs"] == 2
+    assert "train probe: L-BFGS, 2 iterations (stopped at --epochs, val acc" in " ".join(res.stderr.split())
+    # a single val row is measured too
+    res = invoke("train", "probe", store, "-o", tmp_path / "one", "--where", "split=train", "--val-where", "id=alpha001",
+                 "--epochs", 2, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "one.json").read_text())
+    assert info["metrics"]["val"]["rows"] == 1 and all("val_acc" in e for e in info["curve"])
+
+
+def test_the_train_accuracy_of_a_large_store_is_a_seeded_sample_the_same_every_run(tmp_path):
+    # above TRAIN_METRIC_ROWS rows the train accuracy reads a sample drawn with --seed: a rerun reports the same
+    from vlmtools.heads.loop import TRAIN_METRIC_ROWS
+
+    rng = np.random.default_rng(0)
+    y = np.arange(TRAIN_METRIC_ROWS + 4000) % 2
+    x = rng.normal(size=(len(y), 3)) + 0.3 * y[:, None]  # overlapping classes: many rows misclassified
+    write_arrays(tmp_path / "s", x, [{"id": str(i), "label": "ab"[c]} for i, c in enumerate(y)], kind="image",
+                 model=TINY)
+    metrics = []
+    for name in ("a", "b"):
+        res = invoke("train", "probe", tmp_path / "s", "-o", tmp_path / name, "--seed", 5, "--device", "cpu", "--json")
+        assert res.exit_code == 0, res.output
+        metrics.append(lines(res.stdout)[0]["metrics"]["train"])
+    assert metrics[0] == metrics[1] and metrics[0]["rows"] == len(y) and metrics[0]["acc"] < 0.8
+
+
+def test_a_probe_whose_zero_start_is_already_optimal_records_one_curve_point(tmp_path):
+    # classes symmetric about the origin (v, -v; u, -u): the gradient at zero weights vanishes, L-BFGS stops
+    # before its first step, and the head still records where it stopped
+    v, u = np.eye(4)[0] + 0.5 * np.eye(4)[2], np.eye(4)[1] + 0.5 * np.eye(4)[3]
+    x = np.array([v, -v, u, -u] * 3)
+    meta = [{"id": str(i), "label": "ab"[i % 4 // 2]} for i in range(len(x))]
+    write_arrays(tmp_path / "s", x, meta, kind="image", model=TINY)
+    res = invoke("train", "probe", tmp_path / "s", "-o", tmp_path / "h", "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "h.json").read_text())
+    assert info["converged"] is True and info["best_epoch"] == 1
+    assert info["curve"] == [{"epoch": 1, "loss": round(float(np.log(2)), 6)}]  # cross-entropy of 1/2, 1/2
+
+
 def test_the_library_probe_defaults_are_the_cli_defaults(store, tmp_path):
     # heads.linear.probe_options() is what `vlmtools train probe` does without options (L-BFGS, l2 1, no val)
     from safetensors.numpy import load_file
@@ -138,10 +220,12 @@ def test_the_library_probe_defaults_are_the_cli_defaults(store, tmp_path):
     from vlmtools.heads.linear import probe_options
     from vlmtools.heads.linear import train_probe as library_train_probe
 
-    assert invoke("train", "probe", store, "-o", tmp_path / "cli", "--where", "split=train").exit_code == 0
+    res = invoke("train", "probe", store, "-o", tmp_path / "cli", "--where", "split=train")
+    assert res.exit_code == 0, res.output
     library_train_probe(store, tmp_path / "lib", options=probe_options(), where=["split=train"])
     cli, lib = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cli", "lib"))
     assert lib["training"] == cli["training"] and lib["training"]["solver"] == "lbfgs"
+    assert "iterations (converged) on cpu in" in " ".join(res.stderr.split())  # no val rows: no val accuracy
     wa, wb = (load_file(str(tmp_path / f"{n}.safetensors")) for n in ("cli", "lib"))
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
 
@@ -477,9 +561,11 @@ def test_cpu_probe_imports_no_torch_and_writes_the_torch_heads_files(store, tmp_
     ours, theirs = json.loads((tmp_path / "np.json").read_text()), json.loads((tmp_path / "pt.json").read_text())
     assert ours.keys() == theirs.keys() and ours["curve"][0].keys() == theirs["curve"][0].keys()
     for key in ("format", "kind", "config", "tensors", "classes", "input_dim", "model", "training", "inputs",
-                "device", "stopped_early", "converged", "metrics", "best_epoch"):
+                "device", "stopped_early", "converged", "metrics", "best_epoch", "seed"):
         assert ours[key] == theirs[key], key
     assert len(ours["curve"]) == len(theirs["curve"]) and 0.5 < ours["metrics"]["train"]["acc"] < 0.9
+    assert all(abs(a["loss"] - b["loss"]) < 1e-4 and abs(a["val_acc"] - b["val_acc"]) < 0.02
+               for a, b in zip(ours["curve"], theirs["curve"]))
     assert lines(res.stdout)[0].keys() == torch_summary.keys()
     head_np, _ = load_head(tmp_path / "np")
     head_pt, _ = load_head(tmp_path / "pt")
