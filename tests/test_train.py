@@ -100,6 +100,14 @@ def test_probe_is_deterministic_for_a_seed(store, tmp_path):
         assert train_probe(store, tmp_path / name, "--seed", 3).exit_code == 0
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     assert a["curve"] == b["curve"]
+    # and AdamW's initial weights: full batches, no val rows, so only the start differs between seeds
+    from safetensors.numpy import load_file
+
+    full = ("--solver", "adamw", "--batch-size", 0, "--val-fraction", 0, "--epochs", 3)
+    for seed in (1, 2):
+        assert train_probe(store, tmp_path / f"s{seed}", *full, "--seed", seed).exit_code == 0
+    w1, w2 = (load_file(str(tmp_path / f"s{seed}.safetensors"))["fc.weight"] for seed in (1, 2))
+    assert not np.allclose(w1, w2)
     from safetensors.numpy import load_file
 
     wa, wb = (load_file(str(tmp_path / f"{n}.safetensors")) for n in "ab")
@@ -128,11 +136,22 @@ def test_probe_with_a_val_fraction_holds_out_the_same_rows_for_a_seed(store, tmp
     # --seed fixes the stratified val split too: the same seed, the same held-out rows and the same head
     args = ("--val-fraction", 0.25, "--epochs", 5, "--solver", "adamw")
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        assert train_probe(store, tmp_path / name, *args, "--seed", seed).exit_code == 0
+        res = train_probe(store, tmp_path / name, *args, "--seed", seed, "--patience", 0)
+        assert res.exit_code == 0, res.output
+        # --solver adamw is the mini-batch loop (torch), on a CPU too, not the CPU's L-BFGS
+        assert "train probe: 5 epochs; best val acc" in " ".join(res.stderr.split()) and "L-BFGS" not in res.stderr
     a, b, c = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc")
     assert a["inputs"]["image_store_val"]["sha"] == b["inputs"]["image_store_val"]["sha"]
     assert a["inputs"]["image_store_val"]["sha"] != c["inputs"]["image_store_val"]["sha"]
     assert a["curve"] == b["curve"]
+    # and AdamW's initial weights: full batches, no val rows, so only the start differs between seeds
+    from safetensors.numpy import load_file
+
+    full = ("--solver", "adamw", "--batch-size", 0, "--val-fraction", 0, "--epochs", 3)
+    for seed in (1, 2):
+        assert train_probe(store, tmp_path / f"s{seed}", *full, "--seed", seed).exit_code == 0
+    w1, w2 = (load_file(str(tmp_path / f"s{seed}.safetensors"))["fc.weight"] for seed in (1, 2))
+    assert not np.allclose(w1, w2)
 
 
 def test_probe_refuses_another_model_than_the_stores(store, tmp_path):
@@ -204,13 +223,15 @@ def test_a_probe_whose_zero_start_is_already_optimal_records_one_curve_point(tmp
     # before its first step, and the head still records where it stopped
     v, u = np.eye(4)[0] + 0.5 * np.eye(4)[2], np.eye(4)[1] + 0.5 * np.eye(4)[3]
     x = np.array([v, -v, u, -u] * 3)
-    meta = [{"id": str(i), "label": "ab"[i % 4 // 2]} for i in range(len(x))]
+    meta = [{"id": str(i), "label": "ab"[i % 4 // 2], "split": "val" if i >= 8 else "train"} for i in range(len(x))]
     write_arrays(tmp_path / "s", x, meta, kind="image", model=TINY)
-    res = invoke("train", "probe", tmp_path / "s", "-o", tmp_path / "h", "--device", "cpu", "--json")
+    res = invoke("train", "probe", tmp_path / "s", "-o", tmp_path / "h", "--where", "split=train", "--val-where",
+                 "split=val", "--device", "cpu", "--json")
     assert res.exit_code == 0, res.output
     info = json.loads((tmp_path / "h.json").read_text())
     assert info["converged"] is True and info["best_epoch"] == 1
-    assert info["curve"] == [{"epoch": 1, "loss": round(float(np.log(2)), 6)}]  # cross-entropy of 1/2, 1/2
+    # cross-entropy of (1/2, 1/2); zero weights score both classes alike, so argmax picks the first: half right
+    assert info["curve"] == [{"epoch": 1, "loss": round(float(np.log(2)), 6), "val_acc": 0.5}]
 
 
 def test_the_library_probe_defaults_are_the_cli_defaults(store, tmp_path):
