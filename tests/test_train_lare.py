@@ -132,6 +132,7 @@ def test_lads_end_to_end(stores, tmp_path):
     (["--classes", "CLASSES"], "'delta' has no train rows"),
     (["--descriptors", "DESC"], "'delta' is not in the class list"),
     (["--text-store", "COCA"], "vlmtools-tiny-coca"),
+    (["--text-store", "IMAGES"], "is an image store, expected a text store"),
     (["--templates", "a {} and {}"], "template"),
 ])
 def test_lare_bad_input(stores, tmp_path, extra, message):
@@ -143,7 +144,8 @@ def test_lare_bad_input(stores, tmp_path, extra, message):
         if not coca.exists():
             write_arrays(coca, np.ones((1, DIM)), [{"id": "0", "text": "x"}], kind="text",
                          model={"name": "vlmtools-tiny-coca", "pretrained": "none"})
-    subst = {"CLASSES": tmp_path / "classes.txt", "DESC": tmp_path / "desc.jsonl", "COCA": tmp_path / "coca"}
+    subst = {"CLASSES": tmp_path / "classes.txt", "DESC": tmp_path / "desc.jsonl", "COCA": tmp_path / "coca",
+             "IMAGES": stores / "images"}
     extra = [subst.get(e, e) for e in extra]
     args = ["train", "lare", stores / "images", "-o", tmp_path / "h", "--epochs", 2, "--box-epochs", 1,
             *([] if "--text-store" in extra else ["--text-store", stores / "texts"]), *extra]
@@ -257,3 +259,82 @@ def test_lare_never_falls_below_the_probe_out_of_domain(painting_world, tmp_path
     train_lare(store, tmp_path / "old", options=probe_options(device="cpu"), where=train, samples=5,
                form="centre", logit_scale=100.0)
     assert _out_of_domain(store, tmp_path / "old", tmp_path) < probe - 0.02
+
+
+# ----------------------------------------------------------------------------- what LARE and LADS share (augmented.py)
+
+def test_a_lare_head_keeps_the_boxes_it_sampled_from(stores, tmp_path):
+    # explain box reads f_Box from the head file: it must be step 1's trained f_Box, whose boxes the probe's
+    # extra rows were sampled from (the summary's box_mean_side is measured on it, over the train rows)
+    res = lare(stores, tmp_path / "lare")
+    assert res.exit_code == 0, res.output
+    summary = lines(res.stdout)[0]
+    res = invoke("explain", "box", tmp_path / "lare", stores / "images", "--per", "image", "--where", "split=train",
+                 "--where", "domain=photo")
+    assert res.exit_code == 0, res.output
+    sides = [r["mean_side"] for r in lines(res.stdout)]
+    assert len(sides) == summary["train_rows"] // 5 and abs(np.mean(sides) - summary["box_mean_side"]) < 1e-5
+    inputs = json.loads((tmp_path / "lare.json").read_text())["inputs"]["image_store"]
+    assert inputs["path"] == str(stores / "images") and inputs["rows"] == len(sides)  # what provenance reads
+
+
+def test_lads_with_another_hidden_width_keeps_its_augmenter(stores, tmp_path):
+    res = invoke("train", "lads", stores / "images", "-o", tmp_path / "lads", "--where", "domain=photo",
+                 "--text-store", stores / "texts", "--epochs", 2, "--aug-epochs", 1, "--hidden", 8)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "lads.json").read_text())["tensors"]["aug.fc1.weight"] == [8, DIM]
+    assert invoke("classify", stores / "images", "--head", tmp_path / "lads", "-o", tmp_path / "p.jsonl").exit_code == 0
+
+
+def test_lare_without_a_text_store_encodes_the_class_prompts_with_the_stores_model(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(len(CLASSES), 32))[np.repeat(np.arange(len(CLASSES)), 6)] + 0.3 * rng.normal(size=(18, 32))
+    meta = [{"id": str(i), "label": CLASSES[i // 6]} for i in range(18)]
+    write_arrays(tmp_path / "images", x, meta, kind="image", model=TINY)  # vlmtools-tiny's own width
+    res = invoke("train", "lare", tmp_path / "images", "-o", tmp_path / "lare", "--epochs", 3, "--box-epochs", 1,
+                 "--samples", 2, "--no-cache", "--json")
+    assert res.exit_code == 0, res.output
+    assert lines(res.stdout)[0]["sampled_rows"] == 2 * 18
+
+
+def test_shots_keep_that_many_rows_of_every_class_chosen_by_the_seed():
+    from vlmtools.heads.augmented import take_shots
+    from vlmtools.heads.data import Labelled, TrainData
+
+    y = np.repeat(np.arange(3), 10)
+    meta = [{"id": str(i)} for i in range(len(y))]
+
+    def shots(n, seed):
+        data = TrainData(None, None, Labelled(np.eye(len(y), dtype=np.float32), y, meta, CLASSES), None)
+        return take_shots(data, n, seed).train
+
+    kept = shots(4, 0)
+    assert np.bincount(kept.y).tolist() == [4, 4, 4] and all(int(m["id"]) // 10 == c for m, c in zip(kept.meta, kept.y))
+    assert [m["id"] for m in shots(4, 0).meta] == [m["id"] for m in kept.meta]
+    assert [m["id"] for m in shots(4, 1).meta] != [m["id"] for m in kept.meta]
+    assert len(shots(None, 0)) == len(y) and np.bincount(shots(20, 0).y).tolist() == [10, 10, 10]
+
+
+def test_the_augmenter_step_runs_every_epoch_and_keeps_the_lowest_val_loss():
+    # augmented.fit_augmenter: no early stop whatever --patience says; with val rows the epoch of the lowest
+    # val loss is kept (LADS records it as aug_best_epoch), its metric named neg_loss
+    import torch
+
+    from vlmtools.heads.augmented import fit_augmenter
+    from vlmtools.heads.loop import FitOptions
+
+    def loss(m, x, y):  # pulls w towards the rows' value: train rows at 5, val rows at 0
+        return ((m.weight.sum() - x[:, 0]) ** 2).mean()
+
+    module = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(module.weight)
+    train = (np.full((8, 1), 5.0, np.float32), np.zeros(8, np.int64))
+    val = (np.zeros((4, 1), np.float32), np.zeros(4, np.int64))
+    options = FitOptions(epochs=6, lr=0.5, patience=1, weight_decay=0, device="cpu", solver="lbfgs")
+    result = fit_augmenter(module, train, loss, options, 6, "aug", val=val)
+    assert [e["epoch"] for e in result.curve] == [1, 2, 3, 4, 5, 6]  # w moves away from the val rows each epoch
+    val_losses = [-e["val_neg_loss"] for e in result.curve]
+    assert val_losses == sorted(val_losses) and result.best_epoch == 1
+    assert abs(float(module.weight.detach()) ** 2 - val_losses[0]) < 1e-4  # the kept weights are epoch 1's
+    result = fit_augmenter(torch.nn.Linear(1, 1, bias=False), train, loss, options, 3, "aug")
+    assert result.best_epoch == 3  # without val rows, the last
