@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from vlmtools.cli.app import app
 from vlmtools.classify import clip_texts
+from vlmtools.errors import BadInput
 from vlmtools.store import write_arrays
 
 runner = CliRunner()
@@ -338,3 +339,69 @@ def test_the_augmenter_step_runs_every_epoch_and_keeps_the_lowest_val_loss():
     assert abs(float(module.weight.detach()) ** 2 - val_losses[0]) < 1e-4  # the kept weights are epoch 1's
     result = fit_augmenter(torch.nn.Linear(1, 1, bias=False), train, loss, options, 3, "aug")
     assert result.best_epoch == 3  # without val rows, the last
+
+
+def test_class_descriptors_make_the_cbd_class_vector(tmp_path):
+    # --descriptors: T is each class's CBD vector, the normalized mean of its normalized "{class}, which has
+    # {descriptor}" embeddings (Menon & Vondrick), here written out from a text store of those sentences
+    from vlmtools.heads.augmented import class_text_embeddings
+    from vlmtools.models import ModelSpec
+    from vlmtools.store import open_store
+
+    descriptors = {"alpha": ["wings", "red feathers"], "beta": ["fins"], "gamma": ["fur", "long tail", "paws"]}
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"class": c, "descriptors": d}) + "\n"
+                                              for c, d in descriptors.items()))
+    sentences = [(c, f"{c}, which has {d}") for c, ds in descriptors.items() for d in ds]
+    rng = np.random.default_rng(2)
+    emb = rng.normal(size=(len(sentences), DIM)) * rng.uniform(0.5, 3, size=(len(sentences), 1))
+    write_arrays(tmp_path / "texts", emb, [{"id": str(i), "text": t} for i, (_, t) in enumerate(sentences)],
+                 kind="text", model=TINY)
+    texts = open_store(tmp_path / "texts", kind="text")
+    got = class_text_embeddings(CLASSES, ["a photo of a {}."], ModelSpec.parse("vlmtools-tiny", "none"),
+                                descriptors=tmp_path / "d.jsonl", text_store=texts, device="cpu")
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    for i, c in enumerate(CLASSES):
+        mean = unit[[j for j, (k, _) in enumerate(sentences) if k == c]].mean(0)
+        assert np.allclose(got[i], mean / np.linalg.norm(mean), atol=1e-3), c  # float16 store rows
+    assert got.dtype == np.float32 and got.shape == (len(CLASSES), DIM)
+    # every train class needs descriptors: one without is refused, naming it and the file
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps({"class": c, "descriptors": descriptors[c]}) + "\n"
+                                                for c in ("alpha", "beta")))
+    with pytest.raises(BadInput, match=f"class 'gamma' has no descriptors in {tmp_path / 'two.jsonl'}"):
+        class_text_embeddings(CLASSES, ["a photo of a {}."], ModelSpec.parse("vlmtools-tiny", "none"),
+                              descriptors=tmp_path / "two.jsonl", text_store=texts, device="cpu")
+
+
+def test_common_options_accept_their_bounds_and_refuse_past_them():
+    from vlmtools.heads.augmented import check_common
+
+    check_common(0, 0.0, 1, 1)  # K = 0 samples, alpha 0, one hidden unit, one shot
+    check_common(None, 1.0, None, None)
+    for args, said in (((-1, 0.5, None, None), "--samples -1: expected K >= 0 points per box"),
+                       ((None, -0.1, None, None), "--alpha -0.1: expected a weight in [0, 1]"),
+                       ((None, 1.1, None, None), "--alpha 1.1: expected a weight in [0, 1]"),
+                       ((None, 0.5, 0, None), "--hidden 0: expected at least 1"),
+                       ((None, 0.5, None, 0), "--shots 0: expected at least 1 image per class")):
+        with pytest.raises(BadInput) as caught:
+            check_common(*args)
+        assert str(caught.value) == said
+
+
+def test_a_class_list_must_name_exactly_the_train_classes(tmp_path):
+    from types import SimpleNamespace
+
+    from vlmtools.heads.augmented import check_class_list
+
+    data = SimpleNamespace(classes=list(CLASSES), reader=SimpleNamespace(path=tmp_path / "images"))
+    listed = tmp_path / "classes.txt"
+    listed.write_text("gamma\nalpha\nbeta\n")
+    check_class_list(listed, data)  # any order
+    check_class_list(None, data)
+    for names, said in ((CLASSES + ["delta"], f"{listed}: class 'delta' has no train rows in {tmp_path / 'images'}"),
+                        (CLASSES + ["delta", "eta"], "class 'delta' has no train rows in "
+                                                     f"{tmp_path / 'images'} (nor do 1 more)"),
+                        (["alpha"], f"{tmp_path / 'images'}: train label 'beta' is not in {listed}")):
+        listed.write_text("\n".join(names) + "\n")
+        with pytest.raises(BadInput) as caught:
+            check_class_list(listed, data)
+        assert str(caught.value).endswith(said), str(caught.value)
