@@ -134,19 +134,22 @@ def test_lads_end_to_end(stores, tmp_path):
     (["--descriptors", "DESC"], "'delta' is not in the class list"),
     (["--text-store", "COCA"], "vlmtools-tiny-coca"),
     (["--text-store", "IMAGES"], "is an image store, expected a text store"),
+    (["--text-store", "NARROW"], "8-d embeddings, but the image store has 16-d"),
     (["--templates", "a {} and {}"], "template"),
 ])
 def test_lare_bad_input(stores, tmp_path, extra, message):
     (tmp_path / "classes.txt").write_text("\n".join(CLASSES + ["delta"]) + "\n")
     (tmp_path / "desc.jsonl").write_text("".join(json.dumps({"class": c, "descriptors": ["wings"]}) + "\n"
                                                  for c in CLASSES + ["delta"]))
+    if "NARROW" in extra and not (tmp_path / "narrow").exists():
+        write_arrays(tmp_path / "narrow", np.ones((1, 8)), [{"id": "0", "text": "x"}], kind="text", model=TINY)
     if "COCA" in extra:
         coca = tmp_path / "coca"
         if not coca.exists():
             write_arrays(coca, np.ones((1, DIM)), [{"id": "0", "text": "x"}], kind="text",
                          model={"name": "vlmtools-tiny-coca", "pretrained": "none"})
     subst = {"CLASSES": tmp_path / "classes.txt", "DESC": tmp_path / "desc.jsonl", "COCA": tmp_path / "coca",
-             "IMAGES": stores / "images"}
+             "IMAGES": stores / "images", "NARROW": tmp_path / "narrow"}
     extra = [subst.get(e, e) for e in extra]
     args = ["train", "lare", stores / "images", "-o", tmp_path / "h", "--epochs", 2, "--box-epochs", 1,
             *([] if "--text-store" in extra else ["--text-store", stores / "texts"]), *extra]
@@ -287,7 +290,8 @@ def test_lads_with_another_hidden_width_keeps_its_augmenter(stores, tmp_path):
     assert invoke("classify", stores / "images", "--head", tmp_path / "lads", "-o", tmp_path / "p.jsonl").exit_code == 0
 
 
-def test_lare_without_a_text_store_encodes_the_class_prompts_with_the_stores_model(tmp_path):
+def test_lare_without_a_text_store_encodes_the_class_texts_with_the_stores_model(tmp_path):
+    # the class prompts (--templates) and the descriptor sentences (--descriptors) alike
     rng = np.random.default_rng(1)
     x = rng.normal(size=(len(CLASSES), 32))[np.repeat(np.arange(len(CLASSES)), 6)] + 0.3 * rng.normal(size=(18, 32))
     meta = [{"id": str(i), "label": CLASSES[i // 6]} for i in range(18)]
@@ -296,6 +300,12 @@ def test_lare_without_a_text_store_encodes_the_class_prompts_with_the_stores_mod
                  "--samples", 2, "--no-cache", "--json")
     assert res.exit_code == 0, res.output
     assert lines(res.stdout)[0]["sampled_rows"] == 2 * 18
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"class": c, "descriptors": ["wings", "a long tail"]}) + "\n"
+                                              for c in CLASSES))
+    res = invoke("train", "lare", tmp_path / "images", "-o", tmp_path / "cbd", "--descriptors", tmp_path / "d.jsonl",
+                 "--epochs", 3, "--box-epochs", 1, "--samples", 2, "--no-cache")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "cbd.json").read_text())["training"]["descriptors"] == str(tmp_path / "d.jsonl")
 
 
 def test_shots_keep_that_many_rows_of_every_class_chosen_by_the_seed():
