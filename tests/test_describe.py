@@ -658,6 +658,54 @@ def test_cache_hits_make_reruns_free_and_hold_no_key(tmp_path, llm):
     assert len(llm.requests) == 6
 
 
+def test_an_answer_cut_off_at_max_tokens_is_still_reported_when_it_comes_from_the_cache(tmp_path, llm):
+    # the rerun costs nothing, but must not hide that the answer's last descriptor may be partial
+    classes = class_file(tmp_path, ["Horned Puffin"], llm)
+    llm.answer = lambda cls, body: completion("- orange bill\n- black ba", finish_reason="length")
+    for out in ("a.jsonl", "b.jsonl"):
+        result = describe(llm, classes, "-o", tmp_path / out, "--cache-dir", tmp_path / "cache")
+        assert result.exit_code == 0, result.output
+        assert "1 answers were cut off at --max-tokens" in err(result)
+    assert len(llm.requests) == 1 and "1 from cache" in err(result)
+
+
+@pytest.mark.parametrize("entry", ['["- a list, not an answer"]', '{"request": {}}', '{"text": null}'])
+def test_a_cache_entry_that_holds_no_answer_is_asked_again(tmp_path, llm, entry):
+    # a hand-edited or foreign file where an answer should be: ask the server again, never crash on it
+    classes = class_file(tmp_path, ["Horned Puffin"], llm)
+    cache = tmp_path / "cache"
+    assert describe(llm, classes, "-o", tmp_path / "a.jsonl", "--cache-dir", cache).exit_code == 0
+    [file] = cache.rglob("*.json")
+    file.write_text(entry)
+    result = describe(llm, classes, "-o", tmp_path / "b.jsonl", "--cache-dir", cache)
+    assert result.exit_code == 0, result.output
+    assert len(llm.requests) == 2
+    assert read_jsonl(tmp_path / "b.jsonl") == read_jsonl(tmp_path / "a.jsonl")
+    assert json.loads(file.read_text())["text"] == "- feature of Horned Puffin\n- another feature"  # rewritten
+
+
+def test_the_cache_file_of_a_request_is_stable_and_ignores_field_order(tmp_path):
+    # vlmtools-describe(1), CACHE: an answer lives in DIR/KEY[:2]/KEY.json, KEY the sha256 of the request as
+    # compact JSON (sorted keys, "," and ":" without spaces, non-ASCII kept, UTF-8). Written out here by
+    # hand, so that a cache filled by an earlier release (paid-for answers) is still found after an upgrade.
+    import hashlib
+
+    from vlmtools.describe.cache import ResponseCache
+
+    request = {"model": "gpt-4o-mini", "base_url": "http://h/v1", "sample": 0, "max_tokens": 300,
+               "temperature": 0.7, "messages": [{"role": "user", "content": "Pájaro «café»?"}]}
+    canonical = ('{"base_url":"http://h/v1","max_tokens":300,"messages":[{"content":"Pájaro «café»?",'
+                 '"role":"user"}],"model":"gpt-4o-mini","sample":0,"temperature":0.7}')
+    key = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    cache = ResponseCache(tmp_path)
+    cache.put(request, "- wings", "stop")
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.json")] == [f"{key[:2]}/{key}.json"]
+    reordered = dict(reversed(list(request.items())))
+    assert cache.get(reordered)["text"] == "- wings"  # the same request, built in another order
+    cache.discard(reordered)
+    assert cache.get(request) is None and not list(tmp_path.rglob("*.json"))
+
+
 def test_default_cache_dir_follows_vlmtools_cache_dir(tmp_path, llm, monkeypatch):
     monkeypatch.setenv("VLMTOOLS_CACHE_DIR", str(tmp_path / "root"))
     classes = class_file(tmp_path, ["Horned Puffin"], llm)

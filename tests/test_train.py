@@ -65,6 +65,9 @@ def test_probe_trains_saves_and_classifies(store, tmp_path):
     assert len(info["curve"]) == summary["epochs"] and info["curve"][0]["epoch"] == 1
     assert "val_acc" in info["curve"][0] and info["metrics"]["val"]["rows"] > 0
     assert len(info["inputs"]["image_store"]["sha"]) == 16
+    # vlmtools-formats(5): inputs name the store and count the rows used (train 80, val 40 by --val-where)
+    assert {k: v for k, v in info["inputs"]["image_store"].items() if k != "sha"} == {"path": str(store), "rows": 80}
+    assert {k: v for k, v in info["inputs"]["image_store_val"].items() if k != "sha"} == {"path": str(store), "rows": 40}
     assert (tmp_path / "probe.safetensors").exists()
 
     res = invoke("classify", store, "--head", tmp_path / "probe", "--where", "split=test", "-o", tmp_path / "p.jsonl")
@@ -99,6 +102,48 @@ def test_val_where_and_no_val(store, tmp_path):
     assert res.exit_code == 0, res.output
     summary = lines(res.stdout)[0]
     assert summary["val_rows"] == 0 and summary["epochs"] == 5 and summary["best_epoch"] == 5
+    assert "val split" not in res.stderr  # --val-fraction 0 asked for none: no warning about a missing one
+    # the head file says how its val rows were chosen (what a paper's methods section reports)
+    training = {n: json.loads((tmp_path / f"{n}.json").read_text())["training"] for n in "vn"}
+    assert training["v"]["val_where"] == ["split=val"] and training["n"]["val_where"] == []
+    assert training["n"]["val_fraction"] == 0
+    assert train_probe(store, tmp_path / "f", "--val-fraction", 0.25, "--epochs", 5, "--solver", "adamw").exit_code == 0
+    assert json.loads((tmp_path / "f.json").read_text())["training"]["val_fraction"] == 0.25
+
+
+def test_probe_with_a_val_fraction_holds_out_the_same_rows_for_a_seed(store, tmp_path):
+    # --seed fixes the stratified val split too: the same seed, the same held-out rows and the same head
+    args = ("--val-fraction", 0.25, "--epochs", 5, "--solver", "adamw")
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert train_probe(store, tmp_path / name, *args, "--seed", seed).exit_code == 0
+    a, b, c = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc")
+    assert a["inputs"]["image_store_val"]["sha"] == b["inputs"]["image_store_val"]["sha"]
+    assert a["inputs"]["image_store_val"]["sha"] != c["inputs"]["image_store_val"]["sha"]
+    assert a["curve"] == b["curve"]
+
+
+def test_probe_refuses_another_model_than_the_stores(store, tmp_path):
+    res = invoke("train", "probe", store, "-o", tmp_path / "h", "--model", "vlmtools-micro")
+    assert res.exit_code == 2 and "vlmtools-tiny" in res.output, res.output
+    res = invoke("train", "probe", store, "-o", tmp_path / "h", "--model", "vlmtools-tiny", "--pretrained", "vlmtools")
+    assert res.exit_code == 2, res.output
+    assert not list(tmp_path.iterdir())
+    assert invoke("train", "probe", store, "-o", tmp_path / "h", "--model", "vlmtools-tiny").exit_code == 0
+
+
+def test_the_library_probe_defaults_are_the_cli_defaults(store, tmp_path):
+    # heads.linear.probe_options() is what `vlmtools train probe` does without options (L-BFGS, l2 1, no val)
+    from safetensors.numpy import load_file
+
+    from vlmtools.heads.linear import probe_options
+    from vlmtools.heads.linear import train_probe as library_train_probe
+
+    assert invoke("train", "probe", store, "-o", tmp_path / "cli", "--where", "split=train").exit_code == 0
+    library_train_probe(store, tmp_path / "lib", options=probe_options(), where=["split=train"])
+    cli, lib = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cli", "lib"))
+    assert lib["training"] == cli["training"] and lib["training"]["solver"] == "lbfgs"
+    wa, wb = (load_file(str(tmp_path / f"{n}.safetensors")) for n in ("cli", "lib"))
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
 
 
 def test_stratified_split_is_seeded_and_keeps_a_train_row():
@@ -109,6 +154,41 @@ def test_stratified_split_is_seeded_and_keeps_a_train_row():
     assert np.bincount(y[va], minlength=3).tolist() == [2, 1, 0]  # round(0.6) = 1; class 2 keeps its one row
     assert sorted(np.concatenate([tr, va]).tolist()) == list(range(len(y)))
     assert stratified_split(y, 3, 0.2, seed=1)[1].tolist() == va.tolist()
+    # half of each class, but never a class's last train row: 2 rows -> 1 val, 1 row -> 0 val, 4 rows -> 2 val
+    y = np.array([0, 0, 1, 2, 2, 2, 2])
+    tr, va = stratified_split(y, 3, 0.5, seed=0)
+    assert np.bincount(y[va], minlength=3).tolist() == [1, 0, 2] and np.bincount(y[tr]).tolist() == [1, 1, 2]
+    # classes too small for any val row: no val rows (an empty index), every row trains
+    tr, va = stratified_split(np.array([0, 1, 1]), 2, 0.2, seed=0)
+    assert tr.tolist() == [0, 1, 2] and va.tolist() == [] and y[va].tolist() == []
+
+
+def test_the_input_digest_tells_apart_the_rows_a_head_was_trained_on():
+    # vlmtools-formats(5): a head's inputs sha is over the rows used, their ids, labels and embeddings
+    from vlmtools.heads.data import Labelled, digest
+    from vlmtools.store import RowView
+
+    x, meta = blobs(n_per_class=5)
+    x = x.astype(np.float32)
+    y = np.array([CLASSES.index(m["label"]) for m in meta])
+    base = Labelled(x, y, meta, CLASSES)
+    assert base.digest() == Labelled(x.copy(), y.copy(), [dict(m) for m in meta], CLASSES).digest()
+    nudged = x.copy()
+    nudged[3, 2] += 1e-3
+    relabelled = y.copy()
+    relabelled[0] = 1
+    renamed = [dict(m) for m in meta]
+    renamed[4]["id"] = "another"
+    others = [Labelled(nudged, y, meta, CLASSES), Labelled(x, relabelled, meta, CLASSES),
+              Labelled(x, y, renamed, CLASSES), base.subset(range(1, len(base)))]
+    digests = [base.digest()] + [o.digest() for o in others]
+    assert len(set(digests)) == len(digests) and all(len(d) == 16 for d in digests)
+    # a store read lazily (a RowView over float16 shards, past one 65,536-row read) hashes as the float32
+    # matrix it reads as
+    rng = np.random.default_rng(0)
+    shards = [rng.normal(size=(40_000, 2)).astype(np.float16), rng.normal(size=(30_000, 2)).astype(np.float16)]
+    matrix = np.concatenate(shards).astype(np.float32)
+    assert digest(RowView(shards, 2)) == digest(matrix) != digest(matrix[:-1])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -267,6 +347,8 @@ def test_swapped_weights_are_refused(store, tmp_path):
     (["--where", "split=nowhere"], "no row matches"),
     (["--epochs", 0], "--epochs"),
     (["--val-fraction", 1.5], "--val-fraction"),
+    (["--val-fraction", 1], "--val-fraction"),  # every row held out: nothing left to train on
+    (["--where", "split=val", "--val-where", "split=val"], "all are val rows"),
     (["--val-fraction", 0.2, "--val-where", "split=val"], "exclude each other"),
     (["--where", "nokey"], "KEY=VALUE"),
 ])
@@ -274,6 +356,73 @@ def test_bad_probe_options(store, tmp_path, args, message):
     res = invoke("train", "probe", store, "-o", tmp_path / "h", *args)
     assert res.exit_code == 2 and message in res.output, res.output
     assert not list(tmp_path.iterdir())
+
+
+def test_val_where_rows_never_train_and_two_classes_are_enough(store, tmp_path):
+    # without --where every row but the --val-where ones trains: no row is both fitted and measured on
+    res = invoke("train", "probe", store, "-o", tmp_path / "h", "--val-where", "split=val", "--json")
+    assert res.exit_code == 0, res.output
+    assert (lines(res.stdout)[0]["train_rows"], lines(res.stdout)[0]["val_rows"]) == (120, 40)
+    assert "left out" not in res.stderr  # every row is labelled, every val class is a train class
+    x, meta = blobs(n_per_class=5)
+    write_arrays(tmp_path / "ab", x[:10], meta[:10], kind="image", model=TINY)  # alpha and beta only
+    res = invoke("train", "probe", tmp_path / "ab", "-o", tmp_path / "two")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "two.json").read_text())["classes"] == ["alpha", "beta"]
+    res = invoke("train", "probe", store, "-o", tmp_path / "one", "--where", "label=alpha")
+    assert res.exit_code == 2 and "one class ('alpha'); a classifier needs at least two (check --where)" \
+        in " ".join(res.output.split()), res.output
+    write_arrays(tmp_path / "a", x[:5], meta[:5], kind="image", model=TINY)
+    res = invoke("train", "probe", tmp_path / "a", "-o", tmp_path / "one")
+    assert res.exit_code == 2 and " ".join(res.output.split()).endswith("a classifier needs at least two"), res.output
+    # AdamW holds out a stratified 10 % by default; with too few rows per class for any: said, none held out
+    res = invoke("train", "probe", store, "-o", tmp_path / "adamw", "--solver", "adamw", "--epochs", 3, "--json")
+    assert res.exit_code == 0 and lines(res.stdout)[0]["val_rows"] == 16, res.output  # 4 of each class's 40
+    res = invoke("train", "probe", tmp_path / "ab", "-o", tmp_path / "few", "--solver", "adamw", "--epochs", 3,
+                 "--val-fraction", 0.05, "--json")  # 5 rows per class: round(0.25) = 0
+    assert res.exit_code == 0 and lines(res.stdout)[0]["val_rows"] == 0, res.output
+    assert "too few rows per class for a val split" in " ".join(res.stderr.split())
+
+
+def test_unlabelled_rows_and_val_rows_of_unknown_classes_are_left_out_and_counted(tmp_path):
+    x, meta = blobs(n_per_class=10)
+    for rec in [m for m in meta if m["split"] == "train"][:3]:
+        del rec["label"]  # three unlabelled images among the train rows
+    for i, rec in enumerate(meta[-6:]):
+        rec.update(label=f"u{i}", split="val")  # six val rows of classes no train row has
+    write_arrays(tmp_path / "s", x, meta, kind="image", model=TINY)
+    res = invoke("train", "probe", tmp_path / "s", "-o", tmp_path / "h", "--where", "split=train",
+                 "--val-where", "split=val", "--json")
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.stderr.split())
+    n_train = sum(m["split"] == "train" for m in meta)
+    assert f"warning: 3 of {n_train} selected rows of {tmp_path / 's'} have no label; they are left out" in said
+    assert "warning: 6 val rows have labels with no training rows and are left out: 'u0', 'u1', 'u2', 'u3', 'u4' ..." in said
+    n_val = sum(m["split"] == "val" for m in meta)
+    assert (lines(res.stdout)[0]["train_rows"], lines(res.stdout)[0]["val_rows"]) == (n_train - 3, n_val - 6)
+    res = invoke("train", "probe", tmp_path / "s", "-o", tmp_path / "h1", "--where", "split=train",
+                 "--val-where", "label=u0")
+    assert res.exit_code == 2 and "no row matching --val-where label=u0 has a training class" in res.output
+    meta[-1]["label"] = "u0"  # five unknown classes: all named, no "..."
+    meta[0]["label"] = " "  # a test row: the empty label is refused in whatever selection it is
+    write_arrays(tmp_path / "t", x, meta, kind="image", model=TINY)
+    res = invoke("train", "probe", tmp_path / "t", "-o", tmp_path / "h2", "--where", "split=val", "--val-where",
+                 "split=test")
+    assert res.exit_code == 2 and "row 0 (id 'alpha000') has an empty \"label\"" in " ".join(res.output.split())
+    meta[0]["label"] = "alpha"
+    write_arrays(tmp_path / "u", x, meta, kind="image", model=TINY)
+    res = invoke("train", "probe", tmp_path / "u", "-o", tmp_path / "h3", "--where", "split=train",
+                 "--val-where", "split=val")
+    assert res.exit_code == 0, res.output
+    assert "left out: 'u0', 'u1', 'u2', 'u3', 'u4' train probe: " in " ".join(res.stderr.split()), res.stderr
+
+
+def test_a_text_store_is_not_trained_on(tmp_path):
+    x, meta = blobs(n_per_class=5)
+    write_arrays(tmp_path / "texts", x, [{**m, "text": m["id"]} for m in meta], kind="text", model=TINY)
+    res = invoke("train", "probe", tmp_path / "texts", "-o", tmp_path / "h")
+    assert res.exit_code == 2 and "text" in res.output, res.output
+    assert not list(tmp_path.glob("h*"))
 
 
 def test_store_without_labels_is_refused(tmp_path):
