@@ -28,7 +28,8 @@ from torch import nn
 
 from vlmtools import formats
 from vlmtools.errors import BadInput
-from vlmtools.heads.files import check_head_output, head_stem, write_head_files  # noqa: F401 (re-exported)
+from vlmtools.heads.files import (check_head_output, head_stem, trained_head_info,  # noqa: F401 (re-exported)
+                                  trained_summary, write_head_files)
 
 HEADS: dict[str, type["Head"]] = {}
 
@@ -202,25 +203,17 @@ def _train_and_save(kind, config, data, output, options, *, training, inputs, cl
     head, result = train_head(kind, config, train_arrays, val_arrays, options, description=description,
                               **fit_kwargs)
     extra = {**(extra or {}), **(extra_fn(head) if extra_fn is not None else {})}
-    json_path, st_path = save_trained(output, kind, head, result, classes=classes, spec=data.spec,
-                                      options=options, training=training, inputs=inputs, extra=extra)
-    return {"head": str(json_path), "weights": str(st_path), "kind": kind,
-            "classes": len(classes) if classes is not None else None,
-            "train_rows": len(train_arrays[0]), "val_rows": len(val_arrays[0]) if val_arrays is not None else 0,
-            "epochs": len(result.curve), "best_epoch": result.best_epoch, "metrics": result.metrics,
-            **({"converged": result.converged} if result.converged is not None else {}),
-            "seconds": result.seconds, "device": result.device, **extra}
+    paths = save_trained(output, kind, head, result, classes=classes, spec=data.spec, options=options,
+                         training=training, inputs=inputs, extra=extra)
+    return trained_summary(kind, paths, result, classes=classes, train_rows=len(train_arrays[0]),
+                           val_rows=len(val_arrays[0]) if val_arrays is not None else 0, extra=extra)
 
 
 def save_trained(output, kind: str, head: Head, result, *, classes, spec, options, training: dict,
                  inputs: dict, extra: dict | None = None) -> tuple[Path, Path]:
     """Save a head trained by loop.fit (``result``: its FitResult) with the whole head JSON."""
-    info = formats.head_info(
-        kind=kind, config=head.config, tensors={}, classes=classes, input_dim=head.config["input_dim"],
-        model=spec.as_dict(), training={**options.as_dict(), **training}, seed=options.seed,
-        inputs=inputs, curve=result.curve, best_epoch=result.best_epoch, metrics=result.metrics,
-        extra={"device": result.device, "stopped_early": result.stopped_early,
-               **({"converged": result.converged} if result.converged is not None else {}), **(extra or {})})
+    info = trained_head_info(kind, head.config, result, classes=classes, spec=spec, options=options,
+                             training=training, inputs=inputs, extra=extra)
     return save_head(output, head, info)
 
 

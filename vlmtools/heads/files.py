@@ -37,3 +37,26 @@ def write_head_files(path: str | os.PathLike, info: dict, save: Callable[[str, d
         formats.failpoint("head.between_renames")
         formats.write_json(json_path, info)
     return json_path, st_path
+
+
+def trained_head_info(kind: str, config: dict, result, *, classes, spec, options, training: dict, inputs: dict,
+                      extra: dict | None = None) -> dict:
+    """The head JSON of a head fitted by loop.fit or the probe's numpy path (``result``: a loop.FitResult);
+    "tensors" is filled in by the writer."""
+    return formats.head_info(
+        kind=kind, config=config, tensors={}, classes=classes, input_dim=config["input_dim"],
+        model=spec.as_dict(), training={**options.as_dict(), **training}, seed=options.seed,
+        inputs=inputs, curve=result.curve, best_epoch=result.best_epoch, metrics=result.metrics,
+        extra={"device": result.device, "stopped_early": result.stopped_early,
+               **({"converged": result.converged} if result.converged is not None else {}), **(extra or {})})
+
+
+def trained_summary(kind: str, paths: tuple[Path, Path], result, *, classes, train_rows: int, val_rows: int,
+                    extra: dict | None = None) -> dict:
+    """What `train ... --json` prints for a head written to ``paths`` (json, weights)."""
+    return {"head": str(paths[0]), "weights": str(paths[1]), "kind": kind,
+            "classes": len(classes) if classes is not None else None,
+            "train_rows": train_rows, "val_rows": val_rows,
+            "epochs": len(result.curve), "best_epoch": result.best_epoch, "metrics": result.metrics,
+            **({"converged": result.converged} if result.converged is not None else {}),
+            "seconds": result.seconds, "device": result.device, **(extra or {})}

@@ -271,13 +271,59 @@ def _sample(tensors: tuple, seed: int, device: str) -> tuple:
 
 # ----------------------------------------------------------------------------- full-batch L-BFGS
 
+def run_lbfgs(objective, theta0, opts: FitOptions, description: str, measure: Callable, metric: str = "acc"):
+    """Drive logreg.lbfgs for a head (the torch loop below and heads.probe's numpy path): at most
+    ``opts.epochs`` iterations under a progress bar; a non-finite loss, or at the start point a non-finite
+    loss or gradient, stops with NonFiniteLoss; ``measure(it, theta, f) -> dict`` gives each iteration's
+    curve entry (and the start point's, when it converged there). Returns (theta, f, iterations,
+    converged, curve)."""
+    import numpy as np
+
+    from vlmtools.heads.logreg import lbfgs
+
+    def diverged(value: float, it: int):
+        raise NonFiniteLoss(f"{description}: the loss became {value} at epoch {it} (L-BFGS iteration {it}, "
+                            f"--l2 {opts.l2:g}); nothing was written. Check the inputs for extreme values")
+
+    calls: list[int] = []
+
+    def checked(theta):
+        value, grad = objective(theta)
+        if not calls:  # at the start point a non-finite loss or gradient is divergence, not a trial step
+            calls.append(1)
+            if not (math.isfinite(value) and np.isfinite(grad).all()):
+                diverged(value, 1)
+        return value, grad
+
+    curve: list[dict] = []
+    with progress(description, total=opts.epochs, unit="iterations") as bar:
+        def step(it: int, theta, f: float) -> None:
+            if not math.isfinite(f):
+                diverged(f, it)
+            curve.append(measure(it, theta, f))
+            val = curve[-1].get(f"val_{metric}")
+            shown = f" val {metric} {val:.4f}" if val is not None else ""
+            bar.advance(1, description=f"{description} loss {f:.4f}{shown}")
+
+        theta, f, iterations, converged = lbfgs(checked, theta0, max_iter=opts.epochs, on_iteration=step)
+    if not curve:  # converged before the first step (e.g. a zero gradient at the start)
+        curve.append(measure(1, theta, f))
+    return theta, f, iterations, converged, curve
+
+
+def lbfgs_done(description: str, iterations: int, converged: bool, metrics: dict, metric: str, device: str,
+               seconds: float) -> None:
+    """The summary line of an L-BFGS fit on stderr."""
+    val_txt = f", val {metric} {metrics['val'][metric]:.4f}" if "val" in metrics else ""
+    info(f"{description}: L-BFGS, {iterations} iterations ({'converged' if converged else 'stopped at --epochs'}"
+         f"{val_txt}) on {device} in {seconds:.1f} s")
+
+
 def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_epoch, params, metric,
                train_eval, description) -> FitResult:
     """``fit`` with solver "lbfgs" (see the module docstring)."""
-    import numpy as np
     import torch
 
-    from vlmtools.heads.logreg import lbfgs
     from vlmtools.models import resolve_device
 
     device = resolve_device(opts.device)
@@ -288,7 +334,6 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
     model.to(device)
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
-    curve: list[dict] = []
     extra = (on_epoch(1, model) or {}) if on_epoch is not None else {}
     trainable = [p for p in (list(params) if params is not None else model.parameters()) if p.requires_grad]
     penalised = [p for p in trainable if p.dim() >= 2]
@@ -321,51 +366,28 @@ def _fit_lbfgs(model, train, val, opts: FitOptions, *, loss_fn, metric_fn, on_ep
             reg.backward()
             total += float(reg.detach())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable]
-        flat = torch.cat([g.reshape(-1) for g in grads]).double().cpu().numpy()
-        if not calls:  # at the start point a non-finite loss or gradient is divergence, not a trial step
-            calls.append(1)
-            if not (math.isfinite(total) and np.isfinite(flat).all()):
-                _diverged(total, 1)
-        return total, flat
+        return total, torch.cat([g.reshape(-1) for g in grads]).double().cpu().numpy()
 
-    def _diverged(value: float, it: int):
-        raise NonFiniteLoss(f"{description}: the loss became {value} at epoch {it} (L-BFGS iteration {it}, "
-                            f"--l2 {opts.l2:g}); nothing was written. Check the inputs for extreme values")
-
-    calls: list[int] = []
-
-    def measure(it: int, f: float) -> None:
+    def measure(it: int, theta, f: float) -> dict:
+        set_params(theta)
         entry = {"epoch": it, "loss": round(f, 6), **(extra if it == 1 else {})}
         if val_t is not None:
             model.eval()
             entry[f"val_{metric}"] = round(float(metric_fn(model, *val_t)), 6)
             model.train()
-        curve.append(entry)
+        return entry
 
     model.train()
-    with progress(description, total=opts.epochs, unit="iterations") as bar:
-        def step(it: int, theta, f: float) -> None:
-            if not math.isfinite(f):
-                _diverged(f, it)
-            set_params(theta)
-            measure(it, f)
-            shown = f" val {metric} {curve[-1][f'val_{metric}']:.4f}" if val_t is not None else ""
-            bar.advance(1, description=f"{description} loss {f:.4f}{shown}")
-
-        with torch.no_grad():
-            theta0 = torch.cat([p.detach().reshape(-1) for p in trainable]).double().cpu().numpy()
-        theta, f, iterations, converged = lbfgs(objective, theta0, max_iter=opts.epochs, on_iteration=step)
-        set_params(theta)
+    with torch.no_grad():
+        theta0 = torch.cat([p.detach().reshape(-1) for p in trainable]).double().cpu().numpy()
+    theta, f, iterations, converged, curve = run_lbfgs(objective, theta0, opts, description, measure, metric)
+    set_params(theta)
     model.eval()
-    if not curve:  # converged before the first step (e.g. a zero gradient at the start)
-        measure(1, f)
     train_rows = _sample(train_t, opts.seed, device) if train_eval is None else to_tensors(train_eval, device)
     metrics = {"train": {metric: round(float(metric_fn(model, *train_rows)), 6), "rows": n}}
     if val_t is not None:
         metrics["val"] = {metric: curve[-1][f"val_{metric}"], "rows": len(val_t[0])}
     seconds = time.perf_counter() - t0
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    val_txt = f", val {metric} {metrics['val'][metric]:.4f}" if val_t is not None else ""
-    info(f"{description}: L-BFGS, {iterations} iterations ({'converged' if converged else 'stopped at --epochs'}"
-         f"{val_txt}) on {device} in {seconds:.1f} s")
+    lbfgs_done(description, iterations, converged, metrics, metric, device, seconds)
     return FitResult(state, curve, curve[-1]["epoch"], metrics, False, round(seconds, 3), device, converged)

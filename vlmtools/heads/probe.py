@@ -12,7 +12,6 @@ head (L-BFGS from zero weights too). The two L-BFGS paths give the same head to 
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Sequence
 
@@ -70,25 +69,35 @@ def zero_start(epoch: int, head) -> None:
 
 
 def save_numpy_probe(config: dict, data, output, options, *, training: dict, description: str) -> dict:
-    """The probe fitted by heads.logreg on the CPU, saved as the torch path saves it (base.save_trained):
-    the same head JSON keys, curve entries and summary. Returns the summary."""
+    """The probe fitted by heads.logreg on the CPU, saved as the torch path saves it (the same head JSON,
+    curve entries and summary, through heads.files). Returns the summary."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
     from vlmtools import formats
-    from vlmtools.heads.files import head_stem
+    from vlmtools.heads.files import head_stem, trained_head_info, trained_summary, write_head_files
 
     with formats.output_lock(head_stem(output)):  # a second run training the same head is refused now
-        w, b, fit = fit_numpy_probe(data.train.x, data.train.y, config["n_classes"], data.val, options,
-                                    description)
-        return _save(config, data, output, options, training, w, b, fit)
+        result = fit_numpy_probe(data.train.x, data.train.y, config["n_classes"], data.val, options, description)
+        state = result.state
+        if not all(np.isfinite(v).all() for v in state.values()):
+            raise ValueError("head weights fc.weight, fc.bias hold NaN or inf; not saved")
+        info = trained_head_info("probe", config, result, classes=data.classes, spec=data.spec, options=options,
+                                 training=training, inputs=data.inputs())
+        info["tensors"] = {k: list(v.shape) for k, v in state.items()}
+        paths = write_head_files(output, info, lambda file, metadata: save_file(state, file, metadata))
+        return trained_summary("probe", paths, result, classes=data.classes, train_rows=len(data.train.y),
+                               val_rows=len(data.val.y) if data.val is not None else 0)
 
 
-def fit_numpy_probe(x, y, n_classes: int, val, options, description: str) -> tuple:
-    """L-BFGS (heads.logreg) from zero weights, at most --epochs iterations: (W, b, what loop.fit's
-    FitResult holds: curve, metrics, converged, seconds); val rows are only measured."""
+def fit_numpy_probe(x, y, n_classes: int, val, options, description: str):
+    """L-BFGS (heads.logreg, driven by loop.run_lbfgs as the torch loop is) from zero weights, at most
+    --epochs iterations: a loop.FitResult whose state is {"fc.weight", "fc.bias"} as float32 numpy arrays;
+    val rows are only measured."""
     import numpy as np
 
-    from vlmtools.console import info, progress
-    from vlmtools.heads.logreg import TOL, lbfgs, logreg_objective
-    from vlmtools.heads.loop import NonFiniteLoss, train_metric_rows
+    from vlmtools.heads.logreg import logreg_objective
+    from vlmtools.heads.loop import FitResult, lbfgs_done, run_lbfgs, train_metric_rows
 
     n, dim = x.shape
     size = n_classes * dim
@@ -100,72 +109,21 @@ def fit_numpy_probe(x, y, n_classes: int, val, options, description: str) -> tup
     def acc(w, b, xs, ys) -> float:
         return float(((np.asarray(xs, dtype=np.float32) @ w.T + b).argmax(1) == ys).mean())
 
-    def diverged(value, it):
-        raise NonFiniteLoss(f"{description}: the loss became {value} at epoch {it} (L-BFGS iteration {it}, "
-                            f"--l2 {options.l2:g}); nothing was written. Check the inputs for extreme values")
-
-    objective = logreg_objective(x, y, n_classes, options.l2)
-    calls: list[int] = []
-
-    def checked(theta):
-        value, grad = objective(theta)
-        if not calls:  # at the start point a non-finite loss or gradient is divergence, not a trial step
-            calls.append(1)
-            if not (math.isfinite(value) and np.isfinite(grad).all()):
-                diverged(value, 1)
-        return value, grad
-
-    curve: list[dict] = []
-
-    def measure(it, theta, f):
+    def measure(it, theta, f) -> dict:
         entry = {"epoch": it, "loss": round(f, 6)}
         if val_rows:
             entry["val_acc"] = round(acc(*unpack(theta), val.x, val.y), 6)
-        curve.append(entry)
+        return entry
 
     t0 = time.perf_counter()
-    with progress(description, total=options.epochs, unit="iterations") as bar:
-        def step(it, theta, f):
-            if not math.isfinite(f):
-                diverged(f, it)
-            measure(it, theta, f)
-            shown = f" val acc {curve[-1]['val_acc']:.4f}" if val_rows else ""
-            bar.advance(1, description=f"{description} loss {f:.4f}{shown}")
-
-        theta, f, iterations, converged = lbfgs(checked, np.zeros(size + n_classes), max_iter=options.epochs,
-                                                tol=TOL, on_iteration=step)
-    if not curve:  # converged before the first step (e.g. a zero gradient at the start)
-        measure(1, theta, f)
+    theta, f, iterations, converged, curve = run_lbfgs(logreg_objective(x, y, n_classes, options.l2),
+                                                       np.zeros(size + n_classes), options, description, measure)
     w, b = unpack(theta)
     rows = train_metric_rows(n, options.seed)
     metrics = {"train": {"acc": round(acc(w, b, x[rows], y[rows]), 6), "rows": n}}
     if val_rows:
         metrics["val"] = {"acc": curve[-1]["val_acc"], "rows": len(val.y)}
     seconds = time.perf_counter() - t0
-    val_txt = f", val acc {metrics['val']['acc']:.4f}" if val_rows else ""
-    info(f"{description}: L-BFGS, {iterations} iterations ({'converged' if converged else 'stopped at --epochs'}"
-         f"{val_txt}) on cpu in {seconds:.1f} s")
-    return w, b, {"curve": curve, "metrics": metrics, "converged": converged, "seconds": round(seconds, 3)}
-
-
-def _save(config, data, output, options, training, w, b, fit) -> dict:
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from vlmtools import formats
-    from vlmtools.heads.files import write_head_files
-
-    state = {"fc.weight": np.ascontiguousarray(w, dtype=np.float32), "fc.bias": np.ascontiguousarray(b, dtype=np.float32)}
-    if not all(np.isfinite(v).all() for v in state.values()):
-        raise ValueError("head weights fc.weight, fc.bias hold NaN or inf; not saved")
-    best_epoch = fit["curve"][-1]["epoch"]
-    info = formats.head_info(
-        kind="probe", config=config, tensors={k: list(v.shape) for k, v in state.items()}, classes=data.classes,
-        input_dim=config["input_dim"], model=data.spec.as_dict(), training={**options.as_dict(), **training},
-        seed=options.seed, inputs=data.inputs(), curve=fit["curve"], best_epoch=best_epoch, metrics=fit["metrics"],
-        extra={"device": "cpu", "stopped_early": False, "converged": fit["converged"]})
-    json_path, st_path = write_head_files(output, info, lambda file, metadata: save_file(state, file, metadata))
-    return {"head": str(json_path), "weights": str(st_path), "kind": "probe", "classes": len(data.classes),
-            "train_rows": len(data.train.y), "val_rows": len(data.val.y) if data.val is not None else 0,
-            "epochs": len(fit["curve"]), "best_epoch": best_epoch, "metrics": fit["metrics"],
-            "converged": fit["converged"], "seconds": fit["seconds"], "device": "cpu"}
+    lbfgs_done(description, iterations, converged, metrics, "acc", "cpu", seconds)
+    state = {"fc.weight": np.ascontiguousarray(w), "fc.bias": np.ascontiguousarray(b)}
+    return FitResult(state, curve, curve[-1]["epoch"], metrics, False, round(seconds, 3), "cpu", converged)
