@@ -247,3 +247,271 @@ def test_integer_labels_of_older_files_are_class_names(tmp_path):
     out = [json.loads(line) for line in res.stdout.splitlines()]
     assert out[0]["correct"] == sum(r["pred"] == str(r["label"]) for r in recs) > 0
     assert {r["class"] for r in out[1:]} <= {"0", "1", "2"}
+
+
+# ----------------------------------------------------------------------------- what the numbers, tables and plots say
+# (issue 24: behaviours the mutation run of evaluate.py found untested)
+
+def _ranked(label, order, i):
+    """A labelled prediction whose ranking is ``order`` (class indices), image i."""
+    topk = [(CLASSES[c], round(1 - 0.05 * r, 3)) for r, c in enumerate(order)]
+    return prediction_record({"id": f"im{i}", "label": CLASSES[label]}, topk[0][0], topk)
+
+
+def test_top5_counts_only_the_first_five_of_a_longer_ranking():
+    """classify -k 8 lists 8 classes: top-5 accuracy still asks for the label among the first five."""
+    recs = [_ranked(0, [1, 2, 3, 4, 5, 0, 6, 7], 0),   # label 6th: a top-5 miss
+            _ranked(0, [1, 2, 3, 4, 0, 5, 6, 7], 1),   # label 5th: a top-5 hit
+            _ranked(1, [1, 0, 2, 3, 4, 5, 6, 7], 2)]   # right
+    res = E.evaluate(recs)
+    assert res["acc1"] == 1 / 3 and res["acc5"] == 2 / 3
+    assert [(r["class"], r["acc5"]) for r in res["per_class"]] == [(CLASSES[0], 0.5), (CLASSES[1], 1.0)]
+    assert res["mean_per_class_recall"] == (0 / 2 + 1 / 1) / 2 and "acc5_note" not in res
+
+
+def test_top5_note_and_group_of_records_without_the_key():
+    recs = fake_predictions(n=12, n_classes=4, k=4)
+    del recs[0]["domain"], recs[5]["domain"]
+    res = E.evaluate(recs, by=["domain"])
+    assert res["acc5"] is None and "fewer than 5 classes" in res["acc5_note"]
+    groups = res["groups"]["domain"]
+    assert set(groups) == {"-", "photo", "painting"} and groups["-"]["n"] == 2  # MISSING: a group of its own
+    assert sum(g["n"] for g in groups.values()) == 12 and all("per_class" not in g for g in groups.values())
+
+
+def test_mcnemar_small_counts_and_the_chi_square_tail():
+    from statistics import NormalDist
+
+    assert E.mcnemar(0, 0) == {"discordant": 0, "p_exact": 1.0, "chi2": 0.0, "p_chi2": 1.0}
+    assert E.mcnemar(1, 0) == {"discordant": 1, "p_exact": 1.0, "chi2": 0.0, "p_chi2": 1.0}
+    for b, c in [(5, 3), (3, 5), (10, 2), (1, 12), (40, 25)]:
+        res = E.mcnemar(b, c)
+        n = b + c
+        assert res["discordant"] == n and res["chi2"] == (abs(b - c) - 1) ** 2 / n  # Edwards' correction
+        # chi-square with 1 degree of freedom: P(X > x) = P(|Z| > sqrt(x)), Z standard normal
+        assert math.isclose(res["p_chi2"], 2 * (1 - NormalDist().cdf(math.sqrt(res["chi2"]))), rel_tol=1e-9)
+
+
+def test_rounded_keeps_three_significant_digits_of_p_values_everywhere():
+    raw = {"acc1": 0.123456, "p_exact": 0.000123456, "mcnemar": {"p_chi2": 0.98765, "chi2": 2.0 / 3},
+           "rows": [0.987654321, {"p_x": 1.23456e-9, "n": 7}], "name": "p_1"}
+    assert E.rounded(raw) == {"acc1": 0.1235, "p_exact": 0.000123, "mcnemar": {"p_chi2": 0.988, "chi2": 0.6667},
+                              "rows": [0.9877, {"p_x": 1.23e-9, "n": 7}], "name": "p_1"}
+    assert E.rounded([0.123456], 2) == [0.12]
+
+
+def test_result_lines_hold_the_summary_groups_and_classes_only_when_asked():
+    recs = fake_predictions(n=30)
+    result = E.evaluate(recs, by=["domain"])
+    rows = E.result_lines(result, {"predictions": "p.jsonl"})
+    assert [r["kind"] for r in rows] == ["summary", "group", "group"]
+    assert "per_class" not in rows[0] and "groups" not in rows[0] and rows[0]["predictions"] == "p.jsonl"
+    with_classes = E.result_lines(result, {}, per_class=True)
+    assert [r["class"] for r in with_classes if r["kind"] == "class"] == [r["class"] for r in result["per_class"]]
+
+
+def test_compare_counts_every_cell_of_the_paired_table():
+    def rec(i, label, pred):
+        return prediction_record({"id": f"im{i}", "path": f"/x/{i}.jpg", "label": label}, pred, [(pred, 1.0)])
+
+    # (A right, B right): 3 both, 2 only A, 4 only B, 1 both wrong (with different wrong answers)
+    a = [rec(i, "x", "x") for i in range(5)] + [rec(i, "x", "y") for i in range(5, 10)]
+    b = [rec(i, "x", "x") for i in range(3)] + [rec(i, "x", "y") for i in range(3, 5)] + \
+        [rec(i, "x", "x") for i in range(5, 9)] + [rec(9, "x", "z")]
+    summary, diff = E.compare(a, b, ("A", "B"))
+    assert (summary["both_correct"], summary["only_a_correct"], summary["only_b_correct"], summary["both_wrong"]) \
+        == (3, 2, 4, 1)
+    assert summary["a"]["acc1"] == 0.5 and summary["b"]["acc1"] == 0.7
+    assert math.isclose(summary["difference"], 0.2) and summary["mcnemar"] == E.mcnemar(2, 4)
+    assert [d["id"] for d in diff] == ["im3", "im4", "im5", "im6", "im7", "im8", "im9"]
+    assert diff[0] == {"id": "im3", "path": "/x/3.jpg", "label": "x", "pred_a": "x", "pred_b": "y",
+                       "correct_a": True, "correct_b": False}
+    b[0]["label"] = "w"
+    with pytest.raises(E.BadInput, match=r"image 'im0': label 'x' in A but 'w' in B"):
+        E.compare(a, b, ("A", "B"))
+    with pytest.raises(E.BadInput, match="^left and right share no image id"):
+        E.compare(a, [dict(r, id="z" + r["id"]) for r in b], ("left", "right"))
+
+
+def test_compare_warns_only_when_some_images_are_in_one_file(tmp_path):
+    recs = fake_predictions(n=20)
+    pa = write(tmp_path / "a.jsonl", recs)
+    res = invoke("eval", "compare", pa, write(tmp_path / "b.jsonl", recs[::-1]))
+    assert res.exit_code == 0 and "present in both" not in res.stderr
+    res = invoke("eval", "compare", pa, write(tmp_path / "c.jsonl", recs[:15]), "--names", "one,two")
+    assert "comparing the 15 images present in both (one: 20, two: 15)" in " ".join(res.stderr.split())
+
+
+def test_compare_files_where_names_stdin_and_output(tmp_path):
+    recs = fake_predictions(n=30)
+    other = fake_predictions(n=30, seed=1)
+    (tmp_path / "x").mkdir()
+    pa, pb = write(tmp_path / "p.jsonl", recs), write(tmp_path / "x" / "p.jsonl", other)
+    for r in other:  # same images and labels, other predictions
+        r["label"] = next(q["label"] for q in recs if q["id"] == r["id"])
+    write(pb, other)
+    res = invoke("eval", "compare", pa, pb, "--where", "domain=painting", "-o", tmp_path / "s.jsonl")
+    assert res.exit_code == 0, res.output
+    [out] = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    paintings = sum(r["domain"] == "painting" for r in recs)
+    assert out["n"] == paintings and out["where"] == ["domain=painting"]
+    assert (out["a"]["name"], out["b"]["name"]) == ("A:p", "B:p")  # same stems: told apart
+    assert out["a"]["predictions"] == str(pa) and out["b"]["predictions"] == str(pb)
+    res = invoke("eval", "compare", "-", pb, input=pa.read_text())  # one of the two may be stdin
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["a"]["predictions"] == "<stdin>"
+    res = invoke("eval", "compare", "-", "-", input=pa.read_text())
+    assert res.exit_code == 2 and "only one of the two predictions files can be stdin" in res.stderr
+    res = invoke("eval", "compare", pa, pb, "--where", "domain=sketch")
+    assert res.exit_code == 2 and f"{pa}: no prediction matches --where domain=sketch" in res.stderr
+
+
+def test_compare_report_lists_ten_disagreements_and_says_whether_it_is_chance(tmp_path, wide_console):
+    recs = fake_predictions(n=60, skill=0.3)
+    better = [prediction_record(r, r["label"], [(r["label"], 1.0)]) for r in recs]  # B is always right
+    pa, pb = write(tmp_path / "a.jsonl", recs), write(tmp_path / "b.jsonl", better)
+    res = invoke("eval", "compare", pa, pb)
+    out = json.loads(res.stdout)
+    assert "is unlikely to be chance (p < 0.05)" in res.stderr and "first 10 disagreements" in res.stderr
+    rows = _table_rows(res.stderr)
+    assert rows[0] == ["A top-1 %", "B top-1 %", "B - A", "only A right", "only B right", "McNemar p (exact)"]
+    assert rows[1] == [f"{100 * out['a']['acc1']:.2f}", "100.00", f"{100 * out['difference']:+.2f}", "0",
+                       str(out["only_b_correct"]), f"{out['mcnemar']['p_exact']:.3g}"]
+    assert rows[2] == ["id", "label", "A", "B"]
+    wrong = [r for r in recs if r["pred"] != r["label"]][:10]
+    assert rows[3:] == [[r["id"], r["label"], r["pred"], r["label"]] for r in wrong]
+    res = invoke("eval", "compare", pa, pa)
+    assert "could well be chance (p >= 0.05)" in res.stderr and "disagreements" not in res.stderr
+    assert "disagreements" not in invoke("eval", "compare", pa, pb, "--show", 0).stderr
+    assert _table_rows(invoke("eval", "compare", pa, pb, "--show", 1).stderr)[3:] == [rows[3]]
+
+
+def _table_rows(stderr):
+    """The cells of every row of the rich tables on stderr (header rows included)."""
+    return [[c.strip() for c in line.strip().strip("│┃").split("│" if "│" in line else "┃")]
+            for line in stderr.splitlines() if "│" in line or "┃" in line]
+
+
+@pytest.fixture
+def wide_console(monkeypatch):
+    """stderr tables laid out 200 columns wide: one line per row, whatever the terminal."""
+    from vlmtools import console
+
+    monkeypatch.setattr(console.console, "_width", 200)
+
+
+def test_eval_tables_show_the_numbers_of_the_summary_and_of_each_group(tmp_path, wide_console):
+    recs = fake_predictions(n=40)
+    res = invoke("eval", write(tmp_path / "p.jsonl", recs), "--by", "domain")
+    result = E.evaluate(recs, by=["domain"])
+    rows = _table_rows(res.stderr)
+    head = ["images", "classes", "top-1 %", "top-5 %", "mean per-class recall %"]
+    assert rows[0] == head and rows[2] == head[:0] + ["domain"] + head
+    assert rows[1] == ["40", str(result["classes"]), f"{100 * result['acc1']:.2f}", f"{100 * result['acc5']:.2f}",
+                       f"{100 * result['mean_per_class_recall']:.2f}"]
+    for row, (value, g) in zip(rows[3:], result["groups"]["domain"].items()):
+        assert row == [value, str(g["n"]), str(g["classes"]), f"{100 * g['acc1']:.2f}", f"{100 * g['acc5']:.2f}",
+                       f"{100 * g['mean_per_class_recall']:.2f}"]
+    assert "by domain" in res.stderr
+    few = invoke("eval", write(tmp_path / "q.jsonl", fake_predictions(n=10, n_classes=4, k=4)))
+    assert _table_rows(few.stderr)[1][3] == "-"  # no top-5 with 4 classes
+
+
+def test_eval_where_titles_the_table_and_the_plots(tmp_path):
+    recs = fake_predictions(n=30)
+    for r in recs:
+        r.update(method="cbd", model="vlmtools-micro")
+    pred = write(tmp_path / "run.jsonl", recs)
+    res = invoke("eval", pred, "--where", "domain=photo", "--plots", tmp_path / "a" / "b", "-o", tmp_path / "r.jsonl")
+    assert res.exit_code == 0, res.output
+    photos = sum(r["domain"] == "photo" for r in recs)
+    assert f"{pred} (cbd, vlmtools-micro) where domain=photo" in res.stderr  # the title, whole on its line
+    [head] = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]  # no class rows
+    assert head["n"] == photos and head["where"] == ["domain=photo"] and head["method"] == "cbd"
+    from PIL import Image
+
+    for name in ("run.confusion.png", "run.per_class.png"):
+        with Image.open(tmp_path / "a" / "b" / name) as im:
+            assert im.info["Software"] == "vlmtools" and im.info["Description"] == "eval"
+            assert f"cbd · vlmtools-micro · n = {photos} (domain=photo) {pred}" in im.info["Title"]
+    # a second eval into the same directory replaces the plots
+    assert invoke("eval", pred, "--plots", tmp_path / "a" / "b", "-o", tmp_path / "r.jsonl").exit_code == 0
+    assert "where" not in json.loads((tmp_path / "r.jsonl").read_text())
+
+
+def test_titles_name_the_file_what_made_it_and_the_selection():
+    origin = {"method": "cbd", "model": "m", "predictions": "p.jsonl"}
+    assert E.table_title("p.jsonl", origin, ["domain=photo", "split=test"]) == \
+        "p.jsonl (cbd, m) where domain=photo split=test"
+    assert E.table_title("-", {}) == "<stdin>"
+    assert E.plot_subtitle(origin, 12, ["a=b", "c=d"]) == "cbd · m · n = 12 (a=b c=d)\np.jsonl"
+    assert E.plot_subtitle({"model": "m"}, 3) == "m · n = 3\n"
+    assert [E.plot_name(p) for p in ("-", "d/run.jsonl", "run.json", "x.y", ".jsonl")] == \
+        ["stdin", "run", "run", "x.y", ".jsonl"]
+
+
+def test_provenance_keeps_only_what_every_line_agrees_on(tmp_path):
+    import vlmtools
+
+    recs = fake_predictions(n=4)
+    for r in recs:
+        r.update(method="cbd", model="m", store="s")
+    recs[2]["store"] = "t"
+    out = E.provenance(tmp_path / "p.jsonl", recs)
+    assert out == {"predictions": str(tmp_path / "p.jsonl"), "method": "cbd", "model": "m",
+                   "vlmtools_version": vlmtools.__version__}
+    assert E.provenance("-", []) == {"predictions": "<stdin>", "vlmtools_version": vlmtools.__version__}
+
+
+def test_per_class_csv_columns_and_blank_top5(tmp_path):
+    E.write_per_class_csv(tmp_path / "a.csv", E.evaluate(fake_predictions(n=20, n_classes=4, k=4)))
+    E.write_per_class_csv(tmp_path / "b.csv", E.evaluate(fake_predictions(n=20)))
+    a = (tmp_path / "a.csv").read_text().split("\n")
+    assert a[0] == "class,n,correct,acc1,acc5" and a[1].endswith(",") and "\r" not in a[1]
+    b = list(csv.DictReader(io.StringIO((tmp_path / "b.csv").read_text())))
+    assert all(len(r["acc5"]) == 6 and float(r["acc5"]) >= float(r["acc1"]) for r in b)  # 4 decimals
+
+
+def test_confusion_figure_shows_each_true_class_row_as_fractions(tmp_path):
+    from PIL import Image
+
+    classes = ["a", "b", "$\\frac{x}$"]  # a predicted-only class with a "$" pair: text, never mathtext
+    matrix = np.array([[3, 1, 0], [0, 2, 2], [0, 0, 0]])
+    fig = E.confusion_figure(classes, matrix)
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.images[0].get_array(), [[0.75, 0.25, 0], [0, 0.5, 0.5], [0, 0, 0]])
+    assert ax.images[0].get_clim() == (0, 1)  # colours mean the same fraction in every plot
+    assert [t.get_text() for t in ax.get_xticklabels()] == classes == [t.get_text() for t in ax.get_yticklabels()]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
+    assert fig.axes[1].get_ylabel() == "fraction of the true class"  # the colour bar
+    E.plot_confusion(tmp_path / "c.png", classes, matrix)  # draws: a "$" pair would fail as mathtext
+    E.plot_per_class(tmp_path / "p.png", [{"class": c, "n": 1, "acc1": 0.5} for c in classes])
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.info["Title"] == "confusion matrix (rows normalized)" and "Description" not in im.info
+
+
+def test_confusion_figure_of_many_classes_numbers_the_axes_and_keys_every_class():
+    n = 2 * int(24 * 72 / 11) + 5  # more names than one column of the key holds: three columns
+    classes = [f"class {i:03d} " + "long " * 10 for i in range(n)]
+    fig = E.confusion_figure(classes, np.eye(n, dtype=int))
+    ax = fig.axes[0]
+    step = n // 40
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(i) for i in range(0, n, step)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [str(i) for i in range(0, n, step)]
+    assert "see the key" in ax.get_xlabel() and "see the key" in ax.get_ylabel()
+    key = [t.get_text().split("\n") for t in fig.texts]
+    assert len(key) == 3 and sum(map(len, key)) == n
+    lines = [line for column in key for line in column]
+    assert [int(line.split()[0]) for line in lines] == list(range(n))
+    assert all(len(line) <= 4 + 2 + 40 and line.endswith("…") for line in lines)  # names shortened to 40
+    xs = [t.get_position()[0] for t in fig.texts]
+    assert xs == sorted(xs) and xs[0] > 0.9  # beside the matrix, left to right
+
+
+def test_per_class_plot_sorts_the_bars_and_shows_percent(tmp_path):
+    rows = [{"class": "b", "n": 4, "acc1": 0.5}, {"class": "a", "n": 2, "acc1": 1.0}, {"class": "c", "n": 1, "acc1": 0.5}]
+    E.plot_per_class(tmp_path / "p.png", rows, subtitle="cbd · n = 7")
+    from PIL import Image
+
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.info["Description"] == "eval" and "cbd · n = 7" in im.info["Title"]
