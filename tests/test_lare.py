@@ -218,6 +218,18 @@ def test_lads_terms_equal_the_authors_definitions():
         assert math.isclose(parts["cc"], float(consistency), rel_tol=1e-5)
         assert math.isclose(float(loss), float(alpha * directional + (1 - alpha) * consistency), rel_tol=1e-5)
     assert LADS.AUTHORS["hidden"] == LADS.AugNet(d).hidden == 384
+    scaled = unit(out) @ cc_emb.T * 10  # --logit-scale multiplies the cosines of the class-consistency term
+    log_p = scaled - torch.log(torch.exp(scaled).sum(1, keepdim=True))
+    consistency = sum(-weights[y[i]] * log_p[i, y[i]] for i in range(n)) / weights[y].sum()
+    _, parts = LADS.lads_loss(net, x, y, diff, cc_emb, weights, logit_scale=10.0)
+    assert math.isclose(parts["cc"], float(consistency), rel_tol=1e-5)
+
+
+def test_lads_class_weights_are_the_authors_inverse_counts():
+    """EmbeddingDataset.get_counts: w_c = min count / n_c over the classes present; absent classes weigh 0."""
+    y = torch.tensor([0, 1, 1, 1, 0, 1, 1])  # counts 2, 5; classes 2 and 3 have no rows
+    assert torch.allclose(LADS.class_weights(y, 4), torch.tensor([1.0, 0.4, 0.0, 0.0]))
+    assert torch.allclose(LADS.class_weights(torch.tensor([1, 0, 0]), 2), torch.tensor([0.5, 1.0]))
 
 
 def test_lads_ensemble_is_the_mean_of_probe_and_zero_shot_probabilities():
@@ -229,6 +241,11 @@ def test_lads_ensemble_is_the_mean_of_probe_and_zero_shot_probabilities():
     nx = x / x.norm(dim=1, keepdim=True)
     want = (torch.softmax(head.fc(nx), 1) + torch.softmax(100 * nx @ head.zeroshot.T, 1)) / 2
     assert torch.allclose(torch.softmax(head(x), 1), want, atol=1e-6)
+    assert torch.allclose(torch.exp(head(x)), want, atol=1e-6)  # forward: the log of that mean itself
+    # the validation metric reads the probe alone, not the ensemble (the authors pick the epoch on it)
+    y = head.probe(x).argmax(1)
+    assert LADS.balanced_accuracy(head, x, y) == 1.0 and LADS.balanced_accuracy(head.probe, x, y) == 1.0
+    assert math.isnan(LADS.balanced_accuracy(head, x[:0], y[:0]))
     plain = LADS.LadsHead(6, 4, 8)
     assert "zeroshot" not in dict(plain.named_buffers())
     assert torch.allclose(plain(x), plain.fc(nx), atol=1e-6)  # the probe reads normalized inputs

@@ -415,3 +415,58 @@ def test_a_class_list_must_name_exactly_the_train_classes(tmp_path):
         with pytest.raises(BadInput) as caught:
             check_class_list(listed, data)
         assert str(caught.value).endswith(said), str(caught.value)
+
+
+# ----------------------------------------------------------------------------- LADS's library entry (issue 24: found by mutation testing)
+
+def test_train_lads_records_its_settings_and_follows_the_text_shift_it_reports(stores, tmp_path):
+    """train_lads keeps every setting it was given, trains on the --where rows only (shots of them), keeps the
+    ensemble's zero-shot classes (the mean of the source and target class vectors), and reports the mean
+    alignment of its augmenter's shift with the class text directions, restated here from the saved weights."""
+    import torch
+    from torch.nn.functional import normalize
+
+    from vlmtools.heads import augmented as A
+    from vlmtools.heads.base import load_head
+    from vlmtools.heads.data import load_train_val
+    from vlmtools.heads.lads import lads_options, train_lads
+
+    common = dict(where=["domain=photo"], val_where=["split=test", "domain=photo"], text_store=stores / "texts",
+                  source=PROMPTS[0], target=PROMPTS[1])
+    s = train_lads(stores / "images", tmp_path / "s", options=lads_options(epochs=3, device="cpu"), aug_epochs=2,
+                   hidden=8, alpha=0.7, logit_scale=2.0, ensemble=True, shots=3, **common)
+    assert (s["train_rows"], s["augmented_rows"], s["val_rows"]) == (18, 9, 12)  # 3 shots x 3 classes, twice
+    t = json.loads((tmp_path / "s.json").read_text())["training"]
+    assert {k: t[k] for k in ("where", "val_where", "val_fraction", "source", "target", "cc_template", "text_store",
+                              "alpha", "aug_epochs", "hidden", "logit_scale", "ensemble", "shots")} == {
+        "where": ["domain=photo"], "val_where": ["split=test", "domain=photo"], "val_fraction": None,
+        "source": PROMPTS[0], "target": PROMPTS[1], "cc_template": "a photo of a {}",
+        "text_store": str(stores / "texts"), "alpha": 0.7, "aug_epochs": 2, "hidden": 8, "logit_scale": 2.0,
+        "ensemble": True, "shots": 3}
+    data = load_train_val(stores / "images", where=common["where"], val_where=common["val_where"])
+    texts = A.open_text_store(stores / "texts", data.spec, DIM)
+    src, tgt = (torch.from_numpy(A.class_text_embeddings(data.classes, [p], data.spec, text_store=texts))
+                for p in PROMPTS[:2])
+    head, _ = load_head(tmp_path / "s")
+    assert torch.allclose(head.zeroshot, normalize(normalize(src, dim=1) + normalize(tgt, dim=1), dim=1), atol=1e-6)
+
+    s = train_lads(stores / "images", tmp_path / "p", options=lads_options(epochs=2, device="cpu"), aug_epochs=3,
+                   **common)
+    assert s["train_rows"] == 2 * len(data.train.y) and s["val_rows"] == len(data.val.y)
+    head, _ = load_head(tmp_path / "p")
+    x = normalize(torch.from_numpy(data.train.x), dim=1)
+    directions = normalize(normalize(tgt, dim=1) - normalize(src, dim=1), dim=1)
+    with torch.no_grad():
+        shift = head.aug(x) - x
+    cos = (shift * directions[torch.from_numpy(data.train.y)]).sum(1) / shift.norm(dim=1)
+    assert s["shift_alignment_mean"] == round(float(cos.mean()), 4) != 0
+
+
+def test_lads_options_are_the_authors_probe_settings():
+    """configs/CUB/lads.yaml's probe: AdamW, lr 1e-3, weight decay 0.05, batch 256, 400 epochs, no early stop;
+    the CLI's defaults are the same numbers."""
+    from vlmtools.heads.lads import lads_options
+
+    o = lads_options()
+    assert (o.solver, o.epochs, o.lr, o.weight_decay, o.batch_size, o.patience) == ("adamw", 400, 1e-3, 0.05, 256, 0)
+    assert lads_options(epochs=7, device="cpu").epochs == 7

@@ -47,9 +47,6 @@ class AugNet(nn.Module):
         self.fc1 = nn.Linear(dim, self.hidden)
         self.fc2 = nn.Linear(self.hidden, dim)
 
-    def config(self) -> dict:
-        return {"dim": self.dim, "hidden": self.hidden}
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.fc1(x)))
 

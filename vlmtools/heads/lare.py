@@ -62,9 +62,6 @@ class BoxNet(nn.Module):
         self.fc1 = nn.Linear(dim, self.hidden)
         self.fc2 = nn.Linear(self.hidden, 2 * dim)
 
-    def config(self) -> dict:
-        return {"dim": self.dim, "hidden": self.hidden, "form": self.form}
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.fc2(F.gelu(self.fc1(x)))
         first, second = out[:, :self.dim], out[:, self.dim:]
