@@ -297,7 +297,7 @@ def test_rounded_keeps_three_significant_digits_of_p_values_everywhere():
            "rows": [0.987654321, {"p_x": 1.23456e-9, "n": 7}], "name": "p_1"}
     assert E.rounded(raw) == {"acc1": 0.1235, "p_exact": 0.000123, "mcnemar": {"p_chi2": 0.988, "chi2": 0.6667},
                               "rows": [0.9877, {"p_x": 1.23e-9, "n": 7}], "name": "p_1"}
-    assert E.rounded([0.123456], 2) == [0.12]
+    assert E.rounded([0.123456], 2) == [0.12] and E.rounded({"a": {"b": 0.123456}}, 2) == {"a": {"b": 0.12}}
 
 
 def test_result_lines_hold_the_summary_groups_and_classes_only_when_asked():
@@ -355,6 +355,7 @@ def test_compare_files_where_names_stdin_and_output(tmp_path):
     [out] = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     paintings = sum(r["domain"] == "painting" for r in recs)
     assert out["n"] == paintings and out["where"] == ["domain=painting"]
+    assert "present in both" not in res.stderr  # --where selects in both files
     assert (out["a"]["name"], out["b"]["name"]) == ("A:p", "B:p")  # same stems: told apart
     assert out["a"]["predictions"] == str(pa) and out["b"]["predictions"] == str(pb)
     res = invoke("eval", "compare", "-", pb, input=pa.read_text())  # one of the two may be stdin
@@ -434,6 +435,9 @@ def test_eval_where_titles_the_table_and_the_plots(tmp_path):
         with Image.open(tmp_path / "a" / "b" / name) as im:
             assert im.info["Software"] == "vlmtools" and im.info["Description"] == "eval"
             assert f"cbd · vlmtools-micro · n = {photos} (domain=photo) {pred}" in im.info["Title"]
+    assert f"wrote {tmp_path / 'a' / 'b' / 'run.confusion.png'}" in res.stderr
+    res = invoke("eval", pred, "--where", "domain=sketch")
+    assert res.exit_code == 2 and f"{pred}: no prediction matches --where domain=sketch" in res.stderr
     # a second eval into the same directory replaces the plots
     assert invoke("eval", pred, "--plots", tmp_path / "a" / "b", "-o", tmp_path / "r.jsonl").exit_code == 0
     assert "where" not in json.loads((tmp_path / "r.jsonl").read_text())
@@ -461,12 +465,13 @@ def test_provenance_keeps_only_what_every_line_agrees_on(tmp_path):
     assert out == {"predictions": str(tmp_path / "p.jsonl"), "method": "cbd", "model": "m",
                    "vlmtools_version": vlmtools.__version__}
     assert E.provenance("-", []) == {"predictions": "<stdin>", "vlmtools_version": vlmtools.__version__}
+    assert E.provenance("-", recs[:1])["store"] == "s"  # one line agrees with itself
 
 
 def test_per_class_csv_columns_and_blank_top5(tmp_path):
     E.write_per_class_csv(tmp_path / "a.csv", E.evaluate(fake_predictions(n=20, n_classes=4, k=4)))
     E.write_per_class_csv(tmp_path / "b.csv", E.evaluate(fake_predictions(n=20)))
-    a = (tmp_path / "a.csv").read_text().split("\n")
+    a = (tmp_path / "a.csv").read_bytes().decode().split("\n")  # bytes: "\r\n" would show
     assert a[0] == "class,n,correct,acc1,acc5" and a[1].endswith(",") and "\r" not in a[1]
     b = list(csv.DictReader(io.StringIO((tmp_path / "b.csv").read_text())))
     assert all(len(r["acc5"]) == 6 and float(r["acc5"]) >= float(r["acc1"]) for r in b)  # 4 decimals
@@ -476,10 +481,10 @@ def test_confusion_figure_shows_each_true_class_row_as_fractions(tmp_path):
     from PIL import Image
 
     classes = ["a", "b", "$\\frac{x}$"]  # a predicted-only class with a "$" pair: text, never mathtext
-    matrix = np.array([[3, 1, 0], [0, 2, 2], [0, 0, 0]])
+    matrix = np.array([[3, 1, 0], [0, 0, 1], [0, 0, 0]])
     fig = E.confusion_figure(classes, matrix)
     ax = fig.axes[0]
-    np.testing.assert_allclose(ax.images[0].get_array(), [[0.75, 0.25, 0], [0, 0.5, 0.5], [0, 0, 0]])
+    np.testing.assert_allclose(ax.images[0].get_array(), [[0.75, 0.25, 0], [0, 0, 1], [0, 0, 0]])
     assert ax.images[0].get_clim() == (0, 1)  # colours mean the same fraction in every plot
     assert [t.get_text() for t in ax.get_xticklabels()] == classes == [t.get_text() for t in ax.get_yticklabels()]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
@@ -508,10 +513,51 @@ def test_confusion_figure_of_many_classes_numbers_the_axes_and_keys_every_class(
     assert xs == sorted(xs) and xs[0] > 0.9  # beside the matrix, left to right
 
 
-def test_per_class_plot_sorts_the_bars_and_shows_percent(tmp_path):
-    rows = [{"class": "b", "n": 4, "acc1": 0.5}, {"class": "a", "n": 2, "acc1": 1.0}, {"class": "c", "n": 1, "acc1": 0.5}]
+def test_the_class_key_starts_above_key_above_classes(tmp_path):
+    names = [f"c{i}" for i in range(E.KEY_ABOVE)]
+    ax = E.confusion_figure(names, np.eye(len(names), dtype=int)).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names  # up to KEY_ABOVE: names on the axes
+    names = [f"c{i}" for i in range(E.KEY_ABOVE)] + ["$\\frac{x}$"]
+    fig = E.confusion_figure(names, np.eye(len(names), dtype=int))
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [str(i) for i in range(len(names))]  # every one
+    assert fig.texts and "$\\frac{x}$" in fig.texts[0].get_text()
+    E._save(fig, tmp_path / "k.png")  # drawn: the key's "$" pair is text, not mathtext
+    ax = E.confusion_figure([f"c{i}" for i in range(80)], np.eye(80, dtype=int)).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(i) for i in range(0, 80, 2)]  # at most ~40 ticks
+
+
+def test_per_class_plot_sorts_the_bars_and_shows_percent(tmp_path, monkeypatch):
+    rows = [{"class": "b", "n": 4, "acc1": 0.5}, {"class": "a", "n": 2, "acc1": 1.0}, {"class": "c", "n": 1, "acc1": 0.25}]
     E.plot_per_class(tmp_path / "p.png", rows, subtitle="cbd · n = 7")
+    figures = []
+    monkeypatch.setattr(E, "_save", lambda fig, path, kind=None: figures.append(fig))
+    E.plot_per_class(tmp_path / "q.png", rows)
+    ax = figures[0].axes[0]
+    assert [p.get_width() for p in ax.patches] == [25.0, 50.0, 100.0]  # percent, worst at the bottom
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["c (1)", "b (4)", "a (2)"]
+    assert ax.get_xlim() == (0, 100) and ax.get_ylim() == (-0.5, 2.5)  # the whole scale, every bar whole
+    assert ax.get_xlabel() == "top-1 accuracy %" and ax.get_title() == "per-class accuracy (images per class in brackets)"
     from PIL import Image
 
     with Image.open(tmp_path / "p.png") as im:
         assert im.info["Description"] == "eval" and "cbd · n = 7" in im.info["Title"]
+
+
+def test_library_defaults_of_eval_and_compare(tmp_path, capsys, monkeypatch):
+    """The library's defaults are the command's: no per-class rows, plots named eval.*, 10 disagreements shown,
+    and no data printed to a terminal (a hint instead)."""
+    recs = fake_predictions(n=40, skill=0.3)
+    pa = write(tmp_path / "a.jsonl", recs)
+    pb = write(tmp_path / "b.jsonl", [prediction_record(r, r["label"], [(r["label"], 1.0)]) for r in recs])
+    rows = E.evaluate_file(pa, output=tmp_path / "r.jsonl")
+    assert [r["kind"] for r in rows] == ["summary"]
+    result = E.evaluate(recs)
+    assert [p.name for p in E.write_plots(tmp_path / "plots", recs, result)] == ["eval.confusion.png", "eval.per_class.png"]
+    capsys.readouterr()
+    E.compare_files(pa, pb, output=tmp_path / "s.jsonl")
+    assert "first 10 disagreements" in capsys.readouterr().err
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    E.evaluate_file(pa)
+    E.compare_files(pa, pb)
+    out = capsys.readouterr()
+    assert out.out == "" and "the NDJSON row" in out.err

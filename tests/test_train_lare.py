@@ -169,7 +169,9 @@ def test_lads_bad_input(stores, tmp_path):
     base = ["train", "lads", stores / "images", "-o", tmp_path / "h", "--text-store", stores / "texts"]
     for extra, message in ((["--source", "a {} photo", "--target", "a {} photo"], "same prompt"),
                            (["--target", "no slot"], "--target"),
-                           (["--alpha", "-0.1"], "--alpha")):
+                           (["--alpha", "-0.1"], "--alpha"),
+                           (["--aug-epochs", "0"], "--aug-epochs must be >= 1"),
+                           (["--logit-scale", "0"], "--logit-scale > 0")):
         res = invoke(*base, *extra)
         assert res.exit_code == 2 and message in res.output, res.output
         assert not (tmp_path / "h.json").exists()
@@ -450,10 +452,14 @@ def test_train_lads_records_its_settings_and_follows_the_text_shift_it_reports(s
     head, _ = load_head(tmp_path / "s")
     assert torch.allclose(head.zeroshot, normalize(normalize(src, dim=1) + normalize(tgt, dim=1), dim=1), atol=1e-6)
 
+    common = {k: v for k, v in common.items() if k not in ("source", "target")}  # the defaults: photo -> painting
     s = train_lads(stores / "images", tmp_path / "p", options=lads_options(epochs=2, device="cpu"), aug_epochs=3,
                    **common)
     assert s["train_rows"] == 2 * len(data.train.y) and s["val_rows"] == len(data.val.y)
+    t = json.loads((tmp_path / "p.json").read_text())["training"]
+    assert (t["source"], t["target"], t["ensemble"], t["alpha"]) == ("a photo of a {}.", "a painting of a {}.", False, 0.5)
     head, _ = load_head(tmp_path / "p")
+    assert "zeroshot" not in dict(head.named_buffers())
     x = normalize(torch.from_numpy(data.train.x), dim=1)
     directions = normalize(normalize(tgt, dim=1) - normalize(src, dim=1), dim=1)
     with torch.no_grad():
