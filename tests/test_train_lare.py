@@ -476,3 +476,59 @@ def test_lads_options_are_the_authors_probe_settings():
     o = lads_options()
     assert (o.solver, o.epochs, o.lr, o.weight_decay, o.batch_size, o.patience) == ("adamw", 400, 1e-3, 0.05, 256, 0)
     assert lads_options(epochs=7, device="cpu").epochs == 7
+
+
+def test_train_lads_steps_minimize_the_authors_losses_on_imbalanced_classes(stores, tmp_path, monkeypatch):
+    """On classes of 12, 6 and 3 train rows, step 1 minimizes alpha L_dir + (1 - alpha) L_cc with the given
+    alpha and scale and the class weights of the train rows (min count / n_c), kept by val loss on the normalized
+    val rows; step 2 is the class-weighted cross-entropy of the probe over the original + augmented rows, kept by
+    balanced accuracy, the first of tied epochs (ClipMLP.train_val_loop)."""
+    import types
+
+    import torch
+    from torch.nn.functional import cross_entropy, normalize
+
+    from vlmtools.heads import augmented as A
+    from vlmtools.heads import lads as LADS
+    from vlmtools.heads.data import load_train_val
+
+    rng = np.random.default_rng(1)
+    x, meta = [], []
+    for c, (name, n) in enumerate(zip(CLASSES, (12, 6, 3))):
+        for i in range(n + 2):
+            x.append(rng.normal(size=DIM) + 2 * np.eye(DIM)[c])
+            meta.append({"id": f"{name}{i}", "label": name, "split": "val" if i < 2 else "train"})
+    write_arrays(tmp_path / "images", np.array(x), meta, kind="image", model=TINY)
+    seen = {}
+
+    def fit_augmenter(module, train, loss_fn, options, epochs, description, val=None):
+        seen.update(net=module, loss=loss_fn, val=val, train=train)
+        return types.SimpleNamespace(best_epoch=1)
+
+    def fit_probe_with(kind, config, aug_state, data, extra_x, extra_y, output, options, **kwargs):
+        seen.update(probe=kwargs, data=data)
+        return {}
+
+    monkeypatch.setattr(A, "fit_augmenter", fit_augmenter)
+    monkeypatch.setattr(A, "fit_probe_with", fit_probe_with)
+    LADS.train_lads(tmp_path / "images", tmp_path / "h", options=LADS.lads_options(device="cpu"),
+                    where=["split=train"], val_where=["split=val"], text_store=stores / "texts", alpha=0.7,
+                    logit_scale=3.0, hidden=8)
+    data = load_train_val(tmp_path / "images", where=["split=train"], val_where=["split=val"])
+    texts = A.open_text_store(stores / "texts", data.spec, DIM)
+    src, tgt, cc = (torch.from_numpy(A.class_text_embeddings(data.classes, [p], data.spec, text_store=texts))
+                    for p in PROMPTS)
+    y = torch.from_numpy(data.train.y)
+    weights = torch.tensor([3 / 12, 3 / 6, 1.0])
+    xb, yb = seen["train"][0][:9], y[:9]
+    want = LADS.lads_loss(seen["net"], xb, yb, LADS.text_directions(src, tgt), cc, weights, alpha=0.7,
+                          logit_scale=3.0)[0]
+    assert torch.allclose(seen["loss"](seen["net"], xb, yb), want)
+    assert torch.allclose(seen["val"][0], normalize(torch.from_numpy(data.val.x), dim=1))
+    assert torch.equal(seen["val"][1], torch.from_numpy(data.val.y))
+    probe = seen["probe"]
+    head = LADS.LadsHead(DIM, 3, 8)
+    rows = torch.randn(9, DIM)
+    assert torch.allclose(probe["loss_fn"](head, rows, yb), cross_entropy(head.probe(rows), yb, weight=weights))
+    assert (probe["metric_fn"], probe["metric"], probe["ties"]) == (LADS.balanced_accuracy, "balanced_acc", "first")
+    assert probe["inputs"] == seen["data"].inputs() and probe["inputs"]["image_store_val"]["rows"] == 6
