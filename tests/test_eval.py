@@ -435,6 +435,7 @@ def test_eval_where_titles_the_table_and_the_plots(tmp_path):
         with Image.open(tmp_path / "a" / "b" / name) as im:
             assert im.info["Software"] == "vlmtools" and im.info["Description"] == "eval"
             assert f"cbd · vlmtools-micro · n = {photos} (domain=photo) {pred}" in im.info["Title"]
+            assert " / " not in im.info["Title"]  # one title, over the matrix (not the colour bar's)
     assert f"wrote {tmp_path / 'a' / 'b' / 'run.confusion.png'}" in res.stderr
     res = invoke("eval", pred, "--where", "domain=sketch")
     assert res.exit_code == 2 and f"{pred}: no prediction matches --where domain=sketch" in res.stderr
@@ -486,6 +487,8 @@ def test_confusion_figure_shows_each_true_class_row_as_fractions(tmp_path):
     ax = fig.axes[0]
     np.testing.assert_allclose(ax.images[0].get_array(), [[0.75, 0.25, 0], [0, 0, 1], [0, 0, 0]])
     assert ax.images[0].get_clim() == (0, 1)  # colours mean the same fraction in every plot
+    even = E.confusion_figure(["a", "b"], np.array([[1, 1], [1, 1]])).axes[0].images[0]
+    assert even.get_clim() == (0, 1)  # also where no fraction is 0 or 1
     assert [t.get_text() for t in ax.get_xticklabels()] == classes == [t.get_text() for t in ax.get_yticklabels()]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
     assert fig.axes[1].get_ylabel() == "fraction of the true class"  # the colour bar
@@ -557,7 +560,11 @@ def test_library_defaults_of_eval_and_compare(tmp_path, capsys, monkeypatch):
     E.compare_files(pa, pb, output=tmp_path / "s.jsonl")
     assert "first 10 disagreements" in capsys.readouterr().err
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.chdir(tmp_path)
+    before = set(tmp_path.iterdir())
     E.evaluate_file(pa)
+    assert "(the NDJSON rows: pipe the output" in capsys.readouterr().err
     E.compare_files(pa, pb)
     out = capsys.readouterr()
-    assert out.out == "" and "the NDJSON row" in out.err
+    assert out.out == "" and "(the NDJSON row: pipe the output" in out.err
+    assert set(tmp_path.iterdir()) == before  # "-" is stdout: no file written
