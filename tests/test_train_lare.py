@@ -520,7 +520,7 @@ def test_train_lads_steps_minimize_the_authors_losses_on_imbalanced_classes(stor
                     for p in PROMPTS)
     y = torch.from_numpy(data.train.y)
     weights = torch.tensor([3 / 12, 3 / 6, 1.0])
-    xb, yb = seen["train"][0][:9], y[:9]
+    xb, yb = seen["train"][0], y  # every class in the batch: the weights matter
     want = LADS.lads_loss(seen["net"], xb, yb, LADS.text_directions(src, tgt), cc, weights, alpha=0.7,
                           logit_scale=3.0)[0]
     assert torch.allclose(seen["loss"](seen["net"], xb, yb), want)
@@ -528,7 +528,24 @@ def test_train_lads_steps_minimize_the_authors_losses_on_imbalanced_classes(stor
     assert torch.equal(seen["val"][1], torch.from_numpy(data.val.y))
     probe = seen["probe"]
     head = LADS.LadsHead(DIM, 3, 8)
-    rows = torch.randn(9, DIM)
+    rows = torch.randn(len(yb), DIM)
     assert torch.allclose(probe["loss_fn"](head, rows, yb), cross_entropy(head.probe(rows), yb, weight=weights))
     assert (probe["metric_fn"], probe["metric"], probe["ties"]) == (LADS.balanced_accuracy, "balanced_acc", "first")
     assert probe["inputs"] == seen["data"].inputs() and probe["inputs"]["image_store_val"]["rows"] == 6
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--hidden", "0"], "--hidden 0: expected at least 1"),
+    (["--shots", "0"], "--shots 0: expected at least 1 image per class"),
+    (["--classes", "CLASSES"], "'delta' has no train rows"),
+    (["--text-store", "COCA"], "vlmtools-tiny-coca"),
+])
+def test_lads_checks_what_lare_checks(stores, tmp_path, extra, message):
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES + ["delta"]) + "\n")
+    write_arrays(tmp_path / "coca", np.ones((1, DIM)), [{"id": "0", "text": "x"}], kind="text",
+                 model={"name": "vlmtools-tiny-coca", "pretrained": "none"})
+    extra = [{"CLASSES": tmp_path / "classes.txt", "COCA": tmp_path / "coca"}.get(e, e) for e in extra]
+    res = invoke("train", "lads", stores / "images", "-o", tmp_path / "h", "--epochs", 2, "--aug-epochs", 1,
+                 *([] if "--text-store" in extra else ["--text-store", stores / "texts"]), *extra)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "h.json").exists()
