@@ -1,6 +1,7 @@
 """`vlmtools train lare`, `train lads`, `explain box` through the CLI; CoCa through embed, classify, train, eval."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -549,3 +550,65 @@ def test_lads_checks_what_lare_checks(stores, tmp_path, extra, message):
                  *([] if "--text-store" in extra else ["--text-store", stores / "texts"]), *extra)
     assert res.exit_code == 2 and message in res.output, res.output
     assert not (tmp_path / "h.json").exists()
+
+
+def test_train_lare_steps_use_the_given_settings(stores, tmp_path, monkeypatch):
+    """Step 1 minimizes lare_loss with the given alpha, volume loss, scale and side b = box_size x the embedding
+    scale of the train rows, from boxes of side b around the images; step 2 fits the probe on the train rows
+    plus K normalized samples per box labelled with their image's class, the L2 prior scaled by 1 + K, and the
+    summary reports the boxes' statistics."""
+    import types
+
+    import torch
+    from torch.nn.functional import normalize
+
+    from vlmtools.heads import augmented as A
+    from vlmtools.heads import lare as LARE
+    from vlmtools.heads.data import load_train_val
+    from vlmtools.heads.linear import probe_options
+
+    seen = {}
+
+    def fit_augmenter(module, train, loss_fn, options, epochs, description, val=None):
+        seen.update(net=module, loss=loss_fn, train=train, epochs=epochs)
+        return types.SimpleNamespace(best_epoch=epochs)
+
+    def fit_probe_with(kind, config, aug_state, data, extra_x, extra_y, output, options, **kwargs):
+        seen.update(config=config, extra_x=extra_x, extra_y=extra_y, options=options, **kwargs)
+        return {}
+
+    monkeypatch.setattr(A, "fit_augmenter", fit_augmenter)
+    monkeypatch.setattr(A, "fit_probe_with", fit_probe_with)
+    where = ["split=train", "domain=photo"]
+    (tmp_path / "t.txt").write_text("a photo of a {}.\n")
+    LARE.train_lare(stores / "images", tmp_path / "h", options=probe_options(device="cpu", l2=0.5), where=where,
+                    text_store=stores / "texts", templates=str(tmp_path / "t.txt"), samples=3, alpha=0.3,
+                    volume="literal", box_size=2.0, box_epochs=4, hidden=8, logit_scale=5.0)
+    tr = seen["training"]
+    data = load_train_val(stores / "images", where=where, val_fraction=tr["val_fraction"], seed=0)
+    x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
+    texts = A.open_text_store(stores / "texts", data.spec, DIM)
+    t = torch.from_numpy(A.class_text_embeddings(data.classes, ["a photo of a {}."], data.spec, text_store=texts))
+    side = 2.0 * float(x.std(dim=0).mean())
+    net = seen["net"]
+    lo, hi = net(x)
+    assert torch.allclose(hi - lo, torch.full_like(lo, side), rtol=0.02)  # boxes of side b around the images
+    assert torch.allclose(seen["loss"](net, x, y), LARE.lare_loss(net, x, y, t, alpha=0.3, volume="literal",
+                                                                  side=side, logit_scale=5.0)[0])
+    assert seen["epochs"] == 4 and seen["config"] == {"input_dim": DIM, "n_classes": 3, "hidden": 8,
+                                                       "box": "contain"}
+    extra = torch.from_numpy(seen["extra_x"]).reshape(len(y), 3, DIM)
+    assert torch.allclose(extra.norm(dim=2), torch.ones(len(y), 3), atol=1e-5)
+    assert np.array_equal(seen["extra_y"], np.repeat(data.train.y, 3))  # box i's samples: rows 3i .. 3i+2
+    assert seen["options"].l2 == 0.5 * 4 and seen["training"]["probe_l2"] == 2.0 and seen["training"]["l2"] == 0.5
+    stats = LARE.box_stats(net, x)
+    assert seen["extra"] == {"samples": 3, "sampled_rows": 3 * len(y),
+                             "box_log_volume_mean": round(float(stats["log_volume"].mean()), 4),
+                             "box_mean_side": round(float(stats["mean_side"].mean()), 6)}
+    assert {k: tr[k] for k in ("where", "templates", "descriptors", "text_store", "samples", "alpha", "volume_loss",
+                               "box_size", "box_epochs", "box_form", "hidden", "logit_scale", "shots")} == {
+        "where": where, "templates": str(tmp_path / "t.txt"), "descriptors": None, "text_store": str(stores / "texts"),
+        "samples": 3, "alpha": 0.3, "volume_loss": "literal", "box_size": 2.0, "box_epochs": 4,
+        "box_form": "contain", "hidden": 8, "logit_scale": 5.0, "shots": None}
+    assert math.isclose(tr["box_side"], side, rel_tol=1e-6)
+    assert seen["inputs"] == data.inputs() and seen["description"] == "train lare: probe"
