@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -612,3 +613,105 @@ def test_train_lare_steps_use_the_given_settings(stores, tmp_path, monkeypatch):
         "box_form": "contain", "hidden": 8, "logit_scale": 5.0, "shots": None}
     assert math.isclose(tr["box_side"], side, rel_tol=1e-6)
     assert seen["inputs"] == data.inputs() and seen["description"] == "train lare: probe"
+
+
+def test_train_lare_defaults_selection_seeds_and_bounds(stores, tmp_path, monkeypatch):
+    """The library's defaults are the command's (K = 10, alpha 0.5, log-side volume, box size 1, 10 box epochs,
+    hidden 128, the photo templates); --val-where, --val-fraction and --shots select rows as load_train_val and
+    take_shots do with the run's seed; one sample per box is sampled; samples follow the seed; bad settings are
+    refused before any data is read."""
+    import types
+
+    import torch
+
+    from vlmtools.heads import augmented as A
+    from vlmtools.heads import lare as LARE
+    from vlmtools.heads.data import load_train_val
+    from vlmtools.heads.linear import probe_options
+
+    seen = []
+
+    def fit_augmenter(module, train, loss_fn, options, epochs, description, val=None):
+        seen.append({"net": module, "epochs": epochs})
+        return types.SimpleNamespace(best_epoch=epochs)
+
+    def fit_probe_with(kind, config, aug_state, data, extra_x, extra_y, output, options, **kwargs):
+        seen.append({"data": data, "extra_x": extra_x, **kwargs})
+        return {}
+
+    monkeypatch.setattr(A, "fit_augmenter", fit_augmenter)
+    monkeypatch.setattr(A, "fit_probe_with", fit_probe_with)
+    opts = probe_options(device="cpu", seed=3)
+    texts = {"text_store": stores / "texts"}
+    (tmp_path / "photo.txt").write_text("a photo of a {}.\n")
+    photo = {"templates": str(tmp_path / "photo.txt")}
+    LARE.train_lare(stores / "images", tmp_path / "h", options=opts, where=["domain=photo"],
+                    val_where=["split=test", "domain=photo"], **texts, **photo)
+    step1, step2 = seen[-2:]
+    tr = step2["training"]
+    assert {k: tr[k] for k in ("samples", "alpha", "volume_loss", "box_size", "box_epochs", "hidden", "val_where")} \
+        == {"samples": 10, "alpha": 0.5, "volume_loss": "log-side", "box_size": 1.0, "box_epochs": 10,
+            "hidden": LARE.DEFAULT_HIDDEN, "val_where": ["split=test", "domain=photo"]}
+    assert step1["epochs"] == 10 and step1["net"].hidden == 128 and len(step2["data"].val) == 12
+    LARE.train_lare(stores / "images", tmp_path / "h", options=opts, where=["domain=photo"], val_fraction=0.25,
+                    shots=2, samples=1, form="centre", **texts, **photo)
+    step1, step2 = seen[-2:]
+    data = load_train_val(stores / "images", where=["domain=photo"], val_fraction=0.25, seed=3)
+    A.take_shots(data, 2, 3)
+    assert step2["training"]["val_fraction"] == 0.25 and step2["training"]["box_form"] == "centre"
+    for part in ("train", "val"):
+        assert [m["id"] for m in getattr(step2["data"], part).meta] == [m["id"] for m in getattr(data, part).meta]
+    assert len(step2["extra_x"]) == 6 and step1["net"].form == "centre"  # one sample per box: 2 shots x 3
+    first = step2["extra_x"]
+    LARE.train_lare(stores / "images", tmp_path / "h", options=opts, where=["domain=photo"], val_fraction=0.25,
+                    shots=2, samples=1, form="centre", **texts, **photo)
+    assert np.array_equal(seen[-1]["extra_x"], first)  # the seed draws the samples
+    LARE.train_lare(stores / "images", tmp_path / "h", options=opts, where=["domain=photo"], **texts)
+    assert seen[-1]["training"]["templates"] == "photo"
+    n = len(seen)
+    (tmp_path / "bad.txt").write_text("a {} and {}\n")
+    for kwargs, message in (({"box_size": 0.0}, "--box-size and --logit-scale must be > 0, --box-epochs >= 1"),
+                            ({"box_epochs": 0}, "--box-epochs >= 1"), ({"logit_scale": 0.0}, "--logit-scale must"),
+                            ({"volume": "huge"}, "--volume-loss 'huge': expected one of log-side, literal"),
+                            ({"hidden": 0}, "--hidden 0"), ({"shots": 0}, "--shots 0"),
+                            ({"templates": "photo", "descriptors": tmp_path / "d.jsonl"},
+                             "--templates and --descriptors exclude each other: T is the class prompts or the "
+                             "class descriptors"),
+                            ({"templates": str(tmp_path / "bad.txt")}, f"{tmp_path / 'bad.txt'}:1: a template needs")):
+        with pytest.raises(BadInput, match=re.escape(message)):
+            LARE.train_lare(stores / "images", tmp_path / "h", options=opts, **{**texts, **kwargs})
+    assert len(seen) == n
+
+
+def test_lare_building_blocks():
+    """The embedding scale (the unit of box sides), the defaults of the losses, samples of one box and of one
+    sample per box, the centre form's boxes, and the errors naming the choices."""
+    import torch
+
+    from vlmtools.heads import lare as LARE
+
+    x = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]])
+    assert math.isclose(LARE.embedding_scale(x), float(x.std(dim=0).mean()), rel_tol=1e-6)
+    assert LARE.embedding_scale(x[:2]) == float(x[:2].std(dim=0).mean())  # two rows: a standard deviation
+    assert LARE.embedding_scale(torch.tensor([[2.0, -4.0]])) == 3.0  # one row: the mean magnitude
+    assert LARE.embedding_scale(torch.zeros(1, 2)) == LARE.embedding_scale(torch.zeros(3, 2)) == 1.0
+    lo, hi = x - 0.5, x + torch.tensor([1.0, 2.0])
+    assert torch.equal(LARE.volume_loss(lo, hi), LARE.volume_loss(lo, hi, "log-side", 1.0))
+    torch.manual_seed(0)
+    net = LARE.BoxNet(2, 4)
+    t, y = torch.eye(2), torch.tensor([0, 1, 1])
+    assert torch.equal(LARE.lare_loss(net, x, y, t)[0], LARE.lare_loss(net, x, y, t, alpha=0.5, side=1.0)[0])
+    assert LARE.sample_boxes(lo[:1], hi[:1], 4).shape == (4, 2) and LARE.sample_boxes(lo, hi, 1).shape == (3, 2)
+    with pytest.raises(ValueError, match="expected one of log-side, literal"):
+        LARE.volume_loss(lo, hi, "huge")
+    with pytest.raises(ValueError, match="box form 'round': expected one of contain, centre"):
+        LARE.BoxNet(2, form="round")
+    centre = LARE.BoxNet(2, 4, form="centre")
+    with torch.no_grad():
+        centre.fc2.weight.zero_()
+        centre.fc2.bias.copy_(torch.tensor([0.5, -1.0, 0.0, 0.0]))
+    lo, hi = centre(x)
+    half = math.log(2) + LARE.MIN_HALF  # softplus(0)
+    assert torch.allclose((lo + hi) / 2, x + torch.tensor([0.5, -1.0])) and torch.allclose(hi - lo, torch.full_like(x, 2 * half))
+    head = LARE.LareHead(2, 2, 4, box="contain")
+    assert all(torch.equal(a, b) for a, b in zip(head.boxes(x), head.aug(x)))
