@@ -534,6 +534,9 @@ def test_train_lads_steps_minimize_the_authors_losses_on_imbalanced_classes(stor
     assert torch.allclose(probe["loss_fn"](head, rows, yb), cross_entropy(head.probe(rows), yb, weight=weights))
     assert (probe["metric_fn"], probe["metric"], probe["ties"]) == (LADS.balanced_accuracy, "balanced_acc", "first")
     assert probe["inputs"] == seen["data"].inputs() and probe["inputs"]["image_store_val"]["rows"] == 6
+    LADS.train_lads(tmp_path / "images", tmp_path / "h", options=LADS.lads_options(device="cpu"),
+                    where=["split=train"], val_fraction=0.0, text_store=stores / "texts")
+    assert seen["val"] is None and "image_store_val" not in seen["probe"]["inputs"]  # --val-fraction 0: no val rows
 
 
 @pytest.mark.parametrize("extra, message", [
