@@ -350,3 +350,76 @@ def test_held_out_unlinks_rows_from_a_graph_and_restores_it(tmp_path):
         _, found = index.search(probe.queries, 10)
         assert not np.isin(found, probe.rows[probe.rows != hnsw.entry_point]).any()
     np.testing.assert_array_equal(faiss.vector_to_array(hnsw.neighbors), before)
+
+
+# ----------------------------------------------------------------------------- the arithmetic behind auto
+
+def test_estimate_bytes_is_codes_ids_and_centroids():
+    """What --max-memory is compared to, restated from the index's layout: float32 vectors (+ 2M int32
+    links per row for an HNSW graph); IVF lists hold 8-byte ids beside each row's code or vector, plus
+    float32 centroids; PQ codes of m sub-quantizers of b bits take m*b/8 bytes, plus 2^b centroids per
+    sub-quantizer (m * 2^b * dim/m floats)."""
+    n, dim = 100_000, 512
+    assert estimate_bytes("Flat", n, dim) == n * 4 * dim
+    assert estimate_bytes("HNSW32", n, dim) == 4 * n * (dim + 64)
+    assert estimate_bytes("HNSW16,Flat", n, dim) == 4 * n * (dim + 32)
+    assert estimate_bytes("IVF1024,Flat", n, dim) == n * (4 * dim + 8) + 1024 * 4 * dim
+    assert estimate_bytes("IVF256,PQ16", n, dim) == n * (16 + 8) + 256 * 4 * dim + 256 * 4 * dim
+    assert estimate_bytes("IVF4096,PQ64x4fs", n, dim) == n * (32 + 8) + 4096 * 4 * dim + 16 * 4 * dim
+    # the HNSW inside an IVF key is its coarse quantizer, not a graph over the rows
+    assert estimate_bytes("IVF16384_HNSW32,PQ64x4fs", n, dim) == n * (32 + 8) + 16384 * 4 * dim + 16 * 4 * dim
+    assert estimate_bytes("PQ32x4fs", n, dim) == n * (16 + 8) + 16 * 4 * dim
+
+
+def test_auto_key_thresholds_and_list_counts():
+    dim = 512
+    assert choose_index_key(999, dim) == "Flat" and choose_index_key(1_000, dim) == "HNSW32"
+    hnsw8 = 4 * 50_000 * (dim + 2 * 8)  # exactly an HNSW8 graph
+    assert choose_index_key(50_000, dim, hnsw8) == "HNSW8"
+    assert choose_index_key(50_000, dim, hnsw8 - 4 * 50_000) == "IVF1024,Flat"  # short of it: M would be 7
+    assert nlist_for(1_000_000) == 4096 and nlist_for(10**4) == 512
+    assert nlist_for(299_999_999) == 65536 and nlist_for(300_000_000) == nlist_for(10**9) == 131_072
+
+
+def test_train_size_lists_budget_and_store():
+    from vlmtools.index import train_size
+
+    assert train_size("IVF1024,Flat", 10**6) == 64 * 1024  # 64 rows per list
+    assert train_size("IVF16,PQ4x4", 1500) == 1500  # never more than the store
+    assert train_size("PQ16x4fs", 50_000) == train_size("HNSW32", 50_000) == 10_000  # at least 10k
+    assert train_size("IVF65536,PQ64", 10**7, 512) == 64 * 65536  # a budget needs both dim and max_memory
+    assert train_size("IVF65536,PQ64", 10**7, max_memory="1G") == 64 * 65536
+    size = train_size("IVF65536,PQ64", 10**7, 384, "1G")  # half of 1 GiB as float32 rows of 384
+    assert size == 2**29 // (4 * 384) and type(size) is int
+    assert train_size("IVF65536,PQ64", 10**7, 512, "16M") == 10_000  # never below 10k
+
+
+def test_training_sample_is_seeded_and_without_repeats(tmp_path):
+    from vlmtools.index import _sample_rows
+
+    reader = make_store(tmp_path / "s", 300, shard_size=70)
+    np.testing.assert_array_equal(_sample_rows(reader, 300, seed=5), reader.embeddings)  # all: every row once
+    a, b, c = (_sample_rows(reader, 50, seed) for seed in (5, 5, 6))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and len({r.tobytes() for r in a}) == 50
+
+
+def test_an_index_of_other_rows_is_not_used(tmp_path, capsys):
+    """An index is used only for the rows it was built from: a store rewritten with as many rows, or an
+    index.faiss swapped in from another store, falls back to exact search with a warning; an unreadable
+    index.faiss is refused, saying how to rebuild it."""
+    make_store(tmp_path / "s", 500)
+    build_index(tmp_path / "s", index_key="Flat")
+    reader = make_store(tmp_path / "s", 500, seed=1)  # same count and dim, other rows
+    assert load_index(reader) is None
+    assert "the index is stale (built for another store content" in " ".join(capsys.readouterr().err.split())
+    build_index(tmp_path / "s", index_key="Flat")
+    make_store(tmp_path / "t", 400)
+    build_index(tmp_path / "t", index_key="Flat")
+    (tmp_path / "s" / "index.faiss").write_bytes((tmp_path / "t" / "index.faiss").read_bytes())
+    assert load_index(open_store(tmp_path / "s")) is None
+    assert "holds 400 rows of dim 16, the store 500 of dim 16; searching exactly" in \
+        " ".join(capsys.readouterr().err.split())
+    (tmp_path / "s" / "index.faiss").write_bytes(b"not an index")
+    with pytest.raises(BadInput, match=r"index.faiss: cannot read the index \(.*\); rebuild it with `vlmtools index"):
+        load_index(open_store(tmp_path / "s"))
