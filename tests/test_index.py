@@ -1,6 +1,7 @@
 """`vlmtools index` and vlmtools.index: key choice, build, staleness, exactness and recall."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -398,7 +399,9 @@ def test_training_sample_is_seeded_and_without_repeats(tmp_path):
     from vlmtools.index import _sample_rows
 
     reader = make_store(tmp_path / "s", 300, shard_size=70)
-    np.testing.assert_array_equal(_sample_rows(reader, 300, seed=5), reader.embeddings)  # all: every row once
+    everything = _sample_rows(reader, 300, seed=5)
+    np.testing.assert_array_equal(everything, reader.embeddings)  # all: every row once
+    assert everything.dtype == np.float32
     a, b, c = (_sample_rows(reader, 50, seed) for seed in (5, 5, 6))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and len({r.tobytes() for r in a}) == 50
@@ -423,3 +426,73 @@ def test_an_index_of_other_rows_is_not_used(tmp_path, capsys):
     (tmp_path / "s" / "index.faiss").write_bytes(b"not an index")
     with pytest.raises(BadInput, match=r"index.faiss: cannot read the index \(.*\); rebuild it with `vlmtools index"):
         load_index(open_store(tmp_path / "s"))
+
+
+def test_auto_key_edges_of_each_rule():
+    dim = 512
+    # 10,000 rows is enough to train quantizers; one fewer is not
+    tight = 4 * 10_000 * (dim + 12)  # no room for a graph nor for uncompressed lists
+    assert choose_index_key(10_000, dim, tight) == "IVF512,PQ64x4fs" and choose_index_key(9_999, dim, tight) == "Flat"
+    # a budget exactly the estimate fits (uncompressed lists, then a PQ code)
+    key = f"IVF{nlist_for(200_000)},Flat"
+    assert choose_index_key(200_000, dim, estimate_bytes(key, 200_000, dim)) == key
+    n = 20_000_000
+    pq16 = f"IVF{nlist_for(n)}_HNSW32,PQ16x4fs"
+    assert choose_index_key(n, dim, estimate_bytes(pq16, n, dim)) == pq16
+    # PQ4 (4-bit codes, dim/4 dims each) is always allowed; 2 dims per sub-quantizer at least
+    assert choose_index_key(2_000_000, 16, "4G") == f"IVF{nlist_for(2_000_000)},PQ4x4fs"
+    assert choose_index_key(2_000_000, 8, "4G") == f"IVF{nlist_for(2_000_000)},PQ4x4fs"
+    # no PQ code divides an odd dim: uncompressed lists if they fit, else a graph of M >= 8 if it fits
+    ivf_flat = f"IVF{nlist_for(2_000_000)},Flat"
+    assert choose_index_key(2_000_000, 51, estimate_bytes(ivf_flat, 2_000_000, 51)) == ivf_flat
+    graph_only = 4 * 10**6 * (4097 + 16)  # below IVF4096,Flat's lists over 4097 dims, an HNSW8 graph exactly
+    assert estimate_bytes("IVF4096,Flat", 10**6, 4097) > graph_only
+    assert choose_index_key(10**6, 4097, graph_only) == "HNSW8"
+    with pytest.raises(BadInput, match="no PQ code divides dim 4097"):
+        choose_index_key(10**6, 4097, graph_only - 4 * 10**6)  # room for M = 7 only
+    # nothing fits: the message names the smallest index and what it needs
+    smallest = f"IVF{nlist_for(n)}_HNSW32,PQ4x4fs"
+    need = estimate_bytes(smallest, n, dim) / 2**30
+    with pytest.raises(BadInput, match=re.escape(f"(the smallest, {smallest}, needs ~{need:.1f} GiB)")):
+        choose_index_key(n, dim, "100M")
+    assert parse_memory("1234") == 1234 and parse_memory("1") == 1 and parse_memory("2T") == 2 * 2**40
+
+
+def test_search_parameters_by_index_kind():
+    import faiss
+
+    from vlmtools.index import _fixed_params, apply_params, default_rerank
+
+    assert default_params("HNSW32") == {"efSearch": 64} and default_params("HNSW32", ef_search=128) == {"efSearch": 128}
+    assert default_params("IVF1000,Flat") == {"nprobe": 62} and type(default_params("IVF1000,Flat")["nprobe"]) is int
+    assert default_rerank("IVF256,PQ32") == default_rerank("PQ16x4fs") == 10 and default_rerank("IVF256,Flat") == 0
+    # the parameters the user set, kept by tuning, under index.json's names; others do not apply
+    assert _fixed_params("IVF1024_HNSW32,PQ64x4fs", 8, 100, 3) == {"rerank": 3, "nprobe": 8, "quantizer_efSearch": 100}
+    assert _fixed_params("HNSW32", 8, 100, None) == {"efSearch": 100}
+    assert _fixed_params("IVF256,Flat", None, 100, 0) == {"rerank": 0}
+    # applied to faiss: rerank is ours, efSearch is raised to 2k for deep result lists
+    x = unit_rows(300, 8, 0)
+    hnsw = faiss.index_factory(8, "HNSW16", faiss.METRIC_INNER_PRODUCT)
+    hnsw.add(x)
+    apply_params(hnsw, {"rerank": 10, "efSearch": 3})
+    assert hnsw.hnsw.efSearch == 3
+    apply_params(hnsw, {"efSearch": 16}, k=50)
+    assert hnsw.hnsw.efSearch == 100
+    ivf = faiss.index_factory(8, "IVF8_HNSW16,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    apply_params(ivf, {"rerank": 10, "nprobe": 3, "quantizer_efSearch": 20}, k=40)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(ivf).quantizer)
+    assert faiss.extract_index_ivf(ivf).nprobe == 3 and quantizer.hnsw.efSearch == 80
+
+
+def test_stale_reasons_name_what_changed(tmp_path):
+    from vlmtools.index import stale_reasons
+
+    reader = make_store(tmp_path / "s", 50)
+    record = build_index(tmp_path / "s", index_key="Flat")
+    assert stale_reasons(record, reader) == []
+    changed = {**record, "store_count": 40, "dim": 8, "model": {"name": "other"}, "store_content_sha256": "x"}
+    assert stale_reasons(changed, reader) == [
+        "index row count 40, store 50", "index dim 8, store 16",
+        f"index model {{'name': 'other'}}, store {MODEL!r}",
+        "built for another store content (copied from another store, or the store was rewritten)"]

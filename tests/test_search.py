@@ -1,6 +1,7 @@
 """`vlmtools search` and vlmtools.search: text, image and stored queries, with and without an index."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -219,3 +220,128 @@ def test_stored_queries_import_no_torch(image_store, tmp_path, tiny_encoder):
         assert proc.returncode == 0, proc.stderr
         assert loaded == [], args
         assert lines(proc.stdout) == lines(runner.invoke(app, ["search", str(image_store), *args]).stdout)
+
+
+# ----------------------------------------------------------------------------- the vector search core (no model)
+
+def _unit(n, dim, seed):
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _truth(reader, queries, k):
+    """Exact top-k, restated with numpy: best score first, ties by lower row."""
+    scores = queries @ reader.embeddings.T
+    rows = np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, rows, 1), rows
+
+
+def test_rerank_over_every_candidate_equals_exact_search(tmp_path, monkeypatch):
+    """PQ codes only shortlist: reranking candidates that cover the store gives exact search's neighbours and
+    scores, whatever the block of queries gathered at a time; a short candidate list is padded with -1,
+    never with a real row."""
+    import vlmtools.search as search_mod
+    from vlmtools.search import search_vectors
+    from vlmtools.store import open_store
+
+    x = _unit(600, 16, 0)
+    write_arrays(tmp_path / "s", x, [{"id": f"r{i}"} for i in range(600)], kind="image",
+                 model={"name": "m"}, shard_size=250)
+    build_index(tmp_path / "s", index_key="IVF4,PQ4x4", target_recall=0)
+    reader = open_store(tmp_path / "s")
+    queries = _unit(9, 16, 1)
+    truth_s, truth_r = _truth(reader, queries, 5)
+    for block_bytes in (search_mod.RERANK_BLOCK_BYTES, 1, 4 * 16 * 600 * 4):  # one block, one query, 4 queries
+        monkeypatch.setattr(search_mod, "RERANK_BLOCK_BYTES", block_bytes)
+        scores, rows, method = search_vectors(reader, queries, 5, nprobe=4, rerank=200)
+        assert method == "IVF4,PQ4x4, reranked 600"  # min(store, k * rerank) candidates
+        np.testing.assert_array_equal(rows, truth_r)
+        np.testing.assert_allclose(scores, truth_s, atol=1e-5)
+    top1_s, top1_r, _ = search_vectors(reader, queries, 1, nprobe=4, rerank=200)  # the best of 200 candidates
+    np.testing.assert_array_equal(top1_r, truth_r[:, :1])
+    np.testing.assert_allclose(top1_s, truth_s[:, :1], atol=1e-5)
+    plain_s, plain_r, method = search_vectors(reader, queries, 5, nprobe=4, rerank=0)
+    assert method == "IVF4,PQ4x4" and not np.array_equal(plain_r, truth_r)  # codes alone rank coarsely
+    assert search_vectors(reader, queries, 5, nprobe=4, rerank=1)[2] == "IVF4,PQ4x4, reranked 5"
+    # one list probed, fewer candidates than asked for: the missing hits are -1 with -inf scores
+    few = np.asarray([x[0]])
+    scores, rows, _ = search_vectors(reader, few, 600, nprobe=1, rerank=1)
+    found = rows[0] >= 0
+    assert 0 < found.sum() < 600 and (rows[0][~found] == -1).all() and np.isneginf(scores[0][~found]).all()
+    assert found[:found.sum()].all() and rows[0][0] == 0 and len(set(rows[0][found].tolist())) == found.sum()
+
+
+def test_exact_search_ranks_ties_by_row_and_subsets_map_back(tmp_path):
+    """Equal scores rank by store row (deterministic output); a search among some rows (--where) returns
+    store rows, exactly, at most as many as there are; k beyond the store gives every row."""
+    from vlmtools.search import search_vectors
+    from vlmtools.store import open_store
+
+    base = _unit(5, 8, 2)
+    x = np.concatenate([base, base[::-1], base])  # every vector three times
+    write_arrays(tmp_path / "s", x, [{"id": f"r{i}"} for i in range(15)], kind="text", model={"name": "m"},
+                 shard_size=4)
+    reader = open_store(tmp_path / "s")
+    scores, rows, method = search_vectors(reader, base[:2], 6)
+    assert method == "exact"
+    assert rows.tolist()[0][:3] == [0, 9, 10] and rows.tolist()[1][:3] == [1, 8, 11]
+    np.testing.assert_array_equal(rows, _truth(reader, base[:2], 6)[1])
+    subset = [14, 3, 9, 7]
+    s_scores, s_rows, method = search_vectors(reader, base[:2], 3, rows=subset)
+    full_s, full_r = _truth(reader, base[:2], 15)
+    for q in range(2):
+        expected = [r for r in full_r[q] if r in subset][:3]
+        assert s_rows[q].tolist() == expected and method == "exact"
+        np.testing.assert_allclose(s_scores[q], [full_s[q][list(full_r[q]).index(r)] for r in expected], atol=1e-6)
+    assert search_vectors(reader, base[:2], 10, rows=subset)[1].shape == (2, 4)
+    best = [[next(r for r in full_r[q] if r in subset)] for q in range(2)]
+    assert search_vectors(reader, base[:2], 1, rows=subset)[1].tolist() == best  # k = 1: the best one
+    empty_s, empty_r, method = search_vectors(reader, base[:2], 3, rows=[])
+    assert empty_s.shape == empty_r.shape == (2, 0) and empty_r.dtype == np.int64 and method == "exact"
+    assert search_vectors(reader, base[:1], 100)[1].shape == (1, 15)
+    nothing = write_arrays(tmp_path / "empty", np.zeros((0, 8)), [], kind="text", model={"name": "m"})
+    empty_s, empty_r, method = search_vectors(nothing, base[:2], 3)  # an empty store: no hits, no error
+    assert empty_s.shape == empty_r.shape == (2, 0) and empty_s.dtype == np.float32 and method == "exact"
+
+
+def test_search_parameters_and_query_shapes_are_checked(tmp_path):
+    from vlmtools.search import check_search_params, search_vectors
+    from vlmtools.store import open_store
+
+    write_arrays(tmp_path / "s", _unit(1200, 8, 3), [{"id": str(i)} for i in range(1200)], kind="image",
+                 model={"name": "m"})
+    reader = open_store(tmp_path / "s")
+    with pytest.raises(BadInput, match="query vectors have dim 4, the store .* has 8"):
+        search_vectors(reader, np.ones((2, 4)), 3)
+    with pytest.raises(BadInput, match="query vectors have dim 8"):
+        search_vectors(reader, np.ones(8), 3)  # one vector, not a matrix
+    with pytest.raises(BadInput, match="-k must be at least 1 \\(got 0\\)"):
+        search_vectors(reader, np.ones((1, 8)), 0)
+    check_search_params(1, 0)
+    check_search_params(None, None)
+    for nprobe, rerank, message in ((0, None, "--nprobe must be at least 1 (got 0)"),
+                                    (None, -1, "--rerank must be at least 0 (got -1)")):
+        with pytest.raises(BadInput, match=re.escape(message)):
+            check_search_params(nprobe, rerank)
+    build_index(tmp_path / "s", index_key="HNSW16", target_recall=0)
+    with pytest.raises(BadInput, match="--nprobe applies to IVF indexes; .* has HNSW16"):
+        search_vectors(open_store(tmp_path / "s"), np.ones((1, 8)), 3, nprobe=4)
+    _, rows, method = search_vectors(open_store(tmp_path / "s"), reader.embeddings[:3], 1, exact=True)
+    assert method == "exact" and rows[:, 0].tolist() == [0, 1, 2]
+
+
+def test_hits_skip_padding_carry_metadata_and_name_the_query_when_several(tmp_path):
+    from vlmtools.search import hit_records
+    from vlmtools.store import open_store
+
+    meta = [{"id": "a", "rank": "meta's own", "label": "x"}, {"id": "b"}, {"id": "c", "score": 7}]
+    write_arrays(tmp_path / "s", np.eye(3), meta, kind="text", model={"name": "m"})
+    reader = open_store(tmp_path / "s")
+    scores = np.array([[1.0001, 0.5, -np.inf], [0.25, -1.2, 0.12345678]], np.float32)
+    rows = np.array([[2, 0, -1], [1, 0, 2]])
+    one = hit_records(reader, scores[:1], rows[:1], ["q1"])
+    assert one == [{"rank": 1, "score": 1.0, "id": "c"}, {"rank": 2, "score": 0.5, "id": "a", "label": "x"}]
+    two = hit_records(reader, scores, rows, ["q1", "q2"])
+    assert [(h["query"], h["rank"], h["id"]) for h in two] == [("q1", 1, "c"), ("q1", 2, "a"), ("q2", 1, "b"),
+                                                              ("q2", 2, "a"), ("q2", 3, "c")]
+    assert [h["score"] for h in two[2:]] == [0.25, -1.0, 0.123457]  # cosines, clipped, 6 decimals
