@@ -423,6 +423,11 @@ def test_an_index_of_other_rows_is_not_used(tmp_path, capsys):
     assert load_index(open_store(tmp_path / "s")) is None
     assert "holds 400 rows of dim 16, the store 500 of dim 16; searching exactly" in \
         " ".join(capsys.readouterr().err.split())
+    record = json.loads((tmp_path / "s" / "index.json").read_text())
+    (tmp_path / "s" / "index.json").write_text(json.dumps({**record, "format": "vlmtools.index/9"}))
+    with pytest.raises(BadInput, match=re.escape(str(tmp_path / "s" / "index.json")) + ": format vlmtools.index/9 is newer"):
+        load_index(open_store(tmp_path / "s"))
+    (tmp_path / "s" / "index.json").write_text(json.dumps(record))
     (tmp_path / "s" / "index.faiss").write_bytes(b"not an index")
     with pytest.raises(BadInput, match=r"index.faiss: cannot read the index \(.*\); rebuild it with `vlmtools index"):
         load_index(open_store(tmp_path / "s"))
@@ -458,7 +463,7 @@ def test_auto_key_edges_of_each_rule():
     assert parse_memory("1234") == 1234 and parse_memory("1") == 1 and parse_memory("2T") == 2 * 2**40
 
 
-def test_search_parameters_by_index_kind():
+def test_search_parameters_by_index_kind(capsys):
     import faiss
 
     from vlmtools.index import _fixed_params, apply_params, default_rerank
@@ -466,6 +471,12 @@ def test_search_parameters_by_index_kind():
     assert default_params("HNSW32") == {"efSearch": 64} and default_params("HNSW32", ef_search=128) == {"efSearch": 128}
     assert default_params("IVF1000,Flat") == {"nprobe": 62} and type(default_params("IVF1000,Flat")["nprobe"]) is int
     assert default_rerank("IVF256,PQ32") == default_rerank("PQ16x4fs") == 10 and default_rerank("IVF256,Flat") == 0
+    capsys.readouterr()
+    default_params("HNSW32")
+    default_params("IVF256,Flat", nprobe=8)
+    assert capsys.readouterr().err == ""
+    assert default_params("HNSW32", nprobe=8) == {"efSearch": 64}  # --nprobe is for IVF lists: said, ignored
+    assert "--nprobe applies to IVF indexes only; ignored for HNSW32" in " ".join(capsys.readouterr().err.split())
     # the parameters the user set, kept by tuning, under index.json's names; others do not apply
     assert _fixed_params("IVF1024_HNSW32,PQ64x4fs", 8, 100, 3) == {"rerank": 3, "nprobe": 8, "quantizer_efSearch": 100}
     assert _fixed_params("HNSW32", 8, 100, None) == {"efSearch": 100}

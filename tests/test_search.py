@@ -260,9 +260,22 @@ def test_rerank_over_every_candidate_equals_exact_search(tmp_path, monkeypatch):
     top1_s, top1_r, _ = search_vectors(reader, queries, 1, nprobe=4, rerank=200)  # the best of 200 candidates
     np.testing.assert_array_equal(top1_r, truth_r[:, :1])
     np.testing.assert_allclose(top1_s, truth_s[:, :1], atol=1e-5)
+    shuffled = np.random.default_rng(2).permutation(600)  # --where over every row, k = 1: the best row
+    np.testing.assert_array_equal(search_vectors(reader, queries, 1, rows=shuffled)[1], truth_r[:, :1])
     plain_s, plain_r, method = search_vectors(reader, queries, 5, nprobe=4, rerank=0)
     assert method == "IVF4,PQ4x4" and not np.array_equal(plain_r, truth_r)  # codes alone rank coarsely
+    assert plain_r.dtype == np.int64
     assert search_vectors(reader, queries, 5, nprobe=4, rerank=1)[2] == "IVF4,PQ4x4, reranked 5"
+    assert search_vectors(reader, queries, 5, nprobe=4, rerank=2)[2] == "IVF4,PQ4x4, reranked 10"
+    # extra hits beside the k (index tuning drops its held-out rows from them): k + extra columns
+    extra_s, extra_r, method = search_vectors(reader, queries, 3, nprobe=4, rerank=200, extra=2)
+    assert method == "IVF4,PQ4x4, reranked 600" and extra_r.shape == (9, 5)
+    np.testing.assert_array_equal(extra_r, truth_r)
+    # an index.json from before rerank was saved: PQ codes are reranked by default (10 x k)
+    record = json.loads((tmp_path / "s" / "index.json").read_text())
+    del record["params"]["rerank"]
+    (tmp_path / "s" / "index.json").write_text(json.dumps(record))
+    assert search_vectors(open_store(tmp_path / "s"), queries, 5, nprobe=4)[2] == "IVF4,PQ4x4, reranked 50"
     # one list probed, fewer candidates than asked for: the missing hits are -1 with -inf scores
     few = np.asarray([x[0]])
     scores, rows, _ = search_vectors(reader, few, 600, nprobe=1, rerank=1)
@@ -302,32 +315,42 @@ def test_exact_search_ranks_ties_by_row_and_subsets_map_back(tmp_path):
     nothing = write_arrays(tmp_path / "empty", np.zeros((0, 8)), [], kind="text", model={"name": "m"})
     empty_s, empty_r, method = search_vectors(nothing, base[:2], 3)  # an empty store: no hits, no error
     assert empty_s.shape == empty_r.shape == (2, 0) and empty_s.dtype == np.float32 and method == "exact"
+    assert empty_r.dtype == np.int64
 
 
 def test_search_parameters_and_query_shapes_are_checked(tmp_path):
-    from vlmtools.search import check_search_params, search_vectors
+    """Bad parameters and query shapes are refused; an HNSW index saved with efSearch 16 still answers
+    k = 100 accurately, because the search widens efSearch to 2k for deep result lists (left at 16, recall@100
+    here is about 0.5)."""
+    from vlmtools.search import check_search_params, exact_search, search_vectors
     from vlmtools.store import open_store
 
-    write_arrays(tmp_path / "s", _unit(1200, 8, 3), [{"id": str(i)} for i in range(1200)], kind="image",
+    write_arrays(tmp_path / "s", _unit(3000, 32, 0), [{"id": str(i)} for i in range(3000)], kind="image",
                  model={"name": "m"})
     reader = open_store(tmp_path / "s")
-    with pytest.raises(BadInput, match="query vectors have dim 4, the store .* has 8"):
+    with pytest.raises(BadInput, match="query vectors have dim 4, the store .* has 32"):
         search_vectors(reader, np.ones((2, 4)), 3)
-    with pytest.raises(BadInput, match="query vectors have dim 8"):
-        search_vectors(reader, np.ones(8), 3)  # one vector, not a matrix
+    with pytest.raises(BadInput, match="query vectors have dim 32"):
+        search_vectors(reader, np.ones(32), 3)  # one vector, not a matrix
     with pytest.raises(BadInput, match="-k must be at least 1 \\(got 0\\)"):
-        search_vectors(reader, np.ones((1, 8)), 0)
+        search_vectors(reader, np.ones((1, 32)), 0)
     check_search_params(1, 0)
     check_search_params(None, None)
     for nprobe, rerank, message in ((0, None, "--nprobe must be at least 1 (got 0)"),
                                     (None, -1, "--rerank must be at least 0 (got -1)")):
         with pytest.raises(BadInput, match=re.escape(message)):
             check_search_params(nprobe, rerank)
-    build_index(tmp_path / "s", index_key="HNSW16", target_recall=0)
-    with pytest.raises(BadInput, match="--nprobe applies to IVF indexes; .* has HNSW16"):
-        search_vectors(open_store(tmp_path / "s"), np.ones((1, 8)), 3, nprobe=4)
-    _, rows, method = search_vectors(open_store(tmp_path / "s"), reader.embeddings[:3], 1, exact=True)
+    build_index(tmp_path / "s", index_key="HNSW8", ef_search=16, target_recall=0)
+    reader = open_store(tmp_path / "s")
+    with pytest.raises(BadInput, match="--nprobe applies to IVF indexes; .* has HNSW8"):
+        search_vectors(reader, np.ones((1, 32)), 3, nprobe=4)
+    _, rows, method = search_vectors(reader, reader.embeddings[:3], 1, exact=True)
     assert method == "exact" and rows[:, 0].tolist() == [0, 1, 2]
+    queries = _unit(20, 32, 1)
+    _, truth = exact_search(reader, queries, 100)
+    _, rows, method = search_vectors(reader, queries, 100)
+    assert method == "HNSW8"
+    assert np.mean([len(set(a) & set(b)) / 100 for a, b in zip(rows.tolist(), truth.tolist())]) >= 0.9
 
 
 def test_hits_skip_padding_carry_metadata_and_name_the_query_when_several(tmp_path):
