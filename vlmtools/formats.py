@@ -573,6 +573,7 @@ class PredictionLines:
         tail = _ENCODER.encode({"precision": precision, **run} if precision is not None else run)
         self._tail = ((", " + tail[1:]) if len(tail) > 2 else "}") + "\n"
         self._text: dict[str, str] = {}
+        self._heads: dict = {}  # a topk entry (by class), an explanation entry (by descriptor, kind): up to the score
         self._replaced = frozenset(PREDICTION_KEYS[3:])  # manifest keys the prediction drops or replaces
 
     def _str(self, value: str) -> str:
@@ -582,20 +583,26 @@ class PredictionLines:
         return text
 
     def _topk(self, topk: list) -> str | None:
-        text, parts = self._text, []
+        heads, parts = self._heads, []
         for name, score in topk:
             if type(score) is not float or score - score != 0:  # an int, a numpy scalar, NaN or inf
                 return None
-            parts.append('{"class": %s, "score": %r}' % (text.get(name) or self._str(name), score))
+            head = heads.get(name)
+            if head is None:
+                head = heads[name] = f'{{"class": {self._str(name)}, "score": '
+            parts.append("%s%r}" % (head, score))
         return "[" + ", ".join(parts) + "]"
 
     def _explanation(self, triples: list) -> str | None:
-        text, parts = self._text, []
+        heads, parts = self._heads, []
         for descriptor, kind, score in triples:
             if type(score) is not float or score - score != 0:
                 return None
-            parts.append('{"descriptor": %s, "kind": %s, "score": %r}'
-                         % (text.get(descriptor) or self._str(descriptor), text.get(kind) or self._str(kind), score))
+            head = heads.get((descriptor, kind))
+            if head is None:
+                head = heads[descriptor, kind] = \
+                    f'{{"descriptor": {self._str(descriptor)}, "kind": {self._str(kind)}, "score": '
+            parts.append("%s%r}" % (head, score))
         return "[" + ", ".join(parts) + "]"
 
     def line(self, meta: dict, topk: list[tuple[str, float]], explanation: list[tuple] | None = None,
