@@ -368,3 +368,98 @@ def test_hits_skip_padding_carry_metadata_and_name_the_query_when_several(tmp_pa
     assert [(h["query"], h["rank"], h["id"]) for h in two] == [("q1", 1, "c"), ("q1", 2, "a"), ("q2", 1, "b"),
                                                               ("q2", 2, "a"), ("q2", 3, "c")]
     assert [h["score"] for h in two[2:]] == [0.25, -1.0, 0.123457]  # cosines, clipped, 6 decimals
+
+
+# ----------------------------------------------------------------------------- queries that need no model
+
+WEIGHTS_NOT_HERE = {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}  # a search that loaded it would fail
+
+
+@pytest.fixture
+def stored(tmp_path):
+    """A text store of 8 rows (labels a/b) and a query store of 3 rows, the second without an id."""
+    x = _unit(8, 16, 4)
+    write_arrays(tmp_path / "s", x, [{"id": f"r{i}", "label": "ab"[i % 2]} for i in range(8)], kind="text",
+                 model=WEIGHTS_NOT_HERE, shard_size=3)
+    write_arrays(tmp_path / "q", x[[5, 2, 7]], [{"id": "q5"}, {"note": "no id"}, {"id": "q7"}], kind="text",
+                 model=WEIGHTS_NOT_HERE)
+    return tmp_path / "s", tmp_path / "q"
+
+
+def test_stored_queries_model_free_rank_the_store(stored, capsys):
+    """--id and --store queries search with the stored vectors: each finds itself first, hits are ranked
+    exactly, the query is named (by id, or by row for a row without one) only when there are several."""
+    from vlmtools.store import open_store
+
+    s, q = stored
+    reader = open_store(s)
+    truth = _truth(reader, reader.embeddings[[3]], 3)[1][0]
+    hits = search(s, ids=["r3"], k=3)
+    assert [h["id"] for h in hits] == [f"r{r}" for r in truth] and hits[0]["id"] == "r3"
+    assert [h["rank"] for h in hits] == [1, 2, 3] and "query" not in hits[0] and hits[0]["score"] == 1.0
+    assert "1 query, top 3 of 8 rows (exact)" in " ".join(capsys.readouterr().err.split())
+    hits = search(s, ids=["r3", "r0"], query_store=str(q), k=1)
+    assert [(h["query"], h["id"]) for h in hits] == [("r3", "r3"), ("r0", "r0"), ("q5", "r5"), ("1", "r2"),
+                                                     ("q7", "r7")]
+    assert "5 queries, top 1 of 8 rows (exact)" in " ".join(capsys.readouterr().err.split())
+    build_index(s, index_key="Flat")
+    assert [h["id"] for h in search(s, ids=["r3"], k=3)] == [f"r{r}" for r in truth]
+    assert "(Flat)" in capsys.readouterr().err
+    search(s, ids=["r3"], k=3, exact=True)
+    assert "(exact)" in capsys.readouterr().err
+    hits = search(s, ids=["r3"], k=10, where=["label=a"])  # only the matching rows, as many as there are
+    assert sorted(h["id"] for h in hits) == ["r0", "r2", "r4", "r6"] and [h["rank"] for h in hits] == [1, 2, 3, 4]
+    assert "1 query, top 8 of 8 rows (exact)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_searcher_model_free_methods_ids_and_bad_queries(stored):
+    from vlmtools.search import Searcher, read_query_lines, store_queries
+
+    s, q = stored
+    searcher = Searcher(s)
+    assert searcher.method == "exact" and searcher.spec.name == "ViT-B-32"
+    assert searcher.spec.pretrained == "laion2b_s34b_b79k"  # the store's weights, named by the store
+    vectors, names = searcher.vectors(ids=["r4", "r1"])
+    np.testing.assert_array_equal(vectors, searcher.reader.embeddings[[4, 1]])
+    assert names == ["r4", "r1"] and vectors.dtype == np.float32
+    assert searcher.vectors()[0].shape == (0, 16)
+    build_index(s, index_key="Flat")
+    assert Searcher(s).method == "Flat" and Searcher(s, exact=True).method == "exact"
+    queries, names = store_queries(str(q), searcher.spec)
+    assert names == ["q5", "1", "q7"] and queries.shape == (3, 16)
+    cases = [(dict(ids=["nope"]), BadInput, "--id nope: no row of"),
+             (dict(ids=["r1"], where=["label=zzz"]), BadInput, "--where label=zzz: no row of"),
+             (dict(ids=["r1"], where=["label"]), BadInput, "expected KEY=VALUE"),
+             (dict(), BadInput, "no query: give --text"),
+             (dict(ids=["r1"], k=0), BadInput, "-k must be at least 1 (got 0)"),
+             (dict(ids=["r1"], nprobe=0), BadInput, "--nprobe must be at least 1"),
+             (dict(texts=["  "]), BadInput, "--text: empty query text"),
+             (dict(ids=["r1"], model="ViT-L-14"), StoreMismatch, f"{s}: the store was embedded with ViT-B-32")]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=re.escape(message)):
+            search(s, **kwargs)
+    write_arrays(s.parent / "empty", np.zeros((0, 16)), [], kind="text", model=WEIGHTS_NOT_HERE)
+    with pytest.raises(BadInput, match=re.escape(f"--store {s.parent / 'empty'}: the query store is empty")):
+        search(s, query_store=str(s.parent / "empty"))
+    write_arrays(s.parent / "other", np.eye(16)[:2], [{"id": "a"}, {"id": "b"}], kind="text",
+                 model={"name": "ViT-B-32", "pretrained": "openai"})
+    with pytest.raises(StoreMismatch, match="was embedded with ViT-B-32"):
+        search(s, query_store=str(s.parent / "other"))
+    (s.parent / "queries.txt").write_text("  a red bird \n\n\t\nthe sea\n")
+    assert read_query_lines(str(s.parent / "queries.txt")) == ["a red bird", "the sea"]
+    (s.parent / "blank.txt").write_text("\n  \n")
+    with pytest.raises(BadInput, match=re.escape(f"--text-file {s.parent / 'blank.txt'}: no queries in it")):
+        read_query_lines(str(s.parent / "blank.txt"))
+    with pytest.raises(BadInput, match=re.escape(f"--text {s.parent / 'blank.txt'}: no queries in it")):
+        read_query_lines(str(s.parent / "blank.txt"), "--text")
+
+
+def test_rows_without_ids_are_queried_by_row_number_model_free(tmp_path):
+    from vlmtools.search import Searcher
+
+    write_arrays(tmp_path / "s", _unit(4, 8, 5), [{"path": f"{i}.png"} for i in range(4)], kind="image",
+                 model=WEIGHTS_NOT_HERE)
+    searcher = Searcher(tmp_path / "s")
+    assert searcher.row_of("2") == 2 and searcher.row_of(3) == 3
+    hits = search(tmp_path / "s", ids=["2"], k=1)
+    assert hits == [{"rank": 1, "score": 1.0, "path": "2.png"}]
