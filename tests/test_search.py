@@ -267,6 +267,13 @@ def test_rerank_over_every_candidate_equals_exact_search(tmp_path, monkeypatch):
     assert plain_r.dtype == np.int64
     assert search_vectors(reader, queries, 5, nprobe=4, rerank=1)[2] == "IVF4,PQ4x4, reranked 5"
     assert search_vectors(reader, queries, 5, nprobe=4, rerank=2)[2] == "IVF4,PQ4x4, reranked 10"
+    # search() and its Searcher pass --nprobe and --rerank on, and search through the loaded index
+    ids = ["r0", "r100", "r250"]
+    q_rows = search_vectors(reader, x[[0, 100, 250]], 5, nprobe=1, rerank=0)[1]
+    hits = search(tmp_path / "s", ids=ids, k=5, nprobe=1, rerank=0)
+    assert [h["id"] for h in hits] == [f"r{r}" for r in q_rows.ravel()]
+    hits = search(tmp_path / "s", ids=ids, k=5, nprobe=4, rerank=200)
+    assert [h["id"] for h in hits] == [f"r{r}" for r in _truth(reader, x[[0, 100, 250]], 5)[1].ravel()]
     # extra hits beside the k (index tuning drops its held-out rows from them): k + extra columns
     extra_s, extra_r, method = search_vectors(reader, queries, 3, nprobe=4, rerank=200, extra=2)
     assert method == "IVF4,PQ4x4, reranked 600" and extra_r.shape == (9, 5)
@@ -377,9 +384,9 @@ WEIGHTS_NOT_HERE = {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}  # a 
 
 @pytest.fixture
 def stored(tmp_path):
-    """A text store of 8 rows (labels a/b) and a query store of 3 rows, the second without an id."""
-    x = _unit(8, 16, 4)
-    write_arrays(tmp_path / "s", x, [{"id": f"r{i}", "label": "ab"[i % 2]} for i in range(8)], kind="text",
+    """A text store of 12 rows (labels a/b) and a query store of 3 rows, the second without an id."""
+    x = _unit(12, 16, 4)
+    write_arrays(tmp_path / "s", x, [{"id": f"r{i}", "label": "ab"[i % 2]} for i in range(12)], kind="text",
                  model=WEIGHTS_NOT_HERE, shard_size=3)
     write_arrays(tmp_path / "q", x[[5, 2, 7]], [{"id": "q5"}, {"note": "no id"}, {"id": "q7"}], kind="text",
                  model=WEIGHTS_NOT_HERE)
@@ -397,19 +404,22 @@ def test_stored_queries_model_free_rank_the_store(stored, capsys):
     hits = search(s, ids=["r3"], k=3)
     assert [h["id"] for h in hits] == [f"r{r}" for r in truth] and hits[0]["id"] == "r3"
     assert [h["rank"] for h in hits] == [1, 2, 3] and "query" not in hits[0] and hits[0]["score"] == 1.0
-    assert "1 query, top 3 of 8 rows (exact)" in " ".join(capsys.readouterr().err.split())
+    assert "1 query, top 3 of 12 rows (exact)" in " ".join(capsys.readouterr().err.split())
     hits = search(s, ids=["r3", "r0"], query_store=str(q), k=1)
     assert [(h["query"], h["id"]) for h in hits] == [("r3", "r3"), ("r0", "r0"), ("q5", "r5"), ("1", "r2"),
                                                      ("q7", "r7")]
-    assert "5 queries, top 1 of 8 rows (exact)" in " ".join(capsys.readouterr().err.split())
+    assert "5 queries, top 1 of 12 rows (exact)" in " ".join(capsys.readouterr().err.split())
     build_index(s, index_key="Flat")
     assert [h["id"] for h in search(s, ids=["r3"], k=3)] == [f"r{r}" for r in truth]
     assert "(Flat)" in capsys.readouterr().err
     search(s, ids=["r3"], k=3, exact=True)
     assert "(exact)" in capsys.readouterr().err
     hits = search(s, ids=["r3"], k=10, where=["label=a"])  # only the matching rows, as many as there are
-    assert sorted(h["id"] for h in hits) == ["r0", "r2", "r4", "r6"] and [h["rank"] for h in hits] == [1, 2, 3, 4]
-    assert "1 query, top 8 of 8 rows (exact)" in " ".join(capsys.readouterr().err.split())
+    assert sorted(h["id"] for h in hits) == [f"r{i}" for i in (0, 10, 2, 4, 6, 8)] and len(hits) == 6
+    assert "1 query, top 10 of 12 rows (exact)" in " ".join(capsys.readouterr().err.split())
+    assert len(search(s, ids=["r3"])) == 10  # -k 10 by default
+    with pytest.raises(BadInput, match="--nprobe applies to IVF indexes; .* has Flat"):
+        search(s, ids=["r3"], nprobe=4)
 
 
 def test_searcher_model_free_methods_ids_and_bad_queries(stored):
@@ -418,6 +428,10 @@ def test_searcher_model_free_methods_ids_and_bad_queries(stored):
     s, q = stored
     searcher = Searcher(s)
     assert searcher.method == "exact" and searcher.spec.name == "ViT-B-32"
+    assert len(searcher.search(*searcher.vectors(ids=["r2"]))) == 10  # -k 10 by default
+    for kwargs, message in ((dict(nprobe=0), "--nprobe must be at least 1"), (dict(rerank=-1), "--rerank must be")):
+        with pytest.raises(BadInput, match=message):  # `vlmtools serve` makes its Searcher directly
+            Searcher(s, **kwargs)
     assert searcher.spec.pretrained == "laion2b_s34b_b79k"  # the store's weights, named by the store
     vectors, names = searcher.vectors(ids=["r4", "r1"])
     np.testing.assert_array_equal(vectors, searcher.reader.embeddings[[4, 1]])
