@@ -272,6 +272,10 @@ def test_rerank_over_every_candidate_equals_exact_search(tmp_path, monkeypatch):
     q_rows = search_vectors(reader, x[[0, 100, 250]], 5, nprobe=1, rerank=0)[1]
     hits = search(tmp_path / "s", ids=ids, k=5, nprobe=1, rerank=0)
     assert [h["id"] for h in hits] == [f"r{r}" for r in q_rows.ravel()]
+    q_rows = search_vectors(reader, x[[0, 100, 250]], 5, nprobe=4, rerank=0)[1]  # not reranked: PQ's order
+    hits = search(tmp_path / "s", ids=ids, k=5, nprobe=4, rerank=0)
+    assert [h["id"] for h in hits] == [f"r{r}" for r in q_rows.ravel()]
+    assert (q_rows != _truth(reader, x[[0, 100, 250]], 5)[1]).any()
     hits = search(tmp_path / "s", ids=ids, k=5, nprobe=4, rerank=200)
     assert [h["id"] for h in hits] == [f"r{r}" for r in _truth(reader, x[[0, 100, 250]], 5)[1].ravel()]
     # extra hits beside the k (index tuning drops its held-out rows from them): k + extra columns
@@ -477,3 +481,22 @@ def test_rows_without_ids_are_queried_by_row_number_model_free(tmp_path):
     assert searcher.row_of("2") == 2 and searcher.row_of(3) == 3
     hits = search(tmp_path / "s", ids=["2"], k=1)
     assert hits == [{"rank": 1, "score": 1.0, "path": "2.png"}]
+
+
+def test_mixed_queries_keep_their_order_names_and_precision(image_store, image_dir):
+    """Texts, image paths, images in memory (serve's) and stored ids in one call: vectors and names in that
+    order, images in memory named by position; the model is loaded as asked (precision), once."""
+    from vlmtools.search import Searcher
+
+    searcher = Searcher(image_store, device="cpu", precision="fp16")
+    path = str(image_dir / "img03.png")
+    pil = Image.open(image_dir / "img05.png").convert("RGB")
+    vectors, names = searcher.vectors(texts=["a red square"], images=[path, pil], ids=["img07"])
+    assert names == ["a red square", path, "image 2", "img07"] and vectors.shape == (4, 32)
+    assert vectors.dtype == np.float32 and searcher.encoder().precision_info()["precision"] == "fp16"
+    assert searcher.encoder() is searcher.encoder()
+    hits = searcher.search(vectors[1:], names[1:], k=1)
+    assert [(h["query"], h["id"]) for h in hits] == [(path, "img03"), ("image 2", "img05"), ("img07", "img07")]
+    fp16 = search(image_store, images=[path, pil], k=3, device="cpu", precision="fp16")
+    assert fp16 == searcher.search(vectors[1:3], names[1:3], k=3)  # search() loads the model as asked
+    assert fp16 != search(image_store, images=[path, pil], k=3, device="cpu", precision="fp32")
