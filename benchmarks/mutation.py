@@ -109,8 +109,11 @@ def run_module(module: str, tests: list[str], shared: dict, children: int, funct
         if not (work / "survivors.txt").exists():
             raise SystemExit(f"{module}: no earlier run in {work} to rerun the survivors of")
         names = (work / "survivors.txt").read_text().split()
-        shutil.rmtree(work / "tests")  # the checkout's tests, new ones included (mutmut collects their stats)
+        shutil.rmtree(work / "tests")  # the checkout's tests, new ones included
         shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        # which tests run which function: collected again, since changed tests may now reach more functions
+        # (mutmut would collect it for new test names only)
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     else:
         names = functions or []
         if work.exists():
