@@ -610,3 +610,66 @@ def test_classify_from_stores_imports_no_torch(world, tmp_path):
         in_process = CliRunner(env=env).invoke(app, ["classify", str(world / "images"), *map(str, args)])
         assert in_process.exit_code == 0, in_process.output
         assert read_lines(in_process.stdout) == preds
+
+
+def _record_line(meta, topk, expl, expl_true, precision, run):
+    """An independent restatement of a predictions line: the record built key by key, json.dumps'd."""
+    import math
+
+    def finite(v):
+        return v if not isinstance(v, float) or math.isfinite(v) else None
+
+    rec = {k: v for k, v in meta.items()
+           if k in ("id", "path", "label") or k not in ("pred", "topk", "explanation", "explanation_true",
+                                                        "method", "model", "store", "precision")}
+    rec["pred"] = topk[0][0]
+    rec["topk"] = [{"class": c, "score": finite(s)} for c, s in topk]
+    for key, triples in (("explanation", expl), ("explanation_true", expl_true)):
+        if triples is not None:
+            rec[key] = [{"descriptor": d, "kind": k, "score": finite(s)} for d, k, s in triples]
+    rec["precision"] = precision
+    rec.update(run)
+    rec = {k: finite(v) if not isinstance(v, dict) else {a: finite(b) for a, b in v.items()} for k, v in rec.items()}
+    return json.dumps(rec, ensure_ascii=False) + "\n"
+
+
+@pytest.mark.parametrize("meta, topk, expl, expl_true, fast", [
+    ({"id": "1", "path": "/a.jpg", "label": "Laysan albatross", "split": "test"},
+     [("Laysan albatross", 0.25), ("Sooty albatross", 0.125)], None, None, True),
+    ({"id": "é/\"q\"", "label": "Ürün \\ \u2028", "domain": "painting", "mask": None, "x": [1, 2.5]},
+     [("Ürün \\ \u2028", 1e-7), ("b\ttab", -0.5)],
+     [("has a \"long\" beak", "object", 0.3), ("lives by the sea", "background", -1e-5)],
+     [("a", "object", 2.0)], True),
+    ({}, [("c", 0.5)], [], None, True),  # an empty manifest row, an empty explanation
+    ({"id": "2", "pred": "stale", "topk": [], "method": "old", "precision": {"image": "fp16"}, "store": "s"},
+     [("c", 0.5)], None, None, False),  # keys a prediction replaces
+    ({"id": "2", "pred": "stale"}, [("c", 0.5)], None, None, False),
+    ({"id": "3", "score": float("nan")}, [("c", 0.5)], None, None, False),
+    ({"id": "4"}, [("c", float("nan")), ("d", float("inf"))], None, None, False),
+    ({"id": "5"}, [("c", 1)], None, [("d", "object", float("-inf"))], False),  # an int score, -inf
+])
+def test_prediction_lines_equal_the_records_json(meta, topk, expl, expl_true, fast):
+    from vlmtools.formats import PredictionLines
+
+    precision = {"image": "fp16", "text": None}
+    run = {"method": "cbd", "model": "ViT-B-32 (pretrained=openai)", "store": "/s/é"}
+    lines = PredictionLines(precision, run)
+    want = _record_line(meta, topk, expl, expl_true, precision, run)
+    assert lines.line(meta, topk, expl, expl_true) == want
+    assert lines.line(meta, topk, expl, expl_true) == want  # again, from the cached encodings
+    # the common rows take the fast form (no record built), the rest the record's encoding
+    assert lines._fast(meta, topk, expl, expl_true) == (want if fast else None)
+
+
+def test_prediction_lines_redact_registered_secrets():
+    from vlmtools.formats import PredictionLines
+    from vlmtools.redact import add_secret, clear_secrets
+
+    secret = "sk-test-0123456789abcdef"
+    lines = PredictionLines({"image": None, "text": None}, {"method": "clip", "model": "m", "store": "s"})
+    add_secret(secret)
+    try:
+        line = lines.line({"id": "1", "path": f"/x/{secret}.jpg"}, [(f"c {secret}", 0.5)])
+    finally:
+        clear_secrets()
+    assert secret not in line and "[redacted]" in line and json.loads(line)["pred"] == "c [redacted]"

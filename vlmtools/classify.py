@@ -372,18 +372,19 @@ class Classifier:
             return images @ self.class_emb.T, None
         return cbd_scores(images, self.desc_emb, self.dset.offsets, self.aggregate)
 
-    def _explanations(self, sims, class_idx) -> list[list[dict]]:
+    def _explanations(self, sims, class_idx) -> list[list[tuple[str, str, float]]]:
         import numpy as np
 
         cols, vals, lengths = rank_descriptors(sims, self.dset.offsets, class_idx)
         cols, vals, lengths = cols.tolist(), vals.astype(np.float64).round(DIGITS).tolist(), lengths.tolist()
         d, kinds = self.dset.descriptors, self.dset.kinds
-        return [[{"descriptor": d[j], "kind": kinds[j], "score": v} for j, v in zip(c[:n], s[:n])]
-                for c, s, n in zip(cols, vals, lengths)]
+        return [[(d[j], kinds[j], v) for j, v in zip(c[:n], s[:n])] for c, s, n in zip(cols, vals, lengths)]
 
     def predict(self, images, meta: Sequence[dict], *, k: int = 5, explain: bool = True,
-                explain_true: bool = False, chunk: int = CHUNK) -> Iterator[dict]:
-        """Prediction records (formats.prediction_record), in row order."""
+                explain_true: bool = False, chunk: int = CHUNK) -> Iterator[tuple]:
+        """(meta row, topk [(class, score)] best first, explanation, explanation_true) per image, in row
+        order; an explanation is [(descriptor, kind, score)] best first, or None (formats.PredictionLines
+        writes them as predictions lines)."""
         import numpy as np
 
         index = {c: i for i, c in enumerate(self.classes)}
@@ -402,13 +403,11 @@ class Classifier:
                 if len(has):
                     for pos, e in zip(has.tolist(), self._explanations(sims[has], true_idx[has])):
                         explained_true[pos] = e
+            names = self.classes
             for n, rec in enumerate(rows):
-                topk = [(self.classes[i], v) for i, v in zip(idx[n], vals[n])]
-                yield formats.prediction_record(
-                    rec, topk[0][0], topk,
-                    explanation=explained[n] if explained is not None else None,
-                    explanation_true=explained_true[n] if explained_true is not None else None,
-                    precision=self.precision)
+                yield (rec, [(names[i], v) for i, v in zip(idx[n], vals[n])],
+                       explained[n] if explained is not None else None,
+                       explained_true[n] if explained_true is not None else None)
 
 
 def clip_classifier(classes: list[str], templates: list[str], spec, **text_opts) -> Classifier:
@@ -626,13 +625,14 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
     t1 = time.perf_counter()
     correct = labelled = 0
     run = dict(zip(formats.RUN_KEYS, (method, str(spec), str(image_store))))
+    lines = formats.PredictionLines(clf.precision, run)
     with formats.open_output(output) as fh:
-        for rec in clf.predict(emb, meta, k=k, explain=explain, explain_true=explain_true):
-            rec.update(run)
-            if rec.get("label") is not None:
+        for row, topk, explanation, explanation_true in clf.predict(emb, meta, k=k, explain=explain,
+                                                                     explain_true=explain_true):
+            if row.get("label") is not None:
                 labelled += 1
-                correct += rec["pred"] == rec["label"]
-            fh.write(formats.dumps_line(rec))
+                correct += topk[0][0] == row["label"]
+            fh.write(lines.line(row, topk, explanation, explanation_true))
     summary = {"images": len(meta), "classes": len(clf.classes), "method": method, "model": spec.as_dict(),
                "precision": clf.precision,
                "labelled": labelled, "top1": correct / labelled if labelled else None,

@@ -5,38 +5,66 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Iterator
-
-from rich.console import Console
-from rich.markup import escape
-from rich.segment import Segment
 
 from vlmtools.redact import REDACTED, escape_controls, scrub
 
-
-class SafeConsole(Console):
-    """A rich Console whose text never carries a registered secret (vlmtools.redact) nor a control
-    character from the text it shows (an ANSI escape in a server's message, a descriptor, a file name):
-    those are shown escaped. Rich's own styling and cursor control pass, as they are separate segments."""
-
-    def render_str(self, text: str, **kwargs):
-        # strings (messages, table cells) are cleaned before rich measures them, so columns fit; in markup
-        # the replacement is escaped, or rich would take "[redacted]" for a style tag
-        markup = kwargs.get("markup")
-        replacement = escape(REDACTED) if (self._markup if markup is None else markup) else REDACTED
-        return super().render_str(escape_controls(scrub(text, replacement)), **kwargs)
-
-    def render(self, renderable, options=None):
-        for segment in super().render(renderable, options):
-            if segment.control is None and segment.text:
-                text = escape_controls(scrub(segment.text))
-                if text is not segment.text:
-                    segment = Segment(text, segment.style)
-            yield segment
+# rich loads on the first message (~20 ms): a command that prints nothing, such as a quiet classify from
+# stores, never imports it. `console` and `SafeConsole` are module attributes made on first use.
 
 
-# stdout carries data only: every human-facing message goes to stderr.
-console = SafeConsole(stderr=True, highlight=False)
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+@lru_cache(maxsize=None)
+def _safe_console_class():
+    from rich.console import Console
+    from rich.markup import escape as rich_escape
+    from rich.segment import Segment
+
+    class SafeConsole(Console):
+        """A rich Console whose text never carries a registered secret (vlmtools.redact) nor a control
+        character from the text it shows (an ANSI escape in a server's message, a descriptor, a file name):
+        those are shown escaped. Rich's own styling and cursor control pass, as they are separate segments."""
+
+        def render_str(self, text: str, **kwargs):
+            # strings (messages, table cells) are cleaned before rich measures them, so columns fit; in markup
+            # the replacement is escaped, or rich would take "[redacted]" for a style tag
+            markup = kwargs.get("markup")
+            replacement = rich_escape(REDACTED) if (self._markup if markup is None else markup) else REDACTED
+            return super().render_str(escape_controls(scrub(text, replacement)), **kwargs)
+
+        def render(self, renderable, options=None):
+            for segment in super().render(renderable, options):
+                if segment.control is None and segment.text:
+                    text = escape_controls(scrub(segment.text))
+                    if text is not segment.text:
+                        segment = Segment(text, segment.style)
+                yield segment
+
+    return SafeConsole
+
+
+def _console():
+    """The stderr console (made on first use; a test may replace the module's ``console``)."""
+    made = globals().get("console")
+    if made is None:
+        # stdout carries data only: every human-facing message goes to stderr.
+        made = globals()["console"] = _safe_console_class()(stderr=True, highlight=False)
+    return made
+
+
+def __getattr__(name: str):
+    if name == "console":
+        return _console()
+    if name == "SafeConsole":
+        return _safe_console_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _quiet = os.environ.get("VLMTOOLS_QUIET", "") not in ("", "0")
 _verbose = os.environ.get("VLMTOOLS_VERBOSE", "") not in ("", "0")
@@ -65,21 +93,21 @@ def info(message, *, markup: bool = False) -> None:
     strings (paths with ``[``, class names) never reach rich's markup parser unless ``markup=True``."""
     if not _quiet:
         # lines of text are never broken (logs are grepped); a table is laid out to the console's width
-        console.print(message, soft_wrap=isinstance(message, str), markup=markup)
+        _console().print(message, soft_wrap=isinstance(message, str), markup=markup)
 
 
 def debug(message: str) -> None:
     """A detail shown only with -v/--verbose (plain text, not markup)."""
     if _verbose:
-        console.print(f"[dim]{escape(message)}[/dim]", soft_wrap=True)
+        _console().print(f"[dim]{escape(message)}[/dim]", soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+    _console().print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def error(message: str) -> None:
-    console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
+    _console().print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
 
 
 def loading(what: str) -> None:
@@ -88,7 +116,7 @@ def loading(what: str) -> None:
 
 
 def stderr_is_terminal() -> bool:
-    return console.is_terminal
+    return _console().is_terminal
 
 
 def data_to_terminal(output) -> bool:
@@ -184,7 +212,7 @@ class _LineTask(_Task):
             self.emit()
 
     def emit(self) -> None:
-        console.print(f"{escape(self.description)}: {self.status()}", soft_wrap=True, markup=True)
+        _console().print(f"{escape(self.description)}: {self.status()}", soft_wrap=True, markup=True)
 
 
 class _RichTask(_Task):
@@ -227,5 +255,5 @@ def progress(description: str, total: int | None = None, unit: str = "items") ->
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=_console(), transient=False) as bar:
         yield _RichTask(bar, description, total, unit)

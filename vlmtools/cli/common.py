@@ -29,6 +29,13 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _error(message: str) -> None:
+    # the console (rich) is imported only when there is something to say
+    from vlmtools.console import error as say_error
+
+    say_error(message)
+
+
 def handle_errors(func: Callable) -> Callable:
     """Turn what escapes a command into a one-line message on stderr and an exit code: 2 for bad input,
     1 for a partial failure, 3 for an internal error (a bug: VLMTOOLS_DEBUG=1 shows the traceback),
@@ -36,34 +43,30 @@ def handle_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        import click
-
-        from vlmtools.console import error
-
         try:
             return func(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort):
             raise
         except VlmError as exc:
-            error(str(exc))
+            _error(str(exc))
             raise typer.Exit(exc.exit_code)
         except UnicodeDecodeError as exc:
-            error(f"input is not UTF-8 text ({exc.reason} at byte {exc.start})")
+            _error(f"input is not UTF-8 text ({exc.reason} at byte {exc.start})")
             raise typer.Exit(2)
         except BrokenPipeError:
             _quiet_stdout()
             raise typer.Exit(0)
         except OSError as exc:  # permission denied, disk full, ...: say so in one line
             where = f"{exc.filename}: " if exc.filename else ""
-            error(f"{where}{exc.strerror or exc}")
+            _error(f"{where}{exc.strerror or exc}")
             raise typer.Exit(1)
         except KeyboardInterrupt:
-            error("interrupted")
+            _error("interrupted")
             raise typer.Exit(130)
         except Exception as exc:  # a bug: one line, not a traceback (unless asked for)
             import os
 
-            if type(exc).__module__.startswith("typer"):  # typer's own Exit/Abort/usage errors
+            if type(exc).__module__.split(".")[0] in ("typer", "click"):  # their Exit/Abort/usage errors
                 raise
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
                 raise
@@ -72,7 +75,7 @@ def handle_errors(func: Callable) -> Callable:
             if is_verbose():
                 console.print_exception()
             what = " ".join(str(exc).split())[:200]
-            error(f"internal error: {type(exc).__name__}{': ' + what if what else ''} -- please report it"
+            _error(f"internal error: {type(exc).__name__}{': ' + what if what else ''} -- please report it"
                   + ("" if is_verbose() else f"; rerun with -v (or {DEBUG_ENV}=1) for the traceback"))
             raise typer.Exit(3)
 
