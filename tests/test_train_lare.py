@@ -635,7 +635,7 @@ def test_train_lare_defaults_selection_seeds_and_bounds(stores, tmp_path, monkey
     seen = []
 
     def fit_augmenter(module, train, loss_fn, options, epochs, description, val=None):
-        seen.append({"net": module, "epochs": epochs})
+        seen.append({"net": module, "epochs": epochs, "loss": loss_fn, "train": train})
         return types.SimpleNamespace(best_epoch=epochs)
 
     def fit_probe_with(kind, config, aug_state, data, extra_x, extra_y, output, options, **kwargs):
@@ -656,6 +656,13 @@ def test_train_lare_defaults_selection_seeds_and_bounds(stores, tmp_path, monkey
         == {"samples": 10, "alpha": 0.5, "volume_loss": "log-side", "box_size": 1.0, "box_epochs": 10,
             "hidden": LARE.DEFAULT_HIDDEN, "val_where": ["split=test", "domain=photo"]}
     assert step1["epochs"] == 10 and step1["net"].hidden == 128 and len(step2["data"].val) == 12
+    x, y = (torch.from_numpy(a) for a in step1["train"])
+    texts_reader = A.open_text_store(stores / "texts", step2["data"].spec, DIM)
+    t = torch.from_numpy(A.class_text_embeddings(step2["data"].classes, ["a photo of a {}."], step2["data"].spec,
+                                                 text_store=texts_reader))
+    side = float(x.std(dim=0).mean())  # box size 1 x the embedding scale: the log-side loss's b
+    assert math.isclose(tr["box_side"], side, rel_tol=1e-6)
+    assert torch.allclose(step1["loss"](step1["net"], x, y), LARE.lare_loss(step1["net"], x, y, t, side=side)[0])
     LARE.train_lare(stores / "images", tmp_path / "h", options=opts, where=["domain=photo"], val_fraction=0.25,
                     shots=2, samples=1, form="centre", **texts, **photo)
     step1, step2 = seen[-2:]
@@ -665,6 +672,8 @@ def test_train_lare_defaults_selection_seeds_and_bounds(stores, tmp_path, monkey
     for part in ("train", "val"):
         assert [m["id"] for m in getattr(step2["data"], part).meta] == [m["id"] for m in getattr(data, part).meta]
     assert len(step2["extra_x"]) == 6 and step1["net"].form == "centre"  # one sample per box: 2 shots x 3
+    x, y = (torch.from_numpy(a) for a in step1["train"])
+    assert torch.isfinite(step1["loss"](step1["net"], x, y))  # K = 1 has its class texts
     first = step2["extra_x"]
     LARE.train_lare(stores / "images", tmp_path / "h", options=opts, where=["domain=photo"], val_fraction=0.25,
                     shots=2, samples=1, form="centre", **texts, **photo)
