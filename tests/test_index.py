@@ -1,6 +1,7 @@
 """`vlmtools index` and vlmtools.index: key choice, build, staleness, exactness and recall."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -350,3 +351,159 @@ def test_held_out_unlinks_rows_from_a_graph_and_restores_it(tmp_path):
         _, found = index.search(probe.queries, 10)
         assert not np.isin(found, probe.rows[probe.rows != hnsw.entry_point]).any()
     np.testing.assert_array_equal(faiss.vector_to_array(hnsw.neighbors), before)
+
+
+# ----------------------------------------------------------------------------- the arithmetic behind auto
+
+def test_estimate_bytes_is_codes_ids_and_centroids():
+    """What --max-memory is compared to, restated from the index's layout: float32 vectors (+ 2M int32
+    links per row for an HNSW graph); IVF lists hold 8-byte ids beside each row's code or vector, plus
+    float32 centroids; PQ codes of m sub-quantizers of b bits take m*b/8 bytes, plus 2^b centroids per
+    sub-quantizer (m * 2^b * dim/m floats)."""
+    n, dim = 100_000, 512
+    assert estimate_bytes("Flat", n, dim) == n * 4 * dim
+    assert estimate_bytes("HNSW32", n, dim) == 4 * n * (dim + 64)
+    assert estimate_bytes("HNSW16,Flat", n, dim) == 4 * n * (dim + 32)
+    assert estimate_bytes("IVF1024,Flat", n, dim) == n * (4 * dim + 8) + 1024 * 4 * dim
+    assert estimate_bytes("IVF256,PQ16", n, dim) == n * (16 + 8) + 256 * 4 * dim + 256 * 4 * dim
+    assert estimate_bytes("IVF4096,PQ64x4fs", n, dim) == n * (32 + 8) + 4096 * 4 * dim + 16 * 4 * dim
+    # the HNSW inside an IVF key is its coarse quantizer, not a graph over the rows
+    assert estimate_bytes("IVF16384_HNSW32,PQ64x4fs", n, dim) == n * (32 + 8) + 16384 * 4 * dim + 16 * 4 * dim
+    assert estimate_bytes("PQ32x4fs", n, dim) == n * (16 + 8) + 16 * 4 * dim
+
+
+def test_auto_key_thresholds_and_list_counts():
+    dim = 512
+    assert choose_index_key(999, dim) == "Flat" and choose_index_key(1_000, dim) == "HNSW32"
+    hnsw8 = 4 * 50_000 * (dim + 2 * 8)  # exactly an HNSW8 graph
+    assert choose_index_key(50_000, dim, hnsw8) == "HNSW8"
+    assert choose_index_key(50_000, dim, hnsw8 - 4 * 50_000) == "IVF1024,Flat"  # short of it: M would be 7
+    assert nlist_for(1_000_000) == 4096 and nlist_for(10**4) == 512
+    assert nlist_for(299_999_999) == 65536 and nlist_for(300_000_000) == nlist_for(10**9) == 131_072
+
+
+def test_train_size_lists_budget_and_store():
+    from vlmtools.index import train_size
+
+    assert train_size("IVF1024,Flat", 10**6) == 64 * 1024  # 64 rows per list
+    assert train_size("IVF16,PQ4x4", 1500) == 1500  # never more than the store
+    assert train_size("PQ16x4fs", 50_000) == train_size("HNSW32", 50_000) == 10_000  # at least 10k
+    assert train_size("IVF65536,PQ64", 10**7, 512) == 64 * 65536  # a budget needs both dim and max_memory
+    assert train_size("IVF65536,PQ64", 10**7, max_memory="1G") == 64 * 65536
+    size = train_size("IVF65536,PQ64", 10**7, 384, "1G")  # half of 1 GiB as float32 rows of 384
+    assert size == 2**29 // (4 * 384) and type(size) is int
+    assert train_size("IVF65536,PQ64", 10**7, 512, "16M") == 10_000  # never below 10k
+
+
+def test_training_sample_is_seeded_and_without_repeats(tmp_path):
+    from vlmtools.index import _sample_rows
+
+    reader = make_store(tmp_path / "s", 300, shard_size=70)
+    everything = _sample_rows(reader, 300, seed=5)
+    np.testing.assert_array_equal(everything, reader.embeddings)  # all: every row once
+    assert everything.dtype == np.float32
+    a, b, c = (_sample_rows(reader, 50, seed) for seed in (5, 5, 6))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and len({r.tobytes() for r in a}) == 50
+
+
+def test_an_index_of_other_rows_is_not_used(tmp_path, capsys):
+    """An index is used only for the rows it was built from: a store rewritten with as many rows, or an
+    index.faiss swapped in from another store, falls back to exact search with a warning; an unreadable
+    index.faiss is refused, saying how to rebuild it."""
+    make_store(tmp_path / "s", 500)
+    build_index(tmp_path / "s", index_key="Flat")
+    reader = make_store(tmp_path / "s", 500, seed=1)  # same count and dim, other rows
+    assert load_index(reader) is None
+    assert "the index is stale (built for another store content" in " ".join(capsys.readouterr().err.split())
+    build_index(tmp_path / "s", index_key="Flat")
+    make_store(tmp_path / "t", 400)
+    build_index(tmp_path / "t", index_key="Flat")
+    (tmp_path / "s" / "index.faiss").write_bytes((tmp_path / "t" / "index.faiss").read_bytes())
+    assert load_index(open_store(tmp_path / "s")) is None
+    assert "holds 400 rows of dim 16, the store 500 of dim 16; searching exactly" in \
+        " ".join(capsys.readouterr().err.split())
+    record = json.loads((tmp_path / "s" / "index.json").read_text())
+    (tmp_path / "s" / "index.json").write_text(json.dumps({**record, "format": "vlmtools.index/9"}))
+    with pytest.raises(BadInput, match=re.escape(str(tmp_path / "s" / "index.json")) + ": format vlmtools.index/9 is newer"):
+        load_index(open_store(tmp_path / "s"))
+    (tmp_path / "s" / "index.json").write_text(json.dumps(record))
+    (tmp_path / "s" / "index.faiss").write_bytes(b"not an index")
+    with pytest.raises(BadInput, match=r"index.faiss: cannot read the index \(.*\); rebuild it with `vlmtools index"):
+        load_index(open_store(tmp_path / "s"))
+
+
+def test_auto_key_edges_of_each_rule():
+    dim = 512
+    # 10,000 rows is enough to train quantizers; one fewer is not
+    tight = 4 * 10_000 * (dim + 12)  # no room for a graph nor for uncompressed lists
+    assert choose_index_key(10_000, dim, tight) == "IVF512,PQ64x4fs" and choose_index_key(9_999, dim, tight) == "Flat"
+    # a budget exactly the estimate fits (uncompressed lists, then a PQ code)
+    key = f"IVF{nlist_for(200_000)},Flat"
+    assert choose_index_key(200_000, dim, estimate_bytes(key, 200_000, dim)) == key
+    n = 20_000_000
+    pq16 = f"IVF{nlist_for(n)}_HNSW32,PQ16x4fs"
+    assert choose_index_key(n, dim, estimate_bytes(pq16, n, dim)) == pq16
+    # PQ4 (4-bit codes, dim/4 dims each) is always allowed; 2 dims per sub-quantizer at least
+    assert choose_index_key(2_000_000, 16, "4G") == f"IVF{nlist_for(2_000_000)},PQ4x4fs"
+    assert choose_index_key(2_000_000, 8, "4G") == f"IVF{nlist_for(2_000_000)},PQ4x4fs"
+    # no PQ code divides an odd dim: uncompressed lists if they fit, else a graph of M >= 8 if it fits
+    ivf_flat = f"IVF{nlist_for(2_000_000)},Flat"
+    assert choose_index_key(2_000_000, 51, estimate_bytes(ivf_flat, 2_000_000, 51)) == ivf_flat
+    graph_only = 4 * 10**6 * (4097 + 16)  # below IVF4096,Flat's lists over 4097 dims, an HNSW8 graph exactly
+    assert estimate_bytes("IVF4096,Flat", 10**6, 4097) > graph_only
+    assert choose_index_key(10**6, 4097, graph_only) == "HNSW8"
+    with pytest.raises(BadInput, match="no PQ code divides dim 4097"):
+        choose_index_key(10**6, 4097, graph_only - 4 * 10**6)  # room for M = 7 only
+    # nothing fits: the message names the smallest index and what it needs
+    smallest = f"IVF{nlist_for(n)}_HNSW32,PQ4x4fs"
+    need = estimate_bytes(smallest, n, dim) / 2**30
+    with pytest.raises(BadInput, match=re.escape(f"(the smallest, {smallest}, needs ~{need:.1f} GiB)")):
+        choose_index_key(n, dim, "100M")
+    assert parse_memory("1234") == 1234 and parse_memory("1") == 1 and parse_memory("2T") == 2 * 2**40
+
+
+def test_search_parameters_by_index_kind(capsys):
+    import faiss
+
+    from vlmtools.index import _fixed_params, apply_params, default_rerank
+
+    assert default_params("HNSW32") == {"efSearch": 64} and default_params("HNSW32", ef_search=128) == {"efSearch": 128}
+    assert default_params("IVF1000,Flat") == {"nprobe": 62} and type(default_params("IVF1000,Flat")["nprobe"]) is int
+    assert default_rerank("IVF256,PQ32") == default_rerank("PQ16x4fs") == 10 and default_rerank("IVF256,Flat") == 0
+    capsys.readouterr()
+    default_params("HNSW32")
+    default_params("IVF256,Flat", nprobe=8)
+    assert capsys.readouterr().err == ""
+    assert default_params("HNSW32", nprobe=8) == {"efSearch": 64}  # --nprobe is for IVF lists: said, ignored
+    assert "--nprobe applies to IVF indexes only; ignored for HNSW32" in " ".join(capsys.readouterr().err.split())
+    # the parameters the user set, kept by tuning, under index.json's names; others do not apply
+    assert _fixed_params("IVF1024_HNSW32,PQ64x4fs", 8, 100, 3) == {"rerank": 3, "nprobe": 8, "quantizer_efSearch": 100}
+    assert _fixed_params("HNSW32", 8, 100, None) == {"efSearch": 100}
+    assert _fixed_params("IVF256,Flat", None, 100, 0) == {"rerank": 0}
+    # applied to faiss: rerank is ours, efSearch is raised to 2k for deep result lists
+    x = unit_rows(300, 8, 0)
+    hnsw = faiss.index_factory(8, "HNSW16", faiss.METRIC_INNER_PRODUCT)
+    hnsw.add(x)
+    apply_params(hnsw, {"rerank": 10, "efSearch": 3})
+    assert hnsw.hnsw.efSearch == 3
+    apply_params(hnsw, {"efSearch": 16}, k=50)
+    assert hnsw.hnsw.efSearch == 100
+    ivf = faiss.index_factory(8, "IVF8_HNSW16,Flat", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x)
+    apply_params(ivf, {"rerank": 10, "nprobe": 3, "quantizer_efSearch": 20}, k=40)
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(ivf).quantizer)
+    assert faiss.extract_index_ivf(ivf).nprobe == 3 and quantizer.hnsw.efSearch == 80
+
+
+def test_stale_reasons_name_what_changed(tmp_path):
+    from vlmtools.index import stale_reasons
+
+    reader = make_store(tmp_path / "s", 50)
+    record = build_index(tmp_path / "s", index_key="Flat")
+    assert stale_reasons(record, reader) == []
+    changed = {**record, "store_count": 40, "dim": 8, "model": {"name": "other"}, "store_content_sha256": "x"}
+    assert stale_reasons(changed, reader) == [
+        "index row count 40, store 50", "index dim 8, store 16",
+        f"index model {{'name': 'other'}}, store {MODEL!r}",
+        "built for another store content (copied from another store, or the store was rewritten)"]
