@@ -1,6 +1,8 @@
 """vlmtools.cli.coerce: option values converted without pydantic give typer's own result, or typer's own error."""
 
 import enum
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,36 @@ def test_classify_from_stores_needs_no_pydantic(tmp_path):
     bad, loaded = run_cli_modules("classify", tmp_path / "img", "--text-store", tmp_path / "txt", "-k", "two")
     assert bad.returncode == 2 and "Input should be a valid integer" in bad.stderr  # typer's message, via its adapter
     assert loaded == ["pydantic"]
+
+
+def test_quiet_classify_from_stores_loads_no_console(tmp_path):
+    """rich (the console) loads on the first message: a quiet classify from stores prints nothing and never
+    imports it (nor click); a run with something to say imports it and says it."""
+    import numpy as np
+
+    from vlmtools.store import write_arrays
+
+    model = {"name": "ViT-B-32", "pretrained": "openai"}
+    rng = np.random.default_rng(0)
+    write_arrays(tmp_path / "img", rng.normal(size=(4, 8)), [{"id": str(i), "label": "ab"[i % 2]} for i in range(4)],
+                 kind="image", model=model)
+    write_arrays(tmp_path / "txt", rng.normal(size=(2, 8)), [{"id": str(i), "text": f"a photo of a {c}."}
+                                                             for i, c in enumerate("ab")],
+                 kind="text", model=model, extra_info={"source": "texts"})
+    report = ("import atexit, sys\n"
+              "atexit.register(lambda: sys.stderr.write('MODULES ' + ' '.join(sorted({m.split('.')[0] for m in "
+              "sys.modules} & {'rich', 'click'})) + '\\n'))\n"
+              "sys.argv = ['vlmtools'] + sys.argv[1:]\nfrom vlmtools.cli.app import main\nmain()\n")
+
+    def run(*args):
+        proc = subprocess.run([sys.executable, "-c", report, *map(str, args)], capture_output=True, text=True,
+                              timeout=120)
+        return proc, proc.stderr.rsplit("MODULES", 1)[1].split()
+    args = ["classify", tmp_path / "img", "--text-store", tmp_path / "txt", "-o", tmp_path / "p.jsonl"]
+    quiet, loaded = run("-q", *args)
+    assert quiet.returncode == 0 and loaded == [], quiet.stderr
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 4
+    said, loaded = run(*args)
+    assert said.returncode == 0 and "classified all 4 rows" in said.stderr and loaded == ["rich"]
+    bad, loaded = run("-q", "classify", tmp_path / "missing")
+    assert bad.returncode == 2 and "no such store directory" in bad.stderr and loaded == ["rich"]
