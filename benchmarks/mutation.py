@@ -130,7 +130,7 @@ def run_module(module: str, tests: list[str], shared: dict, children: int, funct
             scratch_pyproject((ROOT / "pyproject.toml").read_text(encoding="utf-8"), settings), encoding="utf-8")
     started = time.monotonic()
     with open(work / "mutmut.log", "a" if rerun or resume else "w") as log:
-        if names:
+        if names or not (rerun or resume):  # a whole-module run names no mutants: mutmut runs them all
             subprocess.run([*mutmut, "run", "--max-children", str(children), *names], cwd=work, env=env,
                            stdout=log, stderr=subprocess.STDOUT, check=False)
         subprocess.run([*mutmut, "export-cicd-stats"], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
