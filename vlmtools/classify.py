@@ -361,7 +361,6 @@ class Classifier:
                  desc_emb=None, aggregate: str = "mean"):
         self.classes, self.method = classes, method
         self.class_emb, self.dset, self.desc_emb, self.aggregate = class_emb, dset, desc_emb, aggregate
-        self.precision: dict | None = None  # {"image", "text"}: written into each prediction when set
 
     def score(self, images):
         """(N, d) -> (class scores (N, C), descriptor similarities (N, M) or None)."""
@@ -620,12 +619,12 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
 
     # what the scores rest on: the image store's precision, the text store's (texts missing from it, and
     # all texts without one, are encoded or cached at this run's)
-    clf.precision = {"image": images.info.get("compute"),
-                     "text": texts.info.get("compute") if texts is not None else compute_precision_for(precision, device)}
+    computed = {"image": images.info.get("compute"),
+                "text": texts.info.get("compute") if texts is not None else compute_precision_for(precision, device)}
     t1 = time.perf_counter()
     correct = labelled = 0
     run = dict(zip(formats.RUN_KEYS, (method, str(spec), str(image_store))))
-    lines = formats.PredictionLines(clf.precision, run)
+    lines = formats.PredictionLines(computed, run)
     with formats.open_output(output) as fh:
         for row, topk, explanation, explanation_true in clf.predict(emb, meta, k=k, explain=explain,
                                                                      explain_true=explain_true):
@@ -634,7 +633,7 @@ def classify_store(image_store, output="-", *, spec=None, model: str | None = No
                 correct += topk[0][0] == row["label"]
             fh.write(lines.line(row, topk, explanation, explanation_true))
     summary = {"images": len(meta), "classes": len(clf.classes), "method": method, "model": spec.as_dict(),
-               "precision": clf.precision,
+               "precision": computed,
                "labelled": labelled, "top1": correct / labelled if labelled else None,
                "seconds": round(time.perf_counter() - t0, 3), "scoring_seconds": round(time.perf_counter() - t1, 3)}
     acc = f"; top-1 {100 * summary['top1']:.2f}% on {labelled} labelled" if labelled else ""

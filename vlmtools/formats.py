@@ -582,28 +582,24 @@ class PredictionLines:
             text = self._text[value] = _ENCODER.encode(value)
         return text
 
-    def _topk(self, topk: list) -> str | None:
+    def _entries(self, keyed, make_head) -> str | None:
+        """The JSON list of (key, score) entries; each key's text up to its score is ``make_head(key)``, made once.
+        None where a score is not a finite float (an int, a numpy scalar, NaN or inf)."""
         heads, parts = self._heads, []
-        for name, score in topk:
-            if type(score) is not float or score - score != 0:  # an int, a numpy scalar, NaN or inf
+        for key, score in keyed:
+            if type(score) is not float or score - score != 0:
                 return None
-            head = heads.get(name)
+            head = heads.get(key)
             if head is None:
-                head = heads[name] = f'{{"class": {self._str(name)}, "score": '
+                head = heads[key] = make_head(key)
             parts.append("%s%r}" % (head, score))
         return "[" + ", ".join(parts) + "]"
 
-    def _explanation(self, triples: list) -> str | None:
-        heads, parts = self._heads, []
-        for descriptor, kind, score in triples:
-            if type(score) is not float or score - score != 0:
-                return None
-            head = heads.get((descriptor, kind))
-            if head is None:
-                head = heads[descriptor, kind] = \
-                    f'{{"descriptor": {self._str(descriptor)}, "kind": {self._str(kind)}, "score": '
-            parts.append("%s%r}" % (head, score))
-        return "[" + ", ".join(parts) + "]"
+    def _topk_head(self, name: str) -> str:
+        return f'{{"class": {self._str(name)}, "score": '
+
+    def _explanation_head(self, key: tuple) -> str:
+        return f'{{"descriptor": {self._str(key[0])}, "kind": {self._str(key[1])}, "score": '
 
     def line(self, meta: dict, topk: list[tuple[str, float]], explanation: list[tuple] | None = None,
              explanation_true: list[tuple] | None = None) -> str:
@@ -624,14 +620,14 @@ class PredictionLines:
             head = _ENCODER.encode(meta)
         except (ValueError, TypeError):
             return None
-        topk_text = self._topk(topk)
+        topk_text = self._entries(topk, self._topk_head)
         if topk_text is None:
             return None
         parts = [head[:-1], ", " if len(head) > 2 else "", '"pred": ', self._str(topk[0][0]), ', "topk": ',
                  topk_text]
         for key, triples in (("explanation", explanation), ("explanation_true", explanation_true)):
             if triples is not None:
-                text = self._explanation(triples)
+                text = self._entries((((d, k), v) for d, k, v in triples), self._explanation_head)
                 if text is None:
                     return None
                 parts.append(f', "{key}": {text}')
